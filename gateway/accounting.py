@@ -1,0 +1,77 @@
+"""Turns and tokens of a session: begin a turn (atomically, against limits), end it with usage.
+
+Usage is the provider's own figure. Where it has none (no usage reported, a stream cut), the
+gateway estimates with tiktoken and flags the turn as estimated.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.dialects import Usage
+from gateway.exchange import Exchange
+from gateway.store import Limits, Store, TurnEnd, TurnStart
+from gateway.tokens import TokenCounter
+
+_CUT = frozenset({"client_gone", "upstream_cut"})
+
+
+def turn_start(ex: Exchange, reserve_tokens: int = 0) -> TurnStart:
+    assert ex.identity is not None
+    facts = ex.facts
+    return TurnStart(
+        identity=ex.identity,
+        model=facts.model if facts else None,
+        user_turn=facts.user_turn if facts else False,
+        at=time.time(),
+        reserve_tokens=reserve_tokens,
+    )
+
+
+async def begin_turn(ex: Exchange, store: Store, limits: Limits) -> None:
+    ex.ticket = await store.begin_turn(turn_start(ex), limits)
+
+
+async def end_turn(ex: Exchange, store: Store, tokens: TokenCounter) -> None:
+    """Always runs once a turn has begun, whatever happened after: reservations are freed."""
+    if ex.ticket is None:
+        return
+    ticket, ex.ticket = ex.ticket, None
+    usage = final_usage(ex, tokens)
+    if ex.response_facts is not None:
+        ex.response_facts.usage = usage
+    model = ex.response_facts.model if ex.response_facts and ex.response_facts.model else None
+    if model is None and ex.facts is not None:
+        model = ex.facts.model
+    status = ex.status or (499 if ex.outcome == "client_gone" else 502)
+    await store.end_turn(ticket, TurnEnd(model=model, usage=usage, status=status, at=time.time()))
+
+
+def final_usage(ex: Exchange, tokens: TokenCounter) -> Usage | None:
+    reported = ex.response_facts.usage if ex.response_facts else None
+    cut = ex.outcome in _CUT
+    if reported is not None and not cut:
+        return reported
+    if ex.facts is None or (ex.status >= 400 and reported is None):
+        # An error answer bills nothing; a call that never got an answer is unknowable.
+        return reported
+    if not ex.status and not cut:
+        return None
+    return estimate(ex, tokens, reported)
+
+
+def estimate(ex: Exchange, tokens: TokenCounter, reported: Usage | None) -> Usage:
+    assert ex.facts is not None
+    facts = ex.facts
+    output = tokens.count_content(ex.response_facts.output_text) if ex.response_facts else 0
+    if reported is None:
+        prompt = facts.system + facts.items + facts.tools
+        return Usage(
+            input_tokens=tokens.count_items(prompt, facts.model),
+            output_tokens=output,
+            estimated=True,
+        )
+    # The stream was cut after the provider stated the input: keep it, estimate the rest.
+    reported.output_tokens = max(reported.output_tokens, output)
+    reported.estimated = True
+    return reported

@@ -1,0 +1,57 @@
+"""``create_app``: the one place that wires the gateway together."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import admin, pipeline
+from gateway.appkeys import HTTP, SETTINGS, STARTED_AT, STORE, TOKENS, UPSTREAMS
+from gateway.middlewares import admin_token, unexpected_errors
+from gateway.settings import Settings
+from gateway.store import Store, open_store
+from gateway.tokens import TokenCounter
+from gateway.upstream import Upstreams, client_session
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> web.Application:
+    """A gateway application. ``store`` overrides ``settings.store`` (tests share one)."""
+    settings = settings or Settings()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[unexpected_errors, admin_token],
+    )
+    app[SETTINGS] = settings
+    app[UPSTREAMS] = Upstreams.from_settings(settings)
+    app[STARTED_AT] = time.time()
+    app[TOKENS] = TokenCounter()
+    app[STORE] = store if store is not None else open_store(settings.store)
+    # Opened in this order, closed in reverse.
+    app.cleanup_ctx.append(_tokenizer)
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_upstream_session)
+    admin.add_routes(app)
+    pipeline.add_routes(app)
+    return app
+
+
+async def _tokenizer(app: web.Application) -> AsyncIterator[None]:
+    # Loading the rank tables takes about a second of CPU: not on the event loop.
+    await asyncio.to_thread(app[TOKENS].load)
+    yield
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    await store.open()
+    yield
+    await store.close()
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    app[HTTP] = client_session(app[SETTINGS])
+    yield
+    await app[HTTP].close()

@@ -1,0 +1,18 @@
+"""Typed keys for what the app holds (``request.app[STORE]`` type-checks)."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from gateway.settings import Settings
+from gateway.store import Store
+from gateway.tokens import TokenCounter
+from gateway.upstream import Upstreams
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey[Store]("store")
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+TOKENS = web.AppKey("tokens", TokenCounter)
+STARTED_AT = web.AppKey("started_at", float)

@@ -1,0 +1,229 @@
+"""``gateway``: serve, fake-provider, and the session commands (which read the admin API)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8787"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    result: int = args.run(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default 8787)")
+    serve.add_argument("--config", type=Path, default=None, help="YAML config file")
+    serve.add_argument("--store", default=None, help="sqlite:///gateway.db (default), memory://")
+    serve.add_argument("--policy", type=Path, default=None, help="policy file (YAML)")
+    serve.set_defaults(run=_serve)
+
+    fake = commands.add_parser("fake-provider", help="run the offline fake LLM provider")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=9999)
+    fake.add_argument(
+        "--tool-loop",
+        metavar="NAME:JSON",
+        default=None,
+        help='answer every call with this tool call, e.g. exec_command:{"cmd":"ls"}',
+    )
+    fake.add_argument("--token-factor", type=float, default=1.0)
+    fake.set_defaults(run=_fake_provider)
+
+    sessions = commands.add_parser("sessions", help="sessions of a running gateway")
+    sessions.add_argument("--url", default=os.environ.get("GATEWAY_URL", DEFAULT_URL))
+    sessions.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    session_commands = sessions.add_subparsers(title="session commands", required=True)
+    listing = session_commands.add_parser("list", help="newest first")
+    listing.add_argument("--agent")
+    listing.add_argument("--status")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(run=_sessions_list)
+    show = session_commands.add_parser("show", help="one session in full")
+    show.add_argument("session_id")
+    show.set_defaults(run=_sessions_show)
+    return parser
+
+
+# -- serve -------------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.settings import load_settings
+
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    _install_uvloop()
+    app = create_app(settings)
+    print(
+        f"gateway on http://{settings.host}:{settings.port}"
+        f"  openai -> {settings.upstreams.openai}  anthropic -> {settings.upstreams.anthropic}"
+        f"  store {settings.store}",
+        flush=True,
+    )
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
+    return 0
+
+
+def _fake_provider(args: argparse.Namespace) -> int:
+    from gateway.fake_provider import FakeProviderConfig, ToolCallSpec, serve
+
+    loop_call = None
+    if args.tool_loop:
+        name, _, arguments = args.tool_loop.partition(":")
+        loop_call = ToolCallSpec(name, json.loads(arguments or "{}"))
+    config = FakeProviderConfig(tool_loop=loop_call, token_factor=args.token_factor)
+    _install_uvloop()
+    print(f"fake provider on http://{args.host}:{args.port}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port, config))
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on Windows
+        return
+    uvloop.install()
+
+
+# -- sessions ----------------------------------------------------------------------------------
+def _admin_get(args: argparse.Namespace, path: str, query: dict[str, Any] | None = None) -> Any:
+    url = args.url.rstrip("/") + path
+    if query:
+        url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    request = urllib.request.Request(url)
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"gateway: {exc.code} {exc.read().decode(errors='replace')}") from exc
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"gateway: cannot reach {args.url}: {exc.reason}") from exc
+
+
+def _sessions_list(args: argparse.Namespace) -> int:
+    data = _admin_get(
+        args,
+        "/gateway/sessions",
+        {"agent": args.agent, "status": args.status, "limit": args.limit},
+    )
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [
+        (
+            s["id"],
+            s.get("name") or "",
+            s["agent"],
+            s["status"],
+            str(s["turns"]),
+            _count(s["tokens"]["input_tokens"]),
+            _count(s["tokens"]["output_tokens"]),
+            _ago(s["last_seen"]),
+            s["source"],
+        )
+        for s in data["sessions"]
+    ]
+    header = ("SESSION", "NAME", "AGENT", "STATUS", "TURNS", "IN", "OUT", "LAST SEEN", "SOURCE")
+    print(_table(header, rows))
+    return 0
+
+
+def _sessions_show(args: argparse.Namespace) -> int:
+    s = _admin_get(args, "/gateway/sessions/" + urllib.parse.quote(args.session_id, safe=""))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    tokens = s["tokens"]
+    lines = [
+        ("session", s["id"]),
+        ("name", s.get("name") or "-"),
+        ("agent", s["agent"]),
+        ("source", s["source"]),
+        ("status", s["status"]),
+        ("key", s.get("key_hash") or "-"),
+        ("first seen", _when(s["first_seen"])),
+        ("last seen", f"{_when(s['last_seen'])} ({_ago(s['last_seen'])})"),
+        ("turns", f"{s['turns']} ({s['user_turns']} user, {s['estimated_turns']} estimated)"),
+        ("upstream errors", str(s["upstream_errors"])),
+        (
+            "input tokens",
+            f"{tokens['input_tokens']:,} (cache read {tokens['cache_read_tokens']:,})",
+        ),
+        (
+            "output tokens",
+            f"{tokens['output_tokens']:,} (reasoning {tokens['reasoning_tokens']:,})",
+        ),
+    ]
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+    models = [
+        (m, str(c["turns"]), _count(c["input_tokens"]), _count(c["output_tokens"]))
+        for m, c in s["models"].items()
+    ]
+    if models:
+        print()
+        print(_table(("MODEL", "TURNS", "IN", "OUT"), models))
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(f"{cell!s:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _ago(ts: float) -> str:
+    seconds = max(0, int(time.time() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Anthropic Messages: ``POST /v1/messages`` (Claude Code, the Anthropic SDK)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.dialects.base import (
+    STATUS_OF,
+    ErrorKind,
+    JSONObject,
+    ProviderError,
+    RequestFacts,
+    ResponseFacts,
+    Usage,
+    as_dict,
+    as_int,
+    as_list,
+    as_str,
+)
+from gateway.sse import SSEEvent
+
+_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.TOO_LARGE: "request_too_large",
+    ErrorKind.RATE_LIMIT: "rate_limit_error",
+    ErrorKind.INTERNAL: "api_error",
+    ErrorKind.UPSTREAM: "api_error",
+    ErrorKind.OVERLOADED: "overloaded_error",
+}
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    usage = as_dict(raw)
+    if not usage:
+        return None
+    cache_read = as_int(usage.get("cache_read_input_tokens"))
+    cache_creation = as_int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        input_tokens=as_int(usage.get("input_tokens")) + cache_read + cache_creation,
+        output_tokens=as_int(usage.get("output_tokens")),
+        cache_read_tokens=cache_read,
+        cache_creation_tokens=cache_creation,
+    )
+
+
+def session_from_user_id(user_id: str) -> str | None:
+    """Claude Code's ``metadata.user_id``: JSON with ``session_id`` (2.1.78+), or the older
+    ``user_<hash>_account_<uuid>_session_<uuid>``."""
+    if user_id.startswith("{"):
+        try:
+            parsed = orjson.loads(user_id)
+        except orjson.JSONDecodeError:
+            return None
+        return as_str(as_dict(parsed).get("session_id")) or None
+    _, marker, session = user_id.rpartition("_session_")
+    return session or None if marker else None
+
+
+def _is_new_user_input(message: Any) -> bool:
+    if not isinstance(message, dict) or message.get("role") != "user":
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    return any(as_dict(block).get("type") != "tool_result" for block in as_list(content))
+
+
+class AnthropicMessages:
+    name = "anthropic.messages"
+    provider = "anthropic"
+    operation = "chat"
+
+    def read_request(self, body: JSONObject) -> RequestFacts:
+        messages = as_list(body.get("messages"))
+        system = body.get("system")
+        facts = RequestFacts(
+            model=as_str(body.get("model")),
+            stream=body.get("stream") is True,
+            items=messages,
+            system=[system] if isinstance(system, str) else as_list(system),
+            tools=as_list(body.get("tools")),
+        )
+        for message in messages:
+            if isinstance(message, dict) and message.get("role") == "user":
+                facts.first_user = message
+                break
+        facts.user_turn = bool(messages) and _is_new_user_input(messages[-1])
+        metadata = as_dict(body.get("metadata"))
+        user_id = metadata.get("user_id")
+        if isinstance(user_id, str) and (session := session_from_user_id(user_id)):
+            facts.session_hints["metadata.user_id"] = session
+        session_id = metadata.get("session_id")
+        if isinstance(session_id, str) and session_id:
+            facts.session_hints["metadata.session_id"] = session_id
+        return facts
+
+    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+        return raw, False
+
+    def read_response(self, body: JSONObject) -> ResponseFacts:
+        reason = as_str(body.get("stop_reason"))
+        usage = parse_usage(body.get("usage"))
+        return ResponseFacts(
+            usage=usage,
+            model=as_str(body.get("model")),
+            id=as_str(body.get("id")),
+            finish_reasons=[reason] if reason else [],
+            output_text=as_list(body.get("content")) if usage is None else [],
+        )
+
+    def observe_stream(self, rewritten: bool) -> MessagesStreamObserver:
+        return MessagesStreamObserver()
+
+    def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
+        body = {"type": "error", "error": {"type": _TYPES[kind], "message": message}}
+        status = 529 if kind is ErrorKind.OVERLOADED else STATUS_OF[kind]
+        return ProviderError(status, body)
+
+
+class MessagesStreamObserver:
+    __slots__ = ("facts",)
+    rewrites = False
+
+    def __init__(self) -> None:
+        self.facts = ResponseFacts()
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        if not event.data.startswith(b"{"):
+            return event.raw
+        try:
+            payload = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return event.raw
+        if not isinstance(payload, dict):
+            return event.raw
+        kind = payload.get("type") or event.event
+        facts = self.facts
+        if kind == "content_block_delta":
+            delta = as_dict(payload.get("delta"))
+            text = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
+            if isinstance(text, str):
+                facts.output_text.append(text)
+        elif kind == "message_start":
+            message = as_dict(payload.get("message"))
+            facts.id = as_str(message.get("id"))
+            facts.model = as_str(message.get("model"))
+            facts.usage = parse_usage(message.get("usage"))
+        elif kind == "message_delta":
+            reason = as_str(as_dict(payload.get("delta")).get("stop_reason"))
+            if reason:
+                facts.finish_reasons = [reason]
+            self._merge_delta_usage(as_dict(payload.get("usage")))
+        elif kind == "error":
+            facts.error = str(as_dict(payload.get("error")).get("type") or "error")
+        return event.raw
+
+    def _merge_delta_usage(self, delta: JSONObject) -> None:
+        """``message_delta`` carries the cumulative output count, and may restate input."""
+        if not delta:
+            return
+        usage = self.facts.usage or Usage()
+        usage.output_tokens = as_int(delta.get("output_tokens")) or usage.output_tokens
+        restated = parse_usage(delta)
+        if restated is not None and restated.input_tokens > usage.input_tokens:
+            usage.input_tokens = restated.input_tokens
+            usage.cache_read_tokens = restated.cache_read_tokens
+            usage.cache_creation_tokens = restated.cache_creation_tokens
+        self.facts.usage = usage

@@ -1,0 +1,158 @@
+"""The seam between the gateway and one provider API.
+
+A dialect reads facts from a request body, finds usage in a JSON answer or an SSE stream, and
+shapes errors the way that provider does. Dialects take bytes and dicts and return values: no
+web layer, no I/O, so they are tested without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from gateway.sse import SSEEvent
+
+JSONObject = dict[str, Any]
+
+
+class ErrorKind(StrEnum):
+    """What went wrong, in provider-neutral words; each dialect maps it to its own type."""
+
+    INVALID_REQUEST = "invalid_request"
+    AUTHENTICATION = "authentication"
+    PERMISSION = "permission"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    RATE_LIMIT = "rate_limit"
+    UPSTREAM = "upstream"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage of one call, as the provider reported it (or estimated, flagged).
+
+    ``input_tokens`` counts every prompt token, cached or not; ``cache_read_tokens`` and
+    ``cache_creation_tokens`` are parts of it. (Anthropic reports them apart; OpenAI inside.)
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What the gateway needs to know of one LLM request."""
+
+    model: str | None
+    stream: bool
+    items: list[Any]
+    """Conversation items: messages (chat, Anthropic) or input items (Responses)."""
+    system: list[Any] = field(default_factory=list)
+    tools: list[Any] = field(default_factory=list)
+    user_turn: bool = False
+    """The newest item is new user input, not a tool result."""
+    first_user: Any = None
+    session_hints: dict[str, str] = field(default_factory=dict)
+    """Session ids found in the body, by where they were found (``prompt_cache_key``,
+    ``metadata.user_id``, ``metadata.session_id``, ``user``); identity ranks them."""
+
+
+@dataclass(slots=True)
+class ResponseFacts:
+    """What the gateway learned from an answer, filled as a stream goes by."""
+
+    usage: Usage | None = None
+    model: str | None = None
+    id: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    output_text: list[Any] = field(default_factory=list)
+    """Generated content (stream deltas, or an answer's blocks when it had no usage), kept
+    only to estimate output tokens when usage never came."""
+    error: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ProviderError:
+    status: int
+    body: JSONObject
+
+
+STATUS_OF: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.AUTHENTICATION: 401,
+    ErrorKind.PERMISSION: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.RATE_LIMIT: 429,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.UPSTREAM: 502,
+    ErrorKind.OVERLOADED: 503,
+}
+
+
+def as_int(value: Any) -> int:
+    """A token count from a provider's JSON: absent, null or junk count as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def as_dict(value: Any) -> JSONObject:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+class StreamObserver(Protocol):
+    """Watches one SSE stream. Returns what to send the client for each event."""
+
+    facts: ResponseFacts
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        """The bytes to forward for this event (usually ``event.raw``), or None to drop it."""
+        ...
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether events may be changed or dropped, so raw chunks cannot be forwarded as is."""
+        ...
+
+
+class Dialect(Protocol):
+    name: str
+    """Route name, e.g. ``openai.chat``."""
+    provider: str
+    """``gen_ai.provider.name``: ``openai`` or ``anthropic``."""
+    operation: str
+    """``gen_ai.operation.name``: ``chat``."""
+
+    def read_request(self, body: JSONObject) -> RequestFacts: ...
+
+    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+        """The body to send upstream, and whether the gateway changed it."""
+        ...
+
+    def read_response(self, body: JSONObject) -> ResponseFacts: ...
+
+    def observe_stream(self, rewritten: bool) -> StreamObserver:
+        """An observer for the answer to a request; ``rewritten`` as from ``upstream_body``."""
+        ...
+
+    def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
+        """The provider's own error for this kind: status and JSON body."""
+        ...

@@ -1,0 +1,153 @@
+"""OpenAI Chat Completions: ``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.dialects.base import (
+    ErrorKind,
+    JSONObject,
+    ProviderError,
+    RequestFacts,
+    ResponseFacts,
+    Usage,
+    as_dict,
+    as_int,
+    as_list,
+    as_str,
+)
+from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.sse import SSEEvent
+
+_SYSTEM_ROLES = ("system", "developer")
+_USAGE_NULLS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    usage = as_dict(raw)
+    if not usage:
+        return None
+    return Usage(
+        input_tokens=as_int(usage.get("prompt_tokens")),
+        output_tokens=as_int(usage.get("completion_tokens")),
+        cache_read_tokens=as_int(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=as_int(
+            as_dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+        ),
+    )
+
+
+class OpenAIChat:
+    name = "openai.chat"
+    provider = "openai"
+    operation = "chat"
+
+    def read_request(self, body: JSONObject) -> RequestFacts:
+        messages = as_list(body.get("messages"))
+        facts = RequestFacts(
+            model=as_str(body.get("model")),
+            stream=body.get("stream") is True,
+            items=messages,
+            tools=as_list(body.get("tools")),
+        )
+        for message in messages:
+            role = message.get("role") if isinstance(message, dict) else None
+            if role in _SYSTEM_ROLES:
+                facts.system.append(message)
+            elif role == "user" and facts.first_user is None:
+                facts.first_user = message
+        if messages and isinstance(messages[-1], dict):
+            facts.user_turn = messages[-1].get("role") == "user"
+        session_hints(body, facts.session_hints)
+        return facts
+
+    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+        """Ask upstream for usage on a stream the client left without it."""
+        if body.get("stream") is not True:
+            return raw, False
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return raw, False
+        if options is None:
+            # Splice the field in front, leaving every other byte as the client sent it.
+            brace = raw.index(b"{") + 1
+            rest = raw[brace:]
+            sep = b"," if rest.strip() != b"}" else b""
+            return raw[:brace] + b'"stream_options":{"include_usage":true}' + sep + rest, True
+        rewritten = dict(body)
+        rewritten["stream_options"] = {**as_dict(options), "include_usage": True}
+        return orjson.dumps(rewritten), True
+
+    def read_response(self, body: JSONObject) -> ResponseFacts:
+        facts = ResponseFacts(
+            usage=parse_usage(body.get("usage")),
+            model=as_str(body.get("model")),
+            id=as_str(body.get("id")),
+        )
+        choices = as_list(body.get("choices"))
+        for choice in choices:
+            reason = as_dict(choice).get("finish_reason")
+            if isinstance(reason, str):
+                facts.finish_reasons.append(reason)
+        if facts.usage is None:
+            facts.output_text = [as_dict(choice).get("message") for choice in choices]
+        return facts
+
+    def observe_stream(self, rewritten: bool) -> ChatStreamObserver:
+        return ChatStreamObserver(rewritten)
+
+    def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
+        return openai_error(kind, message, code)
+
+
+class ChatStreamObserver:
+    __slots__ = ("facts", "rewrites")
+
+    def __init__(self, rewritten: bool) -> None:
+        self.facts = ResponseFacts()
+        # When the gateway added include_usage, the client must not see its traces.
+        self.rewrites = rewritten
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        data = event.data
+        if not data or data == b"[DONE]" or data[:1] != b"{":
+            return event.raw
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event.raw
+        if not isinstance(chunk, dict):
+            return event.raw
+        facts = self.facts
+        if facts.id is None:
+            facts.id = as_str(chunk.get("id"))
+            facts.model = as_str(chunk.get("model"))
+        if "error" in chunk:
+            facts.error = str(as_dict(chunk["error"]).get("code") or "error")
+        choices = as_list(chunk.get("choices"))
+        for choice in choices:
+            choice = as_dict(choice)
+            delta = as_dict(choice.get("delta"))
+            content = delta.get("content")
+            if isinstance(content, str):
+                facts.output_text.append(content)
+            for call in as_list(delta.get("tool_calls")):
+                arguments = as_dict(as_dict(call).get("function")).get("arguments")
+                if isinstance(arguments, str):
+                    facts.output_text.append(arguments)
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                facts.finish_reasons.append(reason)
+        usage = parse_usage(chunk.get("usage"))
+        if usage is not None:
+            facts.usage = usage
+            if self.rewrites and not choices:
+                return None
+        if self.rewrites:
+            raw = event.raw
+            for null in _USAGE_NULLS:
+                if null in raw:
+                    return raw.replace(null, b"", 1)
+        return event.raw

@@ -1,0 +1,136 @@
+"""OpenAI Responses: ``POST /v1/responses`` (Codex CLI, OpenCode's openai provider)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.dialects.base import (
+    ErrorKind,
+    JSONObject,
+    ProviderError,
+    RequestFacts,
+    ResponseFacts,
+    Usage,
+    as_dict,
+    as_int,
+    as_list,
+    as_str,
+)
+from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.sse import SSEEvent
+
+_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    usage = as_dict(raw)
+    if not usage:
+        return None
+    return Usage(
+        input_tokens=as_int(usage.get("input_tokens")),
+        output_tokens=as_int(usage.get("output_tokens")),
+        cache_read_tokens=as_int(as_dict(usage.get("input_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=as_int(
+            as_dict(usage.get("output_tokens_details")).get("reasoning_tokens")
+        ),
+    )
+
+
+def _is_user_message(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and item.get("role") == "user"
+        and item.get("type", "message") == "message"
+    )
+
+
+class OpenAIResponses:
+    name = "openai.responses"
+    provider = "openai"
+    operation = "chat"
+
+    def read_request(self, body: JSONObject) -> RequestFacts:
+        raw_input = body.get("input")
+        items: list[Any]
+        if isinstance(raw_input, str):
+            items = [{"type": "message", "role": "user", "content": raw_input}]
+        else:
+            items = as_list(raw_input)
+        facts = RequestFacts(
+            model=as_str(body.get("model")),
+            stream=body.get("stream") is True,
+            items=items,
+            tools=as_list(body.get("tools")),
+        )
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            facts.system.append(instructions)
+        for item in items:
+            if isinstance(item, dict) and item.get("role") in _SYSTEM_ROLES:
+                facts.system.append(item)
+            elif facts.first_user is None and _is_user_message(item):
+                facts.first_user = item
+        facts.user_turn = bool(items) and _is_user_message(items[-1])
+        session_hints(body, facts.session_hints)
+        return facts
+
+    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+        return raw, False
+
+    def read_response(self, body: JSONObject) -> ResponseFacts:
+        facts = ResponseFacts()
+        _read_response_object(body, facts)
+        if facts.usage is None:
+            facts.output_text = as_list(body.get("output"))
+        return facts
+
+    def observe_stream(self, rewritten: bool) -> ResponsesStreamObserver:
+        return ResponsesStreamObserver()
+
+    def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
+        return openai_error(kind, message, code)
+
+
+def _read_response_object(response: JSONObject, facts: ResponseFacts) -> None:
+    facts.id = as_str(response.get("id")) or facts.id
+    facts.model = as_str(response.get("model")) or facts.model
+    usage = parse_usage(response.get("usage"))
+    if usage is not None:
+        facts.usage = usage
+    status = response.get("status")
+    if isinstance(status, str) and status != "in_progress":
+        facts.finish_reasons = [status]
+    error = as_dict(response.get("error"))
+    if error:
+        facts.error = str(error.get("code") or "error")
+
+
+class ResponsesStreamObserver:
+    __slots__ = ("facts",)
+    rewrites = False
+
+    def __init__(self) -> None:
+        self.facts = ResponseFacts()
+
+    def on_event(self, event: SSEEvent) -> bytes | None:
+        if not event.data.startswith(b"{"):
+            return event.raw
+        try:
+            payload = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return event.raw
+        if not isinstance(payload, dict):
+            return event.raw
+        kind = event.event or payload.get("type")
+        if kind == "response.output_text.delta" or kind == "response.function_call_arguments.delta":
+            delta = payload.get("delta")
+            if isinstance(delta, str):
+                self.facts.output_text.append(delta)
+        elif kind in _FINAL_EVENTS or kind == "response.created":
+            _read_response_object(as_dict(payload.get("response")), self.facts)
+        elif kind == "error":
+            self.facts.error = str(payload.get("code") or "error")
+        return event.raw

@@ -1,0 +1,44 @@
+"""``Exchange``: everything one request through the gateway has gathered so far.
+
+The pipeline's steps share it, as mitmproxy's addons share a flow; each step reads what
+earlier steps set and adds its own part.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.dialects import Dialect, RequestFacts, ResponseFacts
+from gateway.identity import Identity
+from gateway.store import TurnTicket
+from gateway.upstream import Upstream
+
+
+@dataclass(slots=True)
+class Exchange:
+    request: web.Request
+    upstream: Upstream
+    path: str
+    """The provider path (``/v1/...``), without a ``/s/<session>`` prefix."""
+    dialect: Dialect | None = None
+    """None for calls passed through without reading them (models, files, ...)."""
+    path_session: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    raw: bytes = b""
+    body: dict[str, Any] | None = None
+    facts: RequestFacts | None = None
+    identity: Identity | None = None
+    ticket: TurnTicket | None = None
+    upstream_body: bytes = b""
+    rewritten: bool = False
+    """The gateway changed the body it sent upstream (and so may change the answer back)."""
+    status: int = 0
+    response_facts: ResponseFacts | None = None
+    response: web.StreamResponse | None = None
+    outcome: str = "ok"
+    """ok, bad_request, rejected, upstream_unavailable, upstream_cut, client_gone, ..."""
+    first_byte_at: float | None = None

@@ -1,0 +1,121 @@
+"""Sending the upstream's answer to the client: JSON whole, SSE chunk by chunk as it comes.
+
+Usage is read on the side; the client's bytes are the upstream's bytes unless the dialect
+rewrites an event (only to hide what the gateway itself asked for).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.dialects import StreamObserver
+from gateway.errors import UpstreamUnavailable
+from gateway.exchange import Exchange
+from gateway.sse import SSEParser
+from gateway.upstream import response_headers
+
+
+class UpstreamCut(Exception):
+    """The upstream's stream broke (reset, timeout, bad framing) after it had begun."""
+
+
+class ClientGone(Exception):
+    """The client went away while the answer was being sent."""
+
+
+def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.content_type == "text/event-stream"
+
+
+async def relay(ex: Exchange, upstream: aiohttp.ClientResponse, extra: CIMultiDict[str]) -> None:
+    headers = response_headers(upstream.headers)
+    headers.extend(extra)
+    ex.status = upstream.status
+    if is_event_stream(upstream):
+        await relay_stream(ex, upstream, headers)
+    else:
+        await relay_body(ex, upstream, headers)
+
+
+async def relay_body(
+    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+) -> None:
+    try:
+        data = await upstream.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamUnavailable(
+            f"The upstream's answer broke off before it was complete ({type(exc).__name__})."
+        ) from exc
+    ex.first_byte_at = time.perf_counter()
+    if ex.dialect is not None and upstream.content_type == "application/json":
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and upstream.status < 400:
+            ex.response_facts = ex.dialect.read_response(parsed)
+    ex.response = web.Response(status=upstream.status, body=data, headers=headers)
+
+
+async def relay_stream(
+    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+) -> None:
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    ex.response = response
+    observer = ex.dialect.observe_stream(ex.rewritten) if ex.dialect is not None else None
+    if observer is not None:
+        ex.response_facts = observer.facts
+    parser = SSEParser()
+    try:
+        await _write(response.prepare(ex.request))
+        async for chunk in _chunks(upstream):
+            if ex.first_byte_at is None:
+                ex.first_byte_at = time.perf_counter()
+            out = chunk if observer is None else _observe(observer, parser, chunk)
+            if out:
+                await _write(response.write(out))
+        await _write(response.write_eof())
+    except ClientGone:
+        ex.outcome = "client_gone"
+    except UpstreamCut:
+        ex.outcome = "upstream_cut"
+        # A clean cut: the client sees a broken stream (and retries), never a complete one.
+        if ex.request.transport is not None:
+            ex.request.transport.close()
+    finally:
+        upstream.close()
+
+
+def _observe(observer: StreamObserver, parser: SSEParser, chunk: bytes) -> bytes:
+    events = parser.feed(chunk)
+    if not observer.rewrites:
+        for event in events:
+            observer.on_event(event)
+        return chunk
+    kept = [out for event in events if (out := observer.on_event(event)) is not None]
+    return b"".join(kept)
+
+
+async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    iterator = upstream.content.iter_any().__aiter__()
+    while True:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamCut(type(exc).__name__) from exc
+        yield chunk
+
+
+async def _write(pending: Awaitable[object]) -> None:
+    try:
+        await pending
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone(str(exc)) from exc

@@ -1,0 +1,82 @@
+"""Gateway settings: defaults, then the config file, then environment, then the command line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class Upstreams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    openai: str = "https://api.openai.com/v1"
+    """Any OpenAI-compatible server (vLLM, Ollama, ...) works here; include its /v1."""
+    anthropic: str = "https://api.anthropic.com"
+
+
+class Timeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connect: float = Field(10.0, gt=0)
+    first_byte: float = Field(600.0, gt=0)
+    """Until the upstream's response headers arrive (a long non-streamed answer)."""
+    idle: float = Field(300.0, gt=0)
+    """Between two chunks of a response."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8787
+    store: str = "sqlite:///gateway.db"
+    policy: Path | None = None
+    upstreams: Upstreams = Upstreams()
+    timeouts: Timeouts = Timeouts()
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    upstream_retries: int = Field(2, ge=0)
+    """Retries of a call whose connection to the upstream could not be opened (nothing sent)."""
+    upstream_connections: int = Field(256, ge=1)
+    admin_token: SecretStr | None = None
+    log_level: str = "info"
+
+
+_ENV: dict[str, tuple[str, ...]] = {
+    "GATEWAY_OPENAI_UPSTREAM": ("upstreams", "openai"),
+    "GATEWAY_ANTHROPIC_UPSTREAM": ("upstreams", "anthropic"),
+    "GATEWAY_STORE": ("store",),
+    "GATEWAY_ADMIN_TOKEN": ("admin_token",),
+    "GATEWAY_LOG_LEVEL": ("log_level",),
+}
+
+
+def load_settings(
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings from a YAML config file, ``GATEWAY_*`` variables, and explicit overrides.
+
+    Overrides that are None are ignored, so CLI flags left unset do not mask the file.
+    """
+    data: dict[str, Any] = {}
+    if config is not None:
+        loaded = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config}: expected a mapping at the top level")
+        data = loaded
+    env = os.environ if env is None else env
+    for name, path in _ENV.items():
+        value = env.get(name)
+        if value:
+            target = data
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = value
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    return Settings.model_validate(data)

@@ -1,0 +1,67 @@
+"""Incremental server-sent-events parsing that keeps each event's raw bytes.
+
+The relay forwards upstream chunks as they come; this parser only tells the dialect what the
+events were, so usage can be read on the side. Raw bytes are kept per event for the one case
+that drops events (the usage chunk the gateway itself asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class SSEEvent:
+    event: str | None
+    data: bytes
+    raw: bytes
+
+
+class SSEParser:
+    """Feed it chunks; it returns the events completed so far and keeps the partial tail."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._tail + chunk if self._tail else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buf[start : end + 2]
+            start = end + 2
+            event = _parse_block(block)
+            if event is not None:
+                events.append(event)
+        self._tail = buf[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event that has not been completed (a stream cut mid-event)."""
+        return self._tail
+
+
+def _parse_block(block: bytes) -> SSEEvent | None:
+    name: str | None = None
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if name is None and not data:
+        return SSEEvent(None, b"", block) if block.strip() else None
+    return SSEEvent(name, b"\n".join(data), block)

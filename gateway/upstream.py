@@ -1,0 +1,151 @@
+"""Talking to the providers: where a path goes, which headers cross, and the call itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.settings import Settings
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Asked upstream for plain bytes, so usage can be read without decompressing on the side;
+# the client never asked the gateway for more than identity either way.
+_REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding"}
+_RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
+_GATEWAY_PREFIX = "x-gateway-"
+
+
+@dataclass(slots=True, frozen=True)
+class Upstream:
+    provider: str
+    base_url: str
+    strip_prefix: str
+    """The part of the client's path the base URL already holds (OpenAI's ``/v1``)."""
+
+    def url(self, path: str, query_string: str) -> str:
+        tail = path.removeprefix(self.strip_prefix) if self.strip_prefix else path
+        url = self.base_url.rstrip("/") + tail
+        return f"{url}?{query_string}" if query_string else url
+
+
+@dataclass(slots=True, frozen=True)
+class Upstreams:
+    openai: Upstream
+    anthropic: Upstream
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Upstreams:
+        return cls(
+            openai=Upstream("openai", settings.upstreams.openai, "/v1"),
+            anthropic=Upstream("anthropic", settings.upstreams.anthropic, ""),
+        )
+
+    def for_provider(self, provider: str) -> Upstream:
+        return self.anthropic if provider == "anthropic" else self.openai
+
+    def for_headers(self, headers: CIMultiDictProxy[str]) -> Upstream:
+        """Paths both providers serve (``/v1/models``): the Anthropic SDK always names its
+        API version, and Anthropic keys travel as ``x-api-key``."""
+        if "anthropic-version" in headers or "x-api-key" in headers:
+            return self.anthropic
+        return self.openai
+
+
+def request_headers(
+    headers: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]] = ()
+) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower.startswith(_GATEWAY_PREFIX):
+            continue
+        out.add(name, value)
+    out["Accept-Encoding"] = "identity"
+    for name, value in extra:
+        out[name] = value
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in _RESPONSE_DROP:
+            out.add(name, value)
+    return out
+
+
+def client_session(settings: Settings) -> aiohttp.ClientSession:
+    """The app's one upstream session: pooled connections, timeouts set once."""
+    timeouts = settings.timeouts
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.upstream_connections, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    settings: Settings,
+) -> aiohttp.ClientResponse:
+    """Send one call and wait for the response headers.
+
+    Only failures to open a connection are retried: nothing reached the upstream, so nothing
+    can be billed twice.
+    """
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(aiohttp.ClientConnectorError),
+        stop=stop_after_attempt(settings.upstream_retries + 1),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        reraise=True,
+    )
+    try:
+        async with asyncio.timeout(settings.timeouts.first_byte):
+            async for attempt in retrying:
+                with attempt:
+                    return await session.request(
+                        method, url, data=body or None, headers=headers, allow_redirects=False
+                    )
+    except TimeoutError as exc:
+        raise UpstreamTimeout(
+            f"The upstream did not answer within {settings.timeouts.first_byte:g}s."
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(
+            f"The gateway could not reach the upstream ({type(exc).__name__})."
+        ) from exc
+    raise AssertionError("unreachable: tenacity reraises")
