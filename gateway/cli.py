@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +19,10 @@ DEFAULT_URL = "http://127.0.0.1:8787"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-provider"]:
+        # The fake provider owns its options (python -m gateway.fake_provider takes the same).
+        return _fake_provider(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -42,16 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", type=Path, default=None, help="policy file (YAML)")
     serve.set_defaults(run=_serve)
 
-    fake = commands.add_parser("fake-provider", help="run the offline fake LLM provider")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=9999)
-    fake.add_argument(
-        "--tool-loop",
-        metavar="NAME:JSON",
-        default=None,
-        help='answer every call with this tool call, e.g. exec_command:{"cmd":"ls"}',
+    fake = commands.add_parser(
+        "fake-provider",
+        help="run the offline fake LLM provider (--help for its options)",
+        add_help=False,
     )
-    fake.add_argument("--token-factor", type=float, default=1.0)
+    fake.add_argument("options", nargs=argparse.REMAINDER)
     fake.set_defaults(run=_fake_provider)
 
     sessions = commands.add_parser("sessions", help="sessions of a running gateway")
@@ -94,18 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fake_provider(args: argparse.Namespace) -> int:
-    from gateway.fake_provider import FakeProviderConfig, ToolCallSpec, serve
+def _fake_provider(options: list[str]) -> int:
+    from gateway.fake_provider.__main__ import main as fake_main
 
-    loop_call = None
-    if args.tool_loop:
-        name, _, arguments = args.tool_loop.partition(":")
-        loop_call = ToolCallSpec(name, json.loads(arguments or "{}"))
-    config = FakeProviderConfig(tool_loop=loop_call, token_factor=args.token_factor)
     _install_uvloop()
-    print(f"fake provider on http://{args.host}:{args.port}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, config))
+    fake_main(options)
     return 0
 
 

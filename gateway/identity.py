@@ -48,7 +48,9 @@ AGENTS: tuple[tuple[str, str], ...] = (
     ("aider", "aider"),
     ("litellm/", "litellm"),
     ("anthropic/python", "anthropic-python"),
+    ("asyncanthropic/python", "anthropic-python"),
     ("openai/python", "openai-python"),
+    ("asyncopenai/python", "openai-python"),
     ("anthropic/js", "anthropic-node"),
     ("openai/js", "openai-node"),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ _HOP_BY_HOP = frozenset(
 _REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
 _GATEWAY_PREFIX = "x-gateway-"
+_LARGE_BODY = 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,6 +129,10 @@ async def send(
     Only failures to open a connection are retried: nothing reached the upstream, so nothing
     can be billed twice.
     """
+    # aiohttp warns on large bytes bodies; a file-like one is written out in chunks.
+    data: bytes | io.BytesIO | None = body or None
+    if len(body) > _LARGE_BODY:
+        data = io.BytesIO(body)
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(aiohttp.ClientConnectorError),
         stop=stop_after_attempt(settings.upstream_retries + 1),
@@ -137,8 +143,10 @@ async def send(
         async with asyncio.timeout(settings.timeouts.first_byte):
             async for attempt in retrying:
                 with attempt:
+                    if isinstance(data, io.BytesIO):
+                        data.seek(0)
                     return await session.request(
-                        method, url, data=body or None, headers=headers, allow_redirects=False
+                        method, url, data=data, headers=headers, allow_redirects=False
                     )
     except TimeoutError as exc:
         raise UpstreamTimeout(

@@ -70,7 +70,7 @@ class OpenAIChat:
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
             return raw, False
-        if options is None:
+        if "stream_options" not in body:
             # Splice the field in front, leaving every other byte as the client sent it.
             brace = raw.index(b"{") + 1
             rest = raw[brace:]

@@ -75,7 +75,7 @@ class SqliteStore:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.flush()
         await self._run(self._disconnect)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # idle: its last job has been awaited
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

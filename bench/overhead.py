@@ -1,0 +1,776 @@
+"""Gateway overhead: the fake provider direct, via a bare aiohttp relay, and via the gateway.
+
+    uv run python bench/overhead.py [--duration 10] [--quick] [--store sqlite] [--scenarios a,b]
+
+Starts the fake provider, the gateway and a ~20-line aiohttp relay (defined in this file) as
+separate processes on free loopback ports, drives each scenario with ``wrk`` (or a slower
+built-in aiohttp load generator when wrk is missing), prints one table, then measures the
+gateway's CPU time per request as one session's history grows. Timing is reported, never
+asserted: the exit status is 0 whatever the numbers are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+REPO: Final = Path(__file__).resolve().parent.parent
+CODEX_FIXTURE: Final = Path("/work/shared/fixtures/agents/codex-0.169.0-responses-turn268.json")
+AGENT_BODY_BYTES: Final = 110_000
+HISTORY_SIZES: Final = (10, 100, 300, 1000)
+HISTORY_REQUESTS: Final = 200
+HISTORY_CONCURRENCY: Final = 4
+BAR_RATIO: Final = 0.5
+BAR_CONCURRENCY: Final = 16
+CONCURRENCIES: Final = (1, 16)
+TARGETS: Final = ("direct", "relay", "gateway")
+OPENAI_HEADERS: Final = {"Authorization": "Bearer x", "Content-Type": "application/json"}
+ANTHROPIC_HEADERS: Final = {
+    "x-api-key": "x",
+    "anthropic-version": "2023-06-01",
+    "Content-Type": "application/json",
+}
+
+
+# -- the bare relay (runs in its own process: `overhead.py --serve-relay PORT --upstream URL`) --
+_RELAY_DROP: Final = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_RELAY_HTTP: Final = web.AppKey("relay_http", aiohttp.ClientSession)
+_RELAY_UPSTREAM: Final = web.AppKey("relay_upstream", str)
+
+
+async def _relay_handler(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _RELAY_DROP}
+    url = request.app[_RELAY_UPSTREAM] + request.path_qs
+    async with request.app[_RELAY_HTTP].request(
+        request.method, url, data=body, headers=headers
+    ) as upstream:
+        content_type = upstream.headers.get("Content-Type", "application/octet-stream")
+        if upstream.content_type != "text/event-stream":
+            data = await upstream.read()
+            return web.Response(
+                status=upstream.status, body=data, headers={"Content-Type": content_type}
+            )
+        response = web.StreamResponse(
+            status=upstream.status, headers={"Content-Type": content_type}
+        )
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def _relay_session(app: web.Application) -> AsyncIterator[None]:
+    app[_RELAY_HTTP] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    yield
+    await app[_RELAY_HTTP].close()
+
+
+def serve_relay(port: int, upstream: str) -> None:
+    with contextlib.suppress(ImportError):  # same event loop as `gateway serve`
+        import uvloop
+
+        uvloop.install()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_RELAY_UPSTREAM] = upstream.rstrip("/")
+    app.cleanup_ctx.append(_relay_session)
+    app.router.add_route("*", "/{tail:.*}", _relay_handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# -- scenarios --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    stream: bool
+
+    def request_headers(self) -> dict[str, str]:
+        return {**self.headers, "X-Gateway-Session": f"bench-{self.name}"}
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def small_chat(stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant for a benchmark."},
+            {"role": "user", "content": "Say hello in five words, then stop. Nothing else."},
+        ],
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def agent_body(stream: bool, target_bytes: int = AGENT_BODY_BYTES) -> dict[str, Any]:
+    """The Codex turn-268 request, its ``input`` cut to whole call/output pairs at ~110 KB."""
+    body: dict[str, Any] = json.loads(CODEX_FIXTURE.read_text())["body"]
+    body["stream"] = stream
+    items: list[dict[str, Any]] = body["input"]
+    head = [item for item in items if item.get("type") == "message"]
+    pairs = _call_pairs(items)
+    body["input"] = list(head)
+    for call, output in pairs:
+        if len(_dumps(body)) >= target_bytes:
+            break
+        body["input"].extend((call, output))
+    return body
+
+
+def _call_pairs(items: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    outputs = {i["call_id"]: i for i in items if i.get("type") == "function_call_output"}
+    return [
+        (item, outputs[item["call_id"]])
+        for item in items
+        if item.get("type") == "function_call" and item.get("call_id") in outputs
+    ]
+
+
+def small_anthropic() -> dict[str, Any]:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 256,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Say hello in five words, then stop."}],
+    }
+
+
+def build_scenarios() -> list[Scenario]:
+    chat, responses, messages = "/v1/chat/completions", "/v1/responses", "/v1/messages"
+    return [
+        Scenario("chat", chat, _dumps(small_chat(False)), OPENAI_HEADERS, False),
+        Scenario("chat-stream", chat, _dumps(small_chat(True)), OPENAI_HEADERS, True),
+        Scenario("agent110k", responses, _dumps(agent_body(False)), OPENAI_HEADERS, False),
+        Scenario("agent110k-stream", responses, _dumps(agent_body(True)), OPENAI_HEADERS, True),
+        Scenario("anthropic-stream", messages, _dumps(small_anthropic()), ANTHROPIC_HEADERS, True),
+    ]
+
+
+# -- processes --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> Server:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stopped as a whole
+        )
+    return Server(name, port, process, log)
+
+
+def stop(server: Server) -> None:
+    if server.process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGTERM)
+    try:
+        server.process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=5)
+
+
+def wait_ready(server: Server, probe: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited early:\n{server.log_tail()}")
+        with contextlib.suppress(OSError):
+            if probe():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name} not ready after {timeout:.0f}s:\n{server.log_tail()}")
+
+
+def tcp_open(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    return probe
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError:
+            return False
+
+    return probe
+
+
+@dataclass(slots=True)
+class Stack:
+    fake: Server
+    relay: Server
+    gateway: Server
+
+    def all(self) -> tuple[Server, ...]:
+        return (self.fake, self.relay, self.gateway)
+
+    def target(self, name: str) -> Server:
+        return {"direct": self.fake, "relay": self.relay, "gateway": self.gateway}[name]
+
+
+@contextlib.contextmanager
+def running_stack(store: str, workdir: Path) -> Iterator[Stack]:
+    python = sys.executable
+    servers: list[Server] = []
+    try:
+        fport = free_port()
+        fake = start(
+            "fake",
+            [python, "-m", "gateway", "fake-provider", "--port", str(fport)],
+            fport,
+            workdir,
+            {},
+        )
+        servers.append(fake)
+        wait_ready(fake, tcp_open(fport))
+        rport = free_port()
+        relay_argv = [python, __file__, "--serve-relay", str(rport), "--upstream", fake.url]
+        relay = start("relay", relay_argv, rport, workdir, {})
+        servers.append(relay)
+        gport = free_port()
+        gateway_argv = [
+            python,
+            "-m",
+            "gateway",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(gport),
+            "--store",
+            store,
+        ]
+        upstreams = {
+            "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
+            "GATEWAY_ANTHROPIC_UPSTREAM": fake.url,
+            "GATEWAY_LOG_LEVEL": "warning",
+        }
+        gateway = start("gateway", gateway_argv, gport, workdir, upstreams)
+        servers.append(gateway)
+        wait_ready(relay, tcp_open(rport))
+        wait_ready(gateway, http_ok(f"{gateway.url}/gateway/health"))
+        yield Stack(fake, relay, gateway)
+    finally:
+        for server in reversed(servers):
+            stop(server)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Cell:
+    """One scenario x concurrency x target measurement."""
+
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    rps: float | None = None
+    requests: int = 0
+    cpu_us: float | None = None
+    """CPU time of the target's own process per request (the fake provider's, for direct)."""
+    errors: int = 0
+    failure: str | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + sys CPU of one process (all its threads, no children), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def probe_once(url: str, scenario: Scenario) -> str | None:
+    """One request before the load: None when it answered 200 as expected, else the problem."""
+    request = urllib.request.Request(
+        url + scenario.path, data=scenario.body, headers=scenario.request_headers(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data = response.read()
+            content_type = response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}: {exc.read()[:400].decode(errors='replace')}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if scenario.stream != content_type.startswith("text/event-stream"):
+        return f"unexpected Content-Type {content_type!r}: {data[:200].decode(errors='replace')}"
+    return None
+
+
+WRK_SCRIPT: Final = """
+wrk.method = "POST"
+local f = assert(io.open({body_path}, "rb"))
+wrk.body = f:read("*a")
+f:close()
+{headers}
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH p50_us=%d p99_us=%d requests=%d duration_us=%d errors=%d\\n",
+    latency:percentile(50), latency:percentile(99), summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def lua_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string with ASCII escapes is a valid Lua string
+
+
+def write_wrk_script(scenario: Scenario, workdir: Path) -> Path:
+    body_path = workdir / f"{scenario.name}.body"
+    body_path.write_bytes(scenario.body)
+    headers = "\n".join(
+        f"wrk.headers[{lua_string(k)}] = {lua_string(v)}"
+        for k, v in scenario.request_headers().items()
+    )
+    script = workdir / f"{scenario.name}.lua"
+    script.write_text(WRK_SCRIPT.format(body_path=lua_string(str(body_path)), headers=headers))
+    return script
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> Cell:
+    threads = 1 if concurrency == 1 else 2
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        url,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH "):
+            values = dict(part.split("=", 1) for part in line.split()[1:])
+            seconds = int(values["duration_us"]) / 1e6
+            return Cell(
+                p50_ms=int(values["p50_us"]) / 1000,
+                p99_ms=int(values["p99_us"]) / 1000,
+                rps=int(values["requests"]) / seconds if seconds else 0.0,
+                requests=int(values["requests"]),
+                errors=int(values["errors"]),
+            )
+    return Cell(failure=f"wrk gave no result: {done.stdout[-300:]} {done.stderr[-300:]}")
+
+
+async def python_load(url: str, scenario: Scenario, concurrency: int, duration: float) -> Cell:
+    """The fallback load generator: it shares the 2 cores with the servers, so it is slower."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration
+    headers = scenario.request_headers()
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            try:
+                async with session.post(url, data=scenario.body, headers=headers) as response:
+                    await response.read()
+                    errors += response.status != 200
+            except aiohttp.ClientError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - began)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    began = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    return Cell(
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        rps=len(latencies) / elapsed,
+        requests=len(latencies),
+        errors=errors,
+    )
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+@dataclass(slots=True)
+class LoadGen:
+    use_wrk: bool
+    workdir: Path
+    scripts: dict[str, Path] = field(default_factory=dict)
+
+    def run(self, url: str, scenario: Scenario, concurrency: int, duration: float) -> Cell:
+        if not self.use_wrk:
+            return asyncio.run(python_load(url + scenario.path, scenario, concurrency, duration))
+        if scenario.name not in self.scripts:
+            self.scripts[scenario.name] = write_wrk_script(scenario, self.workdir)
+        return run_wrk(url + scenario.path, self.scripts[scenario.name], concurrency, duration)
+
+
+def measure(
+    server: Server,
+    scenario: Scenario,
+    concurrency: int,
+    load: LoadGen,
+    duration: float,
+    warmup: float,
+) -> Cell:
+    problem = probe_once(server.url, scenario)
+    if problem is not None:
+        return Cell(failure=problem)
+    if warmup > 0:
+        load.run(server.url, scenario, concurrency, warmup)
+    before = cpu_seconds(server.process.pid)
+    cell = load.run(server.url, scenario, concurrency, duration)
+    used = cpu_seconds(server.process.pid) - before
+    if cell.requests:
+        cell.cpu_us = used / cell.requests * 1e6
+    return cell
+
+
+# -- the table ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Row:
+    scenario: str
+    concurrency: int
+    cells: dict[str, Cell]
+
+    def ratio(self) -> float | None:
+        relay, gateway = self.cells["relay"].rps, self.cells["gateway"].rps
+        return gateway / relay if relay and gateway is not None else None
+
+    def added_p50(self) -> float | None:
+        direct, gateway = self.cells["direct"].p50_ms, self.cells["gateway"].p50_ms
+        return gateway - direct if direct is not None and gateway is not None else None
+
+    def bar(self) -> str:
+        if self.concurrency != BAR_CONCURRENCY:
+            return "-"
+        ratio = self.ratio()
+        if ratio is None:
+            return "ERR"
+        return "PASS" if ratio >= BAR_RATIO else "MISS"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "ERR" if value is None else f"{value:.{digits}f}"
+
+
+def row_cells(row: Row) -> list[str]:
+    cells = [row.scenario, str(row.concurrency)]
+    for target in TARGETS:
+        cell = row.cells[target]
+        cells += [_num(cell.p50_ms), _num(cell.p99_ms), _num(cell.rps, 0)]
+    cells += [_num(row.ratio()), _num(row.added_p50()), row.bar()]
+    cells += [_num(row.cells[t].cpu_us, 0) for t in TARGETS]
+    return cells
+
+
+HEADER: Final = [
+    "scenario", "conc",
+    "dir p50", "dir p99", "dir rps",
+    "rly p50", "rly p99", "rly rps",
+    "gw p50", "gw p99", "gw rps",
+    "gw/rly", "+p50 ms", "bar",
+    "dir cpu", "rly cpu", "gw cpu",
+]  # fmt: skip
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def notes(rows: Sequence[Row]) -> list[str]:
+    out = []
+    for row in rows:
+        for target, cell in row.cells.items():
+            where = f"{row.scenario} c{row.concurrency} {target}"
+            if cell.failure:
+                out.append(f"{where}: {cell.failure}")
+            elif cell.errors:
+                out.append(f"{where}: {cell.errors} errors/non-2xx answers during the load")
+    return out
+
+
+def run_matrix(
+    stack: Stack, scenarios: Sequence[Scenario], load: LoadGen, duration: float, warmup: float
+) -> list[Row]:
+    rows = []
+    for scenario in scenarios:
+        for concurrency in CONCURRENCIES:
+            cells = {
+                t: measure(stack.target(t), scenario, concurrency, load, duration, warmup)
+                for t in TARGETS
+            }
+            row = Row(scenario.name, concurrency, cells)
+            rows.append(row)
+            print(f"  done {row.scenario} c{concurrency}", file=sys.stderr, flush=True)
+    return rows
+
+
+# -- history growth ------------------------------------------------------------------------
+FILLER: Final = (
+    "the agent reads a file then the gateway counts each turn and tokens for the session while "
+    "policy limits budgets and loops and the summary keeps the window small for every model "
+    "request and stream; "
+)
+
+
+def turn_pair(turn: int) -> list[dict[str, str]]:
+    """One user + assistant pair, each message about 300 bytes of JSON."""
+    text = (FILLER * 2)[:270]
+    return [
+        {"role": "user", "content": f"turn {turn}: {text}"},
+        {"role": "assistant", "content": f"answer {turn}: {text}"},
+    ]
+
+
+def history_body(messages: int, turn: int) -> bytes:
+    """System + prior pairs + the new user message: ``messages`` messages in all."""
+    history: list[dict[str, str]] = [{"role": "system", "content": "You are a coding agent."}]
+    for number in range(1, (messages - 2) // 2 + 1):
+        history += turn_pair(number)
+    history.append({"role": "user", "content": f"turn {turn}: {FILLER[:270]}"})
+    return _dumps({"model": "gpt-4o-mini", "messages": history})
+
+
+async def post_all(
+    url: str, bodies: Sequence[bytes], headers: dict[str, str], concurrency: int
+) -> int:
+    """POST every body, ``concurrency`` at a time; the number of non-200 answers."""
+    queue = list(reversed(bodies))
+    failures = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        while queue:
+            async with session.post(url, data=queue.pop(), headers=headers) as response:
+                await response.read()
+                failures += response.status != 200
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return failures
+
+
+def history_growth(gateway: Server, requests: int) -> list[list[str]]:
+    """Grow one session turn by turn; at each size, time the gateway's CPU over a batch."""
+    url = gateway.url + "/v1/chat/completions"
+    headers = {**OPENAI_HEADERS, "X-Gateway-Session": "bench-history"}
+    rows, messages = [], 2
+    for size in HISTORY_SIZES:
+        growth = [history_body(n, n // 2) for n in range(messages, size, 2)]
+        asyncio.run(post_all(url, growth, headers, 1))  # the turns a real agent made to get here
+        messages = size
+        bodies = [history_body(size, size // 2 + i) for i in range(requests)]
+        before = cpu_seconds(gateway.process.pid)
+        failures = asyncio.run(post_all(url, bodies, headers, HISTORY_CONCURRENCY))
+        used = cpu_seconds(gateway.process.pid) - before
+        size_kb = len(bodies[0]) / 1024
+        rows.append(
+            [
+                str(size),
+                f"{size_kb:.1f}",
+                str(requests),
+                f"{used / requests * 1e6:.0f}",
+                str(failures),
+            ]
+        )
+    return rows
+
+
+# -- main -------------------------------------------------------------------------------------
+def machine_line(use_wrk: bool) -> str:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    loader = "wrk" if use_wrk else "python aiohttp (shares the CPU with the servers)"
+    return (
+        f"machine: nproc={os.cpu_count()}  cpu={model}  python={platform.python_version()}"
+        f"  loop={loop}  load={loader}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per cell (default 10)"
+    )
+    parser.add_argument("--quick", action="store_true", help="2 s per cell, no warm-up")
+    parser.add_argument(
+        "--store", default="memory://", help="gateway store: memory:// (default), sqlite, or a URL"
+    )
+    parser.add_argument(
+        "--scenarios", default="", help="comma-separated scenario names (default all)"
+    )
+    parser.add_argument("--no-history", action="store_true", help="skip the history-growth part")
+    parser.add_argument("--history-requests", type=int, default=HISTORY_REQUESTS)
+    parser.add_argument(
+        "--python-load", action="store_true", help="use the built-in generator even if wrk exists"
+    )
+    parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def pick_scenarios(all_scenarios: list[Scenario], wanted: str) -> list[Scenario]:
+    if not wanted:
+        return all_scenarios
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    known = {s.name for s in all_scenarios}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown scenarios {unknown}; known: {', '.join(sorted(known))}")
+    return [s for s in all_scenarios if s.name in names]
+
+
+def store_url(store: str, workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'bench.db'}" if store == "sqlite" else store
+
+
+def use_wrk(forced_python: bool) -> bool:
+    if forced_python:
+        return False
+    if shutil.which("wrk"):
+        return True
+    print("wrk not found: install it with `apt-get install -y wrk` (Debian/Ubuntu).")
+    print("Falling back to the built-in Python aiohttp load generator: it runs on the same 2")
+    print("cores as the servers, so it caps req/s and inflates latencies for every column.\n")
+    return False
+
+
+def report(rows: Sequence[Row], scenarios: Sequence[Scenario]) -> None:
+    print()
+    print(table(HEADER, [row_cells(r) for r in rows]))
+    sizes = ", ".join(f"{s.name} {len(s.body) / 1024:.1f} KB" for s in scenarios)
+    print(f"\nbodies: {sizes}")
+    print(
+        f"bar: gateway req/s >= {BAR_RATIO} x relay req/s at concurrency {BAR_CONCURRENCY}"
+        " (reported, never enforced)"
+    )
+    for note in notes(rows):
+        print(f"note: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_relay is not None:
+        serve_relay(args.serve_relay, args.upstream)
+        return 0
+    # Stop the servers on Ctrl-C or kill too (SIGINT is ignored in background jobs otherwise).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    duration = 2.0 if args.quick else args.duration
+    warmup = 0.0 if args.quick else 1.0
+    wrk = use_wrk(args.python_load)
+    scenarios = pick_scenarios(build_scenarios(), args.scenarios)
+    print(machine_line(wrk))
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        workdir = Path(tmp)
+        store = store_url(args.store, workdir)
+        with running_stack(store, workdir) as stack:
+            print(f"store={store}  duration={duration:g}s per cell  warmup={warmup:g}s\n")
+            rows = run_matrix(stack, scenarios, LoadGen(wrk, workdir), duration, warmup)
+            report(rows, scenarios)
+            if not args.no_history:
+                print_history(stack.gateway, args.history_requests)
+    return 0
+
+
+def print_history(gateway: Server, requests: int) -> None:
+    print(
+        f"\nhistory growth: one session, OpenAI chat, non-streaming, {requests} requests per size"
+        f" at concurrency {HISTORY_CONCURRENCY}; gateway CPU = user+sys of its process"
+    )
+    rows = history_growth(gateway, requests)
+    print(table(["messages", "body KB", "requests", "gw cpu us/req", "non-200"], rows))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)

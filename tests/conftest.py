@@ -1,0 +1,84 @@
+"""Fixtures: the fake provider, a gateway aimed at it, and the official SDKs as clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from gateway.app import create_app
+from gateway.fake_provider import RECEIVED, FakeProviderConfig, ReceivedRequest
+from gateway.fake_provider import create_app as create_fake_app
+from gateway.settings import Settings, Upstreams
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "agents"
+ANTHROPIC_MODEL = "claude-sonnet-4-6"
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any blocking call made on the event loop (file or socket I/O, sleeps)."""
+    with blockbuster_ctx("gateway") as bb:
+        yield bb
+
+
+@pytest.fixture
+def fake_config() -> FakeProviderConfig:
+    return FakeProviderConfig()
+
+
+@pytest.fixture
+async def fake_provider(aiohttp_server: Any, fake_config: FakeProviderConfig) -> TestServer:
+    server: TestServer = await aiohttp_server(create_fake_app(fake_config))
+    return server
+
+
+def received(fake_provider: TestServer) -> list[ReceivedRequest]:
+    return list(fake_provider.app[RECEIVED])
+
+
+@pytest.fixture
+def settings(fake_provider: TestServer) -> Settings:
+    return Settings(
+        store="memory://",
+        upstreams=Upstreams(
+            openai=str(fake_provider.make_url("/v1")),
+            anthropic=str(fake_provider.make_url("")).rstrip("/"),
+        ),
+    )
+
+
+@pytest.fixture
+async def gateway(aiohttp_server: Any, settings: Settings) -> TestServer:
+    server: TestServer = await aiohttp_server(create_app(settings))
+    return server
+
+
+@pytest.fixture
+async def openai_client(gateway: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(
+        base_url=str(gateway.make_url("/v1")), api_key="sk-test-openai", max_retries=0
+    )
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def anthropic_client(gateway: TestServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    client = anthropic.AsyncAnthropic(
+        base_url=str(gateway.make_url("")).rstrip("/"), api_key="sk-ant-test", max_retries=0
+    )
+    yield client
+    await client.close()
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return data

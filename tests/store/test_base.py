@@ -1,0 +1,238 @@
+"""The store contract: the pure limit check, then every backend through the same tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.dialects import Usage
+from gateway.identity import Identity
+from gateway.store import (
+    LimitExceeded,
+    Limits,
+    MemoryStore,
+    SessionQuery,
+    SessionRecord,
+    SqliteStore,
+    Store,
+    TurnEnd,
+    TurnStart,
+)
+from gateway.store.base import check_and_reserve, settle
+
+
+def start(
+    session: str = "s1",
+    at: float = 1000.0,
+    *,
+    agent: str = "codex",
+    user_turn: bool = True,
+    reserve: int = 0,
+    name: str | None = None,
+) -> TurnStart:
+    identity = Identity(session, "codex", agent, name, "abcdef012345")
+    return TurnStart(identity, "gpt-5", user_turn, at, reserve)
+
+
+def end(
+    usage: Usage | None, at: float = 1001.0, status: int = 200, model: str | None = "gpt-5"
+) -> TurnEnd:
+    return TurnEnd(model, usage, status, at)
+
+
+def record(session: str = "s1") -> SessionRecord:
+    return SessionRecord(id=session, source="codex", agent="codex", first_seen=0, last_seen=0)
+
+
+# -- check_and_reserve / settle, on a record -----------------------------------------------------
+
+
+def test_reserve_counts_the_turn() -> None:
+    rec = record()
+    ticket = check_and_reserve(rec, start(reserve=300, name="task"), Limits())
+    assert (ticket.session_id, ticket.turn, ticket.reserved_tokens) == ("s1", 1, 300)
+    assert (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens) == (1, 1, 1, 300)
+    assert rec.last_seen == 1000.0
+    assert rec.name == "task"
+    ticket2 = check_and_reserve(rec, start(user_turn=False), Limits())
+    assert ticket2.turn == 2
+    assert (rec.turns, rec.user_turns, rec.in_flight) == (2, 1, 2)
+
+
+def test_max_turns_raises_and_records_nothing() -> None:
+    rec = record()
+    for _ in range(3):
+        check_and_reserve(rec, start(), Limits(max_turns=3))
+    before = (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens, rec.last_seen)
+    with pytest.raises(LimitExceeded) as caught:
+        check_and_reserve(rec, start(at=2000.0, reserve=5), Limits(max_turns=3))
+    assert (caught.value.limit, caught.value.allowed, caught.value.used) == ("max_turns", 3, 3)
+    assert caught.value.session_id == "s1"
+    assert (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens, rec.last_seen) == before
+
+
+def test_max_session_tokens_counts_reservations() -> None:
+    rec = record()
+    limits = Limits(max_session_tokens=1000)
+    ticket = check_and_reserve(rec, start(reserve=600), limits)
+    with pytest.raises(LimitExceeded) as caught:
+        check_and_reserve(rec, start(reserve=500), limits)
+    assert caught.value.limit == "max_session_tokens"
+    assert (caught.value.allowed, caught.value.used) == (1000, 600)
+    assert (rec.turns, rec.reserved_tokens, rec.in_flight) == (1, 600, 1)
+    # The call ends having used less than it reserved: the reservation goes, usage stays.
+    settle(rec, ticket, end(Usage(input_tokens=350, output_tokens=50)))
+    assert (rec.reserved_tokens, rec.in_flight) == (0, 0)
+    assert rec.tokens.total_tokens == 400
+    check_and_reserve(rec, start(reserve=600), limits)  # 400 + 600 == 1000: allowed
+    with pytest.raises(LimitExceeded):
+        check_and_reserve(rec, start(reserve=1), limits)
+
+
+def test_settle_adds_usage_per_model() -> None:
+    rec = record()
+    t1 = check_and_reserve(rec, start(reserve=10), Limits())
+    t2 = check_and_reserve(rec, start(reserve=20), Limits())
+    t3 = check_and_reserve(rec, start(), Limits())
+    settle(rec, t1, end(Usage(input_tokens=100, output_tokens=10, cache_read_tokens=64)))
+    settle(rec, t2, end(Usage(input_tokens=50, output_tokens=5, estimated=True), model="gpt-4o"))
+    settle(rec, t3, end(None, at=1500.0, status=529, model=None))
+    assert (rec.in_flight, rec.reserved_tokens) == (0, 0)
+    assert rec.tokens.input_tokens == 150
+    assert rec.tokens.output_tokens == 15
+    assert rec.tokens.cache_read_tokens == 64
+    assert rec.models["gpt-5"].turns == 1
+    assert rec.models["gpt-5"].input_tokens == 100
+    assert rec.models["gpt-4o"].total_tokens == 55
+    assert rec.models["unknown"].turns == 1
+    assert rec.models["unknown"].total_tokens == 0
+    assert rec.estimated_turns == 1
+    assert rec.upstream_errors == 1
+    assert rec.last_seen == 1500.0
+
+
+def test_settle_never_goes_negative() -> None:
+    rec = record()
+    ticket = check_and_reserve(rec, start(reserve=10), Limits())
+    settle(rec, ticket, end(None))
+    settle(rec, ticket, end(None))
+    assert (rec.in_flight, rec.reserved_tokens) == (0, 0)
+
+
+# -- every backend -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend: Store = (
+        MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "gateway.db")
+    )
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+async def test_begin_and_end_turn(store: Store) -> None:
+    assert await store.get("s1") is None
+    ticket = await store.begin_turn(start(reserve=100), Limits())
+    assert ticket.turn == 1
+    rec = await store.get("s1")
+    assert rec is not None
+    assert (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens) == (1, 1, 1, 100)
+    assert (rec.agent, rec.source, rec.key_hash) == ("codex", "codex", "abcdef012345")
+    await store.end_turn(ticket, end(Usage(input_tokens=80, output_tokens=20)))
+    rec = await store.get("s1")
+    assert rec is not None
+    assert (rec.in_flight, rec.reserved_tokens) == (0, 0)
+    assert rec.tokens.total_tokens == 100
+    assert rec.models["gpt-5"].turns == 1
+    assert (rec.first_seen, rec.last_seen) == (1000.0, 1001.0)
+
+
+async def test_limit_exceeded_records_nothing(store: Store) -> None:
+    limits = Limits(max_turns=2)
+    for _ in range(2):
+        await store.end_turn(await store.begin_turn(start(), limits), end(None))
+    with pytest.raises(LimitExceeded):
+        await store.begin_turn(start(at=5000.0), limits)
+    rec = await store.get("s1")
+    assert rec is not None
+    assert (rec.turns, rec.in_flight, rec.last_seen) == (2, 0, 1001.0)
+
+
+async def test_record_aux_is_not_a_turn(store: Store) -> None:
+    await store.record_aux(start("aux", at=10.0))
+    await store.record_aux(start("aux", at=20.0))
+    rec = await store.get("aux")
+    assert rec is not None
+    assert (rec.aux_requests, rec.turns, rec.in_flight) == (2, 0, 0)
+    assert rec.last_seen == 20.0
+
+
+async def test_find_filters_newest_first(store: Store) -> None:
+    for session, at, agent in [
+        ("a", 100.0, "codex"),
+        ("b", 300.0, "claude-code"),
+        ("c", 200.0, "codex"),
+        ("d", 400.0, "codex"),
+    ]:
+        await store.begin_turn(start(session, at, agent=agent), Limits())
+
+    async def ids(**query: object) -> list[str]:
+        return [r.id for r in await store.find(SessionQuery(**query))]  # type: ignore[arg-type]
+
+    assert await ids() == ["d", "b", "c", "a"]
+    assert await ids(agent="codex") == ["d", "c", "a"]
+    assert await ids(agent="goose") == []
+    assert await ids(status="active") == ["d", "b", "c", "a"]
+    assert await ids(status="ended") == []
+    assert await ids(since=200.0) == ["d", "b", "c"]
+    assert await ids(before=300.0) == ["c", "a"]
+    assert await ids(since=150.0, before=400.0, agent="codex") == ["c"]
+    assert await ids(limit=2) == ["d", "b"]
+    assert await ids(limit=2, before=300.0) == ["c", "a"]  # the next page
+
+
+async def test_find_sees_unflushed_changes(store: Store) -> None:
+    ticket = await store.begin_turn(start("s", 10.0), Limits())
+    await store.end_turn(ticket, end(Usage(input_tokens=7, output_tokens=3), at=11.0))
+    [rec] = await store.find(SessionQuery())
+    assert rec.tokens.total_tokens == 10
+    assert rec.last_seen == 11.0
+
+
+async def test_turns_of_different_sessions_are_apart(store: Store) -> None:
+    await store.begin_turn(start("x"), Limits(max_turns=1))
+    await store.begin_turn(start("y"), Limits(max_turns=1))
+    with pytest.raises(LimitExceeded):
+        await store.begin_turn(start("x"), Limits(max_turns=1))
+
+
+async def test_concurrent_begin_turn_on_a_new_session(store: Store) -> None:
+    limits = Limits(max_turns=5)
+    results = await asyncio.gather(
+        *(store.begin_turn(start("burst"), limits) for _ in range(12)), return_exceptions=True
+    )
+    tickets = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert sorted(t.turn for t in tickets) == [1, 2, 3, 4, 5]
+    assert len(refused) == 7
+    assert all(isinstance(r, LimitExceeded) for r in refused)
+    rec = await store.get("burst")
+    assert rec is not None
+    assert (rec.turns, rec.in_flight) == (5, 5)
+
+
+async def test_concurrent_token_reservations(store: Store) -> None:
+    limits = Limits(max_session_tokens=1000)
+    results = await asyncio.gather(
+        *(store.begin_turn(start("budget", reserve=300), limits) for _ in range(6)),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 3
+    rec = await store.get("budget")
+    assert rec is not None
+    assert rec.reserved_tokens == 900
