@@ -10,25 +10,29 @@ import time
 
 from gateway.dialects import Usage
 from gateway.exchange import Exchange
+from gateway.policy.decide import cost_of
 from gateway.store import Limits, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
 _CUT = frozenset({"client_gone", "upstream_cut"})
 
 
-def turn_start(ex: Exchange, reserve_tokens: int = 0) -> TurnStart:
+def turn_start(ex: Exchange) -> TurnStart:
     assert ex.identity is not None
-    facts = ex.facts
+    facts, decision = ex.facts, ex.decision
     return TurnStart(
         identity=ex.identity,
         model=facts.model if facts else None,
         user_turn=facts.user_turn if facts else False,
         at=time.time(),
-        reserve_tokens=reserve_tokens,
+        reserve_tokens=decision.reserve_tokens if decision else 0,
+        reserve_cost=decision.reserve_cost if decision else 0.0,
     )
 
 
-async def begin_turn(ex: Exchange, store: Store, limits: Limits) -> None:
+async def begin_turn(ex: Exchange, store: Store) -> None:
+    """Raises the store's ``LimitExceeded`` when a counted limit stops the call."""
+    limits = ex.decision.limits if ex.decision else Limits()
     ex.ticket = await store.begin_turn(turn_start(ex), limits)
 
 
@@ -44,7 +48,13 @@ async def end_turn(ex: Exchange, store: Store, tokens: TokenCounter) -> None:
     if model is None and ex.facts is not None:
         model = ex.facts.model
     status = ex.status or (499 if ex.outcome == "client_gone" else 502)
-    await store.end_turn(ticket, TurnEnd(model=model, usage=usage, status=status, at=time.time()))
+    cost = 0.0
+    if usage is not None and ex.decision is not None:
+        cost = cost_of(
+            ex.decision.price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
+        )
+    end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=hash(ex.raw))
+    await store.end_turn(ticket, end)
 
 
 def final_usage(ex: Exchange, tokens: TokenCounter) -> Usage | None:

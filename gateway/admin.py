@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.appkeys import STARTED_AT, STORE
-from gateway.store import SessionQuery, SessionRecord
+from gateway.appkeys import AUDIT, POLICY, STARTED_AT, STORE
+from gateway.store import Grant, SessionQuery, SessionRecord
 
 MAX_PAGE = 500
 
@@ -55,6 +56,83 @@ async def get_session(request: web.Request) -> web.Response:
     return _json(session_json(record, time.time()))
 
 
+async def grant(request: web.Request) -> web.Response:
+    """``{"turns": 50, "tokens": 0, "reason": "...", "by": "alice"}``: more for a session."""
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        turns, tokens = int(body.get("turns", 0)), int(body.get("tokens", 0))
+    except (TypeError, ValueError):
+        return _json({"error": "turns and tokens must be whole numbers"}, status=400)
+    if turns < 0 or tokens < 0 or turns + tokens == 0:
+        return _json({"error": "grant a positive number of turns and/or tokens"}, status=400)
+    by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
+    session_id = request.match_info["session_id"]
+    given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
+    record = await request.app[STORE].grant(session_id, given)
+    if record is None:
+        return _json({"error": "no such session"}, status=404)
+    request.app[AUDIT].record(
+        "grant", session=session_id, turns=turns, tokens=tokens, by=by, reason=reason
+    )
+    return _json(session_json(record, time.time()))
+
+
+async def end(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
+    session_id = request.match_info["session_id"]
+    record = await request.app[STORE].set_status(session_id, "ended", f"ended by {by}: {reason}")
+    if record is None:
+        return _json({"error": "no such session"}, status=404)
+    request.app[AUDIT].record("session_end", session=session_id, by=by, reason=reason)
+    return _json(session_json(record, time.time()))
+
+
+async def policy(request: web.Request) -> web.Response:
+    live = request.app[POLICY]
+    current = live.policy
+    return _json(
+        {
+            "version": current.version,
+            "source": current.source,
+            "loaded_at": live.loaded_at,
+            "reloads": live.reloads,
+            "failures": live.failures,
+            "last_error": live.last_error,
+            "last_error_at": live.last_error_at,
+            "rules": [rule.name for rule in current.rules],
+        }
+    )
+
+
+async def budgets(request: web.Request) -> web.Response:
+    counters = await request.app[STORE].budgets()
+    return _json({"budgets": [asdict(counter) for counter in counters]})
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _json({"error": "the body must be JSON"}, status=400)
+    if not isinstance(body, dict):
+        return _json({"error": "the body must be a JSON object"}, status=400)
+    return body
+
+
+def _operator(request: web.Request, body: dict[str, Any]) -> str:
+    """Who acts: the body's ``by``, else ``X-Gateway-Operator``, else "admin"."""
+    by = body.get("by") or request.headers.get("X-Gateway-Operator") or "admin"
+    return str(by)[:120]
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -63,3 +141,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/gateway/health", health)
     app.router.add_get("/gateway/sessions", list_sessions)
     app.router.add_get("/gateway/sessions/{session_id}", get_session)
+    app.router.add_post("/gateway/sessions/{session_id}/grant", grant)
+    app.router.add_post("/gateway/sessions/{session_id}/end", end)
+    app.router.add_get("/gateway/policy", policy)
+    app.router.add_get("/gateway/budgets", budgets)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from gateway import admin, pipeline
-from gateway.appkeys import HTTP, SETTINGS, STARTED_AT, STORE, TOKENS, UPSTREAMS
+from gateway.appkeys import AUDIT, HTTP, POLICY, SETTINGS, STARTED_AT, STORE, TOKENS, UPSTREAMS
+from gateway.audit import AuditLog
 from gateway.middlewares import admin_token, unexpected_errors
+from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
 from gateway.tokens import TokenCounter
@@ -29,13 +33,44 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app[STARTED_AT] = time.time()
     app[TOKENS] = TokenCounter()
     app[STORE] = store if store is not None else open_store(settings.store)
+    app[AUDIT] = AuditLog(settings.audit_log)
+    app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
     # Opened in this order, closed in reverse.
+    app.cleanup_ctx.append(_audit)
+    app.cleanup_ctx.append(_policy)
     app.cleanup_ctx.append(_tokenizer)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
     admin.add_routes(app)
     pipeline.add_routes(app)
     return app
+
+
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    app[AUDIT].start()
+    yield
+    await asyncio.to_thread(app[AUDIT].stop)
+
+
+async def _policy(app: web.Application) -> AsyncIterator[None]:
+    """Load the policy (a bad file stops the start), then follow its file and SIGHUP."""
+    live = app[POLICY]
+    await live.load()
+    watcher = asyncio.get_running_loop().create_task(live.watch())
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.get_running_loop().create_task(live.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    yield
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    watcher.cancel()
+    await asyncio.gather(watcher, *reloads, return_exceptions=True)
 
 
 async def _tokenizer(app: web.Application) -> AsyncIterator[None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from gateway.audit import AuditLog
+from gateway.policy.live import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.tokens import TokenCounter
@@ -16,3 +18,5 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TOKENS = web.AppKey("tokens", TokenCounter)
 STARTED_AT = web.AppKey("started_at", float)
+POLICY = web.AppKey("policy", LivePolicy)
+AUDIT = web.AppKey("audit", AuditLog)

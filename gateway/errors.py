@@ -5,7 +5,7 @@ Hierarchy::
     GatewayError              any answer the gateway makes instead of the upstream's
     ├── BadRequest            malformed JSON, unreadable body (400)
     ├── BodyTooLarge          over the gateway's body cap (413)
-    ├── LimitReached          a hard limit stops the session (400, names the rule)
+    ├── PolicyRejection       the policy stops the call (400; 429 for a window budget)
     └── UpstreamUnavailable   upstream unreachable (502)
         └── UpstreamTimeout   no answer within the first-byte timeout (504)
 """
@@ -38,14 +38,24 @@ class BodyTooLarge(GatewayError):
     outcome = "bad_request"
 
 
-class LimitReached(GatewayError):
+class PolicyRejection(GatewayError):
+    """A hard stop answers 400, which agents show and stop on (they retry a 429 for minutes);
+    a window budget that will reset answers 429 with ``Retry-After``."""
+
     kind = ErrorKind.INVALID_REQUEST
     outcome = "rejected"
 
-    def __init__(self, message: str, *, rule: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, limit: str, rule: str, retry_after: float | None = None
+    ) -> None:
+        headers = {"X-Gateway-Policy-Rule": rule, "X-Gateway-Policy-Limit": limit}
+        if retry_after is not None:
+            self.kind = ErrorKind.RATE_LIMIT
+            headers["Retry-After"] = str(max(1, round(retry_after)))
         super().__init__(message, headers=headers)
+        self.limit = limit
         self.rule = rule
-        self.code = rule
+        self.code = f"gateway_policy_{limit}"
 
 
 class UpstreamUnavailable(GatewayError):

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.dialects import Dialect, RequestFacts, ResponseFacts
 from gateway.identity import Identity
+from gateway.policy.decide import Decision
 from gateway.store import TurnTicket
 from gateway.upstream import Upstream
 
@@ -32,6 +33,7 @@ class Exchange:
     body: dict[str, Any] | None = None
     facts: RequestFacts | None = None
     identity: Identity | None = None
+    decision: Decision | None = None
     ticket: TurnTicket | None = None
     upstream_body: bytes = b""
     rewritten: bool = False

@@ -79,9 +79,9 @@ def key_hash(headers: Mapping[str, str]) -> str | None:
 
 
 def agent_name(headers: Mapping[str, str]) -> str:
-    explicit = headers.get("x-gateway-agent")
+    explicit = _clean(headers.get("x-gateway-agent", ""), 64)
     if explicit:
-        return _clean(explicit, 64)
+        return explicit
     user_agent = headers.get("user-agent", "").lower()
     for prefix, agent in AGENTS:
         if user_agent.startswith(prefix):

@@ -8,20 +8,23 @@ holds its concern, sharing one ``Exchange``. A step that answers early raises a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import accounting
-from gateway.appkeys import HTTP, SETTINGS, STORE, TOKENS, UPSTREAMS
+from gateway.appkeys import HTTP, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
-from gateway.errors import BadRequest, BodyTooLarge, GatewayError, LimitReached
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError, PolicyRejection
 from gateway.exchange import Exchange
 from gateway.identity import identify
+from gateway.policy import decide
 from gateway.relay import relay
-from gateway.store import LimitExceeded, Limits
+from gateway.store import LimitExceeded
 from gateway.upstream import request_headers, send
 
 log = logging.getLogger("gateway.pipeline")
@@ -31,11 +34,12 @@ SESSION_PREFIX = "/s/{gateway_session}"
 
 
 async def handle(ex: Exchange) -> web.StreamResponse:
-    """An LLM call: read, identify, begin the turn, forward, relay, account."""
+    """An LLM call: read, identify, decide, begin the turn, forward, relay, account."""
     store, tokens = ex.request.app[STORE], ex.request.app[TOKENS]
     try:
         await read_request(ex)
         identify_session(ex)
+        await decide_policy(ex)
         await begin_turn(ex)
         await forward(ex)
     except GatewayError as error:
@@ -108,11 +112,83 @@ def identify_session(ex: Exchange) -> None:
     ex.identity = identify(ex.request.headers, ex.facts, ex.path_session)
 
 
-async def begin_turn(ex: Exchange) -> None:
+async def decide_policy(ex: Exchange) -> None:
+    """The policy's verdict before anything is counted: size, model, loops."""
+    assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
+    app, session = ex.request.app, ex.identity.session_id
+    policy = app[POLICY].policy
+    who = decide.caller(policy, ex.identity, ex.facts.model, ex.request.headers)
+    record = await app[STORE].get(session)
     try:
-        await accounting.begin_turn(ex, ex.request.app[STORE], Limits())
+        ex.decision = decide.decide(
+            policy,
+            who,
+            ex.identity,
+            ex.dialect,
+            ex.facts,
+            len(ex.raw),
+            record,
+            app[TOKENS],
+            is_helper_call(ex),
+            time.time(),
+        )
+    except decide.PolicyStop as stop:
+        await reject(ex, stop.verdict)
+    if ex.decision.detections:
+        for detection in ex.decision.detections:
+            event = {
+                "key": f"{detection.detector}:{detection.tool}",
+                "at": time.time(),
+                **detection.evidence(),
+            }
+            await app[STORE].note(accounting.turn_start(ex), "detections", event)
+        verdict = decide.loop_verdict(ex.decision, session, record)
+        if verdict is not None:
+            if ex.decision.effective.settings.loops.action == "pause":
+                await app[STORE].set_status(session, "paused", verdict.message)
+            await reject(ex, verdict)
+
+
+async def begin_turn(ex: Exchange) -> None:
+    """The store's atomic check of the counted limits, and the turn recorded."""
+    assert ex.identity is not None and ex.decision is not None
+    store = ex.request.app[STORE]
+    try:
+        await accounting.begin_turn(ex, store)
     except LimitExceeded as exc:
-        raise LimitReached(str(exc), rule=exc.limit) from exc
+        await reject(
+            ex,
+            decide.limit_verdict(
+                exc.limit,
+                exc.allowed,
+                exc.used,
+                ex.identity.session_id,
+                ex.decision.effective,
+                exc.retry_after,
+                exc.budget,
+            ),
+        )
+    assert ex.ticket is not None
+    ex.decision.warnings = decide.warnings(
+        ex.decision, ex.ticket.turn, ex.ticket.turns_left, ex.ticket.tokens_left
+    )
+    if ex.decision.warnings:
+        kinds = ",".join(w.split(" ", 1)[0] for w in ex.decision.warnings)
+        event = {"key": kinds, "at": time.time(), "warnings": ex.decision.warnings}
+        await store.note(accounting.turn_start(ex), "warnings", event)
+
+
+async def reject(ex: Exchange, verdict: decide.Verdict) -> NoReturn:
+    event = {"key": verdict.limit, "at": time.time(), "limit": verdict.limit, "rule": verdict.rule}
+    await ex.request.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
+    raise PolicyRejection(
+        verdict.message, limit=verdict.limit, rule=verdict.rule, retry_after=verdict.retry_after
+    )
+
+
+def is_helper_call(ex: Exchange) -> bool:
+    """An agent's own side calls (titles, its compaction, reviews) are not loop turns."""
+    return "x-openai-subagent" in ex.request.headers or not (ex.facts and ex.facts.tools)
 
 
 async def forward(ex: Exchange) -> None:
@@ -129,8 +205,18 @@ def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
     extra: CIMultiDict[str] = CIMultiDict()
     if ex.identity is not None:
         extra["X-Gateway-Session-Id"] = ex.identity.session_id
+    if ex.decision is not None:
+        effective = ex.decision.effective
+        rules = ",".join(effective.rules) or "defaults"
+        extra["X-Gateway-Policy"] = f"{effective.version}; rules={rules}"
+        for warning in ex.decision.warnings:
+            extra.add("X-Gateway-Warning", warning)
     if ex.ticket is not None:
         extra["X-Gateway-Turn"] = str(ex.ticket.turn)
+        if ex.ticket.turns_left is not None:
+            extra["X-Gateway-Turns-Remaining"] = str(ex.ticket.turns_left)
+        if ex.ticket.tokens_left is not None:
+            extra["X-Gateway-Tokens-Remaining"] = str(ex.ticket.tokens_left)
     return extra
 
 

@@ -36,6 +36,11 @@ class Settings(BaseModel):
     port: int = 8787
     store: str = "sqlite:///gateway.db"
     policy: Path | None = None
+    """The policy file (YAML); without one, the packaged default policy."""
+    policy_poll_interval: float = Field(1.0, gt=0)
+    """How often the policy file is checked for changes (SIGHUP reloads at once)."""
+    audit_log: Path | None = None
+    """JSON lines: policy loads and refusals, grants, session ends."""
     upstreams: Upstreams = Upstreams()
     timeouts: Timeouts = Timeouts()
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
@@ -52,6 +57,8 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_STORE": ("store",),
     "GATEWAY_ADMIN_TOKEN": ("admin_token",),
     "GATEWAY_LOG_LEVEL": ("log_level",),
+    "GATEWAY_POLICY": ("policy",),
+    "GATEWAY_AUDIT_LOG": ("audit_log",),
 }
 
 
@@ -76,7 +83,9 @@ def load_settings(
         if value:
             target = data
             for part in path[:-1]:
-                target = target.setdefault(part, {})
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
             target[path[-1]] = value
     data.update({key: value for key, value in overrides.items() if value is not None})
     return Settings.model_validate(data)

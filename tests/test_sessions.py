@@ -57,11 +57,14 @@ async def test_codex_requests_are_one_session(gateway: TestServer) -> None:
         assert resp.status == 200, await resp.text()
     fixture = load_fixture("codex-0.169.0-responses-turn268.json")
     del fixture["headers"]["session-id"]  # prompt_cache_key still says who it is
-    assert (await replay(gateway, fixture)).status == 200
+    # 264 identical calls in its history: the default policy stops it as a runaway loop.
+    looping = await replay(gateway, fixture)
+    assert looping.status == 400
+    assert looping.headers["X-Gateway-Session-Id"] == "01a2130c-841d-71b1-9300-636302af95c0"
     record = await gateway.app[STORE].get("01a2130c-841d-71b1-9300-636302af95c0")
     assert record is not None
     assert (record.source, record.agent) == ("codex", "codex")
-    assert record.turns == 3 and record.user_turns == 1
+    assert record.turns == 2 and record.user_turns == 1 and record.rejected == 1
 
 
 async def chat(gateway: TestServer, body: dict[str, Any], **headers: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,7 +60,7 @@ def _feed_all(chunks: list[bytes]) -> tuple[list[SSEEvent], bytes]:
 
 def _split(stream: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(set(cuts)), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def test_whole_chat_stream_parses_into_its_events() -> None:

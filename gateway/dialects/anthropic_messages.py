@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.dialects.base import (
     as_list,
     as_str,
 )
+from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
 _TYPES = {
@@ -84,6 +86,7 @@ class AnthropicMessages:
             items=messages,
             system=[system] if isinstance(system, str) else as_list(system),
             tools=as_list(body.get("tools")),
+            max_output_tokens=as_int(body.get("max_tokens")) or None,
         )
         for message in messages:
             if isinstance(message, dict) and message.get("role") == "user":
@@ -101,6 +104,22 @@ class AnthropicMessages:
 
     def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
         return raw, False
+
+    def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
+        for message in reversed(facts.items):
+            role = as_dict(message).get("role")
+            if role == "user" and _is_new_user_input(message):
+                return
+            if role != "assistant":
+                continue  # tool results, and Claude Code's mid-conversation system notes
+            uses = [
+                (block.get("name"), block.get("input"))
+                for block in map(as_dict, as_list(message.get("content")))
+                if block.get("type") == "tool_use"
+            ]
+            if not uses:
+                return
+            yield signatures(uses)
 
     def read_response(self, body: JSONObject) -> ResponseFacts:
         reason = as_str(body.get("stop_reason"))

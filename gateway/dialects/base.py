@@ -7,10 +7,12 @@ web layer, no I/O, so they are tested without a server.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from gateway.loops import Signature
 from gateway.sse import SSEEvent
 
 JSONObject = dict[str, Any]
@@ -60,6 +62,8 @@ class RequestFacts:
     """Conversation items: messages (chat, Anthropic) or input items (Responses)."""
     system: list[Any] = field(default_factory=list)
     tools: list[Any] = field(default_factory=list)
+    max_output_tokens: int | None = None
+    """The output cap the request sets, if any."""
     user_turn: bool = False
     """The newest item is new user input, not a tool result."""
     first_user: Any = None
@@ -145,6 +149,11 @@ class Dialect(Protocol):
 
     def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
         """The body to send upstream, and whether the gateway changed it."""
+        ...
+
+    def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
+        """The tool calls of each assistant turn in the history, newest first, back to the
+        latest new user input (loop detection reads these)."""
         ...
 
     def read_response(self, body: JSONObject) -> ResponseFacts: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.dialects.base import (
     as_str,
 )
 from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
 _SYSTEM_ROLES = ("system", "developer")
@@ -51,6 +53,8 @@ class OpenAIChat:
             stream=body.get("stream") is True,
             items=messages,
             tools=as_list(body.get("tools")),
+            max_output_tokens=as_int(body.get("max_completion_tokens") or body.get("max_tokens"))
+            or None,
         )
         for message in messages:
             role = message.get("role") if isinstance(message, dict) else None
@@ -79,6 +83,17 @@ class OpenAIChat:
         rewritten = dict(body)
         rewritten["stream_options"] = {**as_dict(options), "include_usage": True}
         return orjson.dumps(rewritten), True
+
+    def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
+        for message in reversed(facts.items):
+            role = as_dict(message).get("role")
+            if role == "tool" or role in _SYSTEM_ROLES:
+                continue
+            calls = as_list(message.get("tool_calls")) if role == "assistant" else []
+            if not calls:
+                return
+            functions = (as_dict(as_dict(call).get("function")) for call in calls)
+            yield signatures((f.get("name"), f.get("arguments")) for f in functions)
 
     def read_response(self, body: JSONObject) -> ResponseFacts:
         facts = ResponseFacts(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -19,10 +20,16 @@ from gateway.dialects.base import (
     as_str,
 )
 from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _SYSTEM_ROLES = ("system", "developer")
+# Call items and the field holding their arguments; outputs and reasoning sit between calls.
+_CALLS = {"function_call": "arguments", "custom_tool_call": "input", "local_shell_call": "action"}
+_PASSIVE = frozenset(
+    {"function_call_output", "custom_tool_call_output", "local_shell_call_output", "reasoning"}
+)
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -64,6 +71,7 @@ class OpenAIResponses:
             stream=body.get("stream") is True,
             items=items,
             tools=as_list(body.get("tools")),
+            max_output_tokens=as_int(body.get("max_output_tokens")) or None,
         )
         instructions = body.get("instructions")
         if isinstance(instructions, str) and instructions:
@@ -79,6 +87,24 @@ class OpenAIResponses:
 
     def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
         return raw, False
+
+    def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
+        group: list[tuple[Any, Any]] = []
+        for item in reversed(facts.items):
+            item = as_dict(item)
+            kind = item.get("type", "message")
+            call = _CALLS.get(kind)
+            if call is not None:
+                group.append((item.get("name", kind), item.get(call)))
+                continue
+            if group:
+                yield signatures(group)
+                group = []
+            if kind in _PASSIVE or (kind == "message" and item.get("role") == "assistant"):
+                continue
+            return
+        if group:
+            yield signatures(group)
 
     def read_response(self, body: JSONObject) -> ResponseFacts:
         facts = ResponseFacts()

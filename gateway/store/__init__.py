@@ -7,7 +7,11 @@ from urllib.parse import urlparse
 from gateway.store.base import LimitExceeded, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
+    BudgetCounter,
+    BudgetLimit,
+    Grant,
     Limits,
+    ModelTotals,
     SessionQuery,
     SessionRecord,
     TokenTotals,
@@ -32,9 +36,13 @@ def open_store(url: str) -> Store:
 
 
 __all__ = [
+    "BudgetCounter",
+    "BudgetLimit",
+    "Grant",
     "LimitExceeded",
     "Limits",
     "MemoryStore",
+    "ModelTotals",
     "SessionQuery",
     "SessionRecord",
     "SqliteStore",

@@ -1,4 +1,4 @@
-"""The store interface, and the session table logic every backend shares.
+"""The store interface, and the in-memory session table every backend builds on.
 
 Exceptions::
 
@@ -7,33 +7,53 @@ Exceptions::
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any, Protocol
 
 from gateway.store.records import (
+    BudgetCounter,
+    BudgetLimit,
+    Grant,
     Limits,
+    ModelTotals,
     SessionQuery,
     SessionRecord,
-    TokenTotals,
     TurnEnd,
     TurnStart,
     TurnTicket,
 )
 
+_FAST, _SLOW = 0.3, 0.02
+"""Smoothing of the turn rate: over about three turns, and over about fifty."""
+
 
 class LimitExceeded(Exception):
-    def __init__(self, limit: str, allowed: int, used: int, session_id: str) -> None:
+    def __init__(
+        self,
+        limit: str,
+        allowed: float,
+        used: float,
+        session_id: str,
+        *,
+        retry_after: float | None = None,
+        budget: BudgetLimit | None = None,
+    ) -> None:
         super().__init__(f"session {session_id}: {limit} {used} of {allowed}")
         self.limit = limit
         self.allowed = allowed
         self.used = used
         self.session_id = session_id
+        self.retry_after = retry_after
+        self.budget = budget
 
 
 class Store(Protocol):
-    """Sessions and their accounting.
+    """Sessions, budgets and their accounting.
 
     ``begin_turn`` is the one atomic operation: it checks the limits against what is recorded
-    plus what calls in flight hold, and records the turn and its reservation, all at once. A
+    plus what calls in flight hold, and records the turn and its reservations, all at once. A
     backend shared by replicas (Redis) must keep that atomicity across processes.
     """
 
@@ -46,12 +66,26 @@ class Store(Protocol):
         ...
 
     async def end_turn(self, ticket: TurnTicket, end: TurnEnd) -> None:
-        """Release the reservation and add the call's real usage. Must not be skipped."""
+        """Release the reservations and add the call's real usage. Must not be skipped."""
         ...
 
     async def record_aux(self, start: TurnStart) -> None:
         """A call that belongs to a session but is not a turn (token counting)."""
         ...
+
+    async def note(
+        self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
+    ) -> None:
+        """Keep a warning or detection with the session; count a rejected call."""
+        ...
+
+    async def grant(self, session_id: str, grant: Grant) -> SessionRecord | None:
+        """More turns or tokens for a session; a paused session goes on."""
+        ...
+
+    async def set_status(
+        self, session_id: str, status: str, reason: str
+    ) -> SessionRecord | None: ...
 
     async def get(self, session_id: str) -> SessionRecord | None: ...
 
@@ -59,7 +93,142 @@ class Store(Protocol):
         """Newest (last seen) first."""
         ...
 
+    async def budgets(self) -> list[BudgetCounter]: ...
 
+
+class SessionTable:
+    """Sessions and budgets in memory, and every rule for changing them.
+
+    A backend with a disk or a server behind it overrides ``_fetch`` (load a session this
+    process has not seen) and ``_changed`` (remember what to write).
+    """
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, SessionRecord] = {}
+        self.budget_counters: dict[str, BudgetCounter] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def _fetch(self, session_id: str) -> SessionRecord | None:
+        return None
+
+    def _changed(self, record: SessionRecord) -> None:
+        return None
+
+    def _budget_changed(self, counter: BudgetCounter) -> None:
+        return None
+
+    async def _session(self, session_id: str) -> SessionRecord | None:
+        record = self.sessions.get(session_id)
+        if record is None:
+            record = await self._fetch(session_id)
+            # Another call may have created it while this one waited for the disk.
+            record = self.sessions.get(session_id) or record
+            if record is not None:
+                self.sessions[session_id] = record
+        return record
+
+    async def _session_for(self, start: TurnStart) -> SessionRecord:
+        record = await self._session(start.identity.session_id)
+        if record is None:
+            record = self.sessions[start.identity.session_id] = new_record(start)
+        return record
+
+    # -- the store interface ------------------------------------------------------------------
+    async def begin_turn(self, start: TurnStart, limits: Limits) -> TurnTicket:
+        record = await self._session_for(start)
+        counters = [self._budget(limit) for limit in limits.budgets]
+        ticket = check_and_reserve(record, start, limits, counters)
+        self._changed(record)
+        for counter in counters:
+            self._budget_changed(counter)
+        return ticket
+
+    async def end_turn(self, ticket: TurnTicket, end: TurnEnd) -> None:
+        record = await self._session(ticket.session_id)
+        if record is not None:
+            settle(record, ticket, end)
+            self._changed(record)
+        used = end.usage.total_tokens if end.usage else 0
+        for key in ticket.budgets:
+            counter = self.budget_counters.get(key)
+            if counter is not None:
+                counter.reserved_tokens = max(0, counter.reserved_tokens - ticket.reserved_tokens)
+                counter.reserved_cost = max(0.0, counter.reserved_cost - ticket.reserved_cost)
+                counter.tokens += used
+                counter.cost += end.cost
+                self._budget_changed(counter)
+
+    async def record_aux(self, start: TurnStart) -> None:
+        record = await self._session_for(start)
+        touch(record, start)
+        record.aux_requests += 1
+        self._changed(record)
+
+    async def note(
+        self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
+    ) -> None:
+        record = await self._session_for(start)
+        touch(record, start)
+        record.note(kind, event)
+        if rejected:
+            record.rejected += 1
+        self._changed(record)
+
+    async def grant(self, session_id: str, grant: Grant) -> SessionRecord | None:
+        record = await self._session(session_id)
+        if record is None:
+            return None
+        record.granted_turns += grant.turns
+        record.granted_tokens += grant.tokens
+        record.loops_allowed_until = record.turns + max(grant.turns, 1)
+        record.note(
+            "grants",
+            {
+                "turns": grant.turns,
+                "tokens": grant.tokens,
+                "by": grant.by,
+                "reason": grant.reason,
+                "at": grant.at,
+            },
+        )
+        if record.status == "paused":
+            record.status, record.status_reason = "active", f"granted by {grant.by}"
+        self._changed(record)
+        return record
+
+    async def set_status(self, session_id: str, status: str, reason: str) -> SessionRecord | None:
+        record = await self._session(session_id)
+        if record is None:
+            return None
+        record.status, record.status_reason = status, reason
+        self._changed(record)
+        return record
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        return await self._session(session_id)
+
+    async def find(self, query: SessionQuery) -> list[SessionRecord]:
+        found = [r for r in self.sessions.values() if matches(r, query)]
+        found.sort(key=lambda r: r.last_seen, reverse=True)
+        return found[: query.limit]
+
+    async def budgets(self) -> list[BudgetCounter]:
+        now = time.time()
+        return [c for c in self.budget_counters.values() if c.window_end > now]
+
+    def _budget(self, limit: BudgetLimit) -> BudgetCounter:
+        counter = self.budget_counters.get(limit.key)
+        if counter is None:
+            counter = self.budget_counters[limit.key] = BudgetCounter(limit.key, limit.window_end)
+        return counter
+
+
+# -- the rules, on plain records --------------------------------------------------------------
 def new_record(start: TurnStart) -> SessionRecord:
     ident = start.identity
     return SessionRecord(
@@ -82,21 +251,102 @@ def touch(record: SessionRecord, start: TurnStart) -> None:
         record.agent = ident.agent
 
 
-def check_and_reserve(record: SessionRecord, start: TurnStart, limits: Limits) -> TurnTicket:
+def restart_if_idle(record: SessionRecord, start: TurnStart, idle_timeout: float | None) -> None:
+    """A session idle past its timeout has ended; the same id now starts a fresh count."""
+    if idle_timeout is None or record.in_flight or start.at - record.last_seen <= idle_timeout:
+        return
+    if record.status == "ended" and record.status_reason != "idle":
+        return  # ended by an operator: stays ended
+    fresh = new_record(start)
+    fresh.first_seen = record.first_seen
+    fresh.restarts = record.restarts + 1
+    for f in fields(fresh):
+        setattr(record, f.name, getattr(fresh, f.name))
+
+
+def check_and_reserve(
+    record: SessionRecord,
+    start: TurnStart,
+    limits: Limits,
+    budgets: Sequence[BudgetCounter] = (),
+) -> TurnTicket:
     """The atomic core of ``begin_turn``: runs with no await inside."""
-    if limits.max_turns is not None and record.turns >= limits.max_turns:
-        raise LimitExceeded("max_turns", limits.max_turns, record.turns, record.id)
+    restart_if_idle(record, start, limits.idle_timeout)
+    if record.status != "active":
+        raise LimitExceeded(f"session_{record.status}", 0, 0, record.id)
+    turns_left = tokens_left = None
+    if limits.max_turns is not None:
+        allowed = limits.max_turns + record.granted_turns
+        if record.turns >= allowed:
+            raise LimitExceeded("max_turns", allowed, record.turns, record.id)
+        turns_left = allowed - record.turns - 1
     if limits.max_session_tokens is not None:
+        allowed = limits.max_session_tokens + record.granted_tokens
         used = record.tokens.total_tokens + record.reserved_tokens
-        if used + start.reserve_tokens > limits.max_session_tokens:
-            raise LimitExceeded("max_session_tokens", limits.max_session_tokens, used, record.id)
+        if used + start.reserve_tokens > allowed:
+            raise LimitExceeded("max_session_tokens", allowed, used, record.id)
+        tokens_left = allowed - used - start.reserve_tokens
+    for limit, counter in zip(limits.budgets, budgets, strict=True):
+        _check_budget(limit, counter, start, record.id)
+    _update_rate(record, start.at)
     touch(record, start)
     record.turns += 1
     if start.user_turn:
         record.user_turns += 1
     record.in_flight += 1
     record.reserved_tokens += start.reserve_tokens
-    return TurnTicket(record.id, record.turns, start.reserve_tokens)
+    for counter in budgets:
+        counter.reserved_tokens += start.reserve_tokens
+        counter.reserved_cost += start.reserve_cost
+    return TurnTicket(
+        record.id,
+        record.turns,
+        start.reserve_tokens,
+        turns_left=turns_left,
+        tokens_left=tokens_left,
+        budgets=tuple(c.key for c in budgets),
+        reserved_cost=start.reserve_cost,
+    )
+
+
+def _check_budget(
+    limit: BudgetLimit, counter: BudgetCounter, start: TurnStart, session_id: str
+) -> None:
+    retry_after = max(1.0, limit.window_end - start.at)
+    if limit.max_tokens is not None:
+        used = counter.tokens + counter.reserved_tokens
+        if used + start.reserve_tokens > limit.max_tokens:
+            raise LimitExceeded(
+                "budget_tokens",
+                limit.max_tokens,
+                used,
+                session_id,
+                retry_after=retry_after,
+                budget=limit,
+            )
+    if limit.max_cost is not None:
+        spent = counter.cost + counter.reserved_cost
+        if spent + start.reserve_cost > limit.max_cost:
+            raise LimitExceeded(
+                "budget_cost",
+                limit.max_cost,
+                round(spent, 6),
+                session_id,
+                retry_after=retry_after,
+                budget=limit,
+            )
+
+
+def _update_rate(record: SessionRecord, at: float) -> None:
+    if record.turns == 0:
+        return
+    gap = max(at - record.last_seen, 0.05)
+    rate = 60.0 / gap
+    if record.turns == 1:
+        record.rate_fast = record.rate_slow = rate
+        return
+    record.rate_fast += _FAST * (rate - record.rate_fast)
+    record.rate_slow += _SLOW * (rate - record.rate_slow)
 
 
 def settle(record: SessionRecord, ticket: TurnTicket, end: TurnEnd) -> None:
@@ -105,11 +355,18 @@ def settle(record: SessionRecord, ticket: TurnTicket, end: TurnEnd) -> None:
     record.last_seen = max(record.last_seen, end.at)
     if end.status >= 400:
         record.upstream_errors += 1
+    elif end.body_hash is not None:
+        # Retry storms are repeats of requests that succeeded: a resend after a failure is a
+        # client's ordinary retry.
+        same = end.body_hash == record.last_body_hash
+        record.body_repeats = record.body_repeats + 1 if same else 1
+        record.last_body_hash = end.body_hash
     model = end.model or "unknown"
     per_model = record.models.get(model)
     if per_model is None:
-        per_model = record.models[model] = TokenTotals()
+        per_model = record.models[model] = ModelTotals()
     per_model.turns += 1
+    record.cost += end.cost
     if end.usage is not None:
         record.tokens.add(end.usage)
         per_model.add(end.usage)

@@ -8,10 +8,12 @@ from typing import Any
 from gateway.dialects.base import Usage
 from gateway.identity import Identity
 
+EVENTS_KEPT = 20
+"""Warnings, detections and grants kept per session (the newest)."""
+
 
 @dataclass(slots=True)
 class TokenTotals:
-    turns: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
@@ -31,6 +33,11 @@ class TokenTotals:
 
 
 @dataclass(slots=True)
+class ModelTotals(TokenTotals):
+    turns: int = 0
+
+
+@dataclass(slots=True)
 class SessionRecord:
     id: str
     source: str
@@ -40,18 +47,39 @@ class SessionRecord:
     name: str | None = None
     key_hash: str | None = None
     status: str = "active"
+    """active; paused (a loop, waiting for a grant); ended (by an operator or idleness)."""
+    status_reason: str | None = None
     turns: int = 0
     user_turns: int = 0
     aux_requests: int = 0
     """Calls that are not turns (token counting): attributed, not counted as LLM calls."""
     upstream_errors: int = 0
+    rejected: int = 0
+    """Calls the policy stopped before they reached the upstream (not turns)."""
     estimated_turns: int = 0
     """Turns whose usage the gateway estimated (no usage from upstream, or a cut stream)."""
     tokens: TokenTotals = field(default_factory=TokenTotals)
-    models: dict[str, TokenTotals] = field(default_factory=dict)
+    models: dict[str, ModelTotals] = field(default_factory=dict)
+    cost: float = 0.0
+    granted_turns: int = 0
+    granted_tokens: int = 0
+    loops_allowed_until: int = 0
+    """A grant lets a stopped loop go on: loop stops are lifted until this turn."""
+    restarts: int = 0
+    """Times the session was idle past its policy's idle_timeout and began afresh."""
+    grants: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    last_body_hash: int | None = None
+    body_repeats: int = 0
+    """Byte-identical successful requests in a row (1 = no repeat)."""
+    rate_fast: float = 0.0
+    rate_slow: float = 0.0
+    """Turns per minute, smoothed over a few turns and over many: the session's own norm."""
     in_flight: int = 0
     reserved_tokens: int = 0
-    """Tokens held by calls in flight, so concurrent calls cannot overshoot a budget."""
+    """Tokens held by calls in flight, so concurrent calls cannot overshoot a limit."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,11 +91,48 @@ class SessionRecord:
         data = dict(data)
         tokens = dict(data.pop("tokens", {}))
         tokens.pop("total_tokens", None)
-        models = {name: TokenTotals(**counts) for name, counts in data.pop("models", {}).items()}
+        models = {name: ModelTotals(**counts) for name, counts in data.pop("models", {}).items()}
         # In-flight figures belong to a process that is gone.
         data.pop("in_flight", None)
         data.pop("reserved_tokens", None)
         return cls(**data, tokens=TokenTotals(**tokens), models=models)
+
+    def note(self, kind: str, event: dict[str, Any]) -> None:
+        """Keep an event (a warning, a detection, a rejection, a grant), newest last.
+
+        The same event again (same ``key``) is counted on the last entry, not appended, so a
+        loop stopped a hundred times is one entry with ``times: 100``.
+        """
+        events: list[dict[str, Any]] = getattr(self, kind)
+        key = event.get("key")
+        if key is not None and events and events[-1].get("key") == key:
+            last = events[-1]
+            last.update(
+                event, times=last.get("times", 1) + 1, first_at=last.get("first_at", last.get("at"))
+            )
+            return
+        events.append(event)
+        del events[:-EVENTS_KEPT]
+
+
+@dataclass(slots=True, frozen=True)
+class BudgetLimit:
+    key: str
+    """``team:platform:day:2026-11-25``: whose, which window, which period."""
+    window_end: float
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    rule: str = "defaults"
+
+
+@dataclass(slots=True)
+class BudgetCounter:
+    key: str
+    window_end: float
+    tokens: int = 0
+    cost: float = 0.0
+    reserved_tokens: int = 0
+    reserved_cost: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +141,8 @@ class Limits:
 
     max_turns: int | None = None
     max_session_tokens: int | None = None
+    budgets: tuple[BudgetLimit, ...] = ()
+    idle_timeout: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,7 +152,9 @@ class TurnStart:
     user_turn: bool
     at: float
     reserve_tokens: int = 0
-    """Tokens the call is expected to use (its input estimate), held until it ends."""
+    """Tokens the call may use (input estimate plus its output cap), held until it ends."""
+    reserve_cost: float = 0.0
+    body_hash: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,6 +163,11 @@ class TurnTicket:
     turn: int
     """This call's number in its session, 1-based."""
     reserved_tokens: int
+    turns_left: int | None = None
+    """Under max_turns plus grants, after this call."""
+    tokens_left: int | None = None
+    budgets: tuple[str, ...] = ()
+    reserved_cost: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,6 +176,17 @@ class TurnEnd:
     usage: Usage | None
     status: int
     at: float
+    cost: float = 0.0
+    body_hash: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Grant:
+    turns: int = 0
+    tokens: int = 0
+    by: str = "operator"
+    reason: str = ""
+    at: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,30 +1,25 @@
 """SQLite store (the default): sessions survive restarts; the event loop never touches disk.
 
-Sessions being served live in memory, where ``begin_turn`` checks and reserves atomically (one
-event loop, no await in between). Disk work runs on one dedicated thread: a session unknown in
-memory is loaded from there once, and changed sessions are written behind in batches every
-``flush_interval`` seconds and at shutdown. A crash loses at most that interval of counts.
+Sessions being served live in memory (``SessionTable``), where ``begin_turn`` checks and
+reserves atomically: one event loop, no await in between. Disk work runs on one dedicated
+thread: a session unknown in memory is loaded from there once, and changed sessions and
+budgets are written behind in batches every ``flush_interval`` seconds and at shutdown. A
+crash loses at most that interval of counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from gateway.store.base import check_and_reserve, new_record, settle, touch
-from gateway.store.records import (
-    Limits,
-    SessionQuery,
-    SessionRecord,
-    TurnEnd,
-    TurnStart,
-    TurnTicket,
-)
+from gateway.store.base import SessionTable
+from gateway.store.records import BudgetCounter, SessionQuery, SessionRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -36,24 +31,36 @@ CREATE TABLE IF NOT EXISTS sessions (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen DESC);
+CREATE TABLE IF NOT EXISTS budgets (
+    key TEXT PRIMARY KEY,
+    window_end REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    cost REAL NOT NULL
+);
 """
-_UPSERT = (
+_UPSERT_SESSION = (
     "INSERT INTO sessions (id, agent, status, first_seen, last_seen, data)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET agent=excluded.agent,"
     " status=excluded.status, last_seen=excluded.last_seen, data=excluded.data"
 )
-Row = tuple[str, str, str, float, float, bytes]
+_UPSERT_BUDGET = (
+    "INSERT INTO budgets (key, window_end, tokens, cost) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT(key) DO UPDATE SET tokens=excluded.tokens, cost=excluded.cost"
+)
+SessionRow = tuple[str, str, str, float, float, bytes]
+BudgetRow = tuple[str, float, int, float]
 
 
-class SqliteStore:
+class SqliteStore(SessionTable):
     def __init__(
         self, path: str | Path, flush_interval: float = 0.25, max_cached: int = 50_000
     ) -> None:
+        super().__init__()
         self.path = Path(path)
         self.flush_interval = flush_interval
         self.max_cached = max_cached
-        self._cached: dict[str, SessionRecord] = {}
         self._dirty: set[str] = set()
+        self._dirty_budgets: set[str] = set()
         self._loading: dict[str, asyncio.Future[SessionRecord | None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
         self._db: sqlite3.Connection | None = None
@@ -67,6 +74,9 @@ class SqliteStore:
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         await self._run(self._connect)
+        rows: list[BudgetRow] = await self._run(self._select_budgets, time.time())
+        for key, window_end, tokens, cost in rows:
+            self.budget_counters[key] = BudgetCounter(key, window_end, tokens, cost)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def close(self) -> None:
@@ -90,67 +100,39 @@ class SqliteStore:
             self._db.close()
             self._db = None
 
-    # -- the hot path: memory first ----------------------------------------------------------
-    async def _record(self, start: TurnStart) -> SessionRecord:
-        session_id = start.identity.session_id
-        record = self._cached.get(session_id)
-        if record is None:
-            record = await self._load(session_id)
-            # Another call may have created it while this one waited for the disk.
-            record = self._cached.get(session_id) or record or new_record(start)
-            self._cached[session_id] = record
-            self._evict()
+    # -- what the session table asks of a backend ------------------------------------------------
+    async def _fetch(self, session_id: str) -> SessionRecord | None:
+        pending = self._loading.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._loading[session_id] = pending
+        try:
+            data: bytes | None = await self._run(self._select_one, session_id)
+            record = SessionRecord.from_json(orjson.loads(data)) if data else None
+        except Exception as exc:
+            self.errors += 1
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        finally:
+            del self._loading[session_id]
+        pending.set_result(record)
+        self._evict()
         return record
 
-    async def begin_turn(self, start: TurnStart, limits: Limits) -> TurnTicket:
-        record = await self._record(start)
-        ticket = check_and_reserve(record, start, limits)
-        self._dirty.add(record.id)
-        return ticket
-
-    async def end_turn(self, ticket: TurnTicket, end: TurnEnd) -> None:
-        record = self._cached.get(ticket.session_id)
-        if record is None:  # evicted meanwhile: never happens with calls in flight
-            record = await self._load(ticket.session_id)
-            if record is None:
-                return
-            self._cached[record.id] = record
-        settle(record, ticket, end)
+    def _changed(self, record: SessionRecord) -> None:
         self._dirty.add(record.id)
 
-    async def record_aux(self, start: TurnStart) -> None:
-        record = await self._record(start)
-        touch(record, start)
-        record.aux_requests += 1
-        self._dirty.add(record.id)
-
-    async def get(self, session_id: str) -> SessionRecord | None:
-        return self._cached.get(session_id) or await self._load(session_id)
+    def _budget_changed(self, counter: BudgetCounter) -> None:
+        self._dirty_budgets.add(counter.key)
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
         await self.flush()
         rows: list[bytes] = await self._run(self._select, query)
         return [SessionRecord.from_json(orjson.loads(data)) for data in rows]
 
-    # -- disk ----------------------------------------------------------------------------------
-    async def _load(self, session_id: str) -> SessionRecord | None:
-        pending = self._loading.get(session_id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._loading[session_id] = pending
-            try:
-                data: bytes | None = await self._run(self._select_one, session_id)
-                record = SessionRecord.from_json(orjson.loads(data)) if data else None
-                pending.set_result(record)
-            except Exception as exc:
-                self.errors += 1
-                pending.set_exception(exc)
-                raise
-            finally:
-                del self._loading[session_id]
-            return record
-        return await asyncio.shield(pending)
-
+    # -- disk ------------------------------------------------------------------------------------
     def _select_one(self, session_id: str) -> bytes | None:
         assert self._db is not None
         row = self._db.execute("SELECT data FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -172,27 +154,39 @@ class SqliteStore:
         args.append(query.limit)
         return [row[0] for row in self._db.execute(sql, args)]
 
-    def _write(self, rows: list[Row]) -> None:
+    def _select_budgets(self, now: float) -> list[BudgetRow]:
+        assert self._db is not None
+        sql = "SELECT key, window_end, tokens, cost FROM budgets WHERE window_end > ?"
+        return list(self._db.execute(sql, (now,)))
+
+    def _write(self, sessions: list[SessionRow], budgets: list[BudgetRow]) -> None:
         assert self._db is not None
         with self._db:
-            self._db.executemany(_UPSERT, rows)
+            self._db.executemany(_UPSERT_SESSION, sessions)
+            self._db.executemany(_UPSERT_BUDGET, budgets)
 
     async def flush(self) -> None:
         async with self._flush_lock:
-            if not self._dirty:
+            if not self._dirty and not self._dirty_budgets:
                 return
             dirty, self._dirty = self._dirty, set()
-            rows: list[Row] = []
-            for session_id in dirty:
-                r = self._cached.get(session_id)
-                if r is not None:
-                    row = (r.id, r.agent, r.status, r.first_seen, r.last_seen, _dump(r))
-                    rows.append(row)
+            dirty_budgets, self._dirty_budgets = self._dirty_budgets, set()
+            sessions: list[SessionRow] = [
+                (r.id, r.agent, r.status, r.first_seen, r.last_seen, orjson.dumps(r.to_json()))
+                for session_id in dirty
+                if (r := self.sessions.get(session_id)) is not None
+            ]
+            budgets: list[BudgetRow] = [
+                (c.key, c.window_end, c.tokens, c.cost)
+                for key in dirty_budgets
+                if (c := self.budget_counters.get(key)) is not None
+            ]
             try:
-                await self._run(self._write, rows)
+                await self._run(self._write, sessions, budgets)
             except Exception:
                 self.errors += 1
                 self._dirty |= dirty  # try again next time
+                self._dirty_budgets |= dirty_budgets
                 raise
 
     async def _flush_forever(self) -> None:
@@ -205,16 +199,12 @@ class SqliteStore:
 
     def _evict(self) -> None:
         """Forget the least recently seen sessions that are idle and written to disk."""
-        excess = len(self._cached) - self.max_cached
+        excess = len(self.sessions) - self.max_cached
         if excess <= 0:
             return
         idle = sorted(
-            (r for r in self._cached.values() if r.in_flight == 0 and r.id not in self._dirty),
+            (r for r in self.sessions.values() if r.in_flight == 0 and r.id not in self._dirty),
             key=lambda r: r.last_seen,
         )
         for record in idle[: max(excess, self.max_cached // 10)]:
-            del self._cached[record.id]
-
-
-def _dump(record: SessionRecord) -> bytes:
-    return orjson.dumps(record.to_json())
+            del self.sessions[record.id]

@@ -53,17 +53,43 @@ def _messages_stream(delta_usage: dict[str, Any] | None = None) -> bytes:
     return b"".join(
         [
             _event("message_start", {"message": message}),
-            _event("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
-            _event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}}),
+            _event(
+                "content_block_start",
+                {"index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+            ),
+            _event(
+                "content_block_delta",
+                {"index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
+            ),
             _event("content_block_stop", {"index": 0}),
             _event("ping", {}),
-            _event("content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}),
-            _event("content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": "Let me"}}),
-            _event("content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": " look"}}),
+            _event(
+                "content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}
+            ),
+            _event(
+                "content_block_delta",
+                {"index": 1, "delta": {"type": "text_delta", "text": "Let me"}},
+            ),
+            _event(
+                "content_block_delta",
+                {"index": 1, "delta": {"type": "text_delta", "text": " look"}},
+            ),
             _event("content_block_stop", {"index": 1}),
             _event("content_block_start", {"index": 2, "content_block": tool}),
-            _event("content_block_delta", {"index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"file_path":'}}),
-            _event("content_block_delta", {"index": 2, "delta": {"type": "input_json_delta", "partial_json": ' "/etc/hostname"}'}}),
+            _event(
+                "content_block_delta",
+                {
+                    "index": 2,
+                    "delta": {"type": "input_json_delta", "partial_json": '{"file_path":'},
+                },
+            ),
+            _event(
+                "content_block_delta",
+                {
+                    "index": 2,
+                    "delta": {"type": "input_json_delta", "partial_json": ' "/etc/hostname"}'},
+                },
+            ),
             _event("content_block_stop", {"index": 2}),
             _event(
                 "message_delta",
@@ -74,7 +100,7 @@ def _messages_stream(delta_usage: dict[str, Any] | None = None) -> bytes:
             ),
             _event("message_stop", {}),
         ]
-    )  # fmt: skip
+    )
 
 
 # -- request facts -------------------------------------------------------------------------------

@@ -58,18 +58,31 @@ def _responses_stream() -> bytes:
     call = {"id": "fc_1", "type": "function_call", "name": "exec_command", "call_id": "call_1"}
     return b"".join(
         [
-            _event("response.created", {"sequence_number": 0, "response": _response("in_progress", None)}),
-            _event("response.in_progress", {"sequence_number": 1, "response": _response("in_progress", None)}),
+            _event(
+                "response.created",
+                {"sequence_number": 0, "response": _response("in_progress", None)},
+            ),
+            _event(
+                "response.in_progress",
+                {"sequence_number": 1, "response": _response("in_progress", None)},
+            ),
             _event("response.output_item.added", {"output_index": 0, "item": item}),
             _event("response.output_text.delta", {"item_id": "msg_1", "delta": "Hello"}),
             _event("response.output_text.delta", {"item_id": "msg_1", "delta": " there"}),
             _event("response.output_text.done", {"item_id": "msg_1", "text": "Hello there"}),
             _event("response.output_item.added", {"output_index": 1, "item": call}),
-            _event("response.function_call_arguments.delta", {"item_id": "fc_1", "delta": '{"cmd"'}),
-            _event("response.function_call_arguments.delta", {"item_id": "fc_1", "delta": ': "ls"}'}),
-            _event("response.completed", {"sequence_number": 9, "response": _response("completed", USAGE)}),
+            _event(
+                "response.function_call_arguments.delta", {"item_id": "fc_1", "delta": '{"cmd"'}
+            ),
+            _event(
+                "response.function_call_arguments.delta", {"item_id": "fc_1", "delta": ': "ls"}'}
+            ),
+            _event(
+                "response.completed",
+                {"sequence_number": 9, "response": _response("completed", USAGE)},
+            ),
         ]
-    )  # fmt: skip
+    )
 
 
 # -- request facts -------------------------------------------------------------------------------

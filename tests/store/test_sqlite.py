@@ -150,3 +150,39 @@ async def test_idle_sessions_are_evicted_and_reloaded(tmp_path: Path) -> None:
         assert ticket.turn == 2
     finally:
         await store.close()
+
+
+async def test_resumed_session_is_not_evicted_by_its_own_load(tmp_path: Path) -> None:
+    """A session idle for long is loaded from disk with an old last_seen; when the cache is
+    full, that load must not evict the very record the turn is about to be counted on."""
+    path = tmp_path / "gateway.db"
+    first = await _reopen(path)
+    await first.end_turn(await first.begin_turn(start("old", at=1.0), Limits()), end(None, at=1.0))
+    await first.close()
+
+    store = SqliteStore(path, max_cached=2)
+    await store.open()
+    try:
+        for i, session in enumerate(["b", "c"]):
+            ticket = await store.begin_turn(start(session, at=10.0 + i), Limits())
+            await store.end_turn(ticket, end(None, at=10.0 + i))
+        await store.flush()
+        ticket = await store.begin_turn(start("old", at=30.0), Limits(max_turns=2))
+        assert ticket.turn == 2
+        rec = await store.get("old")
+        assert rec is not None
+        assert rec.turns == 2
+        assert rec.in_flight == 1
+        await store.end_turn(ticket, end(Usage(input_tokens=5, output_tokens=5), at=31.0))
+        with pytest.raises(LimitExceeded):
+            await store.begin_turn(start("old", at=32.0), Limits(max_turns=2))
+    finally:
+        await store.close()
+
+    reopened = await _reopen(path)
+    try:
+        rec = await reopened.get("old")
+        assert rec is not None
+        assert (rec.turns, rec.tokens.total_tokens, rec.last_seen) == (2, 10, 31.0)
+    finally:
+        await reopened.close()

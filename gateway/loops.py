@@ -1,0 +1,89 @@
+"""Runaway-loop detection: what an agent repeats, read from the history it sends.
+
+Three detectors, each cheap:
+
+- ``identical_tool_calls``: the newest assistant turns made the same tool call(s), name and
+  normalized arguments. The history itself holds the evidence, so no state is needed.
+- ``repeated_requests``: the same body, byte for byte, after successful answers (a retry storm).
+- ``turn_rate``: the session turns far faster than its own norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Signature = tuple[str, ...]
+"""One assistant turn's tool calls, each ``name(arguments)``, sorted."""
+
+
+@dataclass(slots=True, frozen=True)
+class Detection:
+    detector: str
+    count: float
+    threshold: float
+    tool: str | None = None
+
+    def describe(self) -> str:
+        if self.detector == "identical_tool_calls":
+            return f"the same tool call {self.tool} {int(self.count)} times in a row"
+        if self.detector == "repeated_requests":
+            return f"the same request {int(self.count)} times in a row"
+        return f"{self.count:.0f} turns a minute, far above this session's norm"
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector,
+            "count": self.count,
+            "threshold": self.threshold,
+            "tool": self.tool,
+        }
+
+
+def call_signature(name: Any, arguments: Any) -> str:
+    """``name(args)`` with arguments parsed and keys sorted, so formatting does not matter."""
+    if isinstance(arguments, str):
+        try:
+            arguments = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return f"{name}({arguments})"
+    try:
+        normalized = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        normalized = repr(arguments)
+    return f"{name}({normalized})"
+
+
+def identical_run(turns: Iterator[Signature], limit: int) -> tuple[int, Signature | None]:
+    """How many of the newest turns (newest first) made the same calls; stops past ``limit``."""
+    newest = next(turns, None)
+    if not newest:
+        return 0, None
+    count = 1
+    for turn in turns:
+        if turn != newest or count > limit:
+            break
+        count += 1
+    return count, newest
+
+
+def tool_name(signature: Signature) -> str:
+    return ", ".join(call.split("(", 1)[0] for call in signature)
+
+
+def rate_detection(
+    rate_fast: float, rate_slow: float, turns: int, factor: float, minimum: float
+) -> Detection | None:
+    """Flag a session turning ``factor`` times faster than its own slow average."""
+    if turns < 20 or rate_fast < minimum or rate_slow <= 0:
+        return None
+    if rate_fast >= factor * rate_slow:
+        return Detection("turn_rate", rate_fast, factor * rate_slow)
+    return None
+
+
+def signatures(calls: Iterable[tuple[Any, Any]]) -> Signature:
+    return tuple(sorted(call_signature(name, args) for name, args in calls))

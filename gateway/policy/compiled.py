@@ -1,0 +1,210 @@
+"""A policy compiled for the hot path: matchers precompiled, effective settings cached.
+
+``CompiledPolicy.resolve()`` is all a request calls: no YAML, no validation of the file, and
+for a combination of match values already seen, a dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.policy.model import KeyInfo, Match, PolicyFile, PolicySettings, Price, Rule
+
+_BLOCKS = ("limits", "loops", "context")
+_CACHE_SIZE = 4096
+
+
+class RuleError(Exception):
+    """A rule whose settings, merged over the defaults, are invalid."""
+
+    def __init__(self, index: int, error: ValidationError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+def glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern), re.IGNORECASE)
+
+
+@dataclass(slots=True, frozen=True)
+class Caller:
+    """The facts about a request that rules can match on."""
+
+    agent: str = "unknown"
+    model: str | None = None
+    key_hash: str | None = None
+    team: str | None = None
+    session_name: str | None = None
+    mode: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    """Only the headers some rule matches on, lowercased names."""
+
+
+@dataclass(slots=True, frozen=True)
+class Effective:
+    """The settings for one request, and which rule set what."""
+
+    settings: PolicySettings
+    rules: tuple[str, ...]
+    """Names of the rules that matched, in order."""
+    sources: Mapping[str, str]
+    """Setting path (``limits.max_turns``) to the rule that set it, or ``defaults``."""
+    version: str
+    model_allow: tuple[re.Pattern[str], ...] = ()
+    model_deny: tuple[re.Pattern[str], ...] = ()
+
+    def model_allowed(self, model: str) -> bool:
+        return any(p.fullmatch(model) for p in self.model_allow) and not any(
+            p.fullmatch(model) for p in self.model_deny
+        )
+
+    def source(self, path: str) -> str:
+        return self.sources.get(path, "defaults")
+
+
+@dataclass(slots=True)
+class CompiledRule:
+    name: str
+    rule: Rule
+    conditions: list[tuple[str, re.Pattern[str]]]
+    header_conditions: list[tuple[str, re.Pattern[str]]]
+    mode: str | None
+
+    def matches(self, caller: Caller, key_name: str | None) -> bool:
+        if self.mode is not None and caller.mode != self.mode:
+            return False
+        for attribute, pattern in self.conditions:
+            if attribute == "key":
+                values = [v for v in (key_name, caller.key_hash) if v]
+            else:
+                value = getattr(caller, attribute)
+                values = [value] if value else []
+            if not any(pattern.fullmatch(v) for v in values):
+                return False
+        headers = dict(caller.headers)
+        return all(
+            (value := headers.get(name)) is not None and pattern.fullmatch(value)
+            for name, pattern in self.header_conditions
+        )
+
+
+def compile_rule(index: int, rule: Rule) -> CompiledRule:
+    match: Match = rule.match
+    conditions = [
+        (attribute, glob(value))
+        for attribute in ("agent", "key", "team", "model", "session_name")
+        if (value := getattr(match, attribute)) is not None
+    ]
+    headers = [(name.lower(), glob(value)) for name, value in match.headers.items()]
+    return CompiledRule(rule.name or f"rules[{index}]", rule, conditions, headers, match.mode)
+
+
+def merge(
+    base: dict[str, Any], change: Mapping[str, Any], path: str, sources: dict[str, str], by: str
+) -> None:
+    """Deep-merge ``change`` into ``base``, noting who set each leaf."""
+    for key, value in change.items():
+        leaf = f"{path}.{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge(base[key], value, leaf, sources, by)
+        else:
+            base[key] = copy.deepcopy(value)
+            sources[leaf] = by
+
+
+@dataclass(slots=True)
+class CompiledPolicy:
+    file: PolicyFile
+    version: str
+    """A content hash of the file: what ``GET /gateway/policy`` and rejections name."""
+    source: str
+    rules: list[CompiledRule] = field(default_factory=list)
+    header_names: tuple[str, ...] = ()
+    prices: list[tuple[re.Pattern[str], Price]] = field(default_factory=list)
+    _defaults: dict[str, Any] = field(default_factory=dict)
+    _cache: OrderedDict[Caller, Effective] = field(default_factory=OrderedDict)
+
+    @classmethod
+    def build(cls, file: PolicyFile, version: str, source: str) -> CompiledPolicy:
+        rules = [compile_rule(i, rule) for i, rule in enumerate(file.rules)]
+        names = sorted({name for r in rules for name, _ in r.header_conditions})
+        if file.team_header:
+            names.append(file.team_header.lower())
+        policy = cls(
+            file=file,
+            version=version,
+            source=source,
+            rules=rules,
+            header_names=tuple(names),
+            prices=[(glob(pattern), price) for pattern, price in file.prices.items()],
+            _defaults=file.defaults.model_dump(),
+        )
+        # Validate every rule merged over the defaults now, so a bad value fails the load.
+        for index, rule in enumerate(rules):
+            try:
+                policy._merge([rule])
+            except ValidationError as exc:
+                raise RuleError(index, exc) from exc
+        return policy
+
+    def key_info(self, key_hash: str | None) -> KeyInfo | None:
+        return self.file.keys.get(key_hash) if key_hash else None
+
+    def team_of(self, key_hash: str | None, headers: Mapping[str, str]) -> str | None:
+        info = self.key_info(key_hash)
+        if info is not None and info.team:
+            return info.team
+        if self.file.team_header:
+            return headers.get(self.file.team_header) or None
+        return None
+
+    def resolve(self, caller: Caller) -> Effective:
+        cached = self._cache.get(caller)
+        if cached is not None:
+            return cached
+        info = self.key_info(caller.key_hash)
+        key_name = info.name if info else None
+        matched = [rule for rule in self.rules if rule.matches(caller, key_name)]
+        effective = self._merge(matched)
+        self._cache[caller] = effective
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return effective
+
+    def _merge(self, matched: list[CompiledRule]) -> Effective:
+        data = copy.deepcopy(self._defaults)
+        sources: dict[str, str] = {}
+        for compiled in matched:
+            rule = compiled.rule
+            for block in _BLOCKS:
+                change = getattr(rule, block)
+                if change:
+                    merge(data[block], change, block, sources, compiled.name)
+            if rule.budgets is not None:
+                data["budgets"] = copy.deepcopy(rule.budgets)
+                sources["budgets"] = compiled.name
+        settings = PolicySettings.model_validate(data)
+        return Effective(
+            settings,
+            tuple(r.name for r in matched),
+            sources,
+            self.version,
+            model_allow=tuple(glob(p) for p in settings.limits.models.allow),
+            model_deny=tuple(glob(p) for p in settings.limits.models.deny),
+        )
+
+    def price(self, model: str | None) -> Price | None:
+        if model:
+            for pattern, price in self.prices:
+                if pattern.fullmatch(model):
+                    return price
+        return None

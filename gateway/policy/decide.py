@@ -1,0 +1,333 @@
+"""The policy step: the effective settings of one request, and allow, warn or reject.
+
+Checks that need no state run first (body size, model, input size, identical tool calls);
+then the store's atomic ``begin_turn`` enforces the counted limits (turns, session tokens,
+budgets) against what is recorded plus what calls in flight hold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from multidict import CIMultiDictProxy
+
+from gateway.dialects import Dialect, RequestFacts
+from gateway.identity import Identity
+from gateway.loops import Detection, identical_run, rate_detection, tool_name
+from gateway.policy.compiled import Caller, CompiledPolicy, Effective
+from gateway.policy.model import Budget, Price
+from gateway.store import BudgetLimit, Limits, SessionRecord
+from gateway.tokens import TokenCounter
+
+DEFAULT_OUTPUT_RESERVE = 4096
+"""Output tokens held for a call that sets no cap of its own."""
+_HEADLESS_HINTS = ("codex_exec/", "(external, sdk-cli)", "(external, sdk-py)", "(external, sdk-ts)")
+
+
+@dataclass(slots=True)
+class Verdict:
+    """A stop: which limit, which rule set it, and what the operator can do about it."""
+
+    limit: str
+    rule: str
+    message: str
+    retry_after: float | None = None
+    """Set for window budgets, which reset: answered 429 instead of 400."""
+
+
+class PolicyStop(Exception):
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.message)
+        self.verdict = verdict
+
+
+@dataclass(slots=True)
+class Decision:
+    effective: Effective
+    limits: Limits
+    reserve_tokens: int = 0
+    reserve_cost: float = 0.0
+    input_estimate: int | None = None
+    detections: list[Detection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    price: Price | None = None
+
+
+def mode_of(headers: CIMultiDictProxy[str]) -> str | None:
+    """``X-Gateway-Mode``, else what the client's own User-Agent says (``codex exec``,
+    ``claude -p`` and the Agent SDKs run headless)."""
+    explicit = headers.get("x-gateway-mode", "").strip().lower()
+    if explicit in ("interactive", "headless"):
+        return explicit
+    user_agent = headers.get("user-agent", "")
+    return "headless" if any(hint in user_agent for hint in _HEADLESS_HINTS) else None
+
+
+def caller(
+    policy: CompiledPolicy, identity: Identity, model: str | None, headers: CIMultiDictProxy[str]
+) -> Caller:
+    return Caller(
+        agent=identity.agent,
+        model=model,
+        key_hash=identity.key_hash,
+        team=policy.team_of(identity.key_hash, headers),
+        session_name=identity.name,
+        mode=mode_of(headers),
+        headers=tuple((name, headers[name]) for name in policy.header_names if name in headers),
+    )
+
+
+def decide(
+    policy: CompiledPolicy,
+    who: Caller,
+    identity: Identity,
+    dialect: Dialect,
+    facts: RequestFacts,
+    body_size: int,
+    record: SessionRecord | None,
+    tokens: TokenCounter,
+    helper_call: bool,
+    now: float,
+) -> Decision:
+    """Everything but the counted limits; raises ``PolicyStop`` on a hard stop."""
+    effective = policy.resolve(who)
+    settings = effective.settings
+    limits = settings.limits
+    session = identity.session_id
+    lift = f"Change it in the policy file ({policy.source})."
+
+    if limits.max_body_bytes is not None and body_size > limits.max_body_bytes:
+        raise PolicyStop(
+            Verdict(
+                "max_body_bytes",
+                effective.source("limits.max_body_bytes"),
+                f"The request body has {body_size} bytes, over limits.max_body_bytes "
+                f"({limits.max_body_bytes}) {_by(effective, 'limits.max_body_bytes')}. {lift}",
+            )
+        )
+
+    model = facts.model or ""
+    if not effective.model_allowed(model):
+        raise PolicyStop(
+            Verdict(
+                "models",
+                effective.source("limits.models"),
+                f"Model '{model}' is not allowed for agent {who.agent} "
+                f"{_by(effective, 'limits.models')} (allow: {', '.join(limits.models.allow)}; "
+                f"deny: {', '.join(limits.models.deny) or 'none'}). {lift}",
+            )
+        )
+
+    decision = Decision(effective, Limits(), price=policy.price(facts.model))
+    needs_count = (
+        limits.max_request_input_tokens is not None
+        or limits.max_session_tokens is not None
+        or bool(settings.budgets)
+    )
+    if needs_count:
+        prompt = facts.system + facts.items + facts.tools
+        decision.input_estimate = tokens.count_items(prompt, facts.model)
+        output_cap = facts.max_output_tokens or DEFAULT_OUTPUT_RESERVE
+        decision.reserve_tokens = decision.input_estimate + output_cap
+        if decision.price is not None:
+            decision.reserve_cost = (
+                decision.input_estimate * decision.price.input + output_cap * decision.price.output
+            ) / 1e6
+    cap = limits.max_request_input_tokens
+    if cap is not None and decision.input_estimate is not None and decision.input_estimate > cap:
+        raise PolicyStop(
+            Verdict(
+                "max_request_input_tokens",
+                effective.source("limits.max_request_input_tokens"),
+                f"The request has about {decision.input_estimate} input tokens, over "
+                f"limits.max_request_input_tokens ({cap}) "
+                f"{_by(effective, 'limits.max_request_input_tokens')}. {lift}",
+            )
+        )
+
+    if not helper_call:
+        _detect_loops(decision, dialect, facts, record, session)
+
+    decision.limits = Limits(
+        max_turns=limits.max_turns,
+        max_session_tokens=limits.max_session_tokens,
+        budgets=tuple(budget_limit(b, who, effective, now) for b in settings.budgets),
+        idle_timeout=limits.idle_timeout,
+    )
+    return decision
+
+
+def _detect_loops(
+    decision: Decision,
+    dialect: Dialect,
+    facts: RequestFacts,
+    record: SessionRecord | None,
+    session: str,
+) -> None:
+    loops = decision.effective.settings.loops
+    count, signature = identical_run(dialect.tool_call_turns(facts), loops.identical_tool_calls)
+    if signature and count >= loops.identical_tool_calls:
+        decision.detections.append(
+            Detection(
+                "identical_tool_calls", count, loops.identical_tool_calls, tool_name(signature)
+            )
+        )
+    if record is not None:
+        # The repeat would be the next one in a row of identical successful requests.
+        if record.body_repeats + 1 >= loops.repeated_requests and record.last_body_hash is not None:
+            decision.detections.append(
+                Detection("repeated_requests", record.body_repeats + 1, loops.repeated_requests)
+            )
+        rate = rate_detection(
+            record.rate_fast,
+            record.rate_slow,
+            record.turns,
+            loops.turn_rate_factor,
+            loops.min_turns_per_minute,
+        )
+        if rate is not None:
+            decision.detections.append(rate)
+
+
+def loop_verdict(decision: Decision, session: str, record: SessionRecord | None) -> Verdict | None:
+    """The stop a detected loop calls for, unless the policy only flags it or a grant lifts it."""
+    loops = decision.effective.settings.loops
+    if not decision.detections or loops.action == "flag":
+        return None
+    if record is not None and record.turns < record.loops_allowed_until:
+        return None
+    detection = decision.detections[0]
+    paused = (
+        " The session is paused until an operator grants more." if loops.action == "pause" else ""
+    )
+    return Verdict(
+        f"loop_{detection.detector}",
+        decision.effective.source(f"loops.{detection.detector}")
+        if detection.detector != "turn_rate"
+        else decision.effective.source("loops.turn_rate_factor"),
+        f"Session {session} looks like a runaway loop: {detection.describe()} "
+        f"(loops.{_setting_of(detection)} = {_threshold(detection)} "
+        f"{_by(decision.effective, 'loops.' + _setting_of(detection))}).{paused} "
+        f"To let it go on: gateway sessions grant {session} --turns 20.",
+    )
+
+
+def limit_verdict(
+    limit: str,
+    allowed: float,
+    used: float,
+    session: str,
+    effective: Effective,
+    retry_after: float | None,
+    budget: BudgetLimit | None,
+) -> Verdict:
+    """The words for a stop by the store's counted limits."""
+    grant = f"gateway sessions grant {session}"
+    if limit == "max_turns":
+        return Verdict(
+            limit,
+            effective.source("limits.max_turns"),
+            f"Session {session} has used all {int(allowed)} turns allowed "
+            f"(limits.max_turns {_by(effective, 'limits.max_turns')}). "
+            f"To allow more: {grant} --turns 50.",
+        )
+    if limit == "max_session_tokens":
+        return Verdict(
+            limit,
+            effective.source("limits.max_session_tokens"),
+            f"Session {session} would go over its token limit: {int(used)} of {int(allowed)} "
+            f"tokens used or held (limits.max_session_tokens "
+            f"{_by(effective, 'limits.max_session_tokens')}). "
+            f"To allow more: {grant} --tokens 1000000.",
+        )
+    if budget is not None:
+        what = "tokens" if limit == "budget_tokens" else "cost"
+        resets = datetime.fromtimestamp(budget.window_end, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return Verdict(
+            limit,
+            budget.rule,
+            f"The {budget.key.split(':')[0]} budget {budget.key} is spent: {used} of "
+            f"{allowed} {what} (budgets, rule '{budget.rule}'). It resets at {resets}; "
+            f"or raise the budget in the policy file.",
+            retry_after=retry_after,
+        )
+    state = limit.removeprefix("session_")
+    return Verdict(
+        limit,
+        "operator",
+        f"Session {session} is {state} by an operator. "
+        + (
+            f"To let it go on: {grant} --turns 20."
+            if state == "paused"
+            else "Start a new session to go on."
+        ),
+    )
+
+
+def warnings(
+    decision: Decision, turn: int, turns_left: int | None, tokens_left: int | None
+) -> list[str]:
+    """Past ``warn_at`` of a limit, say so (answer headers, and kept with the session)."""
+    limits = decision.effective.settings.limits
+    found = []
+    if turns_left is not None:
+        allowed = turn + turns_left
+        if turn >= math.ceil(limits.warn_at * allowed):
+            found.append(f"turns {turn} of {allowed}")
+    if tokens_left is not None and limits.max_session_tokens:
+        used = limits.max_session_tokens - tokens_left
+        if used >= limits.warn_at * limits.max_session_tokens:
+            found.append(f"tokens {used} of {limits.max_session_tokens}")
+    return found
+
+
+def budget_limit(budget: Budget, who: Caller, effective: Effective, now: float) -> BudgetLimit:
+    owner = (who.team or "unassigned") if budget.per == "team" else (who.key_hash or "no-key")
+    period, end = window(budget.window, now)
+    return BudgetLimit(
+        key=f"{budget.per}:{owner}:{budget.window}:{period}",
+        window_end=end,
+        max_tokens=budget.max_tokens,
+        max_cost=budget.max_cost,
+        rule=effective.source("budgets"),
+    )
+
+
+def window(kind: str, now: float) -> tuple[str, float]:
+    """The calendar period (UTC) ``now`` falls in, and when it ends."""
+    at = datetime.fromtimestamp(now, UTC)
+    if kind == "hour":
+        start = at.replace(minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%dT%H"), (start + timedelta(hours=1)).timestamp()
+    if kind == "day":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%d"), (start + timedelta(days=1)).timestamp()
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    following = (start + timedelta(days=32)).replace(day=1)
+    return start.strftime("%Y-%m"), following.timestamp()
+
+
+def cost_of(price: Price | None, input_tokens: int, cache_read: int, output_tokens: int) -> float:
+    if price is None:
+        return 0.0
+    cached = price.cache_read if price.cache_read is not None else price.input
+    return (
+        (input_tokens - cache_read) * price.input
+        + cache_read * cached
+        + output_tokens * price.output
+    ) / 1e6
+
+
+def _by(effective: Effective, path: str) -> str:
+    source = effective.source(path)
+    return "from the defaults" if source == "defaults" else f"set by rule '{source}'"
+
+
+def _setting_of(detection: Detection) -> str:
+    return "turn_rate_factor" if detection.detector == "turn_rate" else detection.detector
+
+
+def _threshold(detection: Detection) -> str:
+    return f"{detection.threshold:g}"

@@ -1,0 +1,174 @@
+"""The policy file's schema: pydantic models, validated once at load.
+
+Names here are the contract operators write against (see ``policies/`` and the README). Every
+settings block is complete in ``defaults``; a rule names only what it changes, and rules merge
+in order over the defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Strategy = Literal["elide_tool_output", "summarize", "truncate", "clear", "prompt"]
+LoopAction = Literal["reject", "flag", "pause"]
+Window = Literal["hour", "day", "month"]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"12h"`` or ``"7d"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use seconds, or 30s, 15m, 12h, 7d)")
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRules(_Block):
+    allow: list[str] = ["*"]
+    """Model globs that may be called (``gpt-4o*``, ``claude-*``)."""
+    deny: list[str] = []
+    """Model globs that may not, even when allowed above."""
+
+
+class Limits(_Block):
+    max_turns: int | None = Field(None, ge=1)
+    """LLM calls per session (goose's GOOSE_MAX_TURNS). Grants add to it."""
+    warn_at: Fraction = 0.8
+    """Fraction of a limit past which answers carry warning headers."""
+    max_session_tokens: int | None = Field(None, ge=1)
+    """Input plus output tokens per session. Grants add to it."""
+    max_request_input_tokens: int | None = Field(None, ge=1)
+    """Estimated input tokens of one call."""
+    max_body_bytes: int | None = Field(None, ge=1)
+    """Size of one request body."""
+    models: ModelRules = ModelRules()
+    idle_timeout: float | None = None
+    """Seconds (or ``30m``) without a call after which a session ends; the next call with the
+    same id starts its counts afresh."""
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else parse_duration(value)
+
+
+class Budget(_Block):
+    per: Literal["key", "team"] = "team"
+    """Whose spending is counted: each API key (by hash) or each team."""
+    window: Window = "day"
+    """Calendar window in UTC; the budget resets at its end."""
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost: float | None = Field(None, gt=0)
+    """In the currency of ``prices`` (per million tokens)."""
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.max_tokens is None and self.max_cost is None:
+            raise ValueError("a budget needs max_tokens or max_cost")
+        return self
+
+
+class Loops(_Block):
+    identical_tool_calls: int = Field(8, ge=2)
+    """Consecutive identical tool calls (name and arguments) that count as a runaway loop."""
+    repeated_requests: int = Field(6, ge=2)
+    """Byte-identical requests in a row, each answered successfully: a retry storm."""
+    turn_rate_factor: float = Field(10.0, gt=1)
+    """A session turning this many times faster than its own norm is flagged."""
+    min_turns_per_minute: float = Field(30.0, gt=0)
+    """...and at least this fast, so a slow session speeding up is not flagged."""
+    action: LoopAction = "reject"
+    """``reject`` stops the call; ``flag`` only records; ``pause`` stops the session until an
+    operator grants more."""
+
+
+class Context(_Block):
+    window: int | Literal["auto"] = "auto"
+    """The context window in tokens, or ``auto`` for the model's own."""
+    compact_at: Fraction = 0.8
+    """Compact when the estimated input reaches this fraction of the window (goose's
+    GOOSE_AUTO_COMPACT_THRESHOLD)."""
+    target: Fraction = 0.5
+    """Compact down to this fraction, so compaction does not repeat every turn."""
+    strategies: list[Strategy] = ["elide_tool_output", "summarize", "truncate"]
+    """Tried in order until the request is under ``target``."""
+    summary_model: str | None = None
+    """Model for summaries; default the session's own."""
+    keep_last: int = Field(4, ge=1)
+    """Latest exchanges that summarize and truncate never touch."""
+
+    @model_validator(mode="after")
+    def _order(self) -> Context:
+        if self.target >= self.compact_at:
+            raise ValueError("context.target must be below context.compact_at")
+        return self
+
+
+class PolicySettings(_Block):
+    """Everything a rule can set."""
+
+    limits: Limits = Limits()
+    budgets: list[Budget] = []
+    loops: Loops = Loops()
+    context: Context = Context()
+
+
+class Match(_Block):
+    """All given conditions must hold; values are globs (``codex*``), case-insensitive."""
+
+    agent: str | None = None
+    key: str | None = None
+    """A key's name from ``keys``, or its hash."""
+    team: str | None = None
+    model: str | None = None
+    session_name: str | None = None
+    mode: Literal["interactive", "headless"] | None = None
+    """From the ``X-Gateway-Mode`` header."""
+    headers: dict[str, str] = {}
+    """Any request header, by name, with a glob for its value."""
+
+
+class Rule(_Block):
+    name: str | None = None
+    """Shown in rejections and ``policy explain``; default ``rules[N]``."""
+    match: Match = Match()
+    limits: dict[str, Any] | None = None
+    budgets: list[dict[str, Any]] | None = None
+    loops: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+
+
+class KeyInfo(_Block):
+    name: str
+    team: str | None = None
+
+
+class Price(_Block):
+    """Per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_read: float | None = Field(None, ge=0)
+
+
+class PolicyFile(_Block):
+    version: Literal[1]
+    defaults: PolicySettings = PolicySettings()
+    rules: list[Rule] = []
+    keys: dict[str, KeyInfo] = {}
+    """Key hashes (as shown by ``gateway sessions``) to names and teams."""
+    team_header: str | None = None
+    """A trusted header naming the caller's team (set it only behind an authenticating proxy)."""
+    prices: dict[str, Price] = {}
+    """Model globs to prices, for cost budgets."""
