@@ -64,6 +64,41 @@ def _parser() -> argparse.ArgumentParser:
     show = session_commands.add_parser("show", help="one session in full")
     show.add_argument("session_id")
     show.set_defaults(run=_sessions_show)
+    grant = session_commands.add_parser("grant", help="more turns or tokens for a session")
+    grant.add_argument("session_id")
+    grant.add_argument("--turns", type=int, default=0)
+    grant.add_argument("--tokens", type=int, default=0)
+    grant.add_argument("--reason", default="")
+    grant.add_argument("--by", default=os.environ.get("USER", "operator"))
+    grant.set_defaults(run=_sessions_grant)
+    end = session_commands.add_parser("end", help="end a session: its next calls are refused")
+    end.add_argument("session_id")
+    end.add_argument("--reason", default="")
+    end.add_argument("--by", default=os.environ.get("USER", "operator"))
+    end.set_defaults(run=_sessions_end)
+
+    policy = commands.add_parser("policy", help="check and explain policy files")
+    policy_commands = policy.add_subparsers(title="policy commands", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_policy_check)
+    explain = policy_commands.add_parser(
+        "explain", help="the effective settings for a caller, and which rule set each"
+    )
+    explain.add_argument("--policy", type=Path, default=None, help="default: the packaged one")
+    explain.add_argument("--agent", default="unknown")
+    explain.add_argument("--model", default=None)
+    explain.add_argument("--team", default=None)
+    explain.add_argument("--key", default=None, help="a key hash, as sessions show it")
+    explain.add_argument("--session-name", default=None)
+    explain.add_argument("--mode", choices=("interactive", "headless"), default=None)
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
+    )
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(run=_policy_explain)
+    reference = policy_commands.add_parser("reference", help="print the policy reference")
+    reference.set_defaults(run=_policy_reference)
     return parser
 
 
@@ -189,6 +224,112 @@ def _sessions_show(args: argparse.Namespace) -> int:
     if models:
         print()
         print(_table(("MODEL", "TURNS", "IN", "OUT"), models))
+    return 0
+
+
+def _admin_post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> Any:
+    url = args.url.rstrip("/") + path
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"gateway: {exc.code} {exc.read().decode(errors='replace')}") from exc
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"gateway: cannot reach {args.url}: {exc.reason}") from exc
+
+
+def _session_path(session_id: str, action: str = "") -> str:
+    path = "/gateway/sessions/" + urllib.parse.quote(session_id, safe="")
+    return f"{path}/{action}" if action else path
+
+
+def _sessions_grant(args: argparse.Namespace) -> int:
+    body = {"turns": args.turns, "tokens": args.tokens, "reason": args.reason, "by": args.by}
+    s = _admin_post(args, _session_path(args.session_id, "grant"), body)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(
+            f"granted {args.turns} turns and {args.tokens} tokens to {s['id']}: now "
+            f"{s['granted_turns']} turns and {s['granted_tokens']} tokens granted in all; "
+            f"status {s['status']}"
+        )
+    return 0
+
+
+def _sessions_end(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason, "by": args.by}
+    s = _admin_post(args, _session_path(args.session_id, "end"), body)
+    print(json.dumps(s, indent=2) if args.json else f"ended {s['id']} ({s['status_reason']})")
+    return 0
+
+
+# -- policy ------------------------------------------------------------------------------------
+def _policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy import PolicyError, parse_policy
+
+    try:
+        policy = parse_policy(args.file.read_text(), str(args.file))
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    names = ", ".join(rule.name for rule in policy.rules) or "none"
+    print(f"{args.file}: ok (version {policy.version}; {len(policy.rules)} rules: {names})")
+    return 0
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from gateway.policy import Caller, PolicyError, packaged_default, parse_policy
+    from gateway.policy.explain import explain_lines
+
+    try:
+        if args.policy is None:
+            text, source = packaged_default()
+        else:
+            text, source = args.policy.read_text(), str(args.policy)
+        policy = parse_policy(text, source)
+    except (OSError, PolicyError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    headers = tuple(
+        (name.strip().lower(), value.strip())
+        for name, _, value in (h.partition("=") for h in args.header)
+    )
+    who = Caller(
+        agent=args.agent,
+        model=args.model,
+        key_hash=args.key,
+        team=args.team,
+        session_name=args.session_name,
+        mode=args.mode,
+        headers=headers,
+    )
+    effective = policy.resolve(who)
+    if args.json:
+        data = {
+            "policy": {"source": policy.source, "version": policy.version},
+            "rules": list(effective.rules),
+            "settings": effective.settings.model_dump(),
+            "sources": dict(effective.sources),
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    print("\n".join(explain_lines(policy, effective)))
+    return 0
+
+
+def _policy_reference(args: argparse.Namespace) -> int:
+    from gateway.policy.reference import render
+
+    print(render(), end="")
     return 0
 
 

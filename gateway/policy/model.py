@@ -31,7 +31,9 @@ def parse_duration(value: Any) -> float:
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become field descriptions: the policy reference is generated
+    # from them (``gateway policy reference``), so the docs cannot drift from the code.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ModelRules(_Block):
@@ -53,6 +55,7 @@ class Limits(_Block):
     max_body_bytes: int | None = Field(None, ge=1)
     """Size of one request body."""
     models: ModelRules = ModelRules()
+    """Which models may be called."""
     idle_timeout: float | None = None
     """Seconds (or ``30m``) without a call after which a session ends; the next call with the
     same id starts its counts afresh."""
@@ -69,6 +72,7 @@ class Budget(_Block):
     window: Window = "day"
     """Calendar window in UTC; the budget resets at its end."""
     max_tokens: int | None = Field(None, ge=1)
+    """Input plus output tokens in the window."""
     max_cost: float | None = Field(None, gt=0)
     """In the currency of ``prices`` (per million tokens)."""
 
@@ -119,22 +123,31 @@ class PolicySettings(_Block):
     """Everything a rule can set."""
 
     limits: Limits = Limits()
+    """Per-session limits and the models allowed."""
     budgets: list[Budget] = []
+    """Token and cost budgets per key or team over a calendar window."""
     loops: Loops = Loops()
+    """Runaway-loop detection and what to do about it."""
     context: Context = Context()
+    """Context compaction near the model's window."""
 
 
 class Match(_Block):
     """All given conditions must hold; values are globs (``codex*``), case-insensitive."""
 
     agent: str | None = None
+    """The agent's name (``claude-code``, ``codex``, ``goose``...; see the README)."""
     key: str | None = None
     """A key's name from ``keys``, or its hash."""
     team: str | None = None
+    """The caller's team, from ``keys`` or ``team_header``."""
     model: str | None = None
+    """The requested model."""
     session_name: str | None = None
+    """The session's human name (``X-Gateway-Session-Name``)."""
     mode: Literal["interactive", "headless"] | None = None
-    """From the ``X-Gateway-Mode`` header."""
+    """``X-Gateway-Mode``; without it, clients that run headless say so in their User-Agent
+    (``codex exec``, ``claude -p``)."""
     headers: dict[str, str] = {}
     """Any request header, by name, with a glob for its value."""
 
@@ -143,29 +156,42 @@ class Rule(_Block):
     name: str | None = None
     """Shown in rejections and ``policy explain``; default ``rules[N]``."""
     match: Match = Match()
+    """When the rule applies; an empty match applies to every request."""
     limits: dict[str, Any] | None = None
+    """Any ``limits`` settings; merged over what came before."""
     budgets: list[dict[str, Any]] | None = None
+    """Replaces the budgets that came before."""
     loops: dict[str, Any] | None = None
+    """Any ``loops`` settings; merged over what came before."""
     context: dict[str, Any] | None = None
+    """Any ``context`` settings; merged over what came before."""
 
 
 class KeyInfo(_Block):
     name: str
+    """A name for the key, for rules (``match: {key: ci-bot}``) and people."""
     team: str | None = None
+    """The team its spending counts against."""
 
 
 class Price(_Block):
     """Per million tokens."""
 
     input: float = Field(ge=0)
+    """Per million input tokens."""
     output: float = Field(ge=0)
+    """Per million output tokens."""
     cache_read: float | None = Field(None, ge=0)
+    """Per million cached input tokens; default the input price."""
 
 
 class PolicyFile(_Block):
     version: Literal[1]
+    """The schema version of this file."""
     defaults: PolicySettings = PolicySettings()
+    """Settings for every request, before rules."""
     rules: list[Rule] = []
+    """Applied in order; each matching rule merges its settings over the result so far."""
     keys: dict[str, KeyInfo] = {}
     """Key hashes (as shown by ``gateway sessions``) to names and teams."""
     team_header: str | None = None

@@ -1,0 +1,49 @@
+"""``gateway policy explain``: the effective settings, each with the rule that set it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.policy.compiled import CompiledPolicy, Effective
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``limits.models.allow`` style paths to leaf values (lists stay whole)."""
+    if isinstance(value, dict):
+        leaves = []
+        for key, child in value.items():
+            leaves.extend(flatten(child, f"{prefix}.{key}" if prefix else key))
+        return leaves
+    return [(prefix, value)]
+
+
+def source_of(effective: Effective, path: str) -> str:
+    """The rule that set ``path`` or, for a value inside a block a rule replaced, its parent."""
+    while path:
+        if path in effective.sources:
+            return effective.sources[path]
+        path = path.rpartition(".")[0]
+    return "defaults"
+
+
+def explain_lines(policy: CompiledPolicy, effective: Effective) -> list[str]:
+    lines = [
+        f"policy {policy.source} (version {policy.version})",
+        f"matching rules: {', '.join(effective.rules) or 'none (defaults only)'}",
+        "",
+    ]
+    leaves = flatten(effective.settings.model_dump(exclude={"budgets"}))
+    budgets = effective.settings.budgets
+    leaves.append(("budgets", [b.model_dump(exclude_none=True) for b in budgets] or "none"))
+    width = max(len(path) for path, _ in leaves)
+    for path, value in leaves:
+        lines.append(f"{path:<{width}}  {_show(value):<30}  {source_of(effective, path)}")
+    return lines
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
