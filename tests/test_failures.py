@@ -1,4 +1,4 @@
-"""Bad input and broken upstreams: a clear error or a clean cut, never a crash, never lost counts."""
+"""Bad input and broken upstreams: a clear error or a clean cut; no crash, no lost counts."""
 
 from __future__ import annotations
 
@@ -215,13 +215,15 @@ async def test_stream_bytes_reach_the_client_unchanged(aiohttp_server: Any) -> N
         upstreams=Upstreams(anthropic=str(upstream_server.make_url("")).rstrip("/")),
     )
     gateway = await aiohttp_server(create_app(settings))
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             gateway.make_url("/v1/messages"),
             data=orjson.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": []}),
             headers={"x-api-key": "k", "X-Gateway-Session": "bytes"},
-        ) as resp:
-            got = await resp.read()
+        ) as resp,
+    ):
+        got = await resp.read()
     assert got == payload
     record = await gateway.app[STORE].get("bytes")
     assert record is not None

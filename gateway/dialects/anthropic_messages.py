@@ -92,7 +92,12 @@ class AnthropicMessages:
             if isinstance(message, dict) and message.get("role") == "user":
                 facts.first_user = message
                 break
-        facts.user_turn = bool(messages) and _is_new_user_input(messages[-1])
+        # Claude Code may end the list with a mid-conversation system note: look past it.
+        latest = next(
+            (m for m in reversed(messages) if as_dict(m).get("role") in ("user", "assistant")),
+            None,
+        )
+        facts.user_turn = _is_new_user_input(latest)
         metadata = as_dict(body.get("metadata"))
         user_id = metadata.get("user_id")
         if isinstance(user_id, str) and (session := session_from_user_id(user_id)):

@@ -371,3 +371,14 @@ def test_error_shape(kind: ErrorKind, status: int, type_: str) -> None:
     error = ANTHROPIC_MESSAGES.error(kind, "nope", "ignored_code")
     assert error.status == status
     assert error.body == {"type": "error", "error": {"type": type_, "message": "nope"}}
+
+
+def test_user_turn_looks_past_a_trailing_system_note() -> None:
+    """Claude Code (mid-conversation-system beta) may put a system note after the user's text."""
+    body = {
+        "messages": [
+            {"role": "user", "content": "fix the bug"},
+            {"role": "system", "content": "reminder: be careful"},
+        ]
+    }
+    assert ANTHROPIC_MESSAGES.read_request(body).user_turn is True
