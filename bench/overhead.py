@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 REPO: Final = Path(__file__).resolve().parent.parent
+BENCH_POLICY: Final = Path(__file__).resolve().parent / "policy.yaml"
 CODEX_FIXTURE: Final = Path("/work/shared/fixtures/agents/codex-0.169.0-responses-turn268.json")
 AGENT_BODY_BYTES: Final = 110_000
 HISTORY_SIZES: Final = (10, 100, 300, 1000)
@@ -271,7 +273,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(store: str, workdir: Path) -> Iterator[Stack]:
+def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[Stack]:
     python = sys.executable
     servers: list[Server] = []
     try:
@@ -301,6 +303,7 @@ def running_stack(store: str, workdir: Path) -> Iterator[Stack]:
             str(gport),
             "--store",
             store,
+            *(["--policy", str(policy)] if policy else []),
         ]
         upstreams = {
             "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
@@ -330,6 +333,8 @@ class Cell:
     """CPU time of the target's own process per request (the fake provider's, for direct)."""
     errors: int = 0
     failure: str | None = None
+    others_pct: float | None = None
+    """Share of the machine's CPU that processes outside this benchmark used meanwhile."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -337,6 +342,34 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """Non-idle CPU time of the whole machine (all cores), from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds(pids: Sequence[int]) -> float:
+    """CPU of the servers, this process, and its finished children (the wrk runs)."""
+    me, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    mine = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return mine + sum(cpu_seconds(pid) for pid in pids)
+
+
+@contextlib.contextmanager
+def foreign_load(pids: Sequence[int]) -> Iterator[list[float]]:
+    """Yields a list that receives, at exit, the % of all cores used by other processes."""
+    result: list[float] = []
+    began, busy, own = time.monotonic(), machine_busy_seconds(), own_seconds(pids)
+    yield result
+    wall = time.monotonic() - began
+    others = (machine_busy_seconds() - busy) - (own_seconds(pids) - own)
+    result.append(max(0.0, others) / (wall * (os.cpu_count() or 1)) * 100)
 
 
 def probe_once(url: str, scenario: Scenario) -> str | None:
@@ -473,21 +506,25 @@ class LoadGen:
 
 
 def measure(
-    server: Server,
+    stack: Stack,
+    target: str,
     scenario: Scenario,
     concurrency: int,
     load: LoadGen,
     duration: float,
     warmup: float,
 ) -> Cell:
+    server = stack.target(target)
     problem = probe_once(server.url, scenario)
     if problem is not None:
         return Cell(failure=problem)
     if warmup > 0:
         load.run(server.url, scenario, concurrency, warmup)
     before = cpu_seconds(server.process.pid)
-    cell = load.run(server.url, scenario, concurrency, duration)
+    with foreign_load([s.process.pid for s in stack.all()]) as others:
+        cell = load.run(server.url, scenario, concurrency, duration)
     used = cpu_seconds(server.process.pid) - before
+    cell.others_pct = others[0]
     if cell.requests:
         cell.cpu_us = used / cell.requests * 1e6
     return cell
@@ -528,6 +565,8 @@ def row_cells(row: Row) -> list[str]:
         cells += [_num(cell.p50_ms), _num(cell.p99_ms), _num(cell.rps, 0)]
     cells += [_num(row.ratio()), _num(row.added_p50()), row.bar()]
     cells += [_num(row.cells[t].cpu_us, 0) for t in TARGETS]
+    others = [c.others_pct for c in row.cells.values() if c.others_pct is not None]
+    cells.append(f"{max(others):.0f}" if others else "-")
     return cells
 
 
@@ -537,7 +576,7 @@ HEADER: Final = [
     "rly p50", "rly p99", "rly rps",
     "gw p50", "gw p99", "gw rps",
     "gw/rly", "+p50 ms", "bar",
-    "dir cpu", "rly cpu", "gw cpu",
+    "dir cpu", "rly cpu", "gw cpu", "other%",
 ]  # fmt: skip
 
 
@@ -572,8 +611,7 @@ def run_matrix(
     for scenario in scenarios:
         for concurrency in CONCURRENCIES:
             cells = {
-                t: measure(stack.target(t), scenario, concurrency, load, duration, warmup)
-                for t in TARGETS
+                t: measure(stack, t, scenario, concurrency, load, duration, warmup) for t in TARGETS
             }
             row = Row(scenario.name, concurrency, cells)
             rows.append(row)
@@ -626,29 +664,26 @@ async def post_all(
     return failures
 
 
-def history_growth(gateway: Server, requests: int) -> list[list[str]]:
+def history_growth(stack: Stack, requests: int) -> list[list[str]]:
     """Grow one session turn by turn; at each size, time the gateway's CPU over a batch."""
+    gateway = stack.gateway
     url = gateway.url + "/v1/chat/completions"
     headers = {**OPENAI_HEADERS, "X-Gateway-Session": "bench-history"}
-    rows, messages = [], 2
+    pids = [s.process.pid for s in stack.all()]
+    rows: list[list[str]] = []
+    messages = 2
     for size in HISTORY_SIZES:
         growth = [history_body(n, n // 2) for n in range(messages, size, 2)]
         asyncio.run(post_all(url, growth, headers, 1))  # the turns a real agent made to get here
         messages = size
         bodies = [history_body(size, size // 2 + i) for i in range(requests)]
         before = cpu_seconds(gateway.process.pid)
-        failures = asyncio.run(post_all(url, bodies, headers, HISTORY_CONCURRENCY))
-        used = cpu_seconds(gateway.process.pid) - before
-        size_kb = len(bodies[0]) / 1024
-        rows.append(
-            [
-                str(size),
-                f"{size_kb:.1f}",
-                str(requests),
-                f"{used / requests * 1e6:.0f}",
-                str(failures),
-            ]
-        )
+        with foreign_load(pids) as others:
+            failures = asyncio.run(post_all(url, bodies, headers, HISTORY_CONCURRENCY))
+        used_us = (cpu_seconds(gateway.process.pid) - before) / requests * 1e6
+        size_kb = f"{len(bodies[0]) / 1024:.1f}"
+        rows.append([str(size), size_kb, str(requests), f"{used_us:.0f}", str(failures)])
+        rows[-1].append(f"{others[0]:.0f}")
     return rows
 
 
@@ -683,6 +718,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 s per cell, no warm-up")
     parser.add_argument(
         "--store", default="memory://", help="gateway store: memory:// (default), sqlite, or a URL"
+    )
+    parser.add_argument(
+        "--policy",
+        default=str(BENCH_POLICY),
+        help="gateway policy file (default bench/policy.yaml, which never refuses);"
+        " 'default' for the gateway's packaged default policy",
     )
     parser.add_argument(
         "--scenarios", default="", help="comma-separated scenario names (default all)"
@@ -752,22 +793,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
         store = store_url(args.store, workdir)
-        with running_stack(store, workdir) as stack:
-            print(f"store={store}  duration={duration:g}s per cell  warmup={warmup:g}s\n")
+        policy = None if args.policy == "default" else Path(args.policy)
+        with running_stack(store, policy, workdir) as stack:
+            print(
+                f"store={store}  policy={policy or 'packaged default'}"
+                f"  duration={duration:g}s per cell  warmup={warmup:g}s\n"
+            )
             rows = run_matrix(stack, scenarios, LoadGen(wrk, workdir), duration, warmup)
             report(rows, scenarios)
+            failed = bool(notes(rows))
             if not args.no_history:
-                print_history(stack.gateway, args.history_requests)
+                failed |= print_history(stack, args.history_requests)
+            if failed:
+                print_server_errors(stack)
     return 0
 
 
-def print_history(gateway: Server, requests: int) -> None:
+def print_server_errors(stack: Stack, lines: int = 30) -> None:
+    """After a failure: the end of the gateway's log (the logs are deleted at exit).
+
+    Only after a failure: wrk closing its connections at the end of every run leaves harmless
+    "Cannot write to closing transport" tracebacks in the servers' logs.
+    """
+    tail = stack.gateway.log_tail(lines)
+    if tail:
+        print(f"\ngateway log, last {lines} lines:\n{tail}")
+
+
+def print_history(stack: Stack, requests: int) -> bool:
+    """Print part 2; True when some answer was not a 200."""
     print(
         f"\nhistory growth: one session, OpenAI chat, non-streaming, {requests} requests per size"
         f" at concurrency {HISTORY_CONCURRENCY}; gateway CPU = user+sys of its process"
     )
-    rows = history_growth(gateway, requests)
-    print(table(["messages", "body KB", "requests", "gw cpu us/req", "non-200"], rows))
+    rows = history_growth(stack, requests)
+    header = ["messages", "body KB", "requests", "gw cpu us/req", "non-200", "other%"]
+    print(table(header, rows))
+    return any(row[4] != "0" for row in rows)
 
 
 if __name__ == "__main__":

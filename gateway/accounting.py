@@ -73,7 +73,7 @@ def final_usage(ex: Exchange, tokens: TokenCounter) -> Usage | None:
 def estimate(ex: Exchange, tokens: TokenCounter, reported: Usage | None) -> Usage:
     assert ex.facts is not None
     facts = ex.facts
-    output = tokens.count_content(ex.response_facts.output_text) if ex.response_facts else 0
+    output = tokens.count_content(ex.response_facts.generated()) if ex.response_facts else 0
     if reported is None:
         prompt = facts.system + facts.items + facts.tools
         return Usage(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -10,10 +12,11 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.appkeys import AUDIT, POLICY, STARTED_AT, STORE
+from gateway.appkeys import AUDIT, POLICY, SETTINGS, STARTED_AT, STORE
 from gateway.store import Grant, SessionQuery, SessionRecord
 
 MAX_PAGE = 500
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -27,7 +30,7 @@ def session_json(record: SessionRecord, now: float) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    uptime = time.time() - request.app[STARTED_AT]
+    uptime = time.time() - request.config_dict[STARTED_AT]
     return _json({"status": "ok", "version": __version__, "uptime_seconds": round(uptime, 3)})
 
 
@@ -43,14 +46,14 @@ async def list_sessions(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         return _json({"error": f"bad query: {exc}"}, status=400)
-    records = await request.app[STORE].find(query)
+    records = await request.config_dict[STORE].find(query)
     now = time.time()
     next_cursor = records[-1].last_seen if len(records) == query.limit else None
     return _json({"sessions": [session_json(r, now) for r in records], "next_before": next_cursor})
 
 
 async def get_session(request: web.Request) -> web.Response:
-    record = await request.app[STORE].get(request.match_info["session_id"])
+    record = await request.config_dict[STORE].get(request.match_info["session_id"])
     if record is None:
         return _json({"error": "no such session"}, status=404)
     return _json(session_json(record, time.time()))
@@ -70,10 +73,10 @@ async def grant(request: web.Request) -> web.Response:
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
     given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
-    record = await request.app[STORE].grant(session_id, given)
+    record = await request.config_dict[STORE].grant(session_id, given)
     if record is None:
         return _json({"error": "no such session"}, status=404)
-    request.app[AUDIT].record(
+    request.config_dict[AUDIT].record(
         "grant", session=session_id, turns=turns, tokens=tokens, by=by, reason=reason
     )
     return _json(session_json(record, time.time()))
@@ -85,15 +88,17 @@ async def end(request: web.Request) -> web.Response:
         return body
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
-    record = await request.app[STORE].set_status(session_id, "ended", f"ended by {by}: {reason}")
+    record = await request.config_dict[STORE].set_status(
+        session_id, "ended", f"ended by {by}: {reason}"
+    )
     if record is None:
         return _json({"error": "no such session"}, status=404)
-    request.app[AUDIT].record("session_end", session=session_id, by=by, reason=reason)
+    request.config_dict[AUDIT].record("session_end", session=session_id, by=by, reason=reason)
     return _json(session_json(record, time.time()))
 
 
 async def policy(request: web.Request) -> web.Response:
-    live = request.app[POLICY]
+    live = request.config_dict[POLICY]
     current = live.policy
     return _json(
         {
@@ -110,7 +115,7 @@ async def policy(request: web.Request) -> web.Response:
 
 
 async def budgets(request: web.Request) -> web.Response:
-    counters = await request.app[STORE].budgets()
+    counters = await request.config_dict[STORE].budgets()
     return _json({"budgets": [asdict(counter) for counter in counters]})
 
 
@@ -137,11 +142,29 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/gateway/health", health)
-    app.router.add_get("/gateway/sessions", list_sessions)
-    app.router.add_get("/gateway/sessions/{session_id}", get_session)
-    app.router.add_post("/gateway/sessions/{session_id}/grant", grant)
-    app.router.add_post("/gateway/sessions/{session_id}/end", end)
-    app.router.add_get("/gateway/policy", policy)
-    app.router.add_get("/gateway/budgets", budgets)
+OPEN_PATHS = frozenset({"/gateway/health"})
+"""Reachable without the admin token (liveness probes)."""
+
+
+@web.middleware
+async def admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With ``GATEWAY_ADMIN_TOKEN`` set, ``/gateway/*`` (but health) needs it as a bearer."""
+    token = request.config_dict[SETTINGS].admin_token
+    if token is not None and request.path not in OPEN_PATHS:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            return _json({"error": "admin token required"}, status=401)
+    return await handler(request)
+
+
+def admin_app() -> web.Application:
+    """The admin API, mounted at ``/gateway/``: its own middleware, off the LLM path."""
+    app = web.Application(middlewares=[admin_token])
+    app.router.add_get("/health", health)
+    app.router.add_get("/sessions", list_sessions)
+    app.router.add_get("/sessions/{session_id}", get_session)
+    app.router.add_post("/sessions/{session_id}/grant", grant)
+    app.router.add_post("/sessions/{session_id}/end", end)
+    app.router.add_get("/policy", policy)
+    app.router.add_get("/budgets", budgets)
+    return app

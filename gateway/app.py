@@ -13,7 +13,6 @@ from aiohttp import web
 from gateway import admin, pipeline
 from gateway.appkeys import AUDIT, HTTP, POLICY, SETTINGS, STARTED_AT, STORE, TOKENS, UPSTREAMS
 from gateway.audit import AuditLog
-from gateway.middlewares import admin_token, unexpected_errors
 from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
@@ -24,10 +23,9 @@ from gateway.upstream import Upstreams, client_session
 def create_app(settings: Settings | None = None, store: Store | None = None) -> web.Application:
     """A gateway application. ``store`` overrides ``settings.store`` (tests share one)."""
     settings = settings or Settings()
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[unexpected_errors, admin_token],
-    )
+    # No middleware: the LLM path answers its own errors in the provider's shape (pipeline),
+    # and the admin API is a sub-application with its own.
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[UPSTREAMS] = Upstreams.from_settings(settings)
     app[STARTED_AT] = time.time()
@@ -41,7 +39,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.cleanup_ctx.append(_tokenizer)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
-    admin.add_routes(app)
+    app.add_subapp("/gateway/", admin.admin_app())
     pipeline.add_routes(app)
     return app
 

@@ -3,6 +3,7 @@
 Hierarchy::
 
     GatewayError              any answer the gateway makes instead of the upstream's
+    ├── InternalError         a bug in the gateway (500)
     ├── BadRequest            malformed JSON, unreadable body (400)
     ├── BodyTooLarge          over the gateway's body cap (413)
     ├── PolicyRejection       the policy stops the call (400; 429 for a window budget)
@@ -26,6 +27,10 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+
+
+class InternalError(GatewayError):
+    outcome = "gateway_error"
 
 
 class BadRequest(GatewayError):

@@ -19,7 +19,13 @@ from multidict import CIMultiDict
 from gateway import accounting
 from gateway.appkeys import HTTP, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
-from gateway.errors import BadRequest, BodyTooLarge, GatewayError, PolicyRejection
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+    PolicyRejection,
+)
 from gateway.exchange import Exchange
 from gateway.identity import identify
 from gateway.policy import decide
@@ -44,6 +50,8 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         await forward(ex)
     except GatewayError as error:
         answer_error(ex, error)
+    except Exception:
+        failed(ex)
     finally:
         await accounting.end_turn(ex, store, tokens)
     assert ex.response is not None
@@ -59,6 +67,8 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
         await forward(ex)
     except GatewayError as error:
         answer_error(ex, error)
+    except Exception:
+        failed(ex)
     assert ex.response is not None
     return ex.response
 
@@ -71,6 +81,8 @@ async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
         await forward(ex)
     except GatewayError as error:
         answer_error(ex, error)
+    except Exception:
+        failed(ex)
     assert ex.response is not None
     return ex.response
 
@@ -230,6 +242,13 @@ def answer_error(ex: Exchange, error: GatewayError) -> None:
     headers = gateway_headers(ex)
     headers.update(error.headers)
     ex.response = web.json_response(answer.body, status=ex.status, headers=headers, dumps=_dumps)
+
+
+def failed(ex: Exchange) -> None:
+    """A bug in the gateway: a provider-shaped 500 and a traceback in the log, never a crash
+    or a bare aiohttp error page."""
+    log.exception("unexpected error on %s %s", ex.request.method, ex.request.path)
+    answer_error(ex, InternalError("The gateway failed on this request."))
 
 
 def _dumps(value: object) -> str:

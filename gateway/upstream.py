@@ -133,21 +133,27 @@ async def send(
     data: bytes | io.BytesIO | None = body or None
     if len(body) > _LARGE_BODY:
         data = io.BytesIO(body)
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(aiohttp.ClientConnectorError),
-        stop=stop_after_attempt(settings.upstream_retries + 1),
-        wait=wait_exponential(multiplier=0.05, max=1.0),
-        reraise=True,
-    )
+
+    async def attempt() -> aiohttp.ClientResponse:
+        if isinstance(data, io.BytesIO):
+            data.seek(0)
+        return await session.request(method, url, data=data, headers=headers, allow_redirects=False)
+
     try:
         async with asyncio.timeout(settings.timeouts.first_byte):
-            async for attempt in retrying:
-                with attempt:
-                    if isinstance(data, io.BytesIO):
-                        data.seek(0)
-                    return await session.request(
-                        method, url, data=data, headers=headers, allow_redirects=False
-                    )
+            try:
+                return await attempt()
+            except aiohttp.ClientConnectorError:
+                if not settings.upstream_retries:
+                    raise
+            # Tenacity only once the first try failed: the common path builds no retry state.
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(aiohttp.ClientConnectorError),
+                stop=stop_after_attempt(settings.upstream_retries),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            )
+            return await retrying(attempt)
     except TimeoutError as exc:
         raise UpstreamTimeout(
             f"The upstream did not answer within {settings.timeouts.first_byte:g}s."
@@ -156,4 +162,3 @@ async def send(
         raise UpstreamUnavailable(
             f"The gateway could not reach the upstream ({type(exc).__name__})."
         ) from exc
-    raise AssertionError("unreachable: tenacity reraises")

@@ -228,3 +228,21 @@ async def test_stream_bytes_reach_the_client_unchanged(aiohttp_server: Any) -> N
     record = await gateway.app[STORE].get("bytes")
     assert record is not None
     assert (record.tokens.input_tokens, record.tokens.output_tokens) == (7, 3)
+
+
+async def test_a_gateway_bug_is_a_provider_shaped_500(
+    gateway: TestServer, anthropic_client: anthropic.AsyncAnthropic, monkeypatch: Any
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("gateway.pipeline.identify", broken)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await anthropic_client.messages.create(
+            model=ANTHROPIC_MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 500
+    assert caught.value.body == {  # type: ignore[comparison-overlap]
+        "type": "error",
+        "error": {"type": "api_error", "message": "The gateway failed on this request."},
+    }

@@ -19,6 +19,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    parse_object,
 )
 from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
@@ -147,28 +148,28 @@ class AnthropicMessages:
 
 
 class MessagesStreamObserver:
+    """Parses ``message_start``, ``message_delta`` and errors; content deltas are kept raw."""
+
     __slots__ = ("facts",)
     rewrites = False
 
     def __init__(self) -> None:
-        self.facts = ResponseFacts()
+        self.facts = ResponseFacts(delta_text=_delta_text)
 
     def on_event(self, event: SSEEvent) -> bytes | None:
-        if not event.data.startswith(b"{"):
+        kind = event.event
+        if kind == "content_block_delta":
+            self.facts.deltas.append(event.data)
             return event.raw
-        try:
-            payload = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
+        if kind is not None and kind not in _READ:
             return event.raw
-        if not isinstance(payload, dict):
+        payload = parse_object(event.data)
+        if payload is None:
             return event.raw
-        kind = payload.get("type") or event.event
+        kind = payload.get("type") or kind
         facts = self.facts
         if kind == "content_block_delta":
-            delta = as_dict(payload.get("delta"))
-            text = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
-            if isinstance(text, str):
-                facts.output_text.append(text)
+            facts.deltas.append(event.data)
         elif kind == "message_start":
             message = as_dict(payload.get("message"))
             facts.id = as_str(message.get("id"))
@@ -195,3 +196,12 @@ class MessagesStreamObserver:
             usage.cache_read_tokens = restated.cache_read_tokens
             usage.cache_creation_tokens = restated.cache_creation_tokens
         self.facts.usage = usage
+
+
+_READ = frozenset({"message_start", "message_delta", "error"})
+
+
+def _delta_text(data: bytes) -> str:
+    delta = as_dict((parse_object(data) or {}).get("delta"))
+    text = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
+    return text if isinstance(text, str) else ""

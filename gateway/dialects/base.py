@@ -7,10 +7,12 @@ web layer, no I/O, so they are tested without a server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+
+import orjson
 
 from gateway.loops import Signature
 from gateway.sse import SSEEvent
@@ -81,9 +83,19 @@ class ResponseFacts:
     id: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     output_text: list[Any] = field(default_factory=list)
-    """Generated content (stream deltas, or an answer's blocks when it had no usage), kept
-    only to estimate output tokens when usage never came."""
+    """Generated content (an answer's blocks when it had no usage), kept only to estimate
+    output tokens when usage never came."""
+    deltas: list[bytes] = field(default_factory=list)
+    """A stream's content events, unparsed: read (``delta_text``) only if an estimate is
+    needed, so an ordinary stream costs no JSON parsing per chunk."""
+    delta_text: Callable[[bytes], str] | None = None
     error: str | None = None
+
+    def generated(self) -> list[Any]:
+        """Everything generated so far, for an estimate of output tokens."""
+        if self.delta_text is None:
+            return self.output_text
+        return self.output_text + [self.delta_text(data) for data in self.deltas]
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +120,17 @@ STATUS_OF: dict[ErrorKind, int] = {
 def as_int(value: Any) -> int:
     """A token count from a provider's JSON: absent, null or junk count as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def parse_object(data: bytes) -> JSONObject | None:
+    """A JSON object from an event's data, or None for anything else (``[DONE]``, junk)."""
+    if not data.startswith(b"{"):
+        return None
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def as_str(value: Any) -> str | None:

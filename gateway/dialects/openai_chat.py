@@ -18,6 +18,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    parse_object,
 )
 from gateway.dialects.openai_common import openai_error, session_hints
 from gateway.loops import Signature, signatures
@@ -118,24 +119,30 @@ class OpenAIChat:
 
 
 class ChatStreamObserver:
+    """Parses only the chunks that matter (the first, finish and usage chunks); content chunks
+    are kept raw, and read only if the output must be estimated."""
+
     __slots__ = ("facts", "rewrites")
 
     def __init__(self, rewritten: bool) -> None:
-        self.facts = ResponseFacts()
+        self.facts = ResponseFacts(delta_text=_delta_text)
         # When the gateway added include_usage, the client must not see its traces.
         self.rewrites = rewritten
 
     def on_event(self, event: SSEEvent) -> bytes | None:
-        data = event.data
-        if not data or data == b"[DONE]" or data[:1] != b"{":
-            return event.raw
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event.raw
-        if not isinstance(chunk, dict):
-            return event.raw
+        data, raw = event.data, event.raw
+        if self.rewrites:
+            for null in _USAGE_NULLS:
+                if null in raw:
+                    raw = raw.replace(null, b"", 1)
+                    break
         facts = self.facts
+        if facts.id is not None and not any(marker in data for marker in _MARKERS):
+            facts.deltas.append(data)
+            return raw
+        chunk = parse_object(data)
+        if chunk is None:
+            return raw
         if facts.id is None:
             facts.id = as_str(chunk.get("id"))
             facts.model = as_str(chunk.get("model"))
@@ -143,26 +150,32 @@ class ChatStreamObserver:
             facts.error = str(as_dict(chunk["error"]).get("code") or "error")
         choices = as_list(chunk.get("choices"))
         for choice in choices:
-            choice = as_dict(choice)
-            delta = as_dict(choice.get("delta"))
-            content = delta.get("content")
-            if isinstance(content, str):
-                facts.output_text.append(content)
-            for call in as_list(delta.get("tool_calls")):
-                arguments = as_dict(as_dict(call).get("function")).get("arguments")
-                if isinstance(arguments, str):
-                    facts.output_text.append(arguments)
-            reason = choice.get("finish_reason")
+            reason = as_dict(choice).get("finish_reason")
             if isinstance(reason, str):
                 facts.finish_reasons.append(reason)
+        facts.deltas.append(data)
         usage = parse_usage(chunk.get("usage"))
         if usage is not None:
             facts.usage = usage
             if self.rewrites and not choices:
                 return None
-        if self.rewrites:
-            raw = event.raw
-            for null in _USAGE_NULLS:
-                if null in raw:
-                    return raw.replace(null, b"", 1)
-        return event.raw
+        return raw
+
+
+# Chunks worth parsing as they pass: usage, a finish reason, an error.
+_MARKERS = (b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "', b'"error"')
+
+
+def _delta_text(data: bytes) -> str:
+    chunk = parse_object(data) or {}
+    parts: list[str] = []
+    for choice in as_list(chunk.get("choices")):
+        delta = as_dict(as_dict(choice).get("delta"))
+        content = delta.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        for call in as_list(delta.get("tool_calls")):
+            arguments = as_dict(as_dict(call).get("function")).get("arguments")
+            if isinstance(arguments, str):
+                parts.append(arguments)
+    return "".join(parts)

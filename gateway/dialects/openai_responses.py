@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
-
 from gateway.dialects.base import (
     ErrorKind,
     JSONObject,
@@ -18,6 +16,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    parse_object,
 )
 from gateway.dialects.openai_common import openai_error, session_hints
 from gateway.loops import Signature, signatures
@@ -135,28 +134,38 @@ def _read_response_object(response: JSONObject, facts: ResponseFacts) -> None:
 
 
 class ResponsesStreamObserver:
+    """Parses the response objects (created, completed...); text deltas are kept raw."""
+
     __slots__ = ("facts",)
     rewrites = False
 
     def __init__(self) -> None:
-        self.facts = ResponseFacts()
+        self.facts = ResponseFacts(delta_text=_delta_text)
 
     def on_event(self, event: SSEEvent) -> bytes | None:
-        if not event.data.startswith(b"{"):
+        kind = event.event
+        if kind in _DELTAS:
+            self.facts.deltas.append(event.data)
             return event.raw
-        try:
-            payload = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
+        if kind is not None and kind not in _FINAL_EVENTS and kind not in _READ:
             return event.raw
-        if not isinstance(payload, dict):
+        payload = parse_object(event.data)
+        if payload is None:
             return event.raw
-        kind = event.event or payload.get("type")
-        if kind == "response.output_text.delta" or kind == "response.function_call_arguments.delta":
-            delta = payload.get("delta")
-            if isinstance(delta, str):
-                self.facts.output_text.append(delta)
+        kind = kind or payload.get("type")
+        if kind in _DELTAS:
+            self.facts.deltas.append(event.data)
         elif kind in _FINAL_EVENTS or kind == "response.created":
             _read_response_object(as_dict(payload.get("response")), self.facts)
         elif kind == "error":
             self.facts.error = str(payload.get("code") or "error")
         return event.raw
+
+
+_DELTAS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
+_READ = frozenset({"response.created", "error"})
+
+
+def _delta_text(data: bytes) -> str:
+    delta = (parse_object(data) or {}).get("delta")
+    return delta if isinstance(delta, str) else ""

@@ -23,6 +23,8 @@ from gateway.tokens import TokenCounter
 
 DEFAULT_OUTPUT_RESERVE = 4096
 """Output tokens held for a call that sets no cap of its own."""
+BYTES_PER_TOKEN = 3
+"""English runs about four bytes a token and code about three; JSON keys only add bytes."""
 _HEADLESS_HINTS = ("codex_exec/", "(external, sdk-cli)", "(external, sdk-py)", "(external, sdk-ts)")
 
 
@@ -121,20 +123,12 @@ def decide(
         )
 
     decision = Decision(effective, Limits(), price=policy.price(facts.model))
-    needs_count = (
+    if (
         limits.max_request_input_tokens is not None
         or limits.max_session_tokens is not None
-        or bool(settings.budgets)
-    )
-    if needs_count:
-        prompt = facts.system + facts.items + facts.tools
-        decision.input_estimate = tokens.count_items(prompt, facts.model)
-        output_cap = facts.max_output_tokens or DEFAULT_OUTPUT_RESERVE
-        decision.reserve_tokens = decision.input_estimate + output_cap
-        if decision.price is not None:
-            decision.reserve_cost = (
-                decision.input_estimate * decision.price.input + output_cap * decision.price.output
-            ) / 1e6
+        or settings.budgets
+    ):
+        _hold_tokens(decision, facts, body_size, record, tokens)
     cap = limits.max_request_input_tokens
     if cap is not None and decision.input_estimate is not None and decision.input_estimate > cap:
         raise PolicyStop(
@@ -157,6 +151,41 @@ def decide(
         idle_timeout=limits.idle_timeout,
     )
     return decision
+
+
+def _hold_tokens(
+    decision: Decision,
+    facts: RequestFacts,
+    body_size: int,
+    record: SessionRecord | None,
+    tokens: TokenCounter,
+) -> None:
+    """What a call holds against token limits while in flight: its input and its output cap.
+
+    Holding needs a bound, not a count: the body's size over ``BYTES_PER_TOKEN`` bounds its
+    tokens from above for ordinary text and code, and costs nothing. Near a limit, where the
+    difference decides, the prompt is counted properly (per-message cached).
+    """
+    limits = decision.effective.settings.limits
+    rough = body_size // BYTES_PER_TOKEN
+    near = (
+        limits.max_request_input_tokens is not None and rough > limits.max_request_input_tokens // 2
+    )
+    if not near and record is not None and limits.max_session_tokens is not None:
+        allowed = limits.max_session_tokens + record.granted_tokens
+        held = record.tokens.total_tokens + record.reserved_tokens
+        near = held + rough > 0.9 * allowed
+    if near:
+        decision.input_estimate = tokens.count_items(
+            facts.system + facts.items + facts.tools, facts.model
+        )
+    input_hold = decision.input_estimate if decision.input_estimate is not None else rough
+    output_cap = facts.max_output_tokens or DEFAULT_OUTPUT_RESERVE
+    decision.reserve_tokens = input_hold + output_cap
+    if decision.price is not None:
+        decision.reserve_cost = (
+            input_hold * decision.price.input + output_cap * decision.price.output
+        ) / 1e6
 
 
 def _detect_loops(

@@ -306,7 +306,7 @@ def test_observer_reads_a_whole_stream() -> None:
     assert facts.id == "msg_01ABC"
     assert facts.model == "claude-sonnet-4-6"
     assert facts.finish_reasons == ["tool_use"]
-    assert facts.output_text == ["hmm", "Let me", " look", '{"file_path":', ' "/etc/hostname"}']
+    assert "".join(facts.generated()) == 'hmmLet me look{"file_path": "/etc/hostname"}'
     assert facts.usage is not None
     assert facts.usage.input_tokens == 12 + 300 + 9000
     assert facts.usage.cache_read_tokens == 9000

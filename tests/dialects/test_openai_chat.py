@@ -255,7 +255,7 @@ def test_observer_not_rewritten_passes_every_event_and_reads_usage() -> None:
     assert facts.id == "chatcmpl-abc"
     assert facts.model == "gpt-4o-2024-08-06"
     assert facts.finish_reasons == ["stop"]
-    assert "".join(facts.output_text) == "Hello world"
+    assert "".join(facts.generated()) == "Hello world"
     assert facts.usage is not None
     assert (facts.usage.input_tokens, facts.usage.output_tokens) == (120, 30)
     assert (facts.usage.cache_read_tokens, facts.usage.reasoning_tokens) == (64, 12)
@@ -301,7 +301,7 @@ def test_observer_collects_tool_call_arguments() -> None:
     for event in _events(_chat_stream(tool_call=True)):
         observer.on_event(event)
     assert observer.facts.finish_reasons == ["tool_calls"]
-    assert "".join(observer.facts.output_text) == 'Hello world{"p":1}'
+    assert "".join(observer.facts.generated()) == 'Hello world{"p":1}'
 
 
 def test_observer_records_an_error_chunk() -> None:

@@ -223,7 +223,7 @@ def test_observer_reads_a_whole_stream() -> None:
     assert facts.id == "resp_123"
     assert facts.model == "gpt-5-codex"
     assert facts.finish_reasons == ["completed"]
-    assert facts.output_text == ["Hello", " there", '{"cmd"', ': "ls"}']
+    assert "".join(facts.generated()) == 'Hello there{"cmd": "ls"}'
     assert facts.usage is not None
     assert (facts.usage.input_tokens, facts.usage.output_tokens) == (5000, 700)
     assert (facts.usage.cache_read_tokens, facts.usage.reasoning_tokens) == (4096, 512)
