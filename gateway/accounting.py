@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.dialects import Usage
+from gateway.dialects import Usage, prompt_parts
 from gateway.exchange import Exchange
 from gateway.policy.decide import cost_of
 from gateway.store import Limits, Store, TurnEnd, TurnStart
@@ -75,7 +75,7 @@ def estimate(ex: Exchange, tokens: TokenCounter, reported: Usage | None) -> Usag
     facts = ex.facts
     output = tokens.count_content(ex.response_facts.generated()) if ex.response_facts else 0
     if reported is None:
-        prompt = facts.system + facts.items + facts.tools
+        prompt = prompt_parts(facts)
         return Usage(
             input_tokens=tokens.count_items(prompt, facts.model),
             output_tokens=output,

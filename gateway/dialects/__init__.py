@@ -14,6 +14,7 @@ from gateway.dialects.base import (
     ResponseFacts,
     StreamObserver,
     Usage,
+    prompt_parts,
 )
 from gateway.dialects.openai_chat import OpenAIChat
 from gateway.dialects.openai_responses import OpenAIResponses
@@ -41,4 +42,5 @@ __all__ = [
     "ResponseFacts",
     "StreamObserver",
     "Usage",
+    "prompt_parts",
 ]

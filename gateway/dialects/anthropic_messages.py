@@ -81,11 +81,13 @@ class AnthropicMessages:
     def read_request(self, body: JSONObject) -> RequestFacts:
         messages = as_list(body.get("messages"))
         system = body.get("system")
+        preamble = [system] if isinstance(system, str) else as_list(system)
         facts = RequestFacts(
             model=as_str(body.get("model")),
             stream=body.get("stream") is True,
             items=messages,
-            system=[system] if isinstance(system, str) else as_list(system),
+            system=preamble,
+            preamble=preamble,
             tools=as_list(body.get("tools")),
             max_output_tokens=as_int(body.get("max_tokens")) or None,
         )

@@ -63,6 +63,9 @@ class RequestFacts:
     items: list[Any]
     """Conversation items: messages (chat, Anthropic) or input items (Responses)."""
     system: list[Any] = field(default_factory=list)
+    """The system prompt: the leading system/developer messages, or the API's own field."""
+    preamble: list[Any] = field(default_factory=list)
+    """Prompt parts outside ``items`` (Anthropic ``system``, Responses ``instructions``)."""
     tools: list[Any] = field(default_factory=list)
     max_output_tokens: int | None = None
     """The output cap the request sets, if any."""
@@ -72,6 +75,11 @@ class RequestFacts:
     session_hints: dict[str, str] = field(default_factory=dict)
     """Session ids found in the body, by where they were found (``prompt_cache_key``,
     ``metadata.user_id``, ``metadata.session_id``, ``user``); identity ranks them."""
+
+
+def prompt_parts(facts: RequestFacts) -> list[Any]:
+    """Everything the model reads as input, each part once: what token estimates count."""
+    return facts.preamble + facts.items + facts.tools
 
 
 @dataclass(slots=True)

@@ -57,12 +57,15 @@ class OpenAIChat:
             max_output_tokens=as_int(body.get("max_completion_tokens") or body.get("max_tokens"))
             or None,
         )
+        # The conversation's start: leading system messages and the first user message. Only
+        # the start is read, so the cost does not grow with the history.
         for message in messages:
-            role = message.get("role") if isinstance(message, dict) else None
+            role = as_dict(message).get("role")
             if role in _SYSTEM_ROLES:
                 facts.system.append(message)
-            elif role == "user" and facts.first_user is None:
+            elif role == "user":
                 facts.first_user = message
+                break
         if messages and isinstance(messages[-1], dict):
             facts.user_turn = messages[-1].get("role") == "user"
         session_hints(body, facts.session_hints)

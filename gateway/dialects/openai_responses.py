@@ -75,11 +75,14 @@ class OpenAIResponses:
         instructions = body.get("instructions")
         if isinstance(instructions, str) and instructions:
             facts.system.append(instructions)
+            facts.preamble.append(instructions)
+        # The conversation's start only: its cost does not grow with the history.
         for item in items:
-            if isinstance(item, dict) and item.get("role") in _SYSTEM_ROLES:
+            if as_dict(item).get("role") in _SYSTEM_ROLES:
                 facts.system.append(item)
-            elif facts.first_user is None and _is_user_message(item):
+            elif _is_user_message(item):
                 facts.first_user = item
+                break
         facts.user_turn = bool(items) and _is_user_message(items[-1])
         session_hints(body, facts.session_hints)
         return facts

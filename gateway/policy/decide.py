@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from multidict import CIMultiDictProxy
 
-from gateway.dialects import Dialect, RequestFacts
+from gateway.dialects import Dialect, RequestFacts, prompt_parts
 from gateway.identity import Identity
 from gateway.loops import Detection, identical_run, rate_detection, tool_name
 from gateway.policy.compiled import Caller, CompiledPolicy, Effective
@@ -176,9 +176,7 @@ def _hold_tokens(
         held = record.tokens.total_tokens + record.reserved_tokens
         near = held + rough > 0.9 * allowed
     if near:
-        decision.input_estimate = tokens.count_items(
-            facts.system + facts.items + facts.tools, facts.model
-        )
+        decision.input_estimate = tokens.count_items(prompt_parts(facts), facts.model)
     input_hold = decision.input_estimate if decision.input_estimate is not None else rough
     output_cap = facts.max_output_tokens or DEFAULT_OUTPUT_RESERVE
     decision.reserve_tokens = input_hold + output_cap
