@@ -275,3 +275,54 @@ async def test_claude_code_tool_loop_counts_turns(
     assert (session.agent, session.source) == ("claude-code", "claude-code")
     assert session.turns == len(turns) >= 3
     assert session.tokens.input_tokens > 0
+
+
+async def test_codex_runaway_loop_is_stopped_by_the_default_policy(
+    codex_bin: Path,
+    gateway: TestServer,
+    fake_provider: TestServer,
+    fake_config: FakeProviderConfig,
+    agent_dirs: AgentDirs,
+) -> None:
+    """Codex never ends this loop by itself; the packaged policy (8 identical calls) does, with
+    a 400 that Codex shows and stops on."""
+    fake_config.tool_loop = ToolCallSpec("exec_command", {"cmd": "echo hi"})
+    argv, env = codex_setup(codex_bin, gateway, agent_dirs, "Check the host name.")
+
+    run = await run_agent(argv, env=env, cwd=agent_dirs.work, logs=agent_dirs.logs)
+
+    assert not run.timed_out and not run.stopped, run.describe()
+    assert run.returncode != 0, run.describe()
+    assert "runaway loop" in run.stdout + run.stderr, run.describe()
+    calls = calls_to(fake_provider, "/v1/responses")
+    assert len(calls) == 8, f"{len(calls)} calls reached the provider\n{run.describe()}"
+    [session] = await sessions(gateway)
+    assert session.turns == 8 and session.rejected >= 1
+    [detection] = session.detections
+    assert detection["detector"] == "identical_tool_calls"
+    assert detection["tool"] == "exec_command"
+
+
+async def test_claude_code_runaway_loop_is_stopped_by_the_default_policy(
+    claude_bin: Path,
+    gateway: TestServer,
+    fake_provider: TestServer,
+    fake_config: FakeProviderConfig,
+    agent_dirs: AgentDirs,
+) -> None:
+    """With its own turn limit far away, Claude Code is stopped by the gateway's loop rule."""
+    notes = agent_dirs.work / "notes.txt"
+    notes.write_text("hello from the loop test\n")
+    fake_config.tool_loop = ToolCallSpec("Read", {"file_path": str(notes)})
+    argv, env = claude_setup(
+        claude_bin, gateway, agent_dirs, "Read notes.txt.", "--max-turns", "30"
+    )
+
+    run = await run_agent(argv, env=env, cwd=agent_dirs.work, logs=agent_dirs.logs)
+
+    assert not run.timed_out and not run.stopped, run.describe()
+    assert "runaway loop" in run.stdout + run.stderr, run.describe()
+    assert len(calls_to(fake_provider, "/v1/messages")) == 8, run.describe()
+    [session] = await sessions(gateway)
+    assert session.turns == 8 and session.rejected >= 1
+    assert session.detections[0]["tool"] == "Read"
