@@ -53,7 +53,7 @@ async def end_turn(ex: Exchange, store: Store, tokens: TokenCounter) -> None:
         cost = cost_of(
             ex.decision.price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
         )
-    end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=hash(ex.raw))
+    end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=ex.body_hash)
     await store.end_turn(ticket, end)
 
 

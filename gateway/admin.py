@@ -88,9 +88,8 @@ async def end(request: web.Request) -> web.Response:
         return body
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
-    record = await request.config_dict[STORE].set_status(
-        session_id, "ended", f"ended by {by}: {reason}"
-    )
+    why = f"by {by}: {reason}" if reason else f"by {by}"
+    record = await request.config_dict[STORE].set_status(session_id, "ended", why)
     if record is None:
         return _json({"error": "no such session"}, status=404)
     request.config_dict[AUDIT].record("session_end", session=session_id, by=by, reason=reason)

@@ -54,13 +54,15 @@ class PolicyRejection(GatewayError):
         self, message: str, *, limit: str, rule: str, retry_after: float | None = None
     ) -> None:
         headers = {"X-Gateway-Policy-Rule": rule, "X-Gateway-Policy-Limit": limit}
+        self.code = f"gateway_policy_{limit}"
         if retry_after is not None:
             self.kind = ErrorKind.RATE_LIMIT
             headers["Retry-After"] = str(max(1, round(retry_after)))
+            # Codex waits and retries only on this code (with "try again in Ns" in the text).
+            self.code = "rate_limit_exceeded"
         super().__init__(message, headers=headers)
         self.limit = limit
         self.rule = rule
-        self.code = f"gateway_policy_{limit}"
 
 
 class UpstreamUnavailable(GatewayError):

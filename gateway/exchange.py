@@ -31,6 +31,8 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     raw: bytes = b""
     body: dict[str, Any] | None = None
+    body_hash: int | None = None
+    """Of the raw body: retry storms are the same bytes again."""
     facts: RequestFacts | None = None
     identity: Identity | None = None
     decision: Decision | None = None

@@ -116,6 +116,7 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
             return
         raise BadRequest("The request body must be a JSON object.")
     ex.body = body
+    ex.body_hash = hash(ex.raw)
     ex.facts = ex.dialect.read_request(body)
     ex.upstream_body, ex.rewritten = ex.dialect.upstream_body(body, ex.raw)
 
@@ -143,6 +144,7 @@ async def decide_policy(ex: Exchange) -> None:
             app[TOKENS],
             is_helper_call(ex),
             time.time(),
+            ex.body_hash,
         )
     except decide.PolicyStop as stop:
         await reject(ex, stop.verdict)
@@ -157,7 +159,9 @@ async def decide_policy(ex: Exchange) -> None:
         verdict = decide.loop_verdict(ex.decision, session, record)
         if verdict is not None:
             if ex.decision.effective.settings.loops.action == "pause":
-                await app[STORE].set_status(session, "paused", verdict.message)
+                detection = ex.decision.detections[0]
+                reason = f"paused by the loop rule: {detection.describe()}"
+                await app[STORE].set_status(session, "paused", reason)
             await reject(ex, verdict)
 
 
@@ -178,6 +182,7 @@ async def begin_turn(ex: Exchange) -> None:
                 ex.decision.effective,
                 exc.retry_after,
                 exc.budget,
+                exc.reason,
             ),
         )
     assert ex.ticket is not None

@@ -68,7 +68,18 @@ class Effective:
         )
 
     def source(self, path: str) -> str:
-        return self.sources.get(path, "defaults")
+        """The rule that set ``path``: exactly, inside it (``limits.models`` when a rule set
+        ``limits.models.allow``), or around it (a rule that replaced a whole block)."""
+        if path in self.sources:
+            return self.sources[path]
+        inside = [rule for key, rule in self.sources.items() if key.startswith(path + ".")]
+        if inside:
+            return inside[-1]
+        while "." in path:
+            path = path.rpartition(".")[0]
+            if path in self.sources:
+                return self.sources[path]
+        return "defaults"
 
 
 @dataclass(slots=True)

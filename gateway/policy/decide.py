@@ -92,12 +92,12 @@ def decide(
     tokens: TokenCounter,
     helper_call: bool,
     now: float,
+    body_hash: int | None = None,
 ) -> Decision:
     """Everything but the counted limits; raises ``PolicyStop`` on a hard stop."""
     effective = policy.resolve(who)
     settings = effective.settings
     limits = settings.limits
-    session = identity.session_id
     lift = f"Change it in the policy file ({policy.source})."
 
     if limits.max_body_bytes is not None and body_size > limits.max_body_bytes:
@@ -142,7 +142,7 @@ def decide(
         )
 
     if not helper_call:
-        _detect_loops(decision, dialect, facts, record, session)
+        _detect_loops(decision, dialect, facts, record, body_hash)
 
     decision.limits = Limits(
         max_turns=limits.max_turns,
@@ -191,7 +191,7 @@ def _detect_loops(
     dialect: Dialect,
     facts: RequestFacts,
     record: SessionRecord | None,
-    session: str,
+    body_hash: int | None,
 ) -> None:
     loops = decision.effective.settings.loops
     count, signature = identical_run(dialect.tool_call_turns(facts), loops.identical_tool_calls)
@@ -202,8 +202,9 @@ def _detect_loops(
             )
         )
     if record is not None:
-        # The repeat would be the next one in a row of identical successful requests.
-        if record.body_repeats + 1 >= loops.repeated_requests and record.last_body_hash is not None:
+        # This body again, after a row of identical successful requests.
+        repeat = body_hash is not None and body_hash == record.last_body_hash
+        if repeat and record.body_repeats + 1 >= loops.repeated_requests:
             decision.detections.append(
                 Detection("repeated_requests", record.body_repeats + 1, loops.repeated_requests)
             )
@@ -249,6 +250,7 @@ def limit_verdict(
     effective: Effective,
     retry_after: float | None,
     budget: BudgetLimit | None,
+    reason: str = "",
 ) -> Verdict:
     """The words for a stop by the store's counted limits."""
     grant = f"gateway sessions grant {session}"
@@ -276,20 +278,22 @@ def limit_verdict(
             limit,
             budget.rule,
             f"The {budget.key.split(':')[0]} budget {budget.key} is spent: {used} of "
-            f"{allowed} {what} (budgets, rule '{budget.rule}'). It resets at {resets}; "
-            f"or raise the budget in the policy file.",
+            f"{allowed} {what} (budgets, rule '{budget.rule}'). It resets at {resets}: "
+            f"try again in {max(1, round(retry_after or 0))}s, or raise the budget in the "
+            f"policy file.",
             retry_after=retry_after,
         )
-    state = limit.removeprefix("session_")
+    if limit == "session_paused":
+        return Verdict(
+            limit,
+            "operator",
+            f"Session {session} is paused until an operator lets it go on ({reason}). "
+            f"To let it go on: {grant} --turns 20.",
+        )
     return Verdict(
         limit,
         "operator",
-        f"Session {session} is {state} by an operator. "
-        + (
-            f"To let it go on: {grant} --turns 20."
-            if state == "paused"
-            else "Start a new session to go on."
-        ),
+        f"Session {session} was ended by an operator ({reason}). Start a new session to go on.",
     )
 
 

@@ -17,15 +17,6 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def source_of(effective: Effective, path: str) -> str:
-    """The rule that set ``path`` or, for a value inside a block a rule replaced, its parent."""
-    while path:
-        if path in effective.sources:
-            return effective.sources[path]
-        path = path.rpartition(".")[0]
-    return "defaults"
-
-
 def explain_lines(policy: CompiledPolicy, effective: Effective) -> list[str]:
     lines = [
         f"policy {policy.source} (version {policy.version})",
@@ -37,7 +28,7 @@ def explain_lines(policy: CompiledPolicy, effective: Effective) -> list[str]:
     leaves.append(("budgets", [b.model_dump(exclude_none=True) for b in budgets] or "none"))
     width = max(len(path) for path, _ in leaves)
     for path, value in leaves:
-        lines.append(f"{path:<{width}}  {_show(value):<30}  {source_of(effective, path)}")
+        lines.append(f"{path:<{width}}  {_show(value):<30}  {effective.source(path)}")
     return lines
 
 

@@ -39,6 +39,7 @@ class LimitExceeded(Exception):
         *,
         retry_after: float | None = None,
         budget: BudgetLimit | None = None,
+        reason: str = "",
     ) -> None:
         super().__init__(f"session {session_id}: {limit} {used} of {allowed}")
         self.limit = limit
@@ -47,6 +48,7 @@ class LimitExceeded(Exception):
         self.session_id = session_id
         self.retry_after = retry_after
         self.budget = budget
+        self.reason = reason
 
 
 class Store(Protocol):
@@ -273,7 +275,9 @@ def check_and_reserve(
     """The atomic core of ``begin_turn``: runs with no await inside."""
     restart_if_idle(record, start, limits.idle_timeout)
     if record.status != "active":
-        raise LimitExceeded(f"session_{record.status}", 0, 0, record.id)
+        raise LimitExceeded(
+            f"session_{record.status}", 0, 0, record.id, reason=record.status_reason or ""
+        )
     turns_left = tokens_left = None
     if limits.max_turns is not None:
         allowed = limits.max_turns + record.granted_turns

@@ -1,0 +1,166 @@
+"""Helpers for the policy tests: a gateway started on a policy file written into tmp_path,
+the official SDKs pointed at it, and the admin API and audit log read back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.appkeys import STORE
+from gateway.settings import Settings
+from gateway.store import SessionRecord
+from tests.conftest import received
+
+OPENAI_KEY = "sk-test-openai"
+ANTHROPIC_KEY = "sk-ant-test"
+REPO = Path(__file__).resolve().parents[2]
+POLICIES = REPO / "policies"
+
+
+def key_hash(key: str) -> str:
+    """The gateway's tag for a key, as policies name it in ``keys:``."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def write_text(path: Path, text: str, *, bump_mtime: float | None = None) -> None:
+    """A synchronous write (call it through ``asyncio.to_thread`` from async tests)."""
+    path.write_text(textwrap.dedent(text))
+    if bump_mtime is not None:
+        stat = path.stat()
+        os.utime(path, (stat.st_atime + bump_mtime, stat.st_mtime + bump_mtime))
+
+
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Gateway:
+    """A gateway running one policy file, with SDK clients and admin helpers."""
+
+    server: TestServer
+    fake: TestServer
+    policy_path: Path | None
+    audit_path: Path
+    openai: openai.AsyncOpenAI
+    anthropic: anthropic.AsyncAnthropic
+    _http: aiohttp.ClientSession = field(repr=False)
+
+    def url(self, path: str = "") -> str:
+        return str(self.server.make_url(path))
+
+    def upstream_calls(self) -> int:
+        return len(received(self.fake))
+
+    async def record(self, session: str) -> SessionRecord:
+        record = await self.server.app[STORE].get(session)
+        assert record is not None, f"no session {session}"
+        return record
+
+    async def admin_get(self, path: str) -> Any:
+        async with self._http.get(self.url(path)) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def admin_post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with self._http.post(self.url(path), json=body or {}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def grant(self, session: str, **body: Any) -> Any:
+        return await self.admin_post(f"/gateway/sessions/{session}/grant", body)
+
+    async def session(self, session: str) -> Any:
+        return await self.admin_get(f"/gateway/sessions/{session}")
+
+    async def post(
+        self, path: str, body: dict[str, Any] | bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any]:
+        """A raw call (for headers an SDK would not send); returns status, headers, JSON."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json", **headers}
+        async with self._http.post(self.url(path), data=data, headers=all_headers) as resp:
+            raw = await resp.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw
+            return resp.status, dict(resp.headers), payload
+
+    async def audit_events(
+        self, event: str, predicate: Callable[[dict[str, Any]], bool] = lambda e: True
+    ) -> list[dict[str, Any]]:
+        """Audit lines are written by a background thread: wait (bounded) for a match."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            lines = await asyncio.to_thread(read_audit, self.audit_path)
+            found = [e for e in lines if e.get("event") == event and predicate(e)]
+            if found or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.02)
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(
+    aiohttp_server: Any, settings: Settings, fake_provider: TestServer, tmp_path: Path
+) -> AsyncIterator[MakeGateway]:
+    """``await make_gateway(POLICY_YAML, **settings_updates)``; ``None`` runs the packaged one."""
+    opened: list[Gateway] = []
+    http = aiohttp.ClientSession()
+
+    async def make(policy: str | None, **updates: Any) -> Gateway:
+        index = len(opened)
+        policy_path = None
+        if policy is not None:
+            policy_path = tmp_path / f"policy-{index}.yaml"
+            await asyncio.to_thread(write_text, policy_path, policy)
+        audit_path = tmp_path / f"audit-{index}.jsonl"
+        configured = settings.model_copy(
+            update={"policy": policy_path, "audit_log": audit_path, **updates}
+        )
+        server: TestServer = await aiohttp_server(create_app(configured))
+        gateway = Gateway(
+            server=server,
+            fake=fake_provider,
+            policy_path=policy_path,
+            audit_path=audit_path,
+            openai=openai.AsyncOpenAI(
+                base_url=str(server.make_url("/v1")), api_key=OPENAI_KEY, max_retries=0
+            ),
+            anthropic=anthropic.AsyncAnthropic(
+                base_url=str(server.make_url("")).rstrip("/"), api_key=ANTHROPIC_KEY, max_retries=0
+            ),
+            _http=http,
+        )
+        opened.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in opened:
+        await gateway.openai.close()
+        await gateway.anthropic.close()
+    await http.close()
+
+
+def session_headers(session: str, **extra: str) -> dict[str, str]:
+    return {"X-Gateway-Session": session, **extra}

@@ -1,0 +1,197 @@
+"""``gateway policy check|explain`` on files, and ``gateway sessions grant|end`` against a
+running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from tests.policy.apis import call
+from tests.policy.conftest import POLICIES, MakeGateway, session_headers
+
+ORGANIZATION = POLICIES / "organization.yaml"
+EXPLAIN = [
+    "policy",
+    "explain",
+    "--policy",
+    str(ORGANIZATION),
+    "--agent",
+    "codex",
+    "--mode",
+    "headless",
+    "--team",
+    "support",
+    "--model",
+    "gpt-4o-mini",
+]
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_policy_checks(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: ok (version ")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "where", "message"),
+    [
+        (
+            "version: 1\ndefaults:\n  limits:\n    max_turns: 0\n",
+            4,
+            "defaults.limits.max_turns",
+            "greater than or equal to 1",
+        ),
+        (
+            "version: 1\nrules:\n  - name: bad\n    match: {agent: x}\n    limits: {warn_at: 2}\n",
+            5,
+            "rules[0].limits.warn_at",
+            "less than or equal to 1",
+        ),
+        (
+            "version: 1\ndefaults:\n  loops:\n    action: explode\n",
+            4,
+            "defaults.loops.action",
+            "'reject', 'flag' or 'pause'",
+        ),
+        (
+            "version: 1\ndefaults:\n  limits:\n    max_turn: 5\n",
+            4,
+            "defaults.limits.max_turn",
+            "Extra inputs are not permitted",
+        ),
+        (
+            "version: 1\ndefaults:\n  budgets:\n    - {per: team, window: day}\n",
+            4,
+            "defaults.budgets[0]",
+            "a budget needs max_tokens or max_cost",
+        ),
+    ],
+    ids=["range", "rule", "choice", "unknown-key", "budget"],
+)
+def test_a_broken_file_names_file_line_path_and_problem(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    line: int,
+    where: str,
+    message: str,
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    assert main(["policy", "check", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}: line {line}: {where}: "), err
+    assert message in err
+
+
+def test_not_yaml_is_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("version: 1\ndefaults:\n  limits: {max_turns: 3\nrules: []\n")
+    assert main(["policy", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.match(rf"{re.escape(str(path))}: line \d+: not valid YAML", err), err
+
+
+def test_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "check", str(tmp_path / "nope.yaml")]) == 1
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_explain_shows_each_setting_and_the_rule_that_set_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(EXPLAIN) == 0
+    out = capsys.readouterr().out
+    assert "matching rules: support-is-small, ci-codex" in out
+    assert re.search(r"^limits\.max_turns\s+200\s+ci-codex$", out, re.M), out
+    assert re.search(
+        r"^limits\.models\.allow\s+\[gpt-4o-mini\*, claude-haiku-\*\]\s+support-is-small$",
+        out,
+        re.M,
+    ), out
+    assert re.search(r"^limits\.models\.deny\s+\[\*-preview\*\]\s+defaults$", out, re.M), out
+    assert re.search(r"^loops\.action\s+pause\s+ci-codex$", out, re.M), out
+
+
+def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*EXPLAIN, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["policy"]["source"] == str(ORGANIZATION)
+    assert data["rules"] == ["support-is-small", "ci-codex"]
+    assert data["settings"]["limits"]["max_turns"] == 200
+    assert data["settings"]["limits"]["models"]["allow"] == ["gpt-4o-mini*", "claude-haiku-*"]
+    assert data["sources"]["limits.max_turns"] == "ci-codex"
+    assert data["sources"]["limits.models.allow"] == "support-is-small"
+    assert data["settings"]["budgets"] == [
+        {"per": "team", "window": "hour", "max_tokens": 2000000, "max_cost": None}
+    ]
+
+
+def test_explain_interactive_caller_gets_no_headless_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [a if a != "headless" else "interactive" for a in EXPLAIN]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rules"] == ["support-is-small"]
+    assert data["settings"]["limits"]["max_turns"] == 100
+
+
+async def run_cli(*argv: str) -> int:
+    # The CLI is synchronous (urllib): off the event loop the gateway serves on.
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_sessions_grant_and_end_against_a_running_gateway(
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = await make_gateway(
+        """
+        version: 1
+        defaults:
+          limits: {max_turns: 1}
+        """
+    )
+    url = gw.url("").rstrip("/")
+    headers = session_headers("cli-s")
+    assert (await call(gw, "chat", headers)).ok
+    refused = await call(gw, "chat", headers)
+    assert refused.status == 400 and "gateway sessions grant cli-s" in refused.message
+
+    code = await run_cli(
+        "sessions", "--url", url, "grant", "cli-s", "--turns", "5", "--reason", "ok", "--by", "dana"
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("granted 5 turns and 0 tokens to cli-s")
+    assert "status active" in out
+    for _ in range(5):
+        assert (await call(gw, "chat", headers)).ok
+    assert (await call(gw, "chat", headers)).status == 400
+    shown = await gw.session("cli-s")
+    assert shown["granted_turns"] == 5
+    assert shown["grants"][-1]["by"] == "dana" and shown["grants"][-1]["reason"] == "ok"
+
+    code = await run_cli("sessions", "--url", url, "--json", "end", "cli-s", "--by", "dana")
+    assert code == 0
+    ended = json.loads(capsys.readouterr().out)
+    assert ended["status"] == "ended" and "dana" in ended["status_reason"]
+    await gw.grant("cli-s", turns=5)  # a grant does not reopen an ended session
+    refused = await call(gw, "chat", headers)
+    assert refused.status == 400 and "ended by an operator" in refused.message
+    [audited] = await gw.audit_events("session_end")
+    assert audited["session"] == "cli-s" and audited["by"] == "dana"
+
+
+async def test_granting_an_unknown_session_fails_clearly(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway("version: 1\n")
+    url = gw.url("").rstrip("/")
+    with pytest.raises(SystemExit) as caught:
+        await run_cli("sessions", "--url", url, "grant", "nobody", "--turns", "5")
+    assert "404" in str(caught.value.code) and "no such session" in str(caught.value.code)
