@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
 from gateway.dialects import Dialect, RequestFacts, ResponseFacts
+from gateway.dialects.base import Body
 from gateway.identity import Identity
 from gateway.policy.decide import Decision
 from gateway.store import TurnTicket
@@ -30,7 +30,7 @@ class Exchange:
     path_session: str | None = None
     started: float = field(default_factory=time.perf_counter)
     raw: bytes = b""
-    body: dict[str, Any] | None = None
+    body: Body | None = None
     body_hash: int | None = None
     """Of the raw body: retry storms are the same bytes again."""
     facts: RequestFacts | None = None

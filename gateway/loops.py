@@ -16,8 +16,35 @@ from typing import Any
 
 import orjson
 
-Signature = tuple[str, ...]
-"""One assistant turn's tool calls, each ``name(arguments)``, sorted."""
+
+class Signature:
+    """One assistant turn's tool calls: compared as sent, and only when those differ, with
+    arguments parsed and keys sorted (so formatting and call order do not matter).
+
+    An agent in a loop resends the same calls byte for byte, so the common comparison costs
+    no JSON parsing."""
+
+    __slots__ = ("_normal", "raw")
+
+    def __init__(self, raw: tuple[tuple[str, Any], ...]) -> None:
+        self.raw = raw
+        self._normal: tuple[str, ...] | None = None
+
+    @property
+    def normal(self) -> tuple[str, ...]:
+        if self._normal is None:
+            self._normal = tuple(sorted(call_signature(name, args) for name, args in self.raw))
+        return self._normal
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Signature):
+            return NotImplemented
+        return self.raw == other.raw or self.normal == other.normal
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return bool(self.raw)
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +98,7 @@ def identical_run(turns: Iterator[Signature], limit: int) -> tuple[int, Signatur
 
 
 def tool_name(signature: Signature) -> str:
-    return ", ".join(call.split("(", 1)[0] for call in signature)
+    return ", ".join(sorted({name for name, _ in signature.raw}))
 
 
 def rate_detection(
@@ -86,4 +113,4 @@ def rate_detection(
 
 
 def signatures(calls: Iterable[tuple[Any, Any]]) -> Signature:
-    return tuple(sorted(call_signature(name, args) for name, args in calls))
+    return Signature(tuple((str(name), args) for name, args in calls))

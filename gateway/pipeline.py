@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from gateway import accounting
 from gateway.appkeys import HTTP, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
+from gateway.dialects.envelope import EnvelopeError
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
@@ -104,17 +105,12 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
     await read_body(ex)
     assert ex.dialect is not None
     try:
-        body = orjson.loads(ex.raw)
-    except orjson.JSONDecodeError as exc:
+        body = ex.dialect.decode(ex.raw)
+    except EnvelopeError as exc:
         if not strict:
             ex.upstream_body = ex.raw
             return
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        if not strict:
-            ex.upstream_body = ex.raw
-            return
-        raise BadRequest("The request body must be a JSON object.")
+        raise BadRequest(f"The request body is not valid JSON for this API: {exc}") from exc
     ex.body = body
     ex.body_hash = hash(ex.raw)
     ex.facts = ex.dialect.read_request(body)

@@ -50,6 +50,13 @@ class SSEParser:
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:
+    # The common shapes first: one data line, or one event line and one data line.
+    if block.startswith(b"data: ") and block.count(b"\n") == 2:
+        return SSEEvent(None, block[6:-2], block)
+    if block.startswith(b"event: ") and block.count(b"\n") == 3:
+        first = block.index(b"\n")
+        if block.startswith(b"data: ", first + 1):
+            return SSEEvent(block[7:first].decode(), block[first + 7 : -2], block)
     name: str | None = None
     data: list[bytes] = []
     for line in block.split(b"\n"):

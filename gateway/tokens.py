@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
+import msgspec
 import orjson
 import tiktoken
 
@@ -90,7 +91,14 @@ class TokenCounter:
         return total
 
     def _count_item(self, encoding: str, item: Any) -> int:
-        raw = item.encode() if isinstance(item, str) else orjson.dumps(item)
+        if isinstance(item, msgspec.Raw):
+            # A lazily decoded element: its bytes are the key, decoded only on a miss.
+            raw = bytes(item)
+            item = None
+        elif isinstance(item, str):
+            raw = item.encode()
+        else:
+            raw = orjson.dumps(item)
         key = (encoding, len(raw), hash(raw))
         cached = self._cache.get(key)
         if cached is not None:
@@ -98,7 +106,7 @@ class TokenCounter:
             self._cache.move_to_end(key)
             return cached
         self.misses += 1
-        text, extra = _text_of(item)
+        text, extra = _text_of(orjson.loads(raw) if item is None else item)
         count = len(self._encoding(encoding).encode(text, disallowed_special=())) + extra
         self._cache[key] = count
         if len(self._cache) > self._max_entries:

@@ -9,6 +9,7 @@ import orjson
 
 from gateway.dialects.base import (
     STATUS_OF,
+    Body,
     ErrorKind,
     JSONObject,
     ProviderError,
@@ -20,6 +21,15 @@ from gateway.dialects.base import (
     as_list,
     as_str,
     parse_object,
+)
+from gateway.dialects.envelope import (
+    UNSET,
+    Array,
+    ArrayOrText,
+    Envelope,
+    Field,
+    decode,
+    decoder,
 )
 from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
@@ -73,15 +83,31 @@ def _is_new_user_input(message: Any) -> bool:
     return any(as_dict(block).get("type") != "tool_result" for block in as_list(content))
 
 
+class MessagesEnvelope(Envelope):
+    model: Field = UNSET
+    stream: Field = UNSET
+    messages: Array = UNSET
+    system: ArrayOrText = UNSET
+    tools: Array = UNSET
+    max_tokens: Field = UNSET
+    metadata: Field = UNSET
+
+
+_DECODER = decoder(MessagesEnvelope)
+
+
 class AnthropicMessages:
     name = "anthropic.messages"
     provider = "anthropic"
     operation = "chat"
 
-    def read_request(self, body: JSONObject) -> RequestFacts:
+    def decode(self, raw: bytes) -> Body:
+        return decode(_DECODER, raw)
+
+    def read_request(self, body: Body) -> RequestFacts:
         messages = as_list(body.get("messages"))
         system = body.get("system")
-        preamble = [system] if isinstance(system, str) else as_list(system)
+        preamble = [system] if isinstance(system, str) else list(as_list(system))
         facts = RequestFacts(
             model=as_str(body.get("model")),
             stream=body.get("stream") is True,
@@ -110,7 +136,7 @@ class AnthropicMessages:
             facts.session_hints["metadata.session_id"] = session_id
         return facts
 
-    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+    def upstream_body(self, body: Body, raw: bytes) -> tuple[bytes, bool]:
         return raw, False
 
     def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
@@ -137,7 +163,7 @@ class AnthropicMessages:
             model=as_str(body.get("model")),
             id=as_str(body.get("id")),
             finish_reasons=[reason] if reason else [],
-            output_text=as_list(body.get("content")) if usage is None else [],
+            output_text=list(as_list(body.get("content"))) if usage is None else [],
         )
 
     def observe_stream(self, rewritten: bool) -> MessagesStreamObserver:

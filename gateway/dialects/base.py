@@ -7,17 +7,21 @@ web layer, no I/O, so they are tested without a server.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import chain
 from typing import Any, Protocol
 
 import orjson
 
+from gateway.dialects.envelope import Envelope, Items
 from gateway.loops import Signature
 from gateway.sse import SSEEvent
 
 JSONObject = dict[str, Any]
+Body = Envelope | JSONObject
+"""A request body as dialects read it: a decoded envelope, or (in tests) a plain dict."""
 
 
 class ErrorKind(StrEnum):
@@ -60,13 +64,14 @@ class RequestFacts:
 
     model: str | None
     stream: bool
-    items: list[Any]
-    """Conversation items: messages (chat, Anthropic) or input items (Responses)."""
+    items: Sequence[Any]
+    """Conversation items: messages (chat, Anthropic) or input items (Responses); an
+    ``Items`` that decodes each one only when read."""
     system: list[Any] = field(default_factory=list)
     """The system prompt: the leading system/developer messages, or the API's own field."""
     preamble: list[Any] = field(default_factory=list)
     """Prompt parts outside ``items`` (Anthropic ``system``, Responses ``instructions``)."""
-    tools: list[Any] = field(default_factory=list)
+    tools: Sequence[Any] = field(default_factory=list)
     max_output_tokens: int | None = None
     """The output cap the request sets, if any."""
     user_turn: bool = False
@@ -77,9 +82,14 @@ class RequestFacts:
     ``metadata.user_id``, ``metadata.session_id``, ``user``); identity ranks them."""
 
 
-def prompt_parts(facts: RequestFacts) -> list[Any]:
-    """Everything the model reads as input, each part once: what token estimates count."""
-    return facts.preamble + facts.items + facts.tools
+def prompt_parts(facts: RequestFacts) -> Iterable[Any]:
+    """Everything the model reads as input, each part once: what token estimates count.
+    Lazily decoded arrays give their raw elements (the token cache keys on their bytes)."""
+    return chain(facts.preamble, _raw_or_items(facts.items), _raw_or_items(facts.tools))
+
+
+def _raw_or_items(items: Sequence[Any]) -> Iterable[Any]:
+    return items.raw() if isinstance(items, Items) else items
 
 
 @dataclass(slots=True)
@@ -149,8 +159,8 @@ def as_dict(value: Any) -> JSONObject:
     return value if isinstance(value, dict) else {}
 
 
-def as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
+def as_list(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, list | Items) else []
 
 
 class StreamObserver(Protocol):
@@ -176,9 +186,13 @@ class Dialect(Protocol):
     operation: str
     """``gen_ai.operation.name``: ``chat``."""
 
-    def read_request(self, body: JSONObject) -> RequestFacts: ...
+    def decode(self, raw: bytes) -> Body:
+        """The body's envelope; raises ``EnvelopeError`` for what is not a JSON object."""
+        ...
 
-    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+    def read_request(self, body: Body) -> RequestFacts: ...
+
+    def upstream_body(self, body: Body, raw: bytes) -> tuple[bytes, bool]:
         """The body to send upstream, and whether the gateway changed it."""
         ...
 

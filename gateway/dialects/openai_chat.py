@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from gateway.dialects.base import (
+    Body,
     ErrorKind,
     JSONObject,
     ProviderError,
@@ -20,12 +22,15 @@ from gateway.dialects.base import (
     as_str,
     parse_object,
 )
+from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder
 from gateway.dialects.openai_common import openai_error, session_hints
 from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
 _SYSTEM_ROLES = ("system", "developer")
-_USAGE_NULLS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+# The field every chunk carries once include_usage is on. An unescaped quote cannot occur inside
+# a JSON string, so this only ever matches the key itself.
+_USAGE_NULL = re.compile(rb',\s*"usage":\s*null|"usage":\s*null\s*,\s*')
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -42,12 +47,31 @@ def parse_usage(raw: Any) -> Usage | None:
     )
 
 
+class ChatEnvelope(Envelope):
+    model: Field = UNSET
+    stream: Field = UNSET
+    stream_options: Field = UNSET
+    messages: Array = UNSET
+    tools: Array = UNSET
+    max_tokens: Field = UNSET
+    max_completion_tokens: Field = UNSET
+    user: Field = UNSET
+    metadata: Field = UNSET
+    prompt_cache_key: Field = UNSET
+
+
+_DECODER = decoder(ChatEnvelope)
+
+
 class OpenAIChat:
     name = "openai.chat"
     provider = "openai"
     operation = "chat"
 
-    def read_request(self, body: JSONObject) -> RequestFacts:
+    def decode(self, raw: bytes) -> Body:
+        return decode(_DECODER, raw)
+
+    def read_request(self, body: Body) -> RequestFacts:
         messages = as_list(body.get("messages"))
         facts = RequestFacts(
             model=as_str(body.get("model")),
@@ -71,7 +95,7 @@ class OpenAIChat:
         session_hints(body, facts.session_hints)
         return facts
 
-    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+    def upstream_body(self, body: Body, raw: bytes) -> tuple[bytes, bool]:
         """Ask upstream for usage on a stream the client left without it."""
         if body.get("stream") is not True:
             return raw, False
@@ -84,7 +108,7 @@ class OpenAIChat:
             rest = raw[brace:]
             sep = b"," if rest.strip() != b"}" else b""
             return raw[:brace] + b'"stream_options":{"include_usage":true}' + sep + rest, True
-        rewritten = dict(body)
+        rewritten = orjson.loads(raw)  # the rare case: stream_options present without usage
         rewritten["stream_options"] = {**as_dict(options), "include_usage": True}
         return orjson.dumps(rewritten), True
 
@@ -135,12 +159,9 @@ class ChatStreamObserver:
     def on_event(self, event: SSEEvent) -> bytes | None:
         data, raw = event.data, event.raw
         if self.rewrites:
-            for null in _USAGE_NULLS:
-                if null in raw:
-                    raw = raw.replace(null, b"", 1)
-                    break
+            raw = _USAGE_NULL.sub(b"", raw, count=1)
         facts = self.facts
-        if facts.id is not None and not any(marker in data for marker in _MARKERS):
+        if facts.id is not None and _MARKERS.search(data) is None:
             facts.deltas.append(data)
             return raw
         chunk = parse_object(data)
@@ -166,7 +187,7 @@ class ChatStreamObserver:
 
 
 # Chunks worth parsing as they pass: usage, a finish reason, an error.
-_MARKERS = (b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "', b'"error"')
+_MARKERS = re.compile(rb'"usage": ?\{|"finish_reason": ?"|"error"')
 
 
 def _delta_text(data: bytes) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.dialects.base import STATUS_OF, ErrorKind, JSONObject, ProviderError, as_dict
+from gateway.dialects.base import STATUS_OF, Body, ErrorKind, ProviderError, as_dict
 
 _TYPES = {
     ErrorKind.RATE_LIMIT: ("requests", "rate_limit_exceeded"),
@@ -21,7 +21,7 @@ def openai_error(kind: ErrorKind, message: str, code: str | None = None) -> Prov
     return ProviderError(STATUS_OF[kind], body)
 
 
-def session_hints(body: JSONObject, hints: dict[str, str]) -> None:
+def session_hints(body: Body, hints: dict[str, str]) -> None:
     for key in ("prompt_cache_key", "user"):
         value = body.get(key)
         if isinstance(value, str) and value:

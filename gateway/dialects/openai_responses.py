@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gateway.dialects.base import (
+    Body,
     ErrorKind,
     JSONObject,
     ProviderError,
@@ -17,6 +18,15 @@ from gateway.dialects.base import (
     as_list,
     as_str,
     parse_object,
+)
+from gateway.dialects.envelope import (
+    UNSET,
+    Array,
+    ArrayOrText,
+    Envelope,
+    Field,
+    decode,
+    decoder,
 )
 from gateway.dialects.openai_common import openai_error, session_hints
 from gateway.loops import Signature, signatures
@@ -53,14 +63,32 @@ def _is_user_message(item: Any) -> bool:
     )
 
 
+class ResponsesEnvelope(Envelope):
+    model: Field = UNSET
+    stream: Field = UNSET
+    input: ArrayOrText = UNSET
+    instructions: Field = UNSET
+    tools: Array = UNSET
+    max_output_tokens: Field = UNSET
+    user: Field = UNSET
+    metadata: Field = UNSET
+    prompt_cache_key: Field = UNSET
+
+
+_DECODER = decoder(ResponsesEnvelope)
+
+
 class OpenAIResponses:
     name = "openai.responses"
     provider = "openai"
     operation = "chat"
 
-    def read_request(self, body: JSONObject) -> RequestFacts:
+    def decode(self, raw: bytes) -> Body:
+        return decode(_DECODER, raw)
+
+    def read_request(self, body: Body) -> RequestFacts:
         raw_input = body.get("input")
-        items: list[Any]
+        items: Sequence[Any]
         if isinstance(raw_input, str):
             items = [{"type": "message", "role": "user", "content": raw_input}]
         else:
@@ -87,7 +115,7 @@ class OpenAIResponses:
         session_hints(body, facts.session_hints)
         return facts
 
-    def upstream_body(self, body: JSONObject, raw: bytes) -> tuple[bytes, bool]:
+    def upstream_body(self, body: Body, raw: bytes) -> tuple[bytes, bool]:
         return raw, False
 
     def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
@@ -112,7 +140,7 @@ class OpenAIResponses:
         facts = ResponseFacts()
         _read_response_object(body, facts)
         if facts.usage is None:
-            facts.output_text = as_list(body.get("output"))
+            facts.output_text = list(as_list(body.get("output")))
         return facts
 
     def observe_stream(self, rewritten: bool) -> ResponsesStreamObserver:

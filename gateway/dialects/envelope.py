@@ -1,0 +1,101 @@
+"""Reading a request body without building all of it.
+
+An agent's request is mostly history, resent every turn. The gateway needs a few small fields
+and the two ends of the history (its start for identity, its newest items for loops), so the
+body is decoded into an ``Envelope``: small fields as values, big arrays as a list of raw JSON
+slices (one scan, no objects built). ``Items`` decodes an item only when it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+import msgspec
+import orjson
+
+
+class Items(Sequence[Any]):
+    """A JSON array whose elements are decoded on first access (and then kept)."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: list[msgspec.Raw]) -> None:
+        self._raw = raw
+        self._decoded: list[Any] = [_UNREAD] * len(raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        value = self._decoded[index]
+        if value is _UNREAD:
+            value = self._decoded[index] = orjson.loads(memoryview(self._raw[index]))
+        return value
+
+    def raw(self) -> Iterator[msgspec.Raw]:
+        """The elements as sent, undecoded: token counting keys its cache on these bytes."""
+        return iter(self._raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Items({len(self)} items)"
+
+
+_UNREAD: Any = object()
+
+
+class Envelope(msgspec.Struct):
+    """A request body's fields that a dialect reads; everything else stays as bytes.
+
+    ``get`` makes an envelope read like the parsed dict it stands for, so dialects (and their
+    tests) take either.
+    """
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, msgspec.UNSET)
+        if value is msgspec.UNSET:
+            return default
+        if isinstance(value, list) and value and isinstance(value[0], msgspec.Raw):
+            return Items(value)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        """Whether the body has the field at all (``null`` counts)."""
+        return getattr(self, key, msgspec.UNSET) is not msgspec.UNSET
+
+
+Field = Any
+"""A small field, decoded as it is; absent stays ``msgspec.UNSET``."""
+Array = list[msgspec.Raw] | None | msgspec.UnsetType
+"""A big array: its elements kept as raw JSON."""
+ArrayOrText = list[msgspec.Raw] | str | None | msgspec.UnsetType
+"""A big array, or a plain string in its place (Responses ``input``, Anthropic ``system``)."""
+UNSET = msgspec.UNSET
+
+
+class EnvelopeError(ValueError):
+    """Not JSON, or not the shape of a request (the message says where)."""
+
+
+def decoder(envelope: type[Envelope]) -> msgspec.json.Decoder[Envelope]:
+    return msgspec.json.Decoder(envelope)
+
+
+def decode(dec: msgspec.json.Decoder[Envelope], raw: bytes) -> Envelope:
+    try:
+        return dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise EnvelopeError(str(exc)) from exc
