@@ -144,11 +144,20 @@ def _install_uvloop() -> None:
 
 
 # -- sessions ----------------------------------------------------------------------------------
-def _admin_get(args: argparse.Namespace, path: str, query: dict[str, Any] | None = None) -> Any:
+def _admin(
+    args: argparse.Namespace,
+    path: str,
+    query: dict[str, Any] | None = None,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """One call to a running gateway's admin API (GET, or POST with a JSON body)."""
     url = args.url.rstrip("/") + path
     if query:
         url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    request = urllib.request.Request(url)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    if data:
+        request.add_header("Content-Type", "application/json")
     token = os.environ.get("GATEWAY_ADMIN_TOKEN")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -162,7 +171,7 @@ def _admin_get(args: argparse.Namespace, path: str, query: dict[str, Any] | None
 
 
 def _sessions_list(args: argparse.Namespace) -> int:
-    data = _admin_get(
+    data = _admin(
         args,
         "/gateway/sessions",
         {"agent": args.agent, "status": args.status, "limit": args.limit},
@@ -190,7 +199,7 @@ def _sessions_list(args: argparse.Namespace) -> int:
 
 
 def _sessions_show(args: argparse.Namespace) -> int:
-    s = _admin_get(args, "/gateway/sessions/" + urllib.parse.quote(args.session_id, safe=""))
+    s = _admin(args, _session_path(args.session_id))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -227,22 +236,6 @@ def _sessions_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> Any:
-    url = args.url.rstrip("/") + path
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    token = os.environ.get("GATEWAY_ADMIN_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise SystemExit(f"gateway: {exc.code} {exc.read().decode(errors='replace')}") from exc
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"gateway: cannot reach {args.url}: {exc.reason}") from exc
-
-
 def _session_path(session_id: str, action: str = "") -> str:
     path = "/gateway/sessions/" + urllib.parse.quote(session_id, safe="")
     return f"{path}/{action}" if action else path
@@ -250,7 +243,7 @@ def _session_path(session_id: str, action: str = "") -> str:
 
 def _sessions_grant(args: argparse.Namespace) -> int:
     body = {"turns": args.turns, "tokens": args.tokens, "reason": args.reason, "by": args.by}
-    s = _admin_post(args, _session_path(args.session_id, "grant"), body)
+    s = _admin(args, _session_path(args.session_id, "grant"), body=body)
     if args.json:
         print(json.dumps(s, indent=2))
     else:
@@ -264,7 +257,7 @@ def _sessions_grant(args: argparse.Namespace) -> int:
 
 def _sessions_end(args: argparse.Namespace) -> int:
     body = {"reason": args.reason, "by": args.by}
-    s = _admin_post(args, _session_path(args.session_id, "end"), body)
+    s = _admin(args, _session_path(args.session_id, "end"), body=body)
     print(json.dumps(s, indent=2) if args.json else f"ended {s['id']} ({s['status_reason']})")
     return 0
 
