@@ -246,3 +246,23 @@ async def test_a_gateway_bug_is_a_provider_shaped_500(
         "type": "error",
         "error": {"type": "api_error", "message": "The gateway failed on this request."},
     }
+
+
+async def test_an_upstream_idle_past_the_timeout_is_cut_and_accounted(
+    aiohttp_server: Any, settings: Settings, fake_provider: TestServer, fake_config: Any
+) -> None:
+    """timeouts.idle: a stream whose next chunk never comes is cut, not held open forever."""
+    fake_config.chunk_delay = 1.0
+    quick = settings.model_copy(update={"timeouts": Timeouts(idle=0.2)})
+    gateway = await aiohttp_server(create_app(quick))
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            gateway.make_url("/v1/chat/completions"),
+            json={**CHAT, "stream": True},
+            headers={"Authorization": "Bearer k", "X-Gateway-Session": "idle"},
+        )
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    record = await gateway.app[STORE].get("idle")
+    assert record is not None and record.in_flight == 0 and record.estimated_turns == 1

@@ -168,3 +168,21 @@ async def test_a_broken_file_keeps_the_policy_in_force(
 async def test_a_broken_file_at_start_stops_the_gateway(make_gateway: MakeGateway) -> None:
     with pytest.raises(Exception, match=r"line 4: defaults\.limits\.max_turns"):
         await make_gateway(BROKEN_SCHEMA)
+
+
+async def test_sighup_reloads_at_once(make_gateway: MakeGateway) -> None:
+    """With file polling far off, SIGHUP alone brings the new file in."""
+    import os
+    import signal
+
+    gw = await make_gateway(TEN_TURNS, policy_poll_interval=3600)
+    await rewrite(gw, THREE_TURNS, forward=5)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async def reloaded() -> Any:
+        shown = await gw.admin_get("/gateway/policy")
+        return shown["version"] == version_of(THREE_TURNS)
+
+    assert await eventually(reloaded), "SIGHUP did not reload the policy"
+    loaded = await gw.audit_events("policy_loaded", lambda e: e["reason"] == "SIGHUP")
+    assert loaded and loaded[0]["version"] == version_of(THREE_TURNS)
