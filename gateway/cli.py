@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -123,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"  store {settings.store}",
         flush=True,
     )
+    app.on_startup.append(_tune_gc)
     web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
     return 0
 
@@ -133,6 +135,16 @@ def _fake_provider(options: list[str]) -> int:
     _install_uvloop()
     fake_main(options)
     return 0
+
+
+async def _tune_gc(app: object) -> None:
+    """Every call allocates thousands of short-lived objects and few cycles. Collect the young
+    generation less often, and move what start-up built (modules, rank tables, the policy) out
+    of the collector's sight. Measured here: about 6% less CPU per small streamed call (three
+    A/B pairs, noisy); the collector still runs for cycles."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _install_uvloop() -> None:
