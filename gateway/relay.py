@@ -7,7 +7,7 @@ rewrites an event (only to hide what the gateway itself asked for).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 
 import aiohttp
 import orjson
@@ -71,15 +71,31 @@ async def relay_stream(
     observer = ex.dialect.observe_stream(ex.rewritten) if ex.dialect is not None else None
     if observer is not None:
         ex.response_facts = observer.facts
+    rewrites = observer is not None and observer.rewrites
     parser = SSEParser()
+    content = upstream.content
     try:
         await _write(response.prepare(ex.request))
-        async for chunk in _chunks(upstream):
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamCut(type(exc).__name__) from exc
+            if not chunk:
+                break
             if ex.first_byte_at is None:
                 ex.first_byte_at = time.perf_counter()
-            out = chunk if observer is None else _observe(observer, parser, chunk)
-            if out:
-                await _write(response.write(out))
+            if rewrites:
+                assert observer is not None
+                chunk = _rewrite(observer, parser, chunk)
+                if chunk:
+                    await _write(response.write(chunk))
+                continue
+            # The client's bytes first; usage is read on the side, after.
+            await _write(response.write(chunk))
+            if observer is not None:
+                for event in parser.feed(chunk):
+                    observer.on_event(event)
         await _write(response.write_eof())
     except ClientGone:
         ex.outcome = "client_gone"
@@ -92,26 +108,10 @@ async def relay_stream(
         upstream.close()
 
 
-def _observe(observer: StreamObserver, parser: SSEParser, chunk: bytes) -> bytes:
-    events = parser.feed(chunk)
-    if not observer.rewrites:
-        for event in events:
-            observer.on_event(event)
-        return chunk
-    kept = [out for event in events if (out := observer.on_event(event)) is not None]
+def _rewrite(observer: StreamObserver, parser: SSEParser, chunk: bytes) -> bytes:
+    """Whole events only, as the observer rewrites or drops them."""
+    kept = [out for event in parser.feed(chunk) if (out := observer.on_event(event)) is not None]
     return b"".join(kept)
-
-
-async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    iterator = upstream.content.iter_any().__aiter__()
-    while True:
-        try:
-            chunk = await iterator.__anext__()
-        except StopAsyncIteration:
-            return
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamCut(type(exc).__name__) from exc
-        yield chunk
 
 
 async def _write(pending: Awaitable[object]) -> None:
