@@ -84,13 +84,9 @@ def _is_new_user_input(message: Any) -> bool:
 
 
 class MessagesEnvelope(Envelope):
-    model: Field = UNSET
-    stream: Field = UNSET
     messages: Array = UNSET
     system: ArrayOrText = UNSET
-    tools: Array = UNSET
     max_tokens: Field = UNSET
-    metadata: Field = UNSET
 
 
 _DECODER = decoder(MessagesEnvelope)

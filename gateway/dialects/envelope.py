@@ -57,12 +57,26 @@ class Items(Sequence[Any]):
 _UNREAD: Any = object()
 
 
+Field = Any
+"""A small field, decoded as it is; absent stays ``msgspec.UNSET``."""
+Array = list[msgspec.Raw] | None | msgspec.UnsetType
+"""A big array: its elements kept as raw JSON."""
+ArrayOrText = list[msgspec.Raw] | str | None | msgspec.UnsetType
+"""A big array, or a plain string in its place (Responses ``input``, Anthropic ``system``)."""
+UNSET = msgspec.UNSET
+
+
 class Envelope(msgspec.Struct):
     """A request body's fields that a dialect reads; everything else stays as bytes.
 
     ``get`` makes an envelope read like the parsed dict it stands for, so dialects (and their
-    tests) take either.
+    tests) take either. The fields all three APIs have are here; each dialect adds its own.
     """
+
+    model: Field = UNSET
+    stream: Field = UNSET
+    tools: Array = UNSET
+    metadata: Field = UNSET
 
     def get(self, key: str, default: Any = None) -> Any:
         value = getattr(self, key, msgspec.UNSET)
@@ -75,15 +89,6 @@ class Envelope(msgspec.Struct):
     def __contains__(self, key: str) -> bool:
         """Whether the body has the field at all (``null`` counts)."""
         return getattr(self, key, msgspec.UNSET) is not msgspec.UNSET
-
-
-Field = Any
-"""A small field, decoded as it is; absent stays ``msgspec.UNSET``."""
-Array = list[msgspec.Raw] | None | msgspec.UnsetType
-"""A big array: its elements kept as raw JSON."""
-ArrayOrText = list[msgspec.Raw] | str | None | msgspec.UnsetType
-"""A big array, or a plain string in its place (Responses ``input``, Anthropic ``system``)."""
-UNSET = msgspec.UNSET
 
 
 class EnvelopeError(ValueError):

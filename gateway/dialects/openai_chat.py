@@ -48,15 +48,11 @@ def parse_usage(raw: Any) -> Usage | None:
 
 
 class ChatEnvelope(Envelope):
-    model: Field = UNSET
-    stream: Field = UNSET
     stream_options: Field = UNSET
     messages: Array = UNSET
-    tools: Array = UNSET
     max_tokens: Field = UNSET
     max_completion_tokens: Field = UNSET
     user: Field = UNSET
-    metadata: Field = UNSET
     prompt_cache_key: Field = UNSET
 
 

@@ -21,7 +21,6 @@ from gateway.dialects.base import (
 )
 from gateway.dialects.envelope import (
     UNSET,
-    Array,
     ArrayOrText,
     Envelope,
     Field,
@@ -64,14 +63,10 @@ def _is_user_message(item: Any) -> bool:
 
 
 class ResponsesEnvelope(Envelope):
-    model: Field = UNSET
-    stream: Field = UNSET
     input: ArrayOrText = UNSET
     instructions: Field = UNSET
-    tools: Array = UNSET
     max_output_tokens: Field = UNSET
     user: Field = UNSET
-    metadata: Field = UNSET
     prompt_cache_key: Field = UNSET
 
 
