@@ -266,3 +266,42 @@ async def test_an_upstream_idle_past_the_timeout_is_cut_and_accounted(
             await resp.read()
     record = await gateway.app[STORE].get("idle")
     assert record is not None and record.in_flight == 0 and record.estimated_turns == 1
+
+
+async def test_garbled_sse_from_upstream_is_relayed_and_estimated(aiohttp_server: Any) -> None:
+    """A stream that is not valid SSE or JSON reaches the client as it came; nothing crashes and
+    the turn is counted with an estimate."""
+    garbage = (
+        b'data: {"type": "message_start", "message": {BROKEN\n\n'
+        b"not sse at all\n\ndata: \xff\xfe\n\n"
+    )
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(garbage)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", upstream)
+    upstream_server = await aiohttp_server(app)
+    settings = Settings(
+        store="memory://",
+        upstreams=Upstreams(anthropic=str(upstream_server.make_url("")).rstrip("/")),
+    )
+    gateway = await aiohttp_server(create_app(settings))
+    body = {"model": "m", "max_tokens": 5, "stream": True, "messages": []}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            gateway.make_url("/v1/messages"),
+            data=orjson.dumps(body),
+            headers={"x-api-key": "k", "X-Gateway-Session": "garbled"},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.read() == garbage
+    record = await gateway.app[STORE].get("garbled")
+    assert record is not None and record.turns == 1 and record.in_flight == 0
+    assert record.estimated_turns == 1
