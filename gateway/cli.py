@@ -235,6 +235,7 @@ def _sessions_show(args: argparse.Namespace) -> int:
             "output tokens",
             f"{tokens['output_tokens']:,} (reasoning {tokens['reasoning_tokens']:,})",
         ),
+        *_policy_lines(s),
     ]
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
@@ -336,6 +337,26 @@ def _policy_reference(args: argparse.Namespace) -> int:
 
     print(render(), end="")
     return 0
+
+
+def _policy_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the policy did to a session: only the lines that have something to say."""
+    lines = []
+    if s.get("status_reason"):
+        lines.append(("status reason", s["status_reason"]))
+    if s.get("cost"):
+        lines.append(("cost", f"{s['cost']:.4f}"))
+    if s.get("granted_turns") or s.get("granted_tokens"):
+        lines.append(("granted", f"{s['granted_turns']} turns, {s['granted_tokens']:,} tokens"))
+    if s.get("rejected"):
+        last = s["rejections"][-1] if s.get("rejections") else {}
+        why = f"last: {last.get('limit')}, rule {last.get('rule')}"
+        lines.append(("rejected", f"{s['rejected']} ({why})"))
+    for event in s.get("detections", [])[-3:]:
+        lines.append(("loop", f"{event['detector']} {event.get('tool') or ''} x{event['count']:g}"))
+    for event in s.get("warnings", [])[-1:]:
+        lines.append(("warning", "; ".join(event.get("warnings", []))))
+    return lines
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

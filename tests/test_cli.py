@@ -44,3 +44,19 @@ async def test_unreachable_gateway_is_a_clear_message(unused_tcp_port: int) -> N
     with pytest.raises(SystemExit) as caught:
         await run_cli("sessions", "--url", f"http://127.0.0.1:{unused_tcp_port}", "list")
     assert "cannot reach" in str(caught.value.code)
+
+
+async def test_show_tells_what_the_policy_did(
+    gateway: TestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recorded Codex loop, refused by the packaged policy, shows up in `sessions show`."""
+    from tests.conftest import load_fixture
+    from tests.test_sessions import replay
+
+    fixture = load_fixture("codex-0.169.0-responses-turn268.json")
+    assert (await replay(gateway, fixture)).status == 400
+    url = str(gateway.make_url("")).rstrip("/")
+    assert await run_cli("sessions", "--url", url, "show", fixture["headers"]["session-id"]) == 0
+    shown = capsys.readouterr().out
+    assert "rejected         1 (last: loop_identical_tool_calls, rule defaults)" in shown
+    assert "loop             identical_tool_calls exec_command x9" in shown
