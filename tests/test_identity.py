@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,13 +10,7 @@ from multidict import CIMultiDict
 
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, RequestFacts
 from gateway.identity import agent_name, fingerprint, identify, key_hash
-
-FIXTURES = Path("/work/shared/fixtures/agents")
-
-
-def _fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return data
+from tests.conftest import load_fixture
 
 
 def _facts(hints: dict[str, str] | None = None, **fields: Any) -> RequestFacts:
@@ -107,7 +99,7 @@ def test_session_name_header() -> None:
 
 
 def test_claude_code_request() -> None:
-    recorded = _fixture("claude-code-2.1.197-messages-turn4.json")
+    recorded = load_fixture("claude-code-2.1.197-messages-turn4.json")
     headers = CIMultiDict(recorded["headers"])
     ident = identify(headers, ANTHROPIC_MESSAGES.read_request(recorded["body"]))
     assert ident.session_id == recorded["headers"]["X-Claude-Code-Session-Id"]
@@ -131,7 +123,7 @@ def test_claude_code_request() -> None:
     ],
 )
 def test_codex_request(name: str) -> None:
-    recorded = _fixture(name)
+    recorded = load_fixture(name)
     headers = CIMultiDict(recorded["headers"])
     facts = OPENAI_RESPONSES.read_request(recorded["body"])
     ident = identify(headers, facts)
@@ -251,7 +243,7 @@ def test_fingerprint_ignores_tool_order() -> None:
 
 
 def test_fingerprint_of_anthropic_conversation_is_stable() -> None:
-    recorded = _fixture("claude-code-2.1.197-messages-turn4.json")
+    recorded = load_fixture("claude-code-2.1.197-messages-turn4.json")
     body = recorded["body"]
     earlier = {**body, "messages": body["messages"][:2]}
     full = ANTHROPIC_MESSAGES.read_request(body)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,26 +9,10 @@ import pytest
 
 from gateway.dialects import ANTHROPIC_MESSAGES, ErrorKind
 from gateway.dialects.anthropic_messages import session_from_user_id
-from gateway.sse import SSEEvent, SSEParser
+from tests.conftest import load_fixture
+from tests.dialects.streams import named_event, split_events
 
-FIXTURES = Path("/work/shared/fixtures/agents")
 CLAUDE_CODE = "claude-code-2.1.197-messages-turn4.json"
-
-
-def _fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return data
-
-
-def _events(stream: bytes) -> list[SSEEvent]:
-    parser = SSEParser()
-    events = parser.feed(stream)
-    assert parser.pending == b""
-    return events
-
-
-def _event(name: str, payload: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **payload}) + b"\n\n"
 
 
 def _messages_stream(delta_usage: dict[str, Any] | None = None) -> bytes:
@@ -52,53 +34,53 @@ def _messages_stream(delta_usage: dict[str, Any] | None = None) -> bytes:
     tool = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}
     return b"".join(
         [
-            _event("message_start", {"message": message}),
-            _event(
+            named_event("message_start", {"message": message}),
+            named_event(
                 "content_block_start",
                 {"index": 0, "content_block": {"type": "thinking", "thinking": ""}},
             ),
-            _event(
+            named_event(
                 "content_block_delta",
                 {"index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
             ),
-            _event("content_block_stop", {"index": 0}),
-            _event("ping", {}),
-            _event(
+            named_event("content_block_stop", {"index": 0}),
+            named_event("ping", {}),
+            named_event(
                 "content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}
             ),
-            _event(
+            named_event(
                 "content_block_delta",
                 {"index": 1, "delta": {"type": "text_delta", "text": "Let me"}},
             ),
-            _event(
+            named_event(
                 "content_block_delta",
                 {"index": 1, "delta": {"type": "text_delta", "text": " look"}},
             ),
-            _event("content_block_stop", {"index": 1}),
-            _event("content_block_start", {"index": 2, "content_block": tool}),
-            _event(
+            named_event("content_block_stop", {"index": 1}),
+            named_event("content_block_start", {"index": 2, "content_block": tool}),
+            named_event(
                 "content_block_delta",
                 {
                     "index": 2,
                     "delta": {"type": "input_json_delta", "partial_json": '{"file_path":'},
                 },
             ),
-            _event(
+            named_event(
                 "content_block_delta",
                 {
                     "index": 2,
                     "delta": {"type": "input_json_delta", "partial_json": ' "/etc/hostname"}'},
                 },
             ),
-            _event("content_block_stop", {"index": 2}),
-            _event(
+            named_event("content_block_stop", {"index": 2}),
+            named_event(
                 "message_delta",
                 {
                     "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                     "usage": delta_usage or {"output_tokens": 87},
                 },
             ),
-            _event("message_stop", {}),
+            named_event("message_stop", {}),
         ]
     )
 
@@ -165,7 +147,7 @@ def test_user_turn_false_when_last_is_assistant_prefill() -> None:
 
 
 def test_claude_code_fixture_facts() -> None:
-    recorded = _fixture(CLAUDE_CODE)
+    recorded = load_fixture(CLAUDE_CODE)
     body = recorded["body"]
     facts = ANTHROPIC_MESSAGES.read_request(body)
     assert facts.model == body["model"]
@@ -300,7 +282,7 @@ def test_read_response_without_usage_keeps_content() -> None:
 def test_observer_reads_a_whole_stream() -> None:
     observer = ANTHROPIC_MESSAGES.observe_stream(False)
     assert observer.rewrites is False
-    events = _events(_messages_stream())
+    events = split_events(_messages_stream())
     assert [observer.on_event(e) for e in events] == [e.raw for e in events]
     facts = observer.facts
     assert facts.id == "msg_01ABC"
@@ -323,7 +305,7 @@ def test_observer_takes_restated_input_from_message_delta() -> None:
         "output_tokens": 90,
     }
     observer = ANTHROPIC_MESSAGES.observe_stream(False)
-    for event in _events(_messages_stream(restated)):
+    for event in split_events(_messages_stream(restated)):
         observer.on_event(event)
     usage = observer.facts.usage
     assert usage is not None
@@ -335,7 +317,7 @@ def test_observer_takes_restated_input_from_message_delta() -> None:
 def test_observer_message_delta_without_start_usage() -> None:
     observer = ANTHROPIC_MESSAGES.observe_stream(False)
     delta = {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}}
-    for event in _events(_event("message_delta", delta)):
+    for event in split_events(named_event("message_delta", delta)):
         observer.on_event(event)
     assert observer.facts.usage is not None
     assert observer.facts.usage.output_tokens == 4
@@ -344,8 +326,8 @@ def test_observer_message_delta_without_start_usage() -> None:
 
 def test_observer_error_event() -> None:
     observer = ANTHROPIC_MESSAGES.observe_stream(False)
-    raw = _event("error", {"error": {"type": "overloaded_error", "message": "Overloaded"}})
-    [event] = _events(raw)
+    raw = named_event("error", {"error": {"type": "overloaded_error", "message": "Overloaded"}})
+    [event] = split_events(raw)
     assert observer.on_event(event) == raw
     assert observer.facts.error == "overloaded_error"
 

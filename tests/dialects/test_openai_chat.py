@@ -8,16 +8,9 @@ import orjson
 import pytest
 
 from gateway.dialects import OPENAI_CHAT, ErrorKind
-from gateway.sse import SSEEvent, SSEParser
+from tests.dialects.streams import split_events
 
 INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
-
-
-def _events(stream: bytes) -> list[SSEEvent]:
-    parser = SSEParser()
-    events = parser.feed(stream)
-    assert parser.pending == b""
-    return events
 
 
 def _sse(chunk: dict[str, Any] | str) -> bytes:
@@ -248,7 +241,7 @@ def test_read_response_without_usage_keeps_output_for_estimation() -> None:
 def test_observer_not_rewritten_passes_every_event_and_reads_usage() -> None:
     observer = OPENAI_CHAT.observe_stream(False)
     assert observer.rewrites is False
-    events = _events(_chat_stream())
+    events = split_events(_chat_stream())
     out = [observer.on_event(e) for e in events]
     assert out == [e.raw for e in events]
     facts = observer.facts
@@ -264,7 +257,7 @@ def test_observer_not_rewritten_passes_every_event_and_reads_usage() -> None:
 def test_observer_rewritten_hides_what_the_gateway_asked_for() -> None:
     observer = OPENAI_CHAT.observe_stream(True)
     assert observer.rewrites is True
-    events = _events(_chat_stream())
+    events = split_events(_chat_stream())
     out = [observer.on_event(e) for e in events]
     # The usage-only chunk (choices == []) is dropped; [DONE] passes as is.
     assert out[-2] is None
@@ -283,14 +276,14 @@ def test_observer_rewritten_hides_what_the_gateway_asked_for() -> None:
 def test_observer_rewritten_removes_spaced_usage_null() -> None:
     observer = OPENAI_CHAT.observe_stream(True)
     raw = b'data: {"id": "c1", "choices": [{"delta": {"content": "x"}}], "usage": null}\n\n'
-    [event] = _events(raw)
+    [event] = split_events(raw)
     sent = observer.on_event(event)
     assert sent == b'data: {"id": "c1", "choices": [{"delta": {"content": "x"}}]}\n\n'
 
 
 def test_observer_rewritten_without_usage_nulls_changes_nothing() -> None:
     observer = OPENAI_CHAT.observe_stream(True)
-    events = _events(_chat_stream(usage_nulls=False))
+    events = split_events(_chat_stream(usage_nulls=False))
     out = [observer.on_event(e) for e in events]
     assert out[:-2] == [e.raw for e in events[:-2]]
     assert out[-2] is None
@@ -298,7 +291,7 @@ def test_observer_rewritten_without_usage_nulls_changes_nothing() -> None:
 
 def test_observer_collects_tool_call_arguments() -> None:
     observer = OPENAI_CHAT.observe_stream(False)
-    for event in _events(_chat_stream(tool_call=True)):
+    for event in split_events(_chat_stream(tool_call=True)):
         observer.on_event(event)
     assert observer.facts.finish_reasons == ["tool_calls"]
     assert "".join(observer.facts.generated()) == 'Hello world{"p":1}'
@@ -306,7 +299,7 @@ def test_observer_collects_tool_call_arguments() -> None:
 
 def test_observer_records_an_error_chunk() -> None:
     observer = OPENAI_CHAT.observe_stream(False)
-    [event] = _events(_sse({"error": {"message": "boom", "code": "server_error"}}))
+    [event] = split_events(_sse({"error": {"message": "boom", "code": "server_error"}}))
     assert observer.on_event(event) == event.raw
     assert observer.facts.error == "server_error"
     assert observer.facts.usage is None
@@ -315,7 +308,7 @@ def test_observer_records_an_error_chunk() -> None:
 def test_observer_passes_non_json_events() -> None:
     observer = OPENAI_CHAT.observe_stream(True)
     for raw in (b": keep-alive\n\n", b"data: not json\n\n", b"data: [1, 2]\n\n"):
-        [event] = _events(raw)
+        [event] = split_events(raw)
         assert observer.on_event(event) == raw
     assert observer.facts.id is None
 

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
 from gateway.dialects import OPENAI_RESPONSES, ErrorKind
-from gateway.sse import SSEEvent, SSEParser
-
-FIXTURES = Path("/work/shared/fixtures/agents")
-
-
-def _fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return data
-
-
-def _events(stream: bytes) -> list[SSEEvent]:
-    parser = SSEParser()
-    events = parser.feed(stream)
-    assert parser.pending == b""
-    return events
-
-
-def _event(name: str, payload: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **payload}) + b"\n\n"
-
+from tests.conftest import load_fixture
+from tests.dialects.streams import named_event, split_events
 
 USAGE = {
     "input_tokens": 5000,
@@ -58,26 +38,26 @@ def _responses_stream() -> bytes:
     call = {"id": "fc_1", "type": "function_call", "name": "exec_command", "call_id": "call_1"}
     return b"".join(
         [
-            _event(
+            named_event(
                 "response.created",
                 {"sequence_number": 0, "response": _response("in_progress", None)},
             ),
-            _event(
+            named_event(
                 "response.in_progress",
                 {"sequence_number": 1, "response": _response("in_progress", None)},
             ),
-            _event("response.output_item.added", {"output_index": 0, "item": item}),
-            _event("response.output_text.delta", {"item_id": "msg_1", "delta": "Hello"}),
-            _event("response.output_text.delta", {"item_id": "msg_1", "delta": " there"}),
-            _event("response.output_text.done", {"item_id": "msg_1", "text": "Hello there"}),
-            _event("response.output_item.added", {"output_index": 1, "item": call}),
-            _event(
+            named_event("response.output_item.added", {"output_index": 0, "item": item}),
+            named_event("response.output_text.delta", {"item_id": "msg_1", "delta": "Hello"}),
+            named_event("response.output_text.delta", {"item_id": "msg_1", "delta": " there"}),
+            named_event("response.output_text.done", {"item_id": "msg_1", "text": "Hello there"}),
+            named_event("response.output_item.added", {"output_index": 1, "item": call}),
+            named_event(
                 "response.function_call_arguments.delta", {"item_id": "fc_1", "delta": '{"cmd"'}
             ),
-            _event(
+            named_event(
                 "response.function_call_arguments.delta", {"item_id": "fc_1", "delta": ': "ls"}'}
             ),
-            _event(
+            named_event(
                 "response.completed",
                 {"sequence_number": 9, "response": _response("completed", USAGE)},
             ),
@@ -139,7 +119,7 @@ def test_user_turn_false_after_function_call_output() -> None:
 
 
 def test_codex_turn1_facts() -> None:
-    recorded = _fixture("codex-0.169.0-responses-turn1.json")
+    recorded = load_fixture("codex-0.169.0-responses-turn1.json")
     body = recorded["body"]
     facts = OPENAI_RESPONSES.read_request(body)
     assert facts.model == "gpt-5-codex"
@@ -160,7 +140,7 @@ def test_codex_turn1_facts() -> None:
     "name", ["codex-0.169.0-responses-turn3.json", "codex-0.169.0-responses-turn268.json"]
 )
 def test_codex_later_turns_are_not_user_turns(name: str) -> None:
-    recorded = _fixture(name)
+    recorded = load_fixture(name)
     facts = OPENAI_RESPONSES.read_request(recorded["body"])
     assert facts.user_turn is False
     assert facts.items[-1]["type"] == "function_call_output"
@@ -168,8 +148,12 @@ def test_codex_later_turns_are_not_user_turns(name: str) -> None:
 
 
 def test_codex_first_user_is_stable_across_turns() -> None:
-    turn1 = OPENAI_RESPONSES.read_request(_fixture("codex-0.169.0-responses-turn1.json")["body"])
-    turn3 = OPENAI_RESPONSES.read_request(_fixture("codex-0.169.0-responses-turn3.json")["body"])
+    turn1 = OPENAI_RESPONSES.read_request(
+        load_fixture("codex-0.169.0-responses-turn1.json")["body"]
+    )
+    turn3 = OPENAI_RESPONSES.read_request(
+        load_fixture("codex-0.169.0-responses-turn3.json")["body"]
+    )
     assert turn1.first_user == turn3.first_user
     assert turn1.system == turn3.system
     assert len(turn3.items) == len(turn1.items) + 4  # two call/output pairs
@@ -217,7 +201,7 @@ def test_read_response_without_usage_keeps_output() -> None:
 def test_observer_reads_a_whole_stream() -> None:
     observer = OPENAI_RESPONSES.observe_stream(False)
     assert observer.rewrites is False
-    events = _events(_responses_stream())
+    events = split_events(_responses_stream())
     assert [observer.on_event(e) for e in events] == [e.raw for e in events]
     facts = observer.facts
     assert facts.id == "resp_123"
@@ -231,7 +215,7 @@ def test_observer_reads_a_whole_stream() -> None:
 
 def test_observer_after_created_only() -> None:
     observer = OPENAI_RESPONSES.observe_stream(True)
-    first = _events(_responses_stream())[0]
+    first = split_events(_responses_stream())[0]
     observer.on_event(first)
     assert observer.facts.id == "resp_123"
     assert observer.facts.finish_reasons == []  # in_progress is not a finish
@@ -241,7 +225,7 @@ def test_observer_after_created_only() -> None:
 def test_observer_reads_type_when_event_name_is_missing() -> None:
     observer = OPENAI_RESPONSES.observe_stream(False)
     payload = {"type": "response.completed", "response": _response("completed", USAGE)}
-    [event] = _events(b"data: " + orjson.dumps(payload) + b"\n\n")
+    [event] = split_events(b"data: " + orjson.dumps(payload) + b"\n\n")
     observer.on_event(event)
     assert observer.facts.usage is not None
     assert observer.facts.usage.total_tokens == 5700
@@ -251,7 +235,7 @@ def test_observer_failed_response_records_error() -> None:
     observer = OPENAI_RESPONSES.observe_stream(False)
     failed = _response("failed", None)
     failed["error"] = {"code": "server_error", "message": "boom"}
-    for event in _events(_event("response.failed", {"response": failed})):
+    for event in split_events(named_event("response.failed", {"response": failed})):
         observer.on_event(event)
     assert observer.facts.error == "server_error"
     assert observer.facts.finish_reasons == ["failed"]
@@ -259,8 +243,10 @@ def test_observer_failed_response_records_error() -> None:
 
 def test_observer_error_event() -> None:
     observer = OPENAI_RESPONSES.observe_stream(False)
-    raw = _event("error", {"code": "rate_limit_exceeded", "message": "slow down", "param": None})
-    [event] = _events(raw)
+    raw = named_event(
+        "error", {"code": "rate_limit_exceeded", "message": "slow down", "param": None}
+    )
+    [event] = split_events(raw)
     assert observer.on_event(event) == raw
     assert observer.facts.error == "rate_limit_exceeded"
 

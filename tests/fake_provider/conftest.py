@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -15,7 +13,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.fake_provider import FakeProviderConfig, create_app
 
-FIXTURES = Path("/work/shared/fixtures/agents")
 AUTH = {"Authorization": "Bearer test-key"}
 ANTHROPIC_HEADERS = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
 CLAUDE_MODEL = "claude-sonnet-4-6"
@@ -59,11 +56,6 @@ async def claude(fake_server: TestServer) -> AsyncIterator[anthropic.AsyncAnthro
     )
     yield client
     await client.close()
-
-
-def load_fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return data
 
 
 def parse_sse(text: str) -> list[tuple[str | None, str]]:

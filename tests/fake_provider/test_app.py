@@ -14,8 +14,9 @@ import pytest
 
 import gateway.fake_provider as fake_provider
 from gateway.fake_provider import CONFIG, RECEIVED, FakeProviderConfig, serve
+from tests.conftest import load_fixture
 
-from .conftest import ANTHROPIC_HEADERS, AUTH, CLAUDE_MODEL, load_fixture, parse_sse
+from .conftest import ANTHROPIC_HEADERS, AUTH, CLAUDE_MODEL, parse_sse
 
 CHAT_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 RESPONSES_BODY = {"model": "gpt-5", "input": "hi"}
