@@ -22,6 +22,19 @@ from tests.conftest import ANTHROPIC_MODEL, received
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
+async def gateway_over(aiohttp_server: Any, messages: Any) -> TestServer:
+    """A gateway whose Anthropic upstream is one hand-written ``/v1/messages`` handler."""
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    upstream = await aiohttp_server(app)
+    settings = Settings(
+        store="memory://",
+        upstreams=Upstreams(anthropic=str(upstream.make_url("")).rstrip("/")),
+    )
+    gateway: TestServer = await aiohttp_server(create_app(settings))
+    return gateway
+
+
 async def test_malformed_json_is_a_provider_shaped_400_and_never_forwarded(
     gateway: TestServer, fake_provider: TestServer
 ) -> None:
@@ -207,14 +220,7 @@ async def test_stream_bytes_reach_the_client_unchanged(aiohttp_server: Any) -> N
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/messages", upstream)
-    upstream_server = await aiohttp_server(app)
-    settings = Settings(
-        store="memory://",
-        upstreams=Upstreams(anthropic=str(upstream_server.make_url("")).rstrip("/")),
-    )
-    gateway = await aiohttp_server(create_app(settings))
+    gateway = await gateway_over(aiohttp_server, upstream)
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -283,14 +289,7 @@ async def test_garbled_sse_from_upstream_is_relayed_and_estimated(aiohttp_server
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/messages", upstream)
-    upstream_server = await aiohttp_server(app)
-    settings = Settings(
-        store="memory://",
-        upstreams=Upstreams(anthropic=str(upstream_server.make_url("")).rstrip("/")),
-    )
-    gateway = await aiohttp_server(create_app(settings))
+    gateway = await gateway_over(aiohttp_server, upstream)
     body = {"model": "m", "max_tokens": 5, "stream": True, "messages": []}
     async with (
         aiohttp.ClientSession() as http,
