@@ -22,7 +22,7 @@ CL100K = "cl100k_base"
 
 # Older OpenAI models use cl100k; everything else (current OpenAI models, and other providers,
 # for which o200k is only an estimate) uses o200k.
-_CL100K_PREFIXES = ("gpt-4-", "gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada")
+_CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada")
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5")
 
 # Per-message framing tokens (role markers and separators) that the text alone does not show.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -42,10 +41,6 @@ def packaged_default() -> tuple[str, str]:
     """The policy a gateway runs without ``--policy``: text and a name for it."""
     text = (resources.files("gateway.policy") / DEFAULT_POLICY).read_text()
     return text, f"(packaged) {DEFAULT_POLICY}"
-
-
-def read_policy_file(path: Path) -> str:
-    return path.read_text()
 
 
 def parse_policy(text: str, source: str) -> CompiledPolicy:
