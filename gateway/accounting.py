@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from gateway.compaction import Calibration
 from gateway.dialects import Usage, prompt_parts
 from gateway.exchange import Exchange
 from gateway.policy.decide import cost_of
@@ -36,12 +37,15 @@ async def begin_turn(ex: Exchange, store: Store) -> None:
     ex.ticket = await store.begin_turn(turn_start(ex), limits)
 
 
-async def end_turn(ex: Exchange, store: Store, tokens: TokenCounter) -> None:
+async def end_turn(
+    ex: Exchange, store: Store, tokens: TokenCounter, calibration: Calibration
+) -> None:
     """Always runs once a turn has begun, whatever happened after: reservations are freed."""
     if ex.ticket is None:
         return
     ticket, ex.ticket = ex.ticket, None
     usage = final_usage(ex, tokens)
+    calibrate(ex, usage, tokens, calibration)
     if ex.response_facts is not None:
         ex.response_facts.usage = usage
     model = ex.response_facts.model if ex.response_facts and ex.response_facts.model else None
@@ -55,6 +59,21 @@ async def end_turn(ex: Exchange, store: Store, tokens: TokenCounter) -> None:
         )
     end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=ex.body_hash)
     await store.end_turn(ticket, end)
+
+
+def calibrate(
+    ex: Exchange, usage: Usage | None, tokens: TokenCounter, calibration: Calibration
+) -> None:
+    """The provider's input count beside the gateway's estimate of what was sent."""
+    if usage is None or usage.estimated or ex.status >= 400 or ex.facts is None:
+        return
+    model = ex.facts.model
+    estimate = ex.input_estimate
+    if estimate is None:
+        if not calibration.wants_sample(model):
+            return
+        estimate = tokens.count_items(prompt_parts(ex.facts), model)
+    calibration.observe(model, estimate, usage.input_tokens)
 
 
 def final_usage(ex: Exchange, tokens: TokenCounter) -> Usage | None:

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.appkeys import AUDIT, POLICY, SETTINGS, STARTED_AT, STORE
+from gateway.appkeys import AUDIT, COMPACTOR, POLICY, SETTINGS, STARTED_AT, STORE
 from gateway.store import Grant, SessionQuery, SessionRecord
 
 MAX_PAGE = 500
@@ -25,6 +25,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def session_json(record: SessionRecord, now: float) -> dict[str, Any]:
     data = record.to_json()
+    # A rewrite holds a summary of the conversation: prompt content, not for the admin API.
+    data["context_rewrites"] = [
+        {key: rewrite[key] for key in ("digest", "count", "strategies", "at", "summary_model")}
+        for rewrite in record.context_rewrites
+    ]
     data["idle_seconds"] = round(max(0.0, now - record.last_seen), 3)
     return data
 
@@ -137,6 +142,12 @@ def _operator(request: web.Request, body: dict[str, Any]) -> str:
     return str(by)[:120]
 
 
+async def calibration(request: web.Request) -> web.Response:
+    """Per model: how the provider's input counts compare with the gateway's estimates."""
+    models = request.config_dict[COMPACTOR].calibration.to_json()
+    return _json({"models": models})
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -166,4 +177,5 @@ def admin_app() -> web.Application:
     app.router.add_post("/sessions/{session_id}/end", end)
     app.router.add_get("/policy", policy)
     app.router.add_get("/budgets", budgets)
+    app.router.add_get("/calibration", calibration)
     return app

@@ -11,8 +11,19 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway import admin, pipeline
-from gateway.appkeys import AUDIT, HTTP, POLICY, SETTINGS, STARTED_AT, STORE, TOKENS, UPSTREAMS
+from gateway.appkeys import (
+    AUDIT,
+    COMPACTOR,
+    HTTP,
+    POLICY,
+    SETTINGS,
+    STARTED_AT,
+    STORE,
+    TOKENS,
+    UPSTREAMS,
+)
 from gateway.audit import AuditLog
+from gateway.compaction import Compactor
 from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
@@ -30,6 +41,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app[UPSTREAMS] = Upstreams.from_settings(settings)
     app[STARTED_AT] = time.time()
     app[TOKENS] = TokenCounter()
+    app[COMPACTOR] = Compactor(app[TOKENS].count_item)
     app[STORE] = store if store is not None else open_store(settings.store)
     app[AUDIT] = AuditLog(settings.audit_log)
     app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.audit import AuditLog
+from gateway.compaction import Compactor
 from gateway.policy.live import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store
@@ -20,3 +21,4 @@ TOKENS = web.AppKey("tokens", TokenCounter)
 STARTED_AT = web.AppKey("started_at", float)
 POLICY = web.AppKey("policy", LivePolicy)
 AUDIT = web.AppKey("audit", AuditLog)
+COMPACTOR = web.AppKey("compactor", Compactor)

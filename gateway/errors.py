@@ -7,6 +7,7 @@ Hierarchy::
     ├── BadRequest            malformed JSON, unreadable body (400)
     ├── BodyTooLarge          over the gateway's body cap (413)
     ├── PolicyRejection       the policy stops the call (400; 429 for a window budget)
+    ├── ContextOverflow       over the context window after compaction, or ``prompt`` (400)
     └── UpstreamUnavailable   upstream unreachable (502)
         └── UpstreamTimeout   no answer within the first-byte timeout (504)
 """
@@ -20,6 +21,8 @@ class GatewayError(Exception):
     kind = ErrorKind.INTERNAL
     code: str | None = None
     status: int | None = None
+    in_stream = False
+    """Answered as an event stream to a streamed request, where the API has such a form."""
     """Overrides the status the provider uses for ``kind``."""
     outcome = "gateway_error"
 
@@ -62,6 +65,21 @@ class PolicyRejection(GatewayError):
             self.code = "rate_limit_exceeded"
         super().__init__(message, headers=headers)
         self.limit = limit
+        self.rule = rule
+
+
+class ContextOverflow(GatewayError):
+    """The prompt is over the window the policy allows: the provider's own overflow error, which
+    agents answer by compacting (or their human decides). Codex reads it only from a stream."""
+
+    kind = ErrorKind.CONTEXT_OVERFLOW
+    code = "context_length_exceeded"
+    outcome = "rejected"
+    in_stream = True
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        headers = {"X-Gateway-Policy-Rule": rule, "X-Gateway-Policy-Limit": "context_window"}
+        super().__init__(message, headers=headers)
         self.rule = rule
 
 

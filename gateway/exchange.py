@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.compaction import Outcome
 from gateway.dialects import Dialect, RequestFacts, ResponseFacts
 from gateway.dialects.base import Body
 from gateway.identity import Identity
 from gateway.policy.decide import Decision
-from gateway.store import TurnTicket
+from gateway.store import SessionRecord, TurnTicket
 from gateway.upstream import Upstream
 
 
@@ -35,8 +36,13 @@ class Exchange:
     """Of the raw body: retry storms are the same bytes again."""
     facts: RequestFacts | None = None
     identity: Identity | None = None
+    record: SessionRecord | None = None
+    """The session as it was when the call arrived (None for a new session)."""
     decision: Decision | None = None
     ticket: TurnTicket | None = None
+    compaction: Outcome | None = None
+    input_estimate: int | None = None
+    """The input tokens of what was sent, when the gateway counted them (for calibration)."""
     upstream_body: bytes = b""
     rewritten: bool = False
     """The gateway changed the body it sent upstream (and so may change the answer back)."""

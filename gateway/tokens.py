@@ -90,9 +90,14 @@ class TokenCounter:
             total += self._count_item(name, item) + MESSAGE_OVERHEAD
         return total
 
+    def count_item(self, item: Any, model: str | None = None) -> int:
+        """Tokens of one message with its framing, as ``count_items`` counts each."""
+        return self._count_item(encoding_for(model), item) + MESSAGE_OVERHEAD
+
     def _count_item(self, encoding: str, item: Any) -> int:
-        if isinstance(item, msgspec.Raw):
-            # A lazily decoded element: its bytes are the key, decoded only on a miss.
+        if isinstance(item, msgspec.Raw | bytes):
+            # An element as JSON (lazily decoded, or written by compaction): its bytes are the
+            # key, decoded only on a miss.
             raw = bytes(item)
             item = None
         elif isinstance(item, str):

@@ -82,3 +82,7 @@ async def anthropic_client(gateway: TestServer) -> AsyncIterator[anthropic.Async
 def load_fixture(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
     return data
+
+
+# The make_gateway fixture (a gateway on a policy file of the test's own), for every test module.
+from tests.harness import make_gateway  # noqa: E402, F401

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -11,7 +11,9 @@ from gateway.dialects.base import (
     STATUS_OF,
     Body,
     ErrorKind,
+    History,
     JSONObject,
+    Layout,
     ProviderError,
     RequestFacts,
     ResponseFacts,
@@ -20,6 +22,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    elision_note,
     parse_object,
 )
 from gateway.dialects.envelope import (
@@ -44,6 +47,7 @@ _TYPES = {
     ErrorKind.INTERNAL: "api_error",
     ErrorKind.UPSTREAM: "api_error",
     ErrorKind.OVERLOADED: "overloaded_error",
+    ErrorKind.CONTEXT_OVERFLOW: "invalid_request_error",
 }
 
 
@@ -83,6 +87,75 @@ def _is_new_user_input(message: Any) -> bool:
     return any(as_dict(block).get("type") != "tool_result" for block in as_list(content))
 
 
+def _has_tool_results(message: JSONObject) -> bool:
+    return any(as_dict(b).get("type") == "tool_result" for b in as_list(message.get("content")))
+
+
+class MessagesHistory:
+    """``messages``: a user message with tool results belongs to the assistant turn before it.
+
+    Items are kept or dropped whole and never re-serialized unless elided, so signed thinking
+    blocks reach the provider byte for byte.
+    """
+
+    field = "messages"
+
+    def layout(self, items: Sequence[Any]) -> Layout:
+        layout = Layout(0)
+        for index, item in enumerate(items):
+            message = as_dict(item)
+            after_assistant = index > 0 and as_dict(items[index - 1]).get("role") == "assistant"
+            if after_assistant and layout.units and _has_tool_results(message):
+                layout.units[-1] = (layout.units[-1][0], index + 1)
+                layout.inputs[-1] = layout.inputs[-1] or _is_new_user_input(message)
+            else:
+                layout.units.append((index, index + 1))
+                layout.inputs.append(_is_new_user_input(message))
+        return layout
+
+    def elide(self, item: Any, min_bytes: int) -> Any | None:
+        message = as_dict(item)
+        if message.get("role") != "user":
+            return None
+        content = as_list(message.get("content"))
+        changed = False
+        blocks: list[Any] = []
+        for block in content:
+            note = None
+            if as_dict(block).get("type") == "tool_result":
+                note = elision_note(block.get("content", ""), min_bytes)
+            if note is None:
+                blocks.append(block)
+            else:
+                blocks.append({**block, "content": note})
+                changed = True
+        return {**message, "content": blocks} if changed else None
+
+    def note(self, text: str) -> Any:
+        return {"role": "user", "content": [{"type": "text", "text": text}]}
+
+    def summary_request(
+        self, model: str, instructions: str, transcript: str, max_tokens: int
+    ) -> JSONObject:
+        return {
+            "model": model,
+            "system": instructions,
+            "messages": [{"role": "user", "content": transcript}],
+            "max_tokens": max_tokens,
+        }
+
+    def overflow(self, tokens: int, maximum: int) -> str:
+        return f"prompt is too long: {tokens} tokens > {maximum} maximum"
+
+    def summary_text(self, answer: JSONObject) -> str:
+        texts = [
+            block.get("text")
+            for block in map(as_dict, as_list(answer.get("content")))
+            if block.get("type") == "text"
+        ]
+        return "".join(text for text in texts if isinstance(text, str))
+
+
 class MessagesEnvelope(Envelope):
     messages: Array = UNSET
     system: ArrayOrText = UNSET
@@ -96,6 +169,7 @@ class AnthropicMessages:
     name = "anthropic.messages"
     provider = "anthropic"
     operation = "chat"
+    history: History = MessagesHistory()
 
     def decode(self, raw: bytes) -> Body:
         return decode(_DECODER, raw)
@@ -169,6 +243,9 @@ class AnthropicMessages:
         body = {"type": "error", "error": {"type": _TYPES[kind], "message": message}}
         status = 529 if kind is ErrorKind.OVERLOADED else STATUS_OF[kind]
         return ProviderError(status, body)
+
+    def stream_failure(self, error: ProviderError) -> bytes | None:
+        return None
 
 
 class MessagesStreamObserver:

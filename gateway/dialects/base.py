@@ -36,6 +36,8 @@ class ErrorKind(StrEnum):
     UPSTREAM = "upstream"
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
+    CONTEXT_OVERFLOW = "context_overflow"
+    """The prompt does not fit the model's context window (agents compact on this one)."""
 
 
 @dataclass(slots=True)
@@ -85,10 +87,11 @@ class RequestFacts:
 def prompt_parts(facts: RequestFacts) -> Iterable[Any]:
     """Everything the model reads as input, each part once: what token estimates count.
     Lazily decoded arrays give their raw elements (the token cache keys on their bytes)."""
-    return chain(facts.preamble, _raw_or_items(facts.items), _raw_or_items(facts.tools))
+    return chain(facts.preamble, raw_elements(facts.items), raw_elements(facts.tools))
 
 
-def _raw_or_items(items: Sequence[Any]) -> Iterable[Any]:
+def raw_elements(items: Sequence[Any]) -> Iterable[Any]:
+    """The elements as sent where the array was decoded lazily, else the elements."""
     return items.raw() if isinstance(items, Items) else items
 
 
@@ -132,6 +135,7 @@ STATUS_OF: dict[ErrorKind, int] = {
     ErrorKind.INTERNAL: 500,
     ErrorKind.UPSTREAM: 502,
     ErrorKind.OVERLOADED: 503,
+    ErrorKind.CONTEXT_OVERFLOW: 400,
 }
 
 
@@ -149,6 +153,17 @@ def parse_object(data: bytes) -> JSONObject | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def elision_note(value: Any, min_bytes: int) -> str | None:
+    """The note that stands in for a tool output of ``min_bytes`` or more (else None)."""
+    size = len(value.encode()) if isinstance(value, str) else len(orjson.dumps(value))
+    if size < min_bytes:
+        return None
+    return (
+        f"[Tool output removed by the gateway to fit the context window: {size:,} bytes. "
+        "Run the tool again if it is still needed.]"
+    )
 
 
 def as_str(value: Any) -> str | None:
@@ -178,6 +193,53 @@ class StreamObserver(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class Layout:
+    """A conversation cut into the pieces a rewrite may keep or drop, but never split.
+
+    ``system`` leading items (system and developer messages) are never touched. After them,
+    each unit is one exchange: a message, or a model turn with everything bound to it (its
+    tool results, the item a reasoning item belongs to). Dropping whole units keeps every
+    tool call paired with its result.
+    """
+
+    system: int
+    units: list[tuple[int, int]] = field(default_factory=list)
+    """``[start, end)`` item indexes of each unit, in order."""
+    inputs: list[bool] = field(default_factory=list)
+    """Per unit: it holds new user input (not only tool results)."""
+
+
+class History(Protocol):
+    """How one API lays out a conversation, and the few items the gateway writes into one."""
+
+    field: str
+    """The body's field holding the conversation (``messages``, ``input``)."""
+
+    def layout(self, items: Sequence[Any]) -> Layout: ...
+
+    def elide(self, item: Any, min_bytes: int) -> Any | None:
+        """The item with its tool output replaced by a short note, or None when it holds no
+        tool output of ``min_bytes`` or more. Deterministic: the same item gives the same note."""
+        ...
+
+    def note(self, text: str) -> Any:
+        """A user message from the gateway (a summary, or a note of what was removed)."""
+        ...
+
+    def summary_request(
+        self, model: str, instructions: str, transcript: str, max_tokens: int
+    ) -> JSONObject:
+        """A plain (non-streamed, tool-free) call that asks the model to summarize."""
+        ...
+
+    def summary_text(self, answer: JSONObject) -> str: ...
+
+    def overflow(self, tokens: int, maximum: int) -> str:
+        """The provider's own words for a prompt over the window (agents match on them)."""
+        ...
+
+
 class Dialect(Protocol):
     name: str
     """Route name, e.g. ``openai.chat``."""
@@ -185,6 +247,8 @@ class Dialect(Protocol):
     """``gen_ai.provider.name``: ``openai`` or ``anthropic``."""
     operation: str
     """``gen_ai.operation.name``: ``chat``."""
+    history: History
+    """The conversation's layout, for context compaction."""
 
     def decode(self, raw: bytes) -> Body:
         """The body's envelope; raises ``EnvelopeError`` for what is not a JSON object."""
@@ -209,4 +273,9 @@ class Dialect(Protocol):
 
     def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
         """The provider's own error for this kind: status and JSON body."""
+        ...
+
+    def stream_failure(self, error: ProviderError) -> bytes | None:
+        """The same error as an event stream, for an API whose clients only understand some
+        errors inside a stream (Codex and context overflow); None to answer plain HTTP."""
         ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -11,7 +11,9 @@ import orjson
 from gateway.dialects.base import (
     Body,
     ErrorKind,
+    History,
     JSONObject,
+    Layout,
     ProviderError,
     RequestFacts,
     ResponseFacts,
@@ -20,6 +22,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    elision_note,
     parse_object,
 )
 from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder
@@ -47,6 +50,60 @@ def parse_usage(raw: Any) -> Usage | None:
     )
 
 
+class ChatHistory:
+    """``messages``: tool messages belong to the assistant message whose calls they answer."""
+
+    field = "messages"
+
+    def layout(self, items: Sequence[Any]) -> Layout:
+        system = 0
+        while system < len(items) and as_dict(items[system]).get("role") in _SYSTEM_ROLES:
+            system += 1
+        layout = Layout(system)
+        for index in range(system, len(items)):
+            role = as_dict(items[index]).get("role")
+            if role == "tool" and layout.units:
+                layout.units[-1] = (layout.units[-1][0], index + 1)
+            else:
+                layout.units.append((index, index + 1))
+                layout.inputs.append(role == "user")
+        return layout
+
+    def elide(self, item: Any, min_bytes: int) -> Any | None:
+        message = as_dict(item)
+        if message.get("role") != "tool":
+            return None
+        note = elision_note(message.get("content"), min_bytes)
+        return None if note is None else {**message, "content": note}
+
+    def note(self, text: str) -> Any:
+        return {"role": "user", "content": text}
+
+    def summary_request(
+        self, model: str, instructions: str, transcript: str, max_tokens: int
+    ) -> JSONObject:
+        return {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": instructions},
+                {"role": "user", "content": transcript},
+            ],
+            "max_completion_tokens": max_tokens,
+        }
+
+    def overflow(self, tokens: int, maximum: int) -> str:
+        return (
+            f"This model's maximum context length is {maximum} tokens. However, your messages "
+            f"resulted in {tokens} tokens. Please reduce the length of the messages."
+        )
+
+    def summary_text(self, answer: JSONObject) -> str:
+        choices = as_list(answer.get("choices"))
+        message = as_dict(as_dict(choices[0]).get("message")) if choices else {}
+        content = message.get("content")
+        return content if isinstance(content, str) else ""
+
+
 class ChatEnvelope(Envelope):
     stream_options: Field = UNSET
     messages: Array = UNSET
@@ -63,6 +120,7 @@ class OpenAIChat:
     name = "openai.chat"
     provider = "openai"
     operation = "chat"
+    history: History = ChatHistory()
 
     def decode(self, raw: bytes) -> Body:
         return decode(_DECODER, raw)
@@ -139,6 +197,9 @@ class OpenAIChat:
 
     def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
         return openai_error(kind, message, code)
+
+    def stream_failure(self, error: ProviderError) -> bytes | None:
+        return None
 
 
 class ChatStreamObserver:

@@ -10,6 +10,7 @@ _TYPES = {
     ErrorKind.INTERNAL: ("server_error", None),
     ErrorKind.UPSTREAM: ("server_error", None),
     ErrorKind.OVERLOADED: ("server_error", None),
+    ErrorKind.CONTEXT_OVERFLOW: ("invalid_request_error", "context_length_exceeded"),
 }
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import orjson
 
 from gateway.dialects.base import (
     Body,
     ErrorKind,
+    History,
     JSONObject,
+    Layout,
     ProviderError,
     RequestFacts,
     ResponseFacts,
@@ -17,6 +23,7 @@ from gateway.dialects.base import (
     as_int,
     as_list,
     as_str,
+    elision_note,
     parse_object,
 )
 from gateway.dialects.envelope import (
@@ -35,6 +42,15 @@ _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "respons
 _SYSTEM_ROLES = ("system", "developer")
 # Call items and the field holding their arguments; outputs and reasoning sit between calls.
 _CALLS = {"function_call": "arguments", "custom_tool_call": "input", "local_shell_call": "action"}
+_OUTPUTS = frozenset(
+    {
+        "function_call_output",
+        "custom_tool_call_output",
+        "local_shell_call_output",
+        "computer_call_output",
+        "mcp_approval_response",
+    }
+)
 _PASSIVE = frozenset(
     {"function_call_output", "custom_tool_call_output", "local_shell_call_output", "reasoning"}
 )
@@ -62,6 +78,78 @@ def _is_user_message(item: Any) -> bool:
     )
 
 
+class ResponsesHistory:
+    """``input`` items: a call's output belongs to its call, a reasoning item to the item after
+    it, and calls answered together (parallel calls) stay together."""
+
+    field = "input"
+
+    def layout(self, items: Sequence[Any]) -> Layout:
+        system = 0
+        while system < len(items) and as_dict(items[system]).get("role") in _SYSTEM_ROLES:
+            system += 1
+        layout = Layout(system)
+        open_calls: set[Any] = set()
+        after_reasoning = False
+        for index in range(system, len(items)):
+            item = as_dict(items[index])
+            kind = item.get("type", "message")
+            bound = kind in _OUTPUTS or after_reasoning or bool(open_calls)
+            if bound and layout.units:
+                layout.units[-1] = (layout.units[-1][0], index + 1)
+                layout.inputs[-1] = layout.inputs[-1] or _is_user_message(item)
+            else:
+                layout.units.append((index, index + 1))
+                layout.inputs.append(_is_user_message(item))
+            if kind in _CALLS:
+                open_calls.add(item.get("call_id"))
+            elif kind in _OUTPUTS:
+                open_calls.discard(item.get("call_id"))
+            after_reasoning = kind == "reasoning"
+        return layout
+
+    def elide(self, item: Any, min_bytes: int) -> Any | None:
+        output = as_dict(item)
+        if output.get("type") not in _OUTPUTS or "output" not in output:
+            return None
+        note = elision_note(output["output"], min_bytes)
+        return None if note is None else {**output, "output": note}
+
+    def note(self, text: str) -> Any:
+        return {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        }
+
+    def summary_request(
+        self, model: str, instructions: str, transcript: str, max_tokens: int
+    ) -> JSONObject:
+        return {
+            "model": model,
+            "instructions": instructions,
+            "input": [self.note(transcript)],
+            "max_output_tokens": max_tokens,
+            "store": False,
+        }
+
+    def overflow(self, tokens: int, maximum: int) -> str:
+        return (
+            "Your input exceeds the context window of this model. Please adjust your input and "
+            f"try again. ({tokens} tokens > {maximum} maximum.)"
+        )
+
+    def summary_text(self, answer: JSONObject) -> str:
+        texts = [
+            part.get("text")
+            for item in map(as_dict, as_list(answer.get("output")))
+            if item.get("type") == "message"
+            for part in map(as_dict, as_list(item.get("content")))
+            if part.get("type") == "output_text"
+        ]
+        return "".join(text for text in texts if isinstance(text, str))
+
+
 class ResponsesEnvelope(Envelope):
     input: ArrayOrText = UNSET
     instructions: Field = UNSET
@@ -77,6 +165,7 @@ class OpenAIResponses:
     name = "openai.responses"
     provider = "openai"
     operation = "chat"
+    history: History = ResponsesHistory()
 
     def decode(self, raw: bytes) -> Body:
         return decode(_DECODER, raw)
@@ -143,6 +232,24 @@ class OpenAIResponses:
 
     def error(self, kind: ErrorKind, message: str, code: str | None = None) -> ProviderError:
         return openai_error(kind, message, code)
+
+    def stream_failure(self, error: ProviderError) -> bytes | None:
+        """Codex reads context overflow only from a ``response.failed`` event: a stream of
+        that one event, with the error the provider would put there."""
+        detail = as_dict(error.body.get("error"))
+        if detail.get("code") != "context_length_exceeded":
+            return None
+        response = {
+            "id": f"resp_gw_{uuid.uuid4().hex}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "failed",
+            "error": {"code": detail["code"], "message": detail.get("message", "")},
+            "output": [],
+            "usage": None,
+        }
+        event = {"type": "response.failed", "sequence_number": 0, "response": response}
+        return b"event: response.failed\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 def _read_response_object(response: JSONObject, facts: ResponseFacts) -> None:

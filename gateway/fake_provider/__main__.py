@@ -21,6 +21,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderCon
     parser.add_argument("--reply-text", default=None)
     parser.add_argument("--tool-loop", metavar="NAME:JSON", default=None)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--context-window", type=int, default=None, metavar="TOKENS")
     args = parser.parse_args(argv)
     tool_loop = None
     if args.tool_loop:
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderCon
         usage_mode=args.usage_mode,
         chunk_delay=args.chunk_delay,
         record=not args.no_record,
+        context_window=args.context_window,
     )
     if args.reply_text is not None:
         config.reply_text = args.reply_text

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from .config import ToolCallSpec
-from .errors import Flavor
+from .errors import FakeError, Flavor
 from .usage import Usage
 
 JsonObject = dict[str, Any]
@@ -42,11 +42,15 @@ class Turn:
 
 @dataclass(frozen=True, slots=True)
 class ProviderApi:
-    """One provider API: its error flavor, checks, prompt parts and answer renderers."""
+    """One provider API: its error flavor, checks, prompt parts and answer renderers.
+
+    ``context_overflow(tokens, window)`` is the API's own refusal of a too-long prompt.
+    """
 
     flavor: Flavor
     validate: Callable[[JsonObject, Mapping[str, str]], None]
     prompt_parts: Callable[[JsonObject], list[object]]
+    context_overflow: Callable[[int, int], FakeError]
     json_answer: Callable[[Turn], JsonObject]
     sse_events: Callable[[Turn], list[bytes]]
 

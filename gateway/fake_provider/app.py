@@ -2,7 +2,8 @@
 
 Every API request follows the same steps, in order: record it, check the key, read the
 ``x-fake-scenario`` header, wait (``slow``), fail on purpose (``error``), parse the JSON once,
-validate strictly, decide the ``Turn``, then answer as JSON or as SSE.
+validate strictly, count the prompt against the context window, decide the ``Turn``, then
+answer as JSON or as SSE.
 """
 
 from __future__ import annotations
@@ -110,23 +111,35 @@ def _parse(body: bytes, flavor: Flavor) -> JsonObject:
     return payload
 
 
-def _turn(
+def _prompt_tokens(
     payload: JsonObject, scenario: Scenario, config: FakeProviderConfig, api: ProviderApi
+) -> int | None:
+    """The input tokens to report (``None`` for ``no_usage``); refuses a prompt over the window.
+
+    One count serves both, so the usage a test sees is the number the window was checked with.
+    """
+    window = config.context_window if scenario.context_window is None else scenario.context_window
+    if scenario.no_usage and window is None:
+        return None
+    tokens = input_tokens(api.prompt_parts(payload), config.usage_mode, _factor(config, scenario))
+    if window is not None and tokens > window:
+        raise api.context_overflow(tokens, window)
+    return None if scenario.no_usage else tokens
+
+
+def _turn(
+    payload: JsonObject, scenario: Scenario, config: FakeProviderConfig, prompt_tokens: int | None
 ) -> Turn:
     """Decide the answer: the scenario's or config's tool call, else the reply text."""
     tool_call = scenario.tool_call or config.tool_loop
     usage: Usage | None = None
-    if not scenario.no_usage:
-        factor = _factor(config, scenario)
+    if prompt_tokens is not None:
         said = (
             tool_call.name + orjson.dumps(tool_call.arguments).decode()
             if tool_call
             else config.reply_text
         )
-        usage = Usage(
-            input_tokens(api.prompt_parts(payload), config.usage_mode, factor),
-            output_tokens(said, config.usage_mode),
-        )
+        usage = Usage(prompt_tokens, output_tokens(said, config.usage_mode))
     return Turn(
         body=payload,
         model=str(payload.get("model", "")),
@@ -162,7 +175,8 @@ async def _answer(request: web.Request, api: ProviderApi) -> web.StreamResponse:
         body, scenario = await _admit(request, api.flavor)
         payload = _parse(body, api.flavor)
         api.validate(payload, request.headers)
-        turn = _turn(payload, scenario, config, api)
+        prompt_tokens = _prompt_tokens(payload, scenario, config, api)
+        turn = _turn(payload, scenario, config, prompt_tokens)
     except FakeError as error:
         return error_response(error, api.flavor)
     if payload.get("stream") is not True:

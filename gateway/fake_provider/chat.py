@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .api import JsonObject, ProviderApi, Turn, json_deltas, sse, text_deltas
+from .errors import chat_context_length_exceeded
 from .ids import new_id
 from .usage import Usage
 from .validation import validate_chat
@@ -123,6 +124,7 @@ CHAT = ProviderApi(
     flavor="openai",
     validate=_validate,
     prompt_parts=prompt_parts,
+    context_overflow=chat_context_length_exceeded,
     json_answer=json_answer,
     sse_events=sse_events,
 )

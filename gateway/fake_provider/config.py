@@ -31,6 +31,9 @@ class FakeProviderConfig:
     - ``reply_text``: the deterministic text answer.
     - ``chunk_delay``: seconds between SSE events.
     - ``record``: keep the last 1000 received requests in ``app[RECEIVED]``.
+    - ``context_window``: when set, a chat, responses or messages request whose input tokens
+      (counted as for the reported usage, ``token_factor`` included) exceed it is refused with
+      the API's real context-overflow 400, before anything is generated.
     """
 
     tool_loop: ToolCallSpec | None = None
@@ -39,3 +42,4 @@ class FakeProviderConfig:
     reply_text: str = DEFAULT_REPLY
     chunk_delay: float = 0.0
     record: bool = True
+    context_window: int | None = None

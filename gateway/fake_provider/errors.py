@@ -98,6 +98,31 @@ def invalid_request(
     return FakeError(400, message, type_="invalid_request_error", param=param, code=code)
 
 
+def anthropic_prompt_too_long(tokens: int, window: int) -> FakeError:
+    """Anthropic Messages' answer to a prompt over the model's context window."""
+    return invalid_request(f"prompt is too long: {tokens} tokens > {window} maximum")
+
+
+def chat_context_length_exceeded(tokens: int, window: int) -> FakeError:
+    """Chat Completions' answer to messages over the model's context window."""
+    return invalid_request(
+        f"This model's maximum context length is {window} tokens. However, your messages "
+        f"resulted in {tokens} tokens. Please reduce the length of the messages.",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+def responses_context_length_exceeded(tokens: int, window: int) -> FakeError:
+    """Responses' answer to input over the context window (it names no numbers)."""
+    return invalid_request(
+        "Your input exceeds the context window of this model. Please adjust your input and "
+        "try again.",
+        param="input",
+        code="context_length_exceeded",
+    )
+
+
 def openai_body(error: FakeError) -> dict[str, object]:
     fallback = "server_error" if error.status >= 500 else "invalid_request_error"
     type_, code, message = _OPENAI.get(error.status, (fallback, None, f"HTTP {error.status}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .api import JsonObject, ProviderApi, Turn, json_deltas, sse, text_deltas
+from .errors import anthropic_prompt_too_long
 from .ids import new_id
 from .usage import Usage
 from .validation import check_anthropic_version, validate_messages
@@ -110,6 +111,7 @@ MESSAGES = ProviderApi(
     flavor="anthropic",
     validate=validate,
     prompt_parts=prompt_parts,
+    context_overflow=anthropic_prompt_too_long,
     json_answer=json_answer,
     sse_events=sse_events,
 )

@@ -7,7 +7,8 @@ Values (several may be joined with ``;``):
 - ``cut_stream:<n>``: send n SSE events, then close the connection abruptly;
 - ``no_usage``: omit usage from JSON answers and streams;
 - ``slow:<seconds>``: sleep before answering;
-- ``token_factor:<f>``: override the configured token factor.
+- ``token_factor:<f>``: override the configured token factor;
+- ``context_window:<n>``: override the configured context window (input tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from .config import ToolCallSpec
 
 HEADER = "x-fake-scenario"
 
-_KEYWORDS = ("tool_loop:", "tool:", "error:", "cut_stream:", "no_usage", "slow:", "token_factor:")
+_KEYWORDS = (
+    "tool_loop:",
+    "tool:",
+    "error:",
+    "cut_stream:",
+    "no_usage",
+    "slow:",
+    "token_factor:",
+    "context_window:",
+)
 
 
 class ScenarioError(ValueError):
@@ -38,6 +48,7 @@ class Scenario:
     no_usage: bool = False
     delay: float = 0.0
     token_factor: float | None = None
+    context_window: int | None = None
 
 
 NO_SCENARIO = Scenario()
@@ -81,6 +92,8 @@ def _apply(part: str, fields: dict[str, Any]) -> None:
             fields["delay"] = _non_negative(float(rest))
         elif kind == "token_factor":
             fields["token_factor"] = _non_negative(float(rest))
+        elif kind == "context_window":
+            fields["context_window"] = int(_non_negative(int(rest)))
         else:
             raise ScenarioError(f"unknown scenario {part!r}")
     except ValueError as exc:

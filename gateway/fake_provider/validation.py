@@ -139,7 +139,7 @@ def _unanswered_chat_calls(pending: list[str], index: int) -> FakeError:
 
 
 def validate_responses(body: JsonObject) -> None:
-    """Model; input a string or items; every call has a later output and every output a call."""
+    """Model; input a string or items; calls and outputs paired; no trailing reasoning item."""
     _model(body)
     items = body.get("input")
     if items is None or isinstance(items, str):
@@ -165,6 +165,15 @@ def validate_responses(body: JsonObject) -> None:
             answered.add(call_id)
         elif kind in _RESPONSES_CALLS:
             calls[_call_id(item, index)] = _RESPONSES_CALLS[kind]
+        elif kind == "reasoning" and index == len(items) - 1:
+            item_id = item.get("id")
+            if not isinstance(item_id, str) or not item_id:
+                item_id = "rs_unknown"
+            raise invalid_request(
+                f"Item '{item_id}' of type 'reasoning' was provided without its required "
+                "following item.",
+                param="input",
+            )
         elif kind == "message" or (kind is None and "role" in item):
             _responses_message(item, index)
         elif kind is None:

@@ -110,7 +110,19 @@ class Context(_Block):
     summary_model: str | None = None
     """Model for summaries; default the session's own."""
     keep_last: int = Field(4, ge=1)
-    """Latest exchanges that summarize and truncate never touch."""
+    """Latest exchanges that no strategy but ``clear`` touches. An exchange is one model turn
+    with the tool results that answer it, or one user message."""
+    default_window: int = Field(128_000, ge=1024)
+    """The window of a model in neither ``windows`` nor the built-in table."""
+    summary_max_tokens: int = Field(4096, ge=256)
+    """Output cap of the summary call."""
+    summary_timeout: float = 120.0
+    """Seconds (or ``2m``) the summary call may take before the next strategy is used."""
+
+    @field_validator("summary_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
 
     @model_validator(mode="after")
     def _order(self) -> Context:
@@ -198,3 +210,14 @@ class PolicyFile(_Block):
     """A trusted header naming the caller's team (set it only behind an authenticating proxy)."""
     prices: dict[str, Price] = {}
     """Model globs to prices, for cost budgets."""
+    windows: dict[str, int] = {}
+    """Model globs to context windows in input tokens, over the built-in table (in
+    ``gateway/compaction/windows.py``), for ``context.window: auto``."""
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: dict[str, int]) -> dict[str, int]:
+        small = [glob for glob, tokens in value.items() if tokens < 1024]
+        if small:
+            raise ValueError(f"windows under 1024 tokens: {', '.join(small)}")
+        return value

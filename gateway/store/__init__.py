@@ -9,6 +9,7 @@ from gateway.store.memory import MemoryStore
 from gateway.store.records import (
     BudgetCounter,
     BudgetLimit,
+    CompactionNote,
     Grant,
     Limits,
     ModelTotals,
@@ -38,6 +39,7 @@ def open_store(url: str) -> Store:
 __all__ = [
     "BudgetCounter",
     "BudgetLimit",
+    "CompactionNote",
     "Grant",
     "LimitExceeded",
     "Limits",

@@ -13,8 +13,10 @@ from dataclasses import fields
 from typing import Any, Protocol
 
 from gateway.store.records import (
+    REWRITES_KEPT,
     BudgetCounter,
     BudgetLimit,
+    CompactionNote,
     Grant,
     Limits,
     ModelTotals,
@@ -79,6 +81,10 @@ class Store(Protocol):
         self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
     ) -> None:
         """Keep a warning or detection with the session; count a rejected call."""
+        ...
+
+    async def record_compaction(self, start: TurnStart, note: CompactionNote) -> None:
+        """A call went compacted: count it, keep its rewrite, bill its summary call."""
         ...
 
     async def grant(self, session_id: str, grant: Grant) -> SessionRecord | None:
@@ -179,6 +185,20 @@ class SessionTable:
         record.note(kind, event)
         if rejected:
             record.rejected += 1
+        self._changed(record)
+
+    async def record_compaction(self, start: TurnStart, note: CompactionNote) -> None:
+        record = await self._session_for(start)
+        record.compacted_calls += 1
+        record.tokens_saved += note.saved_tokens
+        if note.event is not None:
+            record.note("compactions", note.event)
+        if note.rewrite is not None:
+            record.context_rewrites = [*record.context_rewrites, note.rewrite][-REWRITES_KEPT:]
+        if note.summary_usage is not None:
+            record.summary_calls += 1
+            record.tokens.add(note.summary_usage)
+            record.cost += note.summary_cost
         self._changed(record)
 
     async def grant(self, session_id: str, grant: Grant) -> SessionRecord | None:

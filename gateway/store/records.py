@@ -71,6 +71,16 @@ class SessionRecord:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     detections: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    compactions: list[dict[str, Any]] = field(default_factory=list)
+    """What each compaction did: strategies, tokens before and after, the summary call."""
+    compacted_calls: int = 0
+    """Calls sent compacted, saved rewrites reused included."""
+    tokens_saved: int = 0
+    """Input tokens compaction took off the calls sent (calibrated estimates)."""
+    summary_calls: int = 0
+    context_rewrites: list[dict[str, Any]] = field(default_factory=list)
+    """The newest compaction recipes (``compaction.Rewrite``), applied to later requests whose
+    history starts with what they stand for."""
     last_body_hash: int | None = None
     body_repeats: int = 0
     """Byte-identical successful requests in a row (1 = no repeat)."""
@@ -178,6 +188,22 @@ class TurnEnd:
     at: float
     cost: float = 0.0
     body_hash: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CompactionNote:
+    """What one call's compaction did, for the session's record."""
+
+    saved_tokens: int
+    event: dict[str, Any] | None = None
+    """Set when something new was done (not for a saved rewrite reused)."""
+    rewrite: dict[str, Any] | None = None
+    summary_usage: Usage | None = None
+    summary_cost: float = 0.0
+
+
+REWRITES_KEPT = 3
+"""Saved rewrites per session: the newest, and a couple for requests still in flight."""
 
 
 @dataclass(slots=True, frozen=True)

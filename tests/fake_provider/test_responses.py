@@ -121,6 +121,24 @@ async def test_strict_validation_rejects(oai: openai.AsyncOpenAI, items, fragmen
     assert fragment in caught.value.message
 
 
+async def test_trailing_reasoning_is_400(fake) -> None:
+    reasoning = {"type": "reasoning", "id": "rs_9", "summary": [], "encrypted_content": "x"}
+    body = {"model": "gpt-5", "input": [{"role": "user", "content": "go"}, reasoning]}
+    response = await fake.post("/v1/responses", json=body, headers=AUTH)
+    assert response.status == 400
+    assert await response.json() == {
+        "error": {
+            "message": "Item 'rs_9' of type 'reasoning' was provided without its required "
+            "following item.",
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": None,
+        }
+    }
+    body["input"] = [*body["input"], CALL, OUTPUT]
+    assert (await fake.post("/v1/responses", json=body, headers=AUTH)).status == 200
+
+
 async def test_output_may_answer_a_previous_response(oai: openai.AsyncOpenAI) -> None:
     answer = await oai.responses.create(
         model="gpt-5",

@@ -26,6 +26,8 @@ def test_no_header_means_defaults() -> None:
         ("no_usage", Scenario(no_usage=True)),
         ("slow:1.5", Scenario(delay=1.5)),
         ("token_factor:1.2", Scenario(token_factor=1.2)),
+        ("context_window:5000", Scenario(context_window=5000)),
+        ("context_window:100;no_usage", Scenario(context_window=100, no_usage=True)),
         ("slow:0.1; error:500", Scenario(delay=0.1, error_status=500)),
     ],
 )
@@ -54,6 +56,9 @@ def test_several_header_values_combine() -> None:
         "tool:x:[1]",
         "tool:x:{",
         "no_usage:1",
+        "context_window:",
+        "context_window:-1",
+        "context_window:1.5",
     ],
 )
 def test_malformed_values_raise(value: str) -> None:

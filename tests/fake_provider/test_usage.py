@@ -37,4 +37,6 @@ def test_cli_arguments_make_a_config() -> None:
     assert (host, port) == ("127.0.0.1", 9000)
     assert config.tool_loop == ToolCallSpec("Read", {"file_path": "/x"})
     assert config.usage_mode == "tiktoken"
+    assert config.context_window is None
+    assert parse_args(["--context-window", "5000"])[2].context_window == 5000
     assert parse_args([])[2] == FakeProviderConfig()

@@ -59,6 +59,35 @@ def test_responses_custom_tool_call_needs_output() -> None:
         validate_responses({"model": "m", "input": items})
 
 
+@pytest.mark.parametrize(
+    ("reasoning", "item_id"),
+    [
+        ({"type": "reasoning", "id": "rs_1", "summary": []}, "rs_1"),
+        ({"type": "reasoning", "summary": []}, "rs_unknown"),
+    ],
+)
+def test_responses_trailing_reasoning_is_rejected(reasoning: dict[str, Any], item_id: str) -> None:
+    items = [{"role": "user", "content": "x"}, reasoning]
+    with pytest.raises(FakeError) as caught:
+        validate_responses({"model": "m", "input": items})
+    assert caught.value.status == 400
+    assert caught.value.type_ == "invalid_request_error"
+    assert caught.value.param == "input"
+    assert caught.value.message == (
+        f"Item '{item_id}' of type 'reasoning' was provided without its required following item."
+    )
+
+
+def test_responses_reasoning_followed_by_a_call_is_accepted() -> None:
+    items = [
+        {"role": "user", "content": "x"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"},
+    ]
+    validate_responses({"model": "m", "input": items})
+
+
 def test_responses_input_of_wrong_type() -> None:
     with pytest.raises(FakeError, match="Invalid type for 'input'"):
         validate_responses({"model": "m", "input": 3})

@@ -6,6 +6,7 @@ test can run the same steps over Chat Completions, Responses and Messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import httpx2
 import openai
 
 from tests.conftest import ANTHROPIC_MODEL
-from tests.policy.conftest import Gateway
+from tests.harness import Gateway
 
 Api = Literal["chat", "responses", "messages"]
 APIS: tuple[Api, ...] = ("chat", "responses", "messages")
@@ -102,6 +103,8 @@ class AgentLoop:
         self.tool_calls_made = 0
         self.refusal: Outcome | None = None
         """The first refusal ``until_refused`` met."""
+        self.tool_output: Callable[[int], str] = lambda n: "same contents"
+        """The result of the n-th tool call (1-based)."""
 
     async def until_refused(self, turns: int = 12) -> int:
         """Turns that went through before the first refusal (kept in ``refusal``)."""
@@ -141,7 +144,11 @@ class AgentLoop:
         for tool_call in message.tool_calls or []:
             self.tool_calls_made += 1
             self.history.append(
-                {"role": "tool", "tool_call_id": tool_call.id, "content": "same contents"}
+                {
+                    "role": "tool",
+                    "tool_call_id": tool_call.id,
+                    "content": self.tool_output(self.tool_calls_made),
+                }
             )
         return Outcome(raw.status_code, raw.headers, completion)
 
@@ -175,7 +182,7 @@ class AgentLoop:
                     {
                         "type": "function_call_output",
                         "call_id": item.call_id,
-                        "output": "same contents",
+                        "output": self.tool_output(self.tool_calls_made),
                     }
                 )
             elif item.type == "message":
@@ -201,12 +208,12 @@ class AgentLoop:
         message = await raw.parse()
         blocks = [block.model_dump(exclude_none=True) for block in message.content]
         self.history.append({"role": "assistant", "content": blocks})
-        results = [
-            {"type": "tool_result", "tool_use_id": block.id, "content": "same contents"}
-            for block in message.content
-            if block.type == "tool_use"
-        ]
-        self.tool_calls_made += len(results)
+        results = []
+        for block in message.content:
+            if block.type == "tool_use":
+                self.tool_calls_made += 1
+                content = self.tool_output(self.tool_calls_made)
+                results.append({"type": "tool_result", "tool_use_id": block.id, "content": content})
         if results:
             self.history.append({"role": "user", "content": results})
         return Outcome(raw.status_code, raw.headers, message)

@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from gateway.fake_provider import FakeProviderConfig
-from tests.policy.apis import APIS, Api, Outcome, call
-from tests.policy.conftest import (
+from tests.harness import (
     ANTHROPIC_KEY,
     OPENAI_KEY,
     Gateway,
@@ -21,6 +20,7 @@ from tests.policy.conftest import (
     key_hash,
     session_headers,
 )
+from tests.policy.apis import APIS, Api, Outcome, call
 
 OTHER_TEAM_KEY = "sk-team-beta"
 WORK = "Please summarise the design of this gateway in a few words. " * 4

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from gateway.policy import parse_policy
+from tests.harness import MakeGateway, session_headers
 from tests.policy.apis import APIS, Api, call
-from tests.policy.conftest import MakeGateway, session_headers
 
 MAX_TURNS_DEFAULTS = """
 version: 1

@@ -12,8 +12,8 @@ import pytest
 
 from gateway.fake_provider import FakeProviderConfig, ToolCallSpec
 from tests.conftest import load_fixture
+from tests.harness import MakeGateway, session_headers
 from tests.policy.apis import APIS, AgentLoop, Api, call
-from tests.policy.conftest import MakeGateway, session_headers
 
 LOOPS = """
 version: 1

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from tests.harness import POLICIES, MakeGateway, session_headers
 from tests.policy.apis import call
-from tests.policy.conftest import POLICIES, MakeGateway, session_headers
 
 ORGANIZATION = POLICIES / "organization.yaml"
 EXPLAIN = [

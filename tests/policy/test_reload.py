@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from gateway.policy import packaged_default
+from tests.harness import POLICIES, Gateway, MakeGateway, session_headers, write_text
 from tests.policy.apis import call
-from tests.policy.conftest import POLICIES, Gateway, MakeGateway, session_headers, write_text
 
 TEN_TURNS = """\
 version: 1

@@ -6,8 +6,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from tests.harness import OPENAI_KEY, Gateway, MakeGateway, key_hash, session_headers
 from tests.policy.apis import Api, Outcome, call
-from tests.policy.conftest import OPENAI_KEY, Gateway, MakeGateway, key_hash, session_headers
 
 RESEARCH_KEY = "sk-research-alice"
 

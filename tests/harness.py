@@ -1,4 +1,4 @@
-"""Helpers for the policy tests: a gateway started on a policy file written into tmp_path,
+"""A gateway started on a policy file written into tmp_path (the ``make_gateway`` fixture),
 the official SDKs pointed at it, and the admin API and audit log read back."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.appkeys import STORE
+from gateway.fake_provider import RECEIVED
 from gateway.settings import Settings
 from gateway.store import SessionRecord
-from tests.conftest import received
 
 OPENAI_KEY = "sk-test-openai"
 ANTHROPIC_KEY = "sk-ant-test"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
 
 
@@ -67,7 +67,7 @@ class Gateway:
         return str(self.server.make_url(path))
 
     def upstream_calls(self) -> int:
-        return len(received(self.fake))
+        return len(self.fake.app[RECEIVED])
 
     async def record(self, session: str) -> SessionRecord:
         record = await self.server.app[STORE].get(session)

@@ -1,0 +1,38 @@
+"""What a compaction strategy is given: the goal, the settings, and a way to summarize."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway.dialects.base import Usage
+from gateway.policy.model import Context
+
+
+@dataclass(slots=True, frozen=True)
+class Summary:
+    text: str
+    model: str
+    usage: Usage | None = None
+
+
+class SummaryFailed(Exception):
+    """The summary call timed out, failed upstream, or came back empty (the reason says)."""
+
+
+Summarizer = Callable[[str], Awaitable[Summary]]
+"""Asks the session's upstream to summarize a transcript; raises ``SummaryFailed``."""
+
+
+@dataclass(slots=True)
+class Job:
+    settings: Context
+    goal: int
+    """Tokens to get under, as the gateway counts them (before calibration)."""
+    summarize: Summarizer | None = None
+    transcript_chars: int = 400_000
+    """The most transcript the summary model can read (its window, in characters, with room)."""
+    summary: Summary | None = None
+    """The summary made by this job, if any (its usage is billed to the session)."""
+    failures: list[str] = field(default_factory=list)
+    """Strategies that could not run, with why: ``summarize: timeout``."""

@@ -1,0 +1,39 @@
+"""``summarize``: the older conversation becomes one summary message, written by an LLM.
+
+Everything but the system prompt, the first user message and the last ``keep_last`` exchanges
+goes to the summary call as a plain transcript; a summary already in that part (from an earlier
+compaction) is in the transcript too, so summaries build on each other. A failed call leaves the
+conversation as it was and says why in ``job.failures``: the next strategy takes over.
+"""
+
+from __future__ import annotations
+
+from gateway.compaction.conversation import Conversation
+from gateway.compaction.job import Job, SummaryFailed
+from gateway.compaction.transcript import transcript
+
+INTRO = (
+    "[Summary of the earlier part of this conversation, written by the gateway to fit the "
+    "model's context window. It replaces {count} messages.]\n\n"
+)
+
+
+async def summarize(conversation: Conversation, job: Job) -> None:
+    if job.summarize is None:
+        job.failures.append("summarize: no upstream to call")
+        return
+    layout = conversation.layout()
+    units = conversation.old_units(layout, job.settings.keep_last, keep_first_input=True)
+    if not units:
+        return
+    replaced = range(units[0].start, units[-1].stop)
+    text = transcript((conversation.value(i) for i in replaced), job.transcript_chars)
+    try:
+        summary = await job.summarize(text)
+    except SummaryFailed as exc:
+        job.failures.append(f"summarize: {exc}")
+        return
+    job.summary = summary
+    count = conversation.span(replaced)
+    note = conversation.note(INTRO.format(count=count) + summary.text.strip(), count)
+    conversation.replace(replaced.start, replaced.stop, [note])
