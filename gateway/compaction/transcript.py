@@ -7,7 +7,7 @@ middle; reasoning and signed thinking (opaque, or not the model's to share) are 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -39,16 +39,20 @@ _SKIPPED_KEYS = frozenset(
 )
 
 
-def transcript(items: Iterable[Any], max_chars: int) -> str:
-    """The items as text; past ``max_chars`` the oldest are left out (and said to be)."""
+def transcript(items: Iterable[Any], max_chars: int, earlier: Sequence[str] = ()) -> str:
+    """The items as text; past ``max_chars`` the oldest are left out (and said to be).
+
+    ``earlier`` (summaries from earlier compactions) always comes first, whole: it is the
+    densest account of the start of the conversation.
+    """
     lines = [line for item in items if (line := _render(item))]
-    size, start = 0, len(lines)
+    size, start = sum(len(text) + 2 for text in earlier), len(lines)
     while start > 0 and size + len(lines[start - 1]) + 2 <= max_chars:
         start -= 1
         size += len(lines[start]) + 2
     if start:
         lines[start:start] = [f"[... {start} older messages left out: too long to summarize ...]"]
-    return "\n\n".join(lines[start:])
+    return "\n\n".join([*earlier, *lines[start:]])
 
 
 def _render(item: Any) -> str:

@@ -22,7 +22,14 @@ from .api import JsonObject, ProviderApi, Turn
 from .catalog import anthropic_models, embedding_inputs, embeddings, openai_models
 from .chat import CHAT
 from .config import FakeProviderConfig
-from .errors import FakeError, Flavor, error_response, invalid_request
+from .errors import (
+    UNKNOWN_MODEL_PREFIX,
+    FakeError,
+    Flavor,
+    error_response,
+    invalid_request,
+    unknown_model,
+)
 from .ids import new_id
 from .messages import MESSAGES, validate_count_tokens
 from .messages import prompt_parts as anthropic_prompt_parts
@@ -175,6 +182,9 @@ async def _answer(request: web.Request, api: ProviderApi) -> web.StreamResponse:
         body, scenario = await _admit(request, api.flavor)
         payload = _parse(body, api.flavor)
         api.validate(payload, request.headers)
+        model = payload.get("model")
+        if isinstance(model, str) and model.startswith(UNKNOWN_MODEL_PREFIX):
+            raise unknown_model(model, api.flavor)
         prompt_tokens = _prompt_tokens(payload, scenario, config, api)
         turn = _turn(payload, scenario, config, prompt_tokens)
     except FakeError as error:

@@ -165,3 +165,18 @@ def error_response(error: FakeError, flavor: Flavor) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
+
+
+UNKNOWN_MODEL_PREFIX = "no-such-"
+"""Model ids the fake does not serve (the real APIs answer 404 for a model they lack)."""
+
+
+def unknown_model(model: str, flavor: Flavor) -> FakeError:
+    if flavor == "anthropic":
+        return FakeError(404, f"model: {model}", type_="not_found_error")
+    return FakeError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        type_="invalid_request_error",
+        code="model_not_found",
+    )

@@ -8,6 +8,8 @@ conversation as it was and says why in ``job.failures``: the next strategy takes
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.compaction.conversation import Conversation
 from gateway.compaction.job import Job, SummaryFailed
 from gateway.compaction.transcript import transcript
@@ -27,7 +29,15 @@ async def summarize(conversation: Conversation, job: Job) -> None:
     if not units:
         return
     replaced = range(units[0].start, units[-1].stop)
-    text = transcript((conversation.value(i) for i in replaced), job.transcript_chars)
+    earlier: list[str] = []
+    rest: list[Any] = []
+    for index in replaced:
+        op = conversation.entries[index].op
+        if isinstance(op, list) and op[0] == "note":
+            earlier.append(op[1])  # an earlier summary (or note) goes in whole
+        else:
+            rest.append(conversation.value(index))
+    text = transcript(rest, job.transcript_chars, earlier)
     try:
         summary = await job.summarize(text)
     except SummaryFailed as exc:
