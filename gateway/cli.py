@@ -356,6 +356,19 @@ def _policy_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("loop", f"{event['detector']} {event.get('tool') or ''} x{event['count']:g}"))
     for event in s.get("warnings", [])[-1:]:
         lines.append(("warning", "; ".join(event.get("warnings", []))))
+    if s.get("compacted_calls"):
+        lines.append(
+            (
+                "compacted",
+                f"{s['compacted_calls']} calls, {_count(s['tokens_saved'])} tokens saved, "
+                f"{s['summary_calls']} summary calls",
+            )
+        )
+    for event in s.get("compactions", [])[-3:]:
+        what = ",".join(event["strategies"]) or "nothing"
+        tokens = f"{_count(event['tokens_before'])} -> {_count(event['tokens_after'])} tokens"
+        failed = f" ({'; '.join(event['failures'])})" if event.get("failures") else ""
+        lines.append(("compaction", f"{_when(event['at'])} {what}: {tokens}{failed}"))
     return lines
 
 

@@ -35,6 +35,8 @@ async def compact(ex: Exchange) -> None:
     settings = ex.decision.effective.settings.context
     if not isinstance(items, Items) or "x-openai-subagent" in ex.request.headers:
         return  # no history to rewrite, or an agent's own compaction call
+    if ex.body.get("previous_response_id"):
+        return  # the history is on the provider's side: what is here is only the newest part
     if not settings.strategies:
         return  # compaction off: the provider says whether it fits
     app, facts = ex.request.app, ex.facts

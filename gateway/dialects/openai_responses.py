@@ -156,6 +156,7 @@ class ResponsesEnvelope(Envelope):
     max_output_tokens: Field = UNSET
     user: Field = UNSET
     prompt_cache_key: Field = UNSET
+    previous_response_id: Field = UNSET
 
 
 _DECODER = decoder(ResponsesEnvelope)

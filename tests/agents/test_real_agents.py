@@ -20,6 +20,7 @@ from gateway.fake_provider.config import DEFAULT_REPLY
 from gateway.store import SessionQuery, SessionRecord
 from tests.agents.conftest import AgentDirs, AgentRun, base_env, run_agent
 from tests.conftest import received
+from tests.harness import MakeGateway
 
 CODEX_MODEL = "gpt-5-codex"
 Launch = tuple[list[str | Path], dict[str, str]]
@@ -326,3 +327,109 @@ async def test_claude_code_runaway_loop_is_stopped_by_the_default_policy(
     [session] = await sessions(gateway)
     assert session.turns == 8 and session.rejected >= 1
     assert session.detections[0]["tool"] == "Read"
+
+
+# --- compaction -------------------------------------------------------------------------------
+
+AGENT_WINDOW = 24_000
+COMPACTING_POLICY = f"""
+version: 1
+defaults:
+  loops: {{identical_tool_calls: 1000}}
+  context:
+    window: {AGENT_WINDOW}
+    compact_at: 0.8
+    target: 0.6
+    keep_last: 2
+    strategies: [elide_tool_output, truncate]
+"""
+
+
+async def test_claude_code_keeps_working_past_the_window_when_compacted(
+    claude_bin: Path,
+    make_gateway: MakeGateway,
+    fake_provider: TestServer,
+    fake_config: FakeProviderConfig,
+    agent_dirs: AgentDirs,
+) -> None:
+    """Claude Code in a long tool loop: its history passes the window the fake enforces (its
+    system prompt and tools alone are about half of it), and the gateway's compaction keeps
+    every call valid and under it until Claude Code's own --max-turns ends the run."""
+    notes = agent_dirs.work / "notes.txt"
+    notes.write_text("".join(f"line {n}: the parser keeps its state here\n" for n in range(300)))
+    fake_config.tool_loop = ToolCallSpec("Read", {"file_path": str(notes)})
+    fake_config.context_window = AGENT_WINDOW
+    gw = await make_gateway(COMPACTING_POLICY)
+    argv, env = claude_setup(
+        claude_bin, gw.server, agent_dirs, "Read notes.txt.", "--max-turns", "12"
+    )
+
+    run = await run_agent(argv, env=env, cwd=agent_dirs.work, logs=agent_dirs.logs)
+
+    assert not run.timed_out, run.describe()
+    assert "max turns" in (run.stdout + run.stderr).lower(), run.describe()
+    turns = calls_to(fake_provider, "/v1/messages")
+    [session] = await sessions(gw.server)
+    assert session.turns == len(turns) >= 10, run.describe()
+    assert session.upstream_errors == 0 and session.rejected == 0, run.describe()
+    assert session.compacted_calls > 0 and session.tokens_saved > 0, run.describe()
+    # Each compaction started past compact_at and ended under the window (under target when
+    # the latest exchanges allow it); the fake, which refuses anything over its window,
+    # accepted every call.
+    for compaction in session.compactions:
+        assert compaction["tokens_before"] >= 0.8 * AGENT_WINDOW
+        assert compaction["tokens_after"] < AGENT_WINDOW
+        assert set(compaction["strategies"]) <= {"elide_tool_output", "truncate"}
+
+
+PROMPT_POLICY = """
+version: 1
+defaults:
+  loops: {{identical_tool_calls: 1000}}
+  context: {{window: {window}, strategies: [prompt]}}
+"""
+
+
+async def test_claude_code_recognises_the_overflow_handed_back_by_prompt(
+    claude_bin: Path,
+    make_gateway: MakeGateway,
+    fake_provider: TestServer,
+    fake_config: FakeProviderConfig,
+    agent_dirs: AgentDirs,
+) -> None:
+    """``prompt`` answers Anthropic's own "prompt is too long": Claude Code reports it as such
+    (in -p mode there is no human to compact with, so it stops)."""
+    notes = agent_dirs.work / "notes.txt"
+    notes.write_text("".join(f"line {n}: the parser keeps its state here\n" for n in range(300)))
+    fake_config.tool_loop = ToolCallSpec("Read", {"file_path": str(notes)})
+    gw = await make_gateway(PROMPT_POLICY.format(window=AGENT_WINDOW))
+    argv, env = claude_setup(claude_bin, gw.server, agent_dirs, "Read notes.txt.")
+
+    run = await run_agent(argv, env=env, cwd=agent_dirs.work, logs=agent_dirs.logs)
+
+    assert not run.timed_out and run.returncode != 0, run.describe()
+    assert "Prompt is too long" in run.stdout + run.stderr, run.describe()
+    [session] = await sessions(gw.server)
+    assert session.rejections[-1]["limit"] == "context_window"
+    assert len(calls_to(fake_provider, "/v1/messages")) == session.turns
+
+
+async def test_codex_recognises_the_overflow_handed_back_by_prompt(
+    codex_bin: Path,
+    make_gateway: MakeGateway,
+    fake_provider: TestServer,
+    fake_config: FakeProviderConfig,
+    agent_dirs: AgentDirs,
+) -> None:
+    """On a stream, ``prompt`` answers with a ``response.failed`` event whose code is
+    ``context_length_exceeded``: the only overflow Codex recognises."""
+    fake_config.tool_loop = ToolCallSpec("exec_command", {"cmd": "seq 1 3000"})
+    gw = await make_gateway(PROMPT_POLICY.format(window=16_000))
+    argv, env = codex_setup(codex_bin, gw.server, agent_dirs, "Count to 3000.")
+
+    run = await run_agent(argv, env=env, cwd=agent_dirs.work, logs=agent_dirs.logs)
+
+    assert not run.timed_out and run.returncode != 0, run.describe()
+    assert "ran out of room in the model's context window" in run.stdout + run.stderr
+    [session] = await sessions(gw.server)
+    assert session.rejections[-1]["limit"] == "context_window"

@@ -200,3 +200,15 @@ async def test_an_agents_own_compaction_call_is_never_compacted(make_gateway: Ma
     assert status == 200, body
     assert "X-Gateway-Compacted" not in answer_headers
     assert summary_calls(gw) == []
+
+
+async def test_a_chained_responses_call_is_left_to_the_provider(make_gateway: MakeGateway) -> None:
+    """With ``previous_response_id`` the history lives on the provider's side."""
+    gw = await make_gateway(POLICY.format(window=WINDOW, strategies="summarize"))
+    request = {**long_request("responses"), "previous_response_id": "resp_earlier"}
+    status, headers, body = await gw.post(
+        PATHS["responses"], request, api_headers("responses", "c")
+    )
+
+    assert status == 200, body
+    assert "X-Gateway-Compacted" not in headers and summary_calls(gw) == []

@@ -152,3 +152,21 @@ async def test_calibration_converges_on_a_provider_that_counts_differently(
     assert calibration[model]["error"] < 0.05, calibration
     # Compacted at the provider's count: it never saw a request over its window.
     assert (await gw.record("calibrated")).compacted_calls > 0
+
+
+async def test_sessions_show_tells_what_compaction_did(
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import run_cli
+
+    gw = await make_gateway(POLICY.format(window=WINDOW, strategies="summarize"))
+    await run_session(gw, "chat", "shown", 18)
+    record = await gw.record("shown")
+    assert await run_cli("sessions", "--url", gw.url().rstrip("/"), "show", "shown") == 0
+    shown = capsys.readouterr().out
+    assert f"compacted        {record.compacted_calls} calls" in shown
+    assert "1 summary calls" in shown
+    assert "summarize: " in shown and " tokens" in shown
+    # The admin API shows what a rewrite is, never the summary's text.
+    session = await gw.session("shown")
+    assert session["context_rewrites"] and "ops" not in session["context_rewrites"][0]
