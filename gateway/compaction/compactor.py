@@ -58,6 +58,9 @@ class Call:
     keep: Callable[[Outcome], Awaitable[None]]
     """Saves what a compaction did with the session, while the session's lock is held."""
     summary_chars: int = 400_000
+    helper: bool = False
+    """A call without tools: most likely the agent's own compaction or title call, which
+    ``prompt`` must let through (refusing it would leave the agent no way to compact)."""
 
 
 @dataclass(slots=True)
@@ -166,6 +169,8 @@ class Compactor:
         )
         applied: list[str] = []
         for name in settings.strategies:
+            if name == "prompt" and call.helper:
+                continue
             if name == "prompt":
                 raise Overflow(
                     round(conversation.total * factor),

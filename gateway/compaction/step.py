@@ -77,6 +77,7 @@ async def compact(ex: Exchange) -> None:
         rewrites=rewrites,
         keep=keep,
         summary_chars=summary_chars,
+        helper=not facts.tools,
     )
     try:
         outcome = await app[COMPACTOR].compact(call)

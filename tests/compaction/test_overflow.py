@@ -67,11 +67,21 @@ def long_request(api: Api, exchanges: int = 30, stream: bool = False) -> dict[st
                     "content": [{"type": "tool_result", "tool_use_id": call_id, "content": output}],
                 }
             )
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
     if api == "chat":
-        return {"model": "gpt-4o", "messages": items, "stream": stream}
+        tool = {"type": "function", "function": {"name": "read_file", "parameters": schema}}
+        return {"model": "gpt-4o", "messages": items, "stream": stream, "tools": [tool]}
     if api == "responses":
-        return {"model": "gpt-4o", "input": items, "stream": stream}
-    return {"model": ANTHROPIC_MODEL, "max_tokens": 256, "messages": items, "stream": stream}
+        tool = {"type": "function", "name": "read_file", "parameters": schema}
+        return {"model": "gpt-4o", "input": items, "stream": stream, "tools": [tool]}
+    tool = {"name": "read_file", "input_schema": schema}
+    return {
+        "model": ANTHROPIC_MODEL,
+        "max_tokens": 256,
+        "messages": items,
+        "stream": stream,
+        "tools": [tool],
+    }
 
 
 def api_headers(api: Api, session: str) -> dict[str, str]:
@@ -139,6 +149,7 @@ async def test_the_openai_sdk_raises_its_own_overflow_error(make_gateway: MakeGa
         await gw.openai.chat.completions.create(
             model=request["model"],
             messages=request["messages"],
+            tools=request["tools"],
             extra_headers=session_headers("sdk"),
         )
     assert getattr(caught.value, "code", None) == "context_length_exceeded"
@@ -212,3 +223,17 @@ async def test_a_chained_responses_call_is_left_to_the_provider(make_gateway: Ma
 
     assert status == 200, body
     assert "X-Gateway-Compacted" not in headers and summary_calls(gw) == []
+
+
+async def test_prompt_lets_the_agents_own_compaction_call_through(
+    make_gateway: MakeGateway,
+) -> None:
+    """An agent compacting after the overflow sends its history without tools to summarize it:
+    refusing that too would leave it stuck."""
+    gw = await make_gateway(POLICY.format(window=WINDOW, strategies="prompt"))
+    request = long_request("chat", exchanges=22)  # past compact_at, within the window
+    request["messages"].append({"role": "user", "content": "Summarize the conversation so far."})
+    del request["tools"]
+    status, _, body = await gw.post(PATHS["chat"], request, api_headers("chat", "own"))
+
+    assert status == 200, body
