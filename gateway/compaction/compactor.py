@@ -23,9 +23,9 @@ from gateway.compaction.strategies import STRATEGIES
 from gateway.dialects.base import History
 from gateway.policy.model import Context
 
-MIN_BYTES_PER_TOKEN = 2
-"""No prompt has more tokens than half its bytes (JSON and text run three to four bytes a
-token), so a body under twice the threshold's tokens is never counted."""
+MIN_BYTES_PER_TOKEN = 1.2
+"""Text and code run three to four bytes a token, and the densest data (base64, hashes,
+minified text) about 1.4; a body under 1.2 bytes per threshold token is never counted."""
 
 
 class Overflow(Exception):
@@ -123,7 +123,8 @@ class Compactor:
             conversation = self._conversation(call, saved)
             if conversation.total * factor < threshold:
                 return self._outcome(call, conversation, factor, saved)
-            outcome = await self._run(call, conversation, factor)
+            base = matching(saved, call.originals)
+            outcome = await self._run(call, conversation, factor, base)
             if outcome.rewrite is not None or outcome.summary is not None or outcome.failures:
                 await call.keep(outcome)
             return outcome
@@ -158,8 +159,13 @@ class Compactor:
     def _total(self, call: Call, conversation: Conversation) -> int:
         return conversation.fixed_tokens + sum(conversation.count(raw) for raw in call.originals)
 
-    async def _run(self, call: Call, conversation: Conversation, factor: float) -> Outcome:
+    async def _run(
+        self, call: Call, conversation: Conversation, factor: float, base: Rewrite | None
+    ) -> Outcome:
+        """The strategies in order, on the conversation as the saved rewrite ``base`` (if any)
+        left it; what they could not improve on still goes out with ``base`` applied."""
         settings = call.settings
+        threshold = settings.compact_at * call.window
         before = round(self._total(call, conversation) * factor)
         job = Job(
             settings,
@@ -169,9 +175,9 @@ class Compactor:
         )
         applied: list[str] = []
         for name in settings.strategies:
-            if name == "prompt" and call.helper:
-                continue
             if name == "prompt":
+                if call.helper or conversation.total * factor < threshold:
+                    continue  # the agent's own compaction call, or what went before sufficed
                 raise Overflow(
                     round(conversation.total * factor),
                     round(settings.compact_at * call.window),
@@ -188,16 +194,20 @@ class Compactor:
             tried = ", ".join(settings.strategies) or "none"
             raise Overflow(after, call.window, f"still over the window after {tried}")
         model = job.summary.model if job.summary else None
-        return Outcome(
+        outcome = Outcome(
             conversation.total,
             before,
             after,
-            items=conversation.items() if applied else None,
-            strategies=applied,
-            rewrite=conversation.rewrite(applied, time.time(), model) if applied else None,
             summary=job.summary,
             failures=job.failures,
         )
+        if applied:
+            outcome.items, outcome.strategies = conversation.items(), applied
+            outcome.rewrite = conversation.rewrite(applied, time.time(), model)
+        elif base is not None:
+            outcome.items, outcome.strategies = conversation.items(), list(base.strategies)
+            outcome.reused = True
+        return outcome
 
 
 def matching(saved: list[Rewrite], originals: Sequence[Buffer]) -> Rewrite | None:

@@ -123,11 +123,19 @@ class Conversation:
         return self.history.layout([self.value(i) for i in range(len(self.entries))])
 
     def old_units(self, layout: Layout, keep_last: int, keep_first_input: bool) -> list[range]:
-        """Units a strategy may rewrite: not the last ``keep_last``, and not the first user
-        message when it is pinned (summarize and truncate keep it)."""
+        """Units a strategy may rewrite: not the last ``keep_last``, and, when the first input is
+        pinned (summarize and truncate keep it), not the user messages the conversation opens
+        with (Codex sends its context files and the task as separate messages)."""
         units = layout.units[: max(0, len(layout.units) - keep_last)]
-        if keep_first_input and units and layout.inputs[0]:
-            units = units[1:]
+        if keep_first_input:
+            opening = 0
+            while (
+                opening < len(units)
+                and layout.inputs[opening]
+                and self.entries[units[opening][0]].original  # a gateway note is not pinned
+            ):
+                opening += 1
+            units = units[opening:]
         return [range(start, end) for start, end in units]
 
     def items(self) -> list[Buffer]:

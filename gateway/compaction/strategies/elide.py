@@ -13,7 +13,8 @@ from gateway.compaction.job import Job
 async def elide_tool_output(conversation: Conversation, job: Job) -> None:
     layout = conversation.layout()
     for unit in conversation.old_units(layout, job.settings.keep_last, keep_first_input=False):
-        for index in unit:
+        largest_first = sorted(unit, key=lambda i: len(conversation.entries[i].raw), reverse=True)
+        for index in largest_first:
             entry = conversation.entries[index]
             if not entry.original:
                 continue
