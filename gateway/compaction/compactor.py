@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from gateway.compaction.calibration import Calibration
 from gateway.compaction.conversation import Buffer, Conversation, Rewrite, digest
-from gateway.compaction.job import Job, Summarizer, Summary
+from gateway.compaction.job import Job, Summarizer, Summary, SummaryFailed
 from gateway.compaction.strategies import STRATEGIES
 from gateway.dialects.base import History
 from gateway.policy.model import Context
@@ -26,6 +26,10 @@ from gateway.policy.model import Context
 MIN_BYTES_PER_TOKEN = 1.2
 """Text and code run three to four bytes a token, and the densest data (base64, hashes,
 minified text) about 1.4; a body under 1.2 bytes per threshold token is never counted."""
+
+
+SUMMARY_RETRY_AFTER = 60.0
+"""Seconds a session's summary call is not tried again after it failed."""
 
 
 class Overflow(Exception):
@@ -100,6 +104,9 @@ class Compactor:
         self.calibration = Calibration()
         self._count = count
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._summary_failed: dict[str, float] = {}
+        """When each session's last summary call failed: it is not retried for a while, so a
+        provider that is down does not make every call wait for the summary timeout."""
 
     def may_reach(self, model: str | None, body_size: int, window: int, settings: Context) -> bool:
         """Whether a body this size could reach the threshold (if not, it is not counted)."""
@@ -170,7 +177,7 @@ class Compactor:
         job = Job(
             settings,
             goal=int(settings.target * call.window / factor),
-            summarize=call.summarize,
+            summarize=self._guarded(call),
             transcript_chars=call.summary_chars,
         )
         applied: list[str] = []
@@ -208,6 +215,37 @@ class Compactor:
             outcome.items, outcome.strategies = conversation.items(), list(base.strategies)
             outcome.reused = True
         return outcome
+
+    def _guarded(self, call: Call) -> Summarizer | None:
+        summarize = call.summarize
+        if summarize is None:
+            return None
+        session = call.session_id
+        failed_at = self._summary_failed.get(session)
+        if failed_at is not None and time.monotonic() - failed_at < SUMMARY_RETRY_AFTER:
+            ago = time.monotonic() - failed_at
+
+            async def skipped(transcript: str) -> Summary:
+                raise SummaryFailed(f"not retried: the last summary call failed {ago:.0f}s ago")
+
+            return skipped
+
+        async def guarded(transcript: str) -> Summary:
+            try:
+                summary = await summarize(transcript)
+            except SummaryFailed:
+                now = time.monotonic()
+                stale = [
+                    k for k, at in self._summary_failed.items() if now - at > SUMMARY_RETRY_AFTER
+                ]
+                for key in stale:
+                    del self._summary_failed[key]
+                self._summary_failed[session] = now
+                raise
+            self._summary_failed.pop(session, None)
+            return summary
+
+        return guarded
 
 
 def matching(saved: list[Rewrite], originals: Sequence[Buffer]) -> Rewrite | None:

@@ -347,10 +347,9 @@ async def test_a_rewrite_the_history_no_longer_starts_with_is_ignored() -> None:
 
 
 async def test_a_failed_compaction_over_a_saved_rewrite_still_sends_the_saved_rewrite() -> None:
-    """BUG: over the threshold with a saved rewrite, when no strategy changes anything more
-    (here the summary call fails), ``Outcome.items`` is None, so the gateway sends the agent's
-    full original history, although the outcome counts (and checks against the window) the
-    history with the saved rewrite applied."""
+    """Over the threshold with a saved rewrite, when no strategy changes anything more (here
+    the summary call fails), what goes out is the history with the saved rewrite applied: what
+    was counted and checked against the window, not the agent's full history."""
     compactor = Compactor(count)
     summarizer = Summarizer()
     session = Session()
@@ -395,6 +394,25 @@ async def test_a_failed_summary_is_recorded_and_the_next_strategy_used() -> None
     assert outcome.header().endswith("; failed=summarize: timeout after 120s")
     assert session.kept == [outcome]
     assert session.saved[0]["strategies"] == ["truncate"]
+
+
+async def test_a_failed_summary_is_not_retried_for_a_while() -> None:
+    """A provider that is down must not make every later call wait for the summary timeout."""
+    summarizer = Summarizer(fail="timeout after 120s")
+    compactor = Compactor(count)
+    session = Session()
+    settings = context(strategies=["summarize", "truncate"])
+    await compactor.compact(session.call(CHAT, chat_history(50), settings, WINDOW, summarizer))
+    other = Session(id="session-2")
+    session.saved.clear()  # as if the truncation had not been kept: compact afresh
+    later = await compactor.compact(
+        session.call(CHAT, chat_history(52), settings, WINDOW, summarizer)
+    )
+    assert len(summarizer.transcripts) == 1  # the second call did not try again
+    assert later is not None and later.failures[0].startswith("summarize: not retried")
+    # Other sessions are not affected.
+    await compactor.compact(other.call(CHAT, chat_history(50), settings, WINDOW, summarizer))
+    assert len(summarizer.transcripts) == 2
 
 
 async def test_without_an_upstream_to_call_summarize_is_skipped() -> None:
