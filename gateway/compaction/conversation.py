@@ -28,6 +28,11 @@ Buffer = bytes | memoryview | Any
 """An item's JSON as sent: bytes, or a ``msgspec.Raw`` slice of the request body."""
 
 
+def messages(count: int) -> str:
+    """``1 message``, ``12 messages``: for the notes the gateway writes."""
+    return f"{count} message" if count == 1 else f"{count} messages"
+
+
 @dataclass(slots=True)
 class Entry:
     raw: Buffer

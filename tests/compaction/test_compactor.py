@@ -198,7 +198,7 @@ async def test_the_next_strategy_runs_when_one_is_not_enough() -> None:
     sent = decoded(outcome.items)
     assert sent[:2] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}]
     assert sent[2]["role"] == "user"
-    assert sent[2]["content"].startswith(INTRO.format(count=46))
+    assert sent[2]["content"].startswith(INTRO.format(messages="46 messages"))
     assert sent[2]["content"].endswith("(summary 1)")
     assert outcome.items[3:] == call.originals[-4:]  # the last two exchanges, as sent
     rewrite = outcome.rewrite
@@ -225,7 +225,7 @@ async def test_truncate_keeps_the_task_and_the_last_exchanges() -> None:
     sent = decoded(outcome.items)
     assert sent[:2] == items[:2]
     assert sent[2]["role"] == "user" and sent[2]["content"].startswith(
-        f"[The gateway removed the {len(items) - len(sent) + 1} oldest messages"
+        f"[The gateway removed the oldest {len(items) - len(sent) + 1} messages"
     )
     assert outcome.items[-6:] == call.originals[-6:]
     assert outcome.after <= 0.5 * WINDOW
@@ -242,7 +242,7 @@ async def test_clear_keeps_the_system_prompt_latest_input_and_exchange_in_progre
     assert outcome is not None and outcome.items is not None
     sent = decoded(outcome.items)
     assert [m["role"] for m in sent] == ["system", "user", "user", "assistant", "tool"]
-    assert sent[1]["content"].startswith(f"[The gateway cleared the {len(items) - 4} earlier")
+    assert sent[1]["content"].startswith(f"[The gateway cleared {len(items) - 4} messages")
     assert sent[2:] == items[-3:]
     validate_chat({"model": "gpt-4o", "messages": sent})
 
@@ -314,12 +314,12 @@ async def test_a_second_summary_is_made_on_top_of_the_first() -> None:
     assert isinstance(op, list) and op[0] == "note"
     first_note = op[1]
     assert transcript.startswith(first_note + "\n\n[assistant]\n")
-    assert first_note.startswith(INTRO.format(count=first.rewrite.count - 2))
+    assert first_note.startswith(INTRO.format(messages=f"{first.rewrite.count - 2} messages"))
     assert first_note.endswith("(summary 1)")
     # Exchanges 0-47 are in the first summary; the second transcript goes on from 48.
     assert "src/file480.py" in transcript and "src/file470.py" not in transcript
     sent = decoded(second.items)
-    assert sent[2]["content"].startswith(INTRO.format(count=len(grown) - 6))
+    assert sent[2]["content"].startswith(INTRO.format(messages=f"{len(grown) - 6} messages"))
     assert sent[2]["content"].endswith("(summary 2)")
     assert second.rewrite is not None and second.rewrite.count == len(grown) - 4
     assert [r["count"] for r in session.saved] == [first.rewrite.count, second.rewrite.count]

@@ -6,7 +6,7 @@ and its result), so the model goes on from where it is rather than from nothing.
 
 from __future__ import annotations
 
-from gateway.compaction.conversation import Conversation
+from gateway.compaction.conversation import Conversation, messages
 from gateway.compaction.job import Job
 
 
@@ -26,10 +26,12 @@ async def clear(conversation: Conversation, job: Job) -> None:
         return
     count = conversation.span(dropped)
     note = conversation.note(
-        f"[The gateway cleared the {count} earlier messages of this conversation to fit the "
-        "model's context window. The latest request follows.]",
+        f"[The gateway cleared {messages(count)} of this conversation to fit the model's "
+        "context window. The latest request follows.]",
         count,
     )
+    if note.tokens >= sum(conversation.entries[i].tokens for i in dropped):
+        return  # a note must cost less than what it stands for
     # The note takes the place of the first message dropped; a unit kept between two dropped
     # runs (the latest user input) follows it.
     first, last = dropped[0], dropped[-1]

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.compaction.conversation import Conversation
+from gateway.compaction.conversation import Conversation, messages
 from gateway.compaction.job import Job, SummaryFailed
 from gateway.compaction.transcript import transcript
 
+MIN_TOKENS = 256
+"""Less old conversation than this is not summarized."""
 INTRO = (
     "[Summary of the earlier part of this conversation, written by the gateway to fit the "
-    "model's context window. It replaces {count} messages.]\n\n"
+    "model's context window. It replaces {messages}.]\n\n"
 )
 
 
@@ -29,6 +31,8 @@ async def summarize(conversation: Conversation, job: Job) -> None:
     if not units:
         return
     replaced = range(units[0].start, units[-1].stop)
+    if sum(conversation.entries[i].tokens for i in replaced) < MIN_TOKENS:
+        return  # not worth a call: no summary would be much shorter
     earlier: list[str] = []
     rest: list[Any] = []
     for index in replaced:
@@ -45,5 +49,8 @@ async def summarize(conversation: Conversation, job: Job) -> None:
         return
     job.summary = summary
     count = conversation.span(replaced)
-    note = conversation.note(INTRO.format(count=count) + summary.text.strip(), count)
+    note = conversation.note(INTRO.format(messages=messages(count)) + summary.text.strip(), count)
+    if note.tokens >= sum(conversation.entries[i].tokens for i in replaced):
+        job.failures.append("summarize: the summary was no shorter than what it summarized")
+        return
     conversation.replace(replaced.start, replaced.stop, [note])

@@ -7,7 +7,7 @@ was more.
 
 from __future__ import annotations
 
-from gateway.compaction.conversation import Conversation
+from gateway.compaction.conversation import Conversation, Entry, messages
 from gateway.compaction.job import Job
 
 
@@ -16,16 +16,21 @@ async def truncate(conversation: Conversation, job: Job) -> None:
     units = conversation.old_units(layout, job.settings.keep_last, keep_first_input=True)
     if not units:
         return
-    dropped = range(units[0].start, units[0].start)
+    first = units[0].start
     for unit in units:
-        dropped = range(units[0].start, unit.stop)
-        saved = sum(conversation.entries[i].tokens for i in dropped)
+        dropped = range(first, unit.stop)
+        note = _note(conversation, dropped)
+        saved = sum(conversation.entries[i].tokens for i in dropped) - note.tokens
         if conversation.total - saved <= job.goal:
             break
+    if saved > 0:  # a note must cost less than what it stands for
+        conversation.replace(dropped.start, dropped.stop, [note])
+
+
+def _note(conversation: Conversation, dropped: range) -> Entry:
     count = conversation.span(dropped)
-    note = conversation.note(
-        f"[The gateway removed the {count} oldest messages of this conversation to fit the "
+    return conversation.note(
+        f"[The gateway removed the oldest {messages(count)} of this conversation to fit the "
         "model's context window. The task and the latest messages follow as they were.]",
         count,
     )
-    conversation.replace(dropped.start, dropped.stop, [note])
