@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app[UPSTREAMS] = Upstreams.from_settings(settings)
     app[STARTED_AT] = time.time()
     app[TOKENS] = TokenCounter()
-    app[COMPACTOR] = Compactor(app[TOKENS].count_item)
+    app[COMPACTOR] = Compactor(app[TOKENS].count_item, app[TOKENS].count_items)
     app[STORE] = store if store is not None else open_store(settings.store)
     app[AUDIT] = AuditLog(settings.audit_log)
     app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)

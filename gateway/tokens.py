@@ -7,8 +7,9 @@ agent resends its whole history every turn, and only the new messages cost anyth
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
-from collections import OrderedDict
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -36,6 +37,7 @@ def use_bundled_tables() -> None:
         os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
 
 
+@functools.lru_cache(maxsize=4096)
 def encoding_for(model: str | None) -> str:
     if model:
         name = model.rsplit("/", 1)[-1].lower()
@@ -52,7 +54,9 @@ class TokenCounter:
     def __init__(self, max_entries: int = 100_000) -> None:
         use_bundled_tables()
         self._encodings: dict[str, tiktoken.Encoding] = {}
-        self._cache: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        # Per encoding: an item's count by the hash of its JSON bytes (64-bit: at 100,000
+        # entries a collision is a one-in-a-billion event, and would misjudge one message).
+        self._cache: dict[str, dict[int, int]] = {O200K: {}, CL100K: {}}
         self._max_entries = max_entries
         self.hits = 0
         self.misses = 0
@@ -85,10 +89,21 @@ class TokenCounter:
     def count_items(self, items: Iterable[Any], model: str | None = None) -> int:
         """Tokens of a list of messages (or system blocks, or tool definitions)."""
         name = encoding_for(model)
-        total = 0
+        get = self._cache[name].get
+        total = hits = seen = 0
         for item in items:
-            total += self._count_item(name, item) + MESSAGE_OVERHEAD
-        return total
+            seen += 1
+            # The common case, inlined: an agent's history, all of it seen before.
+            kind = type(item)
+            if kind is msgspec.Raw or kind is bytes:
+                count = get(hash(bytes(item)))
+                if count is not None:
+                    hits += 1
+                    total += count
+                    continue
+            total += self._count_item(name, item)
+        self.hits += hits
+        return total + MESSAGE_OVERHEAD * seen
 
     def count_item(self, item: Any, model: str | None = None) -> int:
         """Tokens of one message with its framing, as ``count_items`` counts each."""
@@ -104,18 +119,21 @@ class TokenCounter:
             raw = item.encode()
         else:
             raw = orjson.dumps(item)
-        key = (encoding, len(raw), hash(raw))
-        cached = self._cache.get(key)
+        cache = self._cache[encoding]
+        key = hash(raw)
+        cached = cache.get(key)
         if cached is not None:
             self.hits += 1
-            self._cache.move_to_end(key)
             return cached
         self.misses += 1
         text, extra = _text_of(orjson.loads(raw) if item is None else item)
         count = len(self._encoding(encoding).encode(text, disallowed_special=())) + extra
-        self._cache[key] = count
-        if len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+        if len(cache) >= self._max_entries:
+            # Oldest first (dicts keep insertion order): a history's early messages come back
+            # with every turn, and cost one count each when they do after an eviction.
+            for old in list(itertools.islice(cache, len(cache) // 2)):
+                del cache[old]
+        cache[key] = count
         return count
 
 

@@ -141,17 +141,16 @@ def test_cache_is_per_encoding() -> None:
     assert (counter.hits, counter.misses) == (0, 6)
 
 
-def test_cache_evicts_least_recently_used() -> None:
-    counter = TokenCounter(max_entries=2)
-    a, b, c = _history(3)
-    counter.count_items([a, b])
-    counter.count_items([a])  # a is now the most recent
-    counter.count_items([c])  # evicts b
-    assert (counter.hits, counter.misses) == (1, 3)
-    counter.count_items([a])
-    assert counter.hits == 2
-    counter.count_items([b])
-    assert counter.misses == 4
+def test_cache_is_bounded_and_evicts_the_oldest_half() -> None:
+    counter = TokenCounter(max_entries=4)
+    items = _history(5)
+    counter.count_items(items[:4])
+    counter.count_items(items[4:])  # full: the oldest two (items 0 and 1) go
+    assert (counter.hits, counter.misses) == (0, 5)
+    counter.count_items(items[2:])
+    assert counter.hits == 3
+    counter.count_items(items[:1])
+    assert counter.misses == 6
 
 
 def test_use_bundled_tables_points_inside_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

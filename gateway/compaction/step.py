@@ -43,7 +43,7 @@ async def compact(ex: Exchange) -> None:
     policy = app[POLICY].policy
     window = settings.window
     if window == "auto":
-        window = window_of(facts.model, policy.file.windows, settings.default_window)
+        window = window_of(facts.model, policy.windows, settings.default_window)
     saved = ex.record is not None and bool(ex.record.context_rewrites)
     if not saved and not app[COMPACTOR].may_reach(facts.model, len(ex.raw), window, settings):
         return
@@ -51,7 +51,7 @@ async def compact(ex: Exchange) -> None:
     summary_model = settings.summary_model or facts.model or ""
     summary_window = window
     if summary_model != facts.model:
-        summary_window = window_of(summary_model, policy.file.windows, settings.default_window)
+        summary_window = window_of(summary_model, policy.windows, settings.default_window)
     # The summary call must fit its own window: a quarter for the answer at most, and the
     # transcript in what is left with room (three characters a token is a low estimate).
     summary_tokens = min(settings.summary_max_tokens, summary_window // 4)

@@ -32,18 +32,25 @@ BUILTIN: dict[str, int] = {
 }
 
 
-def window_of(model: str | None, overrides: Mapping[str, int], default: int) -> int:
+Table = tuple[tuple[str, int], ...]
+BUILTIN_TABLE: Table = tuple(BUILTIN.items())
+
+
+def window_of(model: str | None, overrides: Mapping[str, int] | Table, default: int) -> int:
     """The model's window: the policy's ``windows`` first, then the built-in table."""
     if not model:
         return default
     name = model.rsplit("/", 1)[-1].lower()
-    found = _lookup(name, tuple(overrides.items())) if overrides else None
-    if found is None:
-        found = _lookup(name, tuple(BUILTIN.items()))
+    if overrides:
+        table = tuple(overrides.items()) if isinstance(overrides, Mapping) else overrides
+        found = _lookup(name, table)
+        if found is not None:
+            return found
+    found = _lookup(name, BUILTIN_TABLE)
     return default if found is None else found
 
 
 @functools.lru_cache(maxsize=1024)
-def _lookup(name: str, table: tuple[tuple[str, int], ...]) -> int | None:
+def _lookup(name: str, table: Table) -> int | None:
     matches = [(len(glob), window) for glob, window in table if fnmatchcase(name, glob.lower())]
     return max(matches)[1] if matches else None

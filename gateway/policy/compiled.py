@@ -141,6 +141,8 @@ class CompiledPolicy:
     rules: list[CompiledRule] = field(default_factory=list)
     header_names: tuple[str, ...] = ()
     prices: list[tuple[re.Pattern[str], Price]] = field(default_factory=list)
+    windows: tuple[tuple[str, int], ...] = ()
+    """``windows`` as a tuple: hashable, for the cached window lookup."""
     _defaults: dict[str, Any] = field(default_factory=dict)
     _cache: OrderedDict[Caller, Effective] = field(default_factory=OrderedDict)
 
@@ -157,6 +159,7 @@ class CompiledPolicy:
             rules=rules,
             header_names=tuple(names),
             prices=[(glob(pattern), price) for pattern, price in file.prices.items()],
+            windows=tuple(file.windows.items()),
             _defaults=file.defaults.model_dump(),
         )
         # Validate every rule merged over the defaults now, so a bad value fails the load.
