@@ -57,6 +57,7 @@ async def end_turn(
         cost = cost_of(
             ex.decision.price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
         )
+    ex.cost = cost
     end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=ex.body_hash)
     await store.end_turn(ticket, end)
 

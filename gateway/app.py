@@ -15,6 +15,7 @@ from gateway.appkeys import (
     AUDIT,
     COMPACTOR,
     HTTP,
+    METRICS,
     POLICY,
     SETTINGS,
     STARTED_AT,
@@ -27,6 +28,7 @@ from gateway.compaction import Compactor
 from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
+from gateway.telemetry.metrics import Metrics, metrics_endpoint
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams, client_session
 
@@ -45,6 +47,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app[STORE] = store if store is not None else open_store(settings.store)
     app[AUDIT] = AuditLog(settings.audit_log)
     app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
+    app[METRICS] = Metrics()
+    app[METRICS].watch_policy(app[POLICY])
     # Opened in this order, closed in reverse.
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policy)
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
     app.add_subapp("/gateway/", admin.admin_app())
+    app.router.add_get("/metrics", metrics_endpoint)
     pipeline.add_routes(app)
     return app
 

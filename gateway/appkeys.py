@@ -10,6 +10,7 @@ from gateway.compaction import Compactor
 from gateway.policy.live import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.telemetry.metrics import Metrics
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams
 
@@ -22,3 +23,4 @@ STARTED_AT = web.AppKey("started_at", float)
 POLICY = web.AppKey("policy", LivePolicy)
 AUDIT = web.AppKey("audit", AuditLog)
 COMPACTOR = web.AppKey("compactor", Compactor)
+METRICS = web.AppKey("metrics", Metrics)

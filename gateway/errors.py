@@ -90,3 +90,4 @@ class UpstreamUnavailable(GatewayError):
 
 class UpstreamTimeout(UpstreamUnavailable):
     status = 504
+    outcome = "upstream_timeout"

@@ -52,3 +52,16 @@ class Exchange:
     outcome: str = "ok"
     """ok, bad_request, rejected, upstream_unavailable, upstream_cut, client_gone, ..."""
     first_byte_at: float | None = None
+    upstream_at: float | None = None
+    """``perf_counter()`` when the call to the upstream began; ``upstream_done_at`` when its
+    answer had been read (telemetry splits the gateway's own time from the upstream's)."""
+    upstream_done_at: float | None = None
+    summary_seconds: float = 0.0
+    """Time spent in compaction's summary call: upstream work, not the gateway's overhead."""
+    rejection: tuple[str, str] | None = None
+    """The limit and the rule of a policy stop (or a context overflow)."""
+    turn: int | None = None
+    team: str | None = None
+    cost: float = 0.0
+    window: int | None = None
+    """The model's context window, once compaction has looked it up."""

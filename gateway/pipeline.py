@@ -17,13 +17,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import accounting
-from gateway.appkeys import COMPACTOR, HTTP, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
+from gateway.appkeys import COMPACTOR, HTTP, METRICS, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
 from gateway.compaction.step import compact as compact_context
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
 from gateway.dialects.envelope import EnvelopeError
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
+    ContextOverflow,
     GatewayError,
     InternalError,
     PolicyRejection,
@@ -33,6 +34,7 @@ from gateway.identity import identify
 from gateway.policy import decide
 from gateway.relay import relay
 from gateway.store import LimitExceeded
+from gateway.telemetry.metrics import observe
 from gateway.upstream import request_headers, send
 
 log = logging.getLogger("gateway.pipeline")
@@ -45,6 +47,10 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     """An LLM call: read, identify, decide, begin the turn, forward, relay, account."""
     app = ex.request.app
     store, tokens, calibration = app[STORE], app[TOKENS], app[COMPACTOR].calibration
+    metrics = app[METRICS]
+    assert ex.dialect is not None
+    in_flight = metrics.in_flight.labels(ex.dialect.name)
+    in_flight.inc()
     try:
         await read_request(ex)
         identify_session(ex)
@@ -58,6 +64,8 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         failed(ex)
     finally:
         await accounting.end_turn(ex, store, tokens, calibration)
+        in_flight.dec()
+        observe(metrics, ex, ex.dialect.name)
     assert ex.response is not None
     return ex.response
 
@@ -73,6 +81,7 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
+    observe(ex.request.app[METRICS], ex, "anthropic.count_tokens")
     assert ex.response is not None
     return ex.response
 
@@ -87,6 +96,7 @@ async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
+    observe(ex.request.app[METRICS], ex, "passthrough")
     assert ex.response is not None
     return ex.response
 
@@ -130,6 +140,7 @@ async def decide_policy(ex: Exchange) -> None:
     app, session = ex.request.app, ex.identity.session_id
     policy = app[POLICY].policy
     who = decide.caller(policy, ex.identity, ex.facts.model, ex.request.headers)
+    ex.team = who.team
     ex.record = record = await app[STORE].get(session)
     try:
         ex.decision = decide.decide(
@@ -185,6 +196,7 @@ async def begin_turn(ex: Exchange) -> None:
             ),
         )
     assert ex.ticket is not None
+    ex.turn = ex.ticket.turn
     ex.decision.warnings = decide.warnings(
         ex.decision, ex.ticket.turn, ex.ticket.turns_left, ex.ticket.tokens_left
     )
@@ -212,6 +224,7 @@ async def forward(ex: Exchange) -> None:
     settings = app[SETTINGS]
     headers = request_headers(ex.request.headers)
     url = ex.upstream.url(ex.path, ex.request.query_string)
+    ex.upstream_at = time.perf_counter()
     upstream = await send(app[HTTP], ex.request.method, url, headers, ex.upstream_body, settings)
     await relay(ex, upstream, gateway_headers(ex))
 
@@ -240,6 +253,8 @@ def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
 
 def answer_error(ex: Exchange, error: GatewayError) -> None:
     ex.outcome = error.outcome
+    if isinstance(error, PolicyRejection | ContextOverflow):
+        ex.rejection = (error.headers["X-Gateway-Policy-Limit"], error.rule)
     if ex.response is not None and ex.response.prepared:
         return  # too late to change the status: the relay already cut the stream cleanly
     shape = ex.dialect or _ERRORS_BY_PROVIDER[ex.upstream.provider]

@@ -52,7 +52,7 @@ async def relay_body(
         raise UpstreamUnavailable(
             f"The upstream's answer broke off before it was complete ({type(exc).__name__})."
         ) from exc
-    ex.first_byte_at = time.perf_counter()
+    ex.first_byte_at = ex.upstream_done_at = time.perf_counter()
     if ex.dialect is not None and upstream.content_type == "application/json":
         try:
             parsed = orjson.loads(data)
@@ -82,6 +82,7 @@ async def relay_stream(
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamCut(type(exc).__name__) from exc
             if not chunk:
+                ex.upstream_done_at = time.perf_counter()
                 break
             if ex.first_byte_at is None:
                 ex.first_byte_at = time.perf_counter()

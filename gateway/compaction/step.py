@@ -44,6 +44,7 @@ async def compact(ex: Exchange) -> None:
     window = settings.window
     if window == "auto":
         window = window_of(facts.model, policy.windows, settings.default_window)
+    ex.window = window
     saved = ex.record is not None and bool(ex.record.context_rewrites)
     if not saved and not app[COMPACTOR].may_reach(facts.model, len(ex.raw), window, settings):
         return
@@ -105,17 +106,21 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
 
     async def summarize(transcript: str) -> Summary:
         headers = summary.carried_headers(ex.request.headers)
-        return await summary.summarize(
-            app[HTTP],
-            url,
-            headers,
-            dialect,
-            model,
-            transcript,
-            max_tokens,
-            time_limit,
-            app[SETTINGS],
-        )
+        started = time.perf_counter()
+        try:
+            return await summary.summarize(
+                app[HTTP],
+                url,
+                headers,
+                dialect,
+                model,
+                transcript,
+                max_tokens,
+                time_limit,
+                app[SETTINGS],
+            )
+        finally:
+            ex.summary_seconds += time.perf_counter() - started
 
     return summarize
 

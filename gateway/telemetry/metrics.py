@@ -1,0 +1,413 @@
+"""Prometheus metrics: the GenAI convention histograms and the gateway's own families.
+
+Names are a contract with the dashboards and alert rules in ``dashboards/``. ``gen_ai_*``
+families are named and bucketed as the OpenTelemetry GenAI conventions advise, so third-party
+GenAI dashboards read them; the gateway's own dimensions (agent, team, rule, decision) are on
+``gateway_*`` families. No session id, key or free text is ever a label, and the open-valued
+labels (model, agent, team) are capped: values past the cap are counted as ``other`` (and the
+folding itself in ``gateway_label_overflow_total``).
+
+Everything for one request is recorded at its end, from its ``Exchange`` (``observe``).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
+
+from gateway.dialects.base import Usage
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+    from gateway.policy.live import LivePolicy
+
+# ``*_created`` series double every counter's series count and no dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)  # fmt: skip
+"""The GenAI conventions' advice for ``gen_ai.client.token.usage``."""
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)  # fmt: skip
+"""The GenAI conventions' advice for operation duration and time to first chunk."""
+OVERHEAD_SLO = 0.010
+"""The gateway's own latency objective (p99 under 10 ms): a bucket boundary sits on it."""
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, OVERHEAD_SLO, 0.025, 0.05, 0.1, 0.25, 1.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TURN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ACTIVE_WINDOW = 300.0
+"""A session counts as active for this long after its last call."""
+OTHER = "other"
+
+
+class LabelCap:
+    """The first ``limit`` values of an open-valued label are kept; later ones are ``other``."""
+
+    def __init__(self, name: str, limit: int, overflow: Counter) -> None:
+        self.name, self.limit, self.seen = name, limit, set[str]()
+        self._overflow = overflow.labels(label=name)
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "unknown"
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        self._overflow.inc()
+        return OTHER
+
+
+class ActiveSessions(Collector):
+    """``gateway_active_sessions``: sessions with a call in the last five minutes, by agent.
+    Kept as last-seen times (ids are never exported), pruned when scraped."""
+
+    def __init__(self) -> None:
+        self.last_seen: dict[str, tuple[str, float]] = {}
+
+    def touch(self, session_id: str, agent: str) -> None:
+        self.last_seen[session_id] = (agent, time.monotonic())
+
+    def collect(self) -> Iterable[Metric]:
+        cutoff = time.monotonic() - ACTIVE_WINDOW
+        stale = [s for s, (_, at) in self.last_seen.items() if at < cutoff]
+        for session in stale:
+            del self.last_seen[session]
+        counts: dict[str, int] = {}
+        for agent, _ in self.last_seen.values():
+            counts[agent] = counts.get(agent, 0) + 1
+        family = GaugeMetricFamily(
+            "gateway_active_sessions",
+            "Sessions with an LLM call in the last five minutes, by agent.",
+            labels=["agent"],
+        )
+        for agent, count in sorted(counts.items()):
+            family.add_metric([agent], count)
+        yield family
+
+
+class PolicyStatus(Collector):
+    """``gateway_policy_reloads_total`` by outcome and ``gateway_policy_info``, read from the
+    live policy when scraped."""
+
+    def __init__(self, live: LivePolicy) -> None:
+        self.live = live
+
+    def collect(self) -> Iterable[Metric]:
+        reloads = CounterMetricFamily(
+            "gateway_policy_reloads",
+            "Policy file loads by outcome: ok (in force), error (refused, the old one stays).",
+            labels=["outcome"],
+        )
+        reloads.add_metric(["ok"], self.live.reloads)
+        reloads.add_metric(["error"], self.live.failures)
+        yield reloads
+        info = GaugeMetricFamily(
+            "gateway_policy_info", "The policy in force (value 1), by version.", labels=["version"]
+        )
+        if self.live.current is not None:
+            info.add_metric([self.live.current.version], 1)
+        yield info
+
+
+class Metrics:
+    """Every family the gateway exports, in its own registry (one per app: tests run many)."""
+
+    def __init__(self, max_label_values: int = 50) -> None:
+        r = self.registry = CollectorRegistry()
+        self.label_overflow = Counter(
+            "gateway_label_overflow",
+            "Label values folded into 'other' because the label had reached its cap.",
+            ["label"],
+            registry=r,
+        )
+        self.model = LabelCap("model", max_label_values, self.label_overflow)
+        self.agent = LabelCap("agent", max_label_values, self.label_overflow)
+        self.team = LabelCap("team", max_label_values, self.label_overflow)
+        genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per call as the provider reported them (GenAI conventions).",
+            [*genai, "gen_ai_response_model", "gen_ai_token_type"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Duration of each LLM call through the gateway (GenAI conventions).",
+            [*genai, "error_type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_chunk = Histogram(
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time from the request to the first chunk of the answer (GenAI conventions).",
+            genai,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by route, provider, agent, status class and who answered "
+            "(upstream, gateway, policy).",
+            ["route", "provider", "agent", "status_class", "source"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "End-to-end duration of each request through the gateway.",
+            ["route", "provider"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time the gateway itself adds to a request (reading, policy, compaction without "
+            "the summary call, accounting): a bucket boundary at the 10 ms objective.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests being handled now.", ["route"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures by provider and reason (http_4xx, http_429, http_5xx, "
+            "unreachable, timeout, cut).",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens by type (input, output, cache_read, cache_creation, reasoning), model, "
+            "agent and team. Input includes the cache parts.",
+            ["type", "model", "agent", "team"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "gateway_cost",
+            "Cost in the policy's price currency, by model, agent and team.",
+            ["model", "agent", "team"],
+            registry=r,
+        )
+        self.sessions_started = Counter(
+            "gateway_sessions_started", "Sessions begun, by agent.", ["agent"], registry=r
+        )
+        self.active_sessions = ActiveSessions()
+        r.register(self.active_sessions)
+        self.session_turn = Histogram(
+            "gateway_session_turn",
+            "The turn number of each LLM call within its session, by agent.",
+            ["agent"],
+            buckets=TURN_BUCKETS,
+            registry=r,
+        )
+        self.context_fill = Histogram(
+            "gateway_context_fill_ratio",
+            "Input tokens of a call over its model's context window, by provider.",
+            ["provider"],
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "gateway_policy_decisions",
+            "Policy decisions by decision (allowed, rejected), limit and rule.",
+            ["decision", "limit", "rule"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "Calls the gateway refused, by limit, rule and agent.",
+            ["limit", "rule", "agent"],
+            registry=r,
+        )
+        self.loop_detections = Counter(
+            "gateway_loop_detections",
+            "Runaway-loop detections by agent and detector.",
+            ["agent", "detector"],
+            registry=r,
+        )
+        self.compactions = Counter(
+            "gateway_compactions",
+            "Compacted calls by strategy and outcome (applied, reused, failed).",
+            ["strategy", "outcome"],
+            registry=r,
+        )
+        self.tokens_saved = Counter(
+            "gateway_compaction_tokens_saved",
+            "Input tokens compaction took off the calls sent, by strategy.",
+            ["strategy"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "gateway_store_errors", "Session store failures by operation.", ["operation"],
+            registry=r,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            "gateway_build_info", "The gateway's version (value 1).", ["version", "python"],
+            registry=r,
+        )  # fmt: skip
+        self.build_info.labels(VERSION, platform.python_version()).set(1)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """Bounded label sets start at 0: an alert on ``increase()`` cannot see a series whose
+        first sample is already 1 (the first loop would never page)."""
+        for detector in ("identical_tool_calls", "repeated_requests", "turn_rate"):
+            self.loop_detections.labels("other", detector)
+        for provider in ("openai", "anthropic"):
+            for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
+                self.upstream_errors.labels(provider, reason)
+
+    def watch_policy(self, live: LivePolicy) -> None:
+        self.registry.register(PolicyStatus(live))
+
+
+def _version() -> str:
+    try:
+        return metadata.version("agent-gateway")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
+"""Read once at import: package metadata is files on disk, never read on the event loop."""
+
+
+def observe(metrics: Metrics, ex: Exchange, route: str) -> None:
+    """Everything one request adds to the metrics, read from its exchange at its end."""
+    end = time.perf_counter()
+    provider = ex.upstream.provider
+    identity, facts, usage = ex.identity, ex.facts, ex.response_facts
+    agent = metrics.agent(identity.agent if identity else None)
+    source = _source(ex)
+    status = ex.status or (499 if ex.outcome == "client_gone" else 502)
+    metrics.requests.labels(route, provider, agent, f"{status // 100}xx", source).inc()
+    metrics.request_duration.labels(route, provider).observe(end - ex.started)
+    if ex.upstream_at is not None:
+        after = end - ex.upstream_done_at if ex.upstream_done_at is not None else 0.0
+        own = ex.upstream_at - ex.started - ex.summary_seconds + after
+        metrics.overhead.labels(route).observe(max(0.0, own))
+    if source == "upstream" and status >= 400:
+        reason = "http_429" if status == 429 else f"http_{status // 100}xx"
+        metrics.upstream_errors.labels(provider, reason).inc()
+    elif ex.outcome in _UPSTREAM_FAILURES:
+        metrics.upstream_errors.labels(provider, _UPSTREAM_FAILURES[ex.outcome]).inc()
+    if ex.dialect is None or facts is None:
+        return
+    model = metrics.model(facts.model)
+    genai = (ex.dialect.operation, provider, model)
+    if ex.upstream_at is not None:
+        error = "" if status < 400 and ex.outcome == "ok" else (ex.outcome or str(status))
+        metrics.operation_duration.labels(*genai, error).observe(end - ex.upstream_at)
+        if ex.first_byte_at is not None and facts.stream:
+            ttfc = ex.first_byte_at - ex.upstream_at
+            metrics.time_to_first_chunk.labels(*genai).observe(ttfc)
+    if identity is not None:
+        metrics.active_sessions.touch(identity.session_id, agent)
+        if ex.turn == 1:
+            metrics.sessions_started.labels(agent).inc()
+    if ex.turn is not None:
+        metrics.session_turn.labels(agent).observe(ex.turn)
+    _observe_policy(metrics, ex, agent)
+    if usage is not None and usage.usage is not None:
+        _observe_usage(metrics, ex, genai, model, agent, usage.usage)
+
+
+def _observe_usage(
+    metrics: Metrics,
+    ex: Exchange,
+    genai: tuple[str, str, str],
+    model: str,
+    agent: str,
+    usage: Usage,
+) -> None:
+    response_model = metrics.model(ex.response_facts.model if ex.response_facts else None)
+    team = metrics.team(ex.team)
+    for kind, value in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_read", usage.cache_read_tokens),
+        ("cache_creation", usage.cache_creation_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ):
+        if value:
+            metrics.tokens.labels(kind, model, agent, team).inc(value)
+    metrics.token_usage.labels(*genai, response_model, "input").observe(usage.input_tokens)
+    metrics.token_usage.labels(*genai, response_model, "output").observe(usage.output_tokens)
+    if ex.cost:
+        metrics.cost.labels(model, agent, team).inc(ex.cost)
+    if ex.window:
+        metrics.context_fill.labels(ex.upstream.provider).observe(usage.input_tokens / ex.window)
+
+
+def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
+    decision = ex.decision
+    if ex.rejection is not None:
+        limit, rule = ex.rejection
+        metrics.decisions.labels("rejected", limit, rule).inc()
+        metrics.rejections.labels(limit, rule, agent).inc()
+    elif decision is not None:
+        metrics.decisions.labels("allowed", "", "").inc()
+    if decision is not None:
+        for detection in decision.detections:
+            metrics.loop_detections.labels(agent, detection.detector).inc()
+    outcome = ex.compaction
+    if outcome is not None:
+        for strategy in outcome.strategies or ["none"]:
+            state = "reused" if outcome.reused else "applied" if outcome.items else "failed"
+            metrics.compactions.labels(strategy, state).inc()
+            metrics.tokens_saved.labels(strategy).inc(
+                outcome.saved / len(outcome.strategies or [1])
+            )
+        for failure in outcome.failures:
+            metrics.compactions.labels(failure.split(":", 1)[0], "failed").inc()
+
+
+def _source(ex: Exchange) -> str:
+    """Who made the answer: the upstream, the policy, or the gateway itself (its errors)."""
+    if ex.rejection is not None:
+        return "policy"
+    if ex.outcome in ("ok", "client_gone", "upstream_cut") and ex.status:
+        return "upstream"
+    return "gateway"
+
+
+_UPSTREAM_FAILURES = {
+    "upstream_unavailable": "unreachable",
+    "upstream_timeout": "timeout",
+    "upstream_cut": "cut",
+}
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text, or OpenMetrics (with exemplars) when asked for."""
+    from gateway.appkeys import METRICS
+
+    registry = request.app[METRICS].registry
+    accept = request.headers.get("Accept", "")
+    if "application/openmetrics-text" in accept:
+        body = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+        content_type = openmetrics.CONTENT_TYPE_LATEST
+    else:
+        body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
+    return web.Response(body=body, headers={"Content-Type": content_type})

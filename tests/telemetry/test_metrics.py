@@ -1,0 +1,148 @@
+"""``GET /metrics`` after real traffic through the gateway: the families the dashboards read."""
+
+from __future__ import annotations
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.fake_provider import CONFIG, ToolCallSpec
+from gateway.telemetry.metrics import Metrics
+from tests.conftest import ANTHROPIC_MODEL
+from tests.harness import Gateway, MakeGateway, session_headers
+from tests.policy.apis import AgentLoop, call
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(gw: Gateway, accept: str | None = None) -> tuple[str, str]:
+    headers = {"Accept": accept} if accept else {}
+    async with aiohttp.ClientSession() as http, http.get(gw.url("/metrics"), headers=headers) as r:
+        assert r.status == 200
+        return r.headers["Content-Type"], await r.text()
+
+
+async def samples(gw: Gateway) -> Samples:
+    _, text = await scrape(gw)
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in found.items() if n == name and wanted <= ls)
+
+
+async def test_traffic_is_counted_by_route_source_and_tokens(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(None)
+    for api in ("chat", "responses", "messages"):
+        assert (await call(gw, api, session_headers(f"m-{api}"))).ok
+    async with gw.anthropic.messages.stream(
+        model=ANTHROPIC_MODEL,
+        max_tokens=32,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers=session_headers("m-stream"),
+    ) as stream:
+        await stream.get_final_message()
+
+    found = await samples(gw)
+    requests = "gateway_requests_total"
+    assert value(found, requests, route="openai.chat", status_class="2xx", source="upstream") == 1
+    assert value(found, requests, route="anthropic.messages", agent="anthropic-python") == 2
+    record = await gw.record("m-chat")
+    assert value(found, "gateway_tokens_total", type="input", model="gpt-4o") == (
+        record.tokens.input_tokens + (await gw.record("m-responses")).tokens.input_tokens
+    )
+    usage = "gen_ai_client_token_usage_count"
+    assert value(found, usage, gen_ai_token_type="output", gen_ai_provider_name="anthropic") == 2
+    assert value(found, "gen_ai_client_operation_duration_seconds_count") == 4
+    ttfc = "gen_ai_client_operation_time_to_first_chunk_seconds_count"
+    assert value(found, ttfc, gen_ai_provider_name="anthropic") == 1  # the streamed one
+    assert value(found, "gateway_overhead_seconds_count") == 4
+    assert value(found, "gateway_overhead_seconds_bucket", route="openai.chat", le="0.01") >= 0
+    assert value(found, "gateway_session_turn_count") == 4
+    assert value(found, "gateway_sessions_started_total") == 4
+    assert value(found, "gateway_active_sessions") == 4
+    assert value(found, "gateway_policy_decisions_total", decision="allowed") == 4
+    assert value(found, "gateway_in_flight_requests") == 0
+    assert value(found, "gateway_policy_reloads_total", outcome="ok") == 1
+    assert value(found, "gateway_policy_info") == 1
+    assert value(found, "gateway_build_info") == 1
+
+
+async def test_no_session_id_or_key_is_ever_a_label(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(None)
+    assert (await call(gw, "chat", session_headers("secret-session-4711"))).ok
+    _, text = await scrape(gw)
+    assert "secret-session-4711" not in text
+    assert "sk-test" not in text and "sk-ant" not in text
+
+
+async def test_rejections_and_loops_are_counted_by_limit_rule_and_detector(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(
+        "version: 1\n"
+        "defaults: {loops: {identical_tool_calls: 3}}\n"
+        "rules: [{name: tiny, match: {model: 'gpt-4o-mini'}, limits: {max_turns: 1}}]\n"
+    )
+    headers = session_headers("limited")
+    assert (await call(gw, "chat", headers, model="gpt-4o-mini")).ok
+    assert not (await call(gw, "chat", headers, model="gpt-4o-mini")).ok
+    gw.fake.app[CONFIG].tool_loop = ToolCallSpec("read_file", {"path": "notes.txt"})
+    loop = AgentLoop(gw, "chat", session_headers("looping"), "Read the file.")
+    await loop.until_refused(turns=6)
+
+    found = await samples(gw)
+    rejections = "gateway_rejections_total"
+    assert value(found, rejections, limit="max_turns", rule="tiny") == 1
+    assert value(found, rejections, limit="loop_identical_tool_calls") == 1
+    assert value(found, "gateway_requests_total", source="policy", status_class="4xx") == 2
+    detections = "gateway_loop_detections_total"
+    assert value(found, detections, agent="openai-python", detector="identical_tool_calls") == 1
+    # Bounded label sets start at 0, so increase() sees the first loop.
+    assert ("gateway_loop_detections_total", frozenset(
+        {("agent", "other"), ("detector", "repeated_requests")}
+    )) in found  # fmt: skip
+
+
+async def test_compactions_and_tokens_saved(make_gateway: MakeGateway) -> None:
+    from tests.compaction.test_sessions import POLICY, WINDOW, run_session
+
+    gw = await make_gateway(POLICY.format(window=WINDOW, strategies="summarize"))
+    await run_session(gw, "chat", "compacted", 18)
+    record = await gw.record("compacted")
+
+    found = await samples(gw)
+    compactions = "gateway_compactions_total"
+    assert value(found, compactions, strategy="summarize", outcome="applied") == 1
+    assert value(found, compactions, strategy="summarize", outcome="reused") == (
+        record.compacted_calls - 1
+    )
+    saved = value(found, "gateway_compaction_tokens_saved_total", strategy="summarize")
+    assert saved == record.tokens_saved
+    assert value(found, "gateway_context_fill_ratio_count", provider="openai") == 18
+
+
+async def test_open_valued_labels_fold_into_other_past_their_cap() -> None:
+    metrics = Metrics(max_label_values=2)
+    assert [metrics.model(m) for m in ("a", "b", "c", "a", "d")] == [
+        "a",
+        "b",
+        "other",
+        "a",
+        "other",
+    ]
+    assert metrics.model(None) == "other"  # "unknown" would be a third value
+    overflow = metrics.registry.get_sample_value("gateway_label_overflow_total", {"label": "model"})
+    assert overflow == 3
+
+
+async def test_openmetrics_when_asked_for(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(None)
+    content_type, text = await scrape(gw, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
