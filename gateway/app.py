@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from opentelemetry.trace import TracerProvider
 
 from gateway import admin, pipeline
 from gateway.appkeys import (
@@ -21,6 +22,7 @@ from gateway.appkeys import (
     STARTED_AT,
     STORE,
     TOKENS,
+    TRACING,
     UPSTREAMS,
 )
 from gateway.audit import AuditLog
@@ -29,12 +31,18 @@ from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
 from gateway.telemetry.metrics import Metrics, metrics_endpoint
+from gateway.telemetry.tracing import Tracing
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams, client_session
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> web.Application:
-    """A gateway application. ``store`` overrides ``settings.store`` (tests share one)."""
+def create_app(
+    settings: Settings | None = None,
+    store: Store | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> web.Application:
+    """A gateway application. ``store`` overrides ``settings.store`` (tests share one);
+    ``tracer_provider`` traces this app's calls (else the ``OTEL_*`` variables decide)."""
     settings = settings or Settings()
     # No middleware: the LLM path answers its own errors in the provider's shape (pipeline),
     # and the admin API is a sub-application with its own.
@@ -49,7 +57,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
     app[METRICS] = Metrics()
     app[METRICS].watch_policy(app[POLICY])
+    app[TRACING] = Tracing(tracer_provider)
     # Opened in this order, closed in reverse.
+    app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policy)
     app.cleanup_ctx.append(_tokenizer)
@@ -59,6 +69,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.router.add_get("/metrics", metrics_endpoint)
     pipeline.add_routes(app)
     return app
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    """Tracing from the ``OTEL_*`` variables (if no provider was given); spans flushed at exit."""
+    await app[TRACING].start()
+    yield
+    await app[TRACING].stop()
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from gateway.policy.live import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.tracing import Tracing
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams
 
@@ -24,3 +25,4 @@ POLICY = web.AppKey("policy", LivePolicy)
 AUDIT = web.AppKey("audit", AuditLog)
 COMPACTOR = web.AppKey("compactor", Compactor)
 METRICS = web.AppKey("metrics", Metrics)
+TRACING = web.AppKey("tracing", Tracing)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import sys
 import time
@@ -109,13 +108,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.settings import load_settings
+    from gateway.telemetry import logs
 
     settings = load_settings(
         args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    listener = logs.configure(settings.log_level, settings.log_format)
     _install_uvloop()
     app = create_app(settings)
     print(
@@ -125,7 +123,10 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     app.on_startup.append(_tune_gc)
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
+    finally:
+        listener.stop()
     return 0
 
 

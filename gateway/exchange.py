@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,6 +19,9 @@ from gateway.identity import Identity
 from gateway.policy.decide import Decision
 from gateway.store import SessionRecord, TurnTicket
 from gateway.upstream import Upstream
+
+if TYPE_CHECKING:
+    from gateway.telemetry.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -65,3 +69,5 @@ class Exchange:
     cost: float = 0.0
     window: int | None = None
     """The model's context window, once compaction has looked it up."""
+    trace: RequestTrace | None = None
+    """The request's spans, when tracing is on."""

@@ -17,7 +17,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import accounting
-from gateway.appkeys import COMPACTOR, HTTP, METRICS, POLICY, SETTINGS, STORE, TOKENS, UPSTREAMS
+from gateway.appkeys import (
+    COMPACTOR,
+    HTTP,
+    METRICS,
+    POLICY,
+    SETTINGS,
+    STORE,
+    TOKENS,
+    TRACING,
+    UPSTREAMS,
+)
 from gateway.compaction.step import compact as compact_context
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
 from gateway.dialects.envelope import EnvelopeError
@@ -34,6 +44,8 @@ from gateway.identity import identify
 from gateway.policy import decide
 from gateway.relay import relay
 from gateway.store import LimitExceeded
+from gateway.telemetry import tracing
+from gateway.telemetry.logs import log_request
 from gateway.telemetry.metrics import observe
 from gateway.upstream import request_headers, send
 
@@ -65,7 +77,9 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     finally:
         await accounting.end_turn(ex, store, tokens, calibration)
         in_flight.dec()
-        observe(metrics, ex, ex.dialect.name)
+        trace = tracing.trace_id(ex)
+        observe(metrics, ex, ex.dialect.name, trace)
+        log_request(ex, ex.dialect.name, trace)
     assert ex.response is not None
     return ex.response
 
@@ -81,7 +95,9 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
-    observe(ex.request.app[METRICS], ex, "anthropic.count_tokens")
+    trace = tracing.trace_id(ex)
+    observe(ex.request.app[METRICS], ex, "anthropic.count_tokens", trace)
+    log_request(ex, "anthropic.count_tokens", trace)
     assert ex.response is not None
     return ex.response
 
@@ -96,7 +112,8 @@ async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
-    observe(ex.request.app[METRICS], ex, "passthrough")
+    observe(ex.request.app[METRICS], ex, "passthrough", None)
+    log_request(ex, "passthrough", None)
     assert ex.response is not None
     return ex.response
 
@@ -225,8 +242,11 @@ async def forward(ex: Exchange) -> None:
     headers = request_headers(ex.request.headers)
     url = ex.upstream.url(ex.path, ex.request.query_string)
     ex.upstream_at = time.perf_counter()
-    upstream = await send(app[HTTP], ex.request.method, url, headers, ex.upstream_body, settings)
-    await relay(ex, upstream, gateway_headers(ex))
+    with tracing.upstream_call(ex, url, headers):
+        upstream = await send(
+            app[HTTP], ex.request.method, url, headers, ex.upstream_body, settings
+        )
+        await relay(ex, upstream, gateway_headers(ex))
 
 
 def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
@@ -307,13 +327,14 @@ def _exchange(request: web.Request, dialect: Dialect | None) -> Exchange:
 
 def llm_handler(dialect: Dialect) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await handle(_exchange(request, dialect))
+        return await request.app[TRACING].serve(_exchange(request, dialect), handle)
 
     return handler
 
 
 async def count_tokens_handler(request: web.Request) -> web.StreamResponse:
-    return await handle_aux(_exchange(request, ANTHROPIC_MESSAGES))
+    ex = _exchange(request, ANTHROPIC_MESSAGES)
+    return await request.app[TRACING].serve(ex, handle_aux, "count_tokens")
 
 
 async def passthrough_handler(request: web.Request) -> web.StreamResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -49,6 +49,8 @@ class Settings(BaseModel):
     upstream_connections: int = Field(256, ge=1)
     admin_token: SecretStr | None = None
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
+    """``json``: one object per line (with one line per request); ``text`` for a terminal."""
 
 
 _ENV: dict[str, tuple[str, ...]] = {
@@ -57,6 +59,9 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_STORE": ("store",),
     "GATEWAY_ADMIN_TOKEN": ("admin_token",),
     "GATEWAY_LOG_LEVEL": ("log_level",),
+    "GATEWAY_LOG_FORMAT": ("log_format",),
+    "GATEWAY_HOST": ("host",),
+    "GATEWAY_PORT": ("port",),
     "GATEWAY_POLICY": ("policy",),
     "GATEWAY_AUDIT_LOG": ("audit_log",),
 }

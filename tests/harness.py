@@ -19,6 +19,7 @@ import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from opentelemetry.trace import TracerProvider
 
 from gateway.app import create_app
 from gateway.appkeys import STORE
@@ -124,11 +125,14 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 async def make_gateway(
     aiohttp_server: Any, settings: Settings, fake_provider: TestServer, tmp_path: Path
 ) -> AsyncIterator[MakeGateway]:
-    """``await make_gateway(POLICY_YAML, **settings_updates)``; ``None`` runs the packaged one."""
+    """``await make_gateway(POLICY_YAML, **settings_updates)``; ``None`` runs the packaged one;
+    ``tracer_provider=`` traces the gateway's calls."""
     opened: list[Gateway] = []
     http = aiohttp.ClientSession()
 
-    async def make(policy: str | None, **updates: Any) -> Gateway:
+    async def make(
+        policy: str | None, *, tracer_provider: TracerProvider | None = None, **updates: Any
+    ) -> Gateway:
         index = len(opened)
         policy_path = None
         if policy is not None:
@@ -138,7 +142,9 @@ async def make_gateway(
         configured = settings.model_copy(
             update={"policy": policy_path, "audit_log": audit_path, **updates}
         )
-        server: TestServer = await aiohttp_server(create_app(configured))
+        server: TestServer = await aiohttp_server(
+            create_app(configured, tracer_provider=tracer_provider)
+        )
         gateway = Gateway(
             server=server,
             fake=fake_provider,

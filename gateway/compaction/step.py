@@ -24,6 +24,7 @@ from gateway.errors import ContextOverflow
 from gateway.exchange import Exchange
 from gateway.policy import decide
 from gateway.store import CompactionNote
+from gateway.telemetry import tracing
 
 
 async def compact(ex: Exchange) -> None:
@@ -106,6 +107,7 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
 
     async def summarize(transcript: str) -> Summary:
         headers = summary.carried_headers(ex.request.headers)
+        tracing.inject(headers)
         started = time.perf_counter()
         try:
             return await summary.summarize(
@@ -122,7 +124,7 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
         finally:
             ex.summary_seconds += time.perf_counter() - started
 
-    return summarize
+    return tracing.summarizer(ex, url, model, max_tokens, summarize)
 
 
 def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:

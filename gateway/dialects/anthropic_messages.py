@@ -160,6 +160,9 @@ class MessagesEnvelope(Envelope):
     messages: Array = UNSET
     system: ArrayOrText = UNSET
     max_tokens: Field = UNSET
+    # Read only by tracing (the request's sampling settings).
+    top_k: Field = UNSET
+    stop_sequences: Field = UNSET
 
 
 _DECODER = decoder(MessagesEnvelope)

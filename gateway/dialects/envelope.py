@@ -77,6 +77,9 @@ class Envelope(msgspec.Struct):
     stream: Field = UNSET
     tools: Array = UNSET
     metadata: Field = UNSET
+    # Sampling settings all three APIs have (read only by tracing).
+    temperature: Field = UNSET
+    top_p: Field = UNSET
 
     def get(self, key: str, default: Any = None) -> Any:
         value = getattr(self, key, msgspec.UNSET)

@@ -111,6 +111,12 @@ class ChatEnvelope(Envelope):
     max_completion_tokens: Field = UNSET
     user: Field = UNSET
     prompt_cache_key: Field = UNSET
+    # Read only by tracing (the request's sampling settings).
+    frequency_penalty: Field = UNSET
+    presence_penalty: Field = UNSET
+    seed: Field = UNSET
+    stop: Field = UNSET
+    n: Field = UNSET
 
 
 _DECODER = decoder(ChatEnvelope)

@@ -293,20 +293,22 @@ VERSION = _version()
 """Read once at import: package metadata is files on disk, never read on the event loop."""
 
 
-def observe(metrics: Metrics, ex: Exchange, route: str) -> None:
-    """Everything one request adds to the metrics, read from its exchange at its end."""
+def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) -> None:
+    """Everything one request adds to the metrics, read from its exchange at its end. With a
+    trace id, latency observations carry it as an exemplar (OpenMetrics exposition only)."""
     end = time.perf_counter()
+    exemplar = {"trace_id": trace_id} if trace_id else None
     provider = ex.upstream.provider
     identity, facts, usage = ex.identity, ex.facts, ex.response_facts
     agent = metrics.agent(identity.agent if identity else None)
     source = _source(ex)
     status = ex.status or (499 if ex.outcome == "client_gone" else 502)
     metrics.requests.labels(route, provider, agent, f"{status // 100}xx", source).inc()
-    metrics.request_duration.labels(route, provider).observe(end - ex.started)
+    metrics.request_duration.labels(route, provider).observe(end - ex.started, exemplar)
     if ex.upstream_at is not None:
         after = end - ex.upstream_done_at if ex.upstream_done_at is not None else 0.0
         own = ex.upstream_at - ex.started - ex.summary_seconds + after
-        metrics.overhead.labels(route).observe(max(0.0, own))
+        metrics.overhead.labels(route).observe(max(0.0, own), exemplar)
     if source == "upstream" and status >= 400:
         reason = "http_429" if status == 429 else f"http_{status // 100}xx"
         metrics.upstream_errors.labels(provider, reason).inc()
@@ -318,7 +320,8 @@ def observe(metrics: Metrics, ex: Exchange, route: str) -> None:
     genai = (ex.dialect.operation, provider, model)
     if ex.upstream_at is not None:
         error = "" if status < 400 and ex.outcome == "ok" else (ex.outcome or str(status))
-        metrics.operation_duration.labels(*genai, error).observe(end - ex.upstream_at)
+        duration = end - ex.upstream_at
+        metrics.operation_duration.labels(*genai, error).observe(duration, exemplar)
         if ex.first_byte_at is not None and facts.stream:
             ttfc = ex.first_byte_at - ex.upstream_at
             metrics.time_to_first_chunk.labels(*genai).observe(ttfc)

@@ -1,0 +1,64 @@
+"""One JSON line per request: ids, figures and outcomes, never content or keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.telemetry.logs import JSONFormatter
+from tests.harness import MakeGateway, session_headers
+from tests.policy.apis import call
+from tests.telemetry.test_metrics import scrape
+
+
+async def test_each_request_is_one_json_line(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gw = await make_gateway(
+        "version: 1\ndefaults: {limits: {max_turns: 1}}\n", tracer_provider=provider
+    )
+    caplog.set_level(logging.INFO, logger="gateway.requests")
+    headers = session_headers("logged")
+    assert (await call(gw, "chat", headers, text="the secret plan")).ok
+    assert not (await call(gw, "messages", headers, text="the secret plan")).ok
+
+    records = [r for r in caplog.records if r.name == "gateway.requests"]
+    assert len(records) == 2
+    lines = [json.loads(JSONFormatter().format(r)) for r in records]
+    ok, refused = lines
+    assert ok["session_id"] == "logged" and ok["agent"] == "openai-python"
+    assert ok["model"] == "gpt-4o" and ok["status"] == 200 and ok["decision"] == "allowed"
+    assert ok["input_tokens"] > 0 and ok["output_tokens"] > 0 and ok["turn"] == 1
+    assert ok["duration_ms"] >= ok["upstream_ms"] > 0
+    spans = {format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()}
+    assert ok["trace_id"] in spans
+    assert refused["status"] == 400 and refused["decision"] == "rejected"
+    assert (refused["limit"], refused["rule"]) == ("max_turns", "defaults")
+    text = "\n".join(JSONFormatter().format(r) for r in records)
+    assert "secret plan" not in text and "sk-" not in text
+    provider.shutdown()
+
+
+async def test_latency_exemplars_carry_the_trace_id(make_gateway: MakeGateway) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gw = await make_gateway(None, tracer_provider=provider)
+    assert (await call(gw, "chat", session_headers("exemplar"))).ok
+    [server] = [s for s in exporter.get_finished_spans() if s.name.startswith("POST")]
+    trace_id = format(server.context.trace_id, "032x")
+
+    _, text = await scrape(gw, "application/openmetrics-text; version=1.0.0")
+    duration = [
+        line for line in text.splitlines() if "gateway_request_duration_seconds_bucket" in line
+    ]
+    assert any(f'trace_id="{trace_id}"' in line for line in duration)
+    provider.shutdown()
