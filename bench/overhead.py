@@ -310,7 +310,8 @@ def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[St
         upstreams = {
             "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
             "GATEWAY_ANTHROPIC_UPSTREAM": fake.url,
-            "GATEWAY_LOG_LEVEL": "warning",
+            # Telemetry on: metrics always, and one JSON log line per request (to the log file).
+            "GATEWAY_LOG_LEVEL": "info",
         }
         gateway = start("gateway", gateway_argv, gport, workdir, upstreams)
         servers.append(gateway)

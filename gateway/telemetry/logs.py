@@ -40,6 +40,14 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting happens there, not on the
+    event loop (the standard handler formats before queueing)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
 def configure(level: str, fmt: str) -> logging.handlers.QueueListener:
     """Route every log record through a queue to a writer thread; returns the listener (stop
     it at exit to flush)."""
@@ -50,7 +58,7 @@ def configure(level: str, fmt: str) -> logging.handlers.QueueListener:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     listener.start()
