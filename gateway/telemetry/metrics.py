@@ -56,6 +56,7 @@ FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ACTIVE_WINDOW = 300.0
 """A session counts as active for this long after its last call."""
 OTHER = "other"
+DETECTORS = ("identical_tool_calls", "repeated_requests", "turn_rate")
 
 
 class LabelCap:
@@ -134,6 +135,7 @@ class Metrics:
     def __init__(self, max_label_values: int = 50) -> None:
         r = self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._agents: set[str] = set()
         self.label_overflow = Counter(
             "gateway_label_overflow",
             "Label values folded into 'other' because the label had reached its cap.",
@@ -273,11 +275,19 @@ class Metrics:
     def _initialise(self) -> None:
         """Bounded label sets start at 0: an alert on ``increase()`` cannot see a series whose
         first sample is already 1 (the first loop would never page)."""
-        for detector in ("identical_tool_calls", "repeated_requests", "turn_rate"):
+        for detector in DETECTORS:
             self.loop_detections.labels("other", detector)
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
                 self.upstream_errors.labels(provider, reason)
+
+    def agent_seen(self, agent: str) -> None:
+        """A new agent's loop-detection series start at 0, so the alert on ``increase()`` sees
+        its first loop."""
+        if agent not in self._agents:
+            self._agents.add(agent)
+            for detector in DETECTORS:
+                self.child(self.loop_detections, agent, detector)
 
     def child(self, family: Any, *labels: str) -> Any:
         """``family.labels(*labels)``, remembered: the client library's lookup takes a lock and
@@ -329,13 +339,18 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     model = metrics.model(facts.model)
     genai = (ex.dialect.operation, provider, model)
     if ex.upstream_at is not None:
-        error = "" if status < 400 and ex.outcome == "ok" else (ex.outcome or str(status))
+        error = ""
+        if ex.outcome != "ok":
+            error = ex.outcome
+        elif status >= 400:
+            error = str(status)  # the upstream's own error: its status is the type
         duration = end - ex.upstream_at
         metrics.child(metrics.operation_duration, *genai, error).observe(duration, exemplar)
         if ex.first_byte_at is not None and facts.stream:
             ttfc = ex.first_byte_at - ex.upstream_at
             metrics.child(metrics.time_to_first_chunk, *genai).observe(ttfc)
     if identity is not None:
+        metrics.agent_seen(agent)
         metrics.active_sessions.touch(identity.session_id, agent)
         if ex.turn == 1:
             metrics.child(metrics.sessions_started, agent).inc()

@@ -1,0 +1,265 @@
+"""A real Prometheus scrapes a test gateway after every kind of traffic the dashboards show
+(the three APIs, streams, an upstream error, compaction, a policy stop, a budget stop, a
+loop); every panel and variable query must return data, every annotation and alert
+expression must be valid, and every alert rule must evaluate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.fake_provider import CONFIG, ToolCallSpec
+from tests.compaction.test_sessions import run_session
+from tests.conftest import ANTHROPIC_MODEL
+from tests.dashboards.promql import ALERTS, Query, all_queries, concrete, label_values
+from tests.harness import Gateway, MakeGateway, session_headers
+from tests.policy.apis import AgentLoop, call
+
+WINDOW = "1m"
+"""What ``$__rate_interval`` and ``$__range`` become: the whole test fits in it."""
+SCRAPES_AFTER_TRAFFIC = 3
+MAY_BE_ZERO = {
+    "gateway-overview.json: Gateway-made error ratio (A)": "the gateway made no 5xx",
+    "gateway-overview.json: Error budget burn rates (A)": "the gateway made no 5xx",
+    "gateway-overview.json: Error budget burn rates (B)": "no request took 10 ms of overhead",
+    "gateway-overview.json: In-flight requests by route (A)": "scraped between requests",
+    "gateway-overview.json: Store errors by operation (A)": "the store did not fail",
+    "gateway-overview.json: Policy reloads in range by outcome (A)": "loaded once, at start",
+    "sessions-and-agents.json: Calls past turn 100 in range (A)": "no session past 24 turns",
+    "sessions-and-agents.json: Share of calls past turn 50 and 100 by agent (A)": "same",
+    "sessions-and-agents.json: Share of calls past turn 50 and 100 by agent (B)": "same",
+    "sessions-and-agents.json: Prompt-cache read share by agent (A)": "the fake caches nothing",
+    "tokens-and-cost.json: Spend folded into 'other' (A)": "under the label caps",
+    "tokens-and-cost.json: Label values folded into 'other' (A)": "under the label caps",
+}
+"""Panels this traffic leaves at 0 (data, but nothing to show): every other panel must have
+a finite, non-zero value somewhere."""
+POLICY = """
+version: 1
+team_header: X-Gateway-Team
+prices:
+  "gpt-4o*": {input: 2.5, output: 10.0, cache_read: 1.25}
+  "claude-*": {input: 3.0, output: 15.0, cache_read: 0.3}
+defaults:
+  loops: {identical_tool_calls: 3}
+  context:
+    window: 8000
+    compact_at: 0.8
+    target: 0.5
+    keep_last: 2
+    strategies: [summarize]
+rules:
+  - {name: tiny, match: {model: gpt-4o-mini}, limits: {max_turns: 1}}
+  - name: interns-budget
+    match: {team: interns}
+    budgets: [{per: team, window: hour, max_tokens: 10}]
+"""
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        message = "prometheus is not installed (Debian package prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(directory: Path, gateway_port: int) -> Path:
+    config = directory / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{ALERTS}]\n"
+        "scrape_configs:\n"
+        "  - job_name: agent-gateway\n"
+        "    metrics_path: /metrics\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{gateway_port}']}}]\n"
+    )
+    return config
+
+
+class Prometheus:
+    def __init__(self, url: str, http: aiohttp.ClientSession, log: Path) -> None:
+        self.url, self.http, self.log = url, http, log
+
+    async def get(self, path: str, **params: str) -> dict[str, Any]:
+        async with self.http.get(self.url + path, params=params) as resp:
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    async def query(self, expr: str) -> dict[str, Any]:
+        return await self.get("/api/v1/query", query=expr)
+
+    async def wait_for(self, expr: str, what: str, within: float = 15.0) -> list[Any]:
+        """Polls until ``expr`` has a result."""
+        deadline = time.monotonic() + within
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                body = await self.query(expr)
+                if body.get("status") == "success" and body["data"]["result"]:
+                    result: list[Any] = body["data"]["result"]
+                    return result
+            if time.monotonic() > deadline:
+                log = await asyncio.to_thread(self.log.read_text)
+                raise AssertionError(f"Prometheus: {what} within {within}s\n{log[-3000:]}")
+            await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def prometheus(binary: str, tmp_path: Path, gateway_port: int) -> AsyncIterator[Prometheus]:
+    port = await asyncio.to_thread(free_port)
+    config = await asyncio.to_thread(write_config, tmp_path, gateway_port)
+    log_path = tmp_path / "prometheus.log"
+    log = await asyncio.to_thread(log_path.open, "wb")
+    process = await asyncio.create_subprocess_exec(
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Prometheus(f"http://127.0.0.1:{port}", http, log_path)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        await asyncio.to_thread(log.close)
+
+
+async def drive(gw: Gateway, round: int) -> None:
+    """One of everything the dashboards show (sessions named by ``round``)."""
+
+    def headers(name: str, **extra: str) -> dict[str, str]:
+        return session_headers(f"live-{round}-{name}", **extra)
+
+    teams = {"chat": "platform", "responses": "platform", "messages": "research"}
+    for api, team in teams.items():
+        assert (await call(gw, api, headers(api, **{"X-Gateway-Team": team}))).ok
+    async with gw.anthropic.messages.stream(
+        model=ANTHROPIC_MODEL,
+        max_tokens=32,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers=headers("stream", **{"X-Gateway-Team": "research"}),
+    ) as stream:
+        await stream.get_final_message()
+    chat = await gw.openai.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers=headers("chat-stream", **{"X-Gateway-Team": "platform"}),
+    )
+    async for _ in chat:
+        pass
+    responses = await gw.openai.responses.create(
+        model="gpt-4o",
+        input="hi",
+        stream=True,
+        extra_headers=headers("responses-stream", **{"X-Gateway-Team": "platform"}),
+    )
+    async for _ in responses:
+        pass
+    # The provider's own errors: a 5xx and a 429.
+    for status in (500, 429):
+        failing = headers(f"error-{status}", **{"x-fake-scenario": f"error:{status}"})
+        assert (await call(gw, "chat", failing)).status == status
+    # Compaction: a long session summarized once, the summary reused.
+    await run_session(gw, "chat", f"live-{round}-compacted", 18)
+    # Policy stops: a turn limit, and a team budget (429).
+    limited = headers("limited")
+    assert (await call(gw, "chat", limited, model="gpt-4o-mini")).ok
+    assert (await call(gw, "chat", limited, model="gpt-4o-mini")).status == 400
+    interns = headers("interns", **{"X-Gateway-Team": "interns"})
+    outcomes = [await call(gw, "messages", interns) for _ in range(2)]
+    assert any(o.status == 429 for o in outcomes), [o.status for o in outcomes]
+    # A runaway loop, refused.
+    gw.fake.app[CONFIG].tool_loop = ToolCallSpec("read_file", {"path": "notes.txt"})
+    loop = AgentLoop(gw, "chat", headers("looping"), "Read the file.")
+    await loop.until_refused(turns=6)
+    gw.fake.app[CONFIG].tool_loop = None
+
+
+async def check(prom: Prometheus, query: Query) -> str | None:
+    """What is wrong with one query (None when it is fine)."""
+    if query.kind == "variable":
+        series, label = label_values(concrete(query.expr, WINDOW))
+        params = {"match[]": series} if series else {}
+        body = await prom.get(f"/api/v1/label/{label}/values", **params)
+        if body.get("status") != "success":
+            return f"{query.where}: {body.get('error')}"
+        return None if body["data"] else f"{query.where}: no values"
+    body = await prom.query(concrete(query.expr, WINDOW))
+    if body.get("status") != "success":
+        return f"{query.where}: {body.get('errorType')}: {body.get('error')}\n  {query.expr}"
+    if query.kind != "panel":
+        return None
+    result = body["data"]["result"]
+    if not result:
+        return f"{query.where}: no data\n  {query.expr}"
+    values = [float(series["value"][1]) for series in result]
+    if query.where not in MAY_BE_ZERO and not any(math.isfinite(v) and v for v in values):
+        return f"{query.where}: nothing but {sorted(set(values))}\n  {query.expr}"
+    return None
+
+
+async def test_every_dashboard_and_alert_query_against_a_real_prometheus(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    binary = prometheus_binary()
+    gw = await make_gateway(POLICY)
+    job = 'up{job="agent-gateway"}'
+    async with prometheus(binary, tmp_path, gw.server.port) as prom:
+        # Scraped at least once before the traffic: counters born at 0 are seen at 0.
+        await prom.wait_for(f"{job} == 1", "the gateway scraped")
+        # Two rounds with a scrape between: the second moves series that already exist, so
+        # rates and quantiles have values (a series born at its final value has a rate of 0).
+        await drive(gw, 1)
+        # The first loop of an agent (its series born at 1, which increase() cannot see)
+        # fires the runaway-session alert.
+        loop_alert = 'ALERTS{alertname="AgentGatewayRunawaySession", alertstate="firing"}'
+        firing = await prom.wait_for(loop_alert, "the first loop alert firing")
+        assert {a["metric"]["agent"] for a in firing} == {"openai-python"}
+        await drive(gw, 2)
+        done = time.time()
+        await prom.wait_for(
+            f"timestamp({job}) > {done + SCRAPES_AFTER_TRAFFIC}", "scrapes after the traffic"
+        )
+
+        queries = await asyncio.to_thread(all_queries)
+        problems = [p for p in await asyncio.gather(*(check(prom, q) for q in queries)) if p]
+        assert not problems, "\n".join(problems)
+        assert len([q for q in queries if q.kind == "panel"]) >= 60
+        assert set(MAY_BE_ZERO) <= {q.where for q in queries}, "stale MAY_BE_ZERO entries"
+
+        # Every rule evaluated without an error.
+        groups = (await prom.get("/api/v1/rules"))["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert len(rules) == len([q for q in queries if q.kind == "alert"])
+        assert {r["health"] for r in rules} == {"ok"}, [
+            (r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"
+        ]

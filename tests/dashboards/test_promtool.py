@@ -1,0 +1,40 @@
+"""``promtool check rules`` and ``promtool test rules`` on the alert rules (plain sync tests:
+the blockbuster fixture only watches the event loop)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.dashboards.promql import ALERT_TESTS, ALERTS, DASHBOARDS
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        message = "promtool is not installed (Debian package prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool(), *args], cwd=DASHBOARDS, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_promtool_check_rules() -> None:
+    result = run("check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_test_rules() -> None:
+    result = run("test", "rules", str(ALERT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
