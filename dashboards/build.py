@@ -575,6 +575,23 @@ def overview() -> Board:
         12,
         8,
     )
+    b.add(
+        timeseries(
+            "Upstream connect retries by provider",
+            "Calls retried per second because a connection to the provider could not be "
+            "opened (nothing had been sent, so nothing is billed twice). A steady rate means "
+            "the provider, or the network to it, is failing.",
+            "reqps",
+            targets(
+                (
+                    f"sum by (provider) ({rate('gateway_upstream_retries_total', i)})",
+                    "{{provider}}",
+                )
+            ),
+        ),
+        12,
+        8,
+    )
 
     b.row("Latency and objectives")
     overhead = "gateway_overhead_seconds"

@@ -57,6 +57,7 @@ def create_app(
     app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
     app[METRICS] = Metrics()
     app[METRICS].watch_policy(app[POLICY])
+    app[METRICS].watch_store(app[STORE])
     app[TRACING] = Tracing(tracer_provider)
     # Opened in this order, closed in reverse.
     app.cleanup_ctx.append(_tracing)

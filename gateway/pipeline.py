@@ -244,7 +244,13 @@ async def forward(ex: Exchange) -> None:
     ex.upstream_at = time.perf_counter()
     with tracing.upstream_call(ex, url, headers):
         upstream = await send(
-            app[HTTP], ex.request.method, url, headers, ex.upstream_body, settings
+            app[HTTP],
+            ex.request.method,
+            url,
+            headers,
+            ex.upstream_body,
+            settings,
+            app[METRICS].retried(ex.upstream.provider),
         )
         await relay(ex, upstream, gateway_headers(ex))
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential,
@@ -123,8 +124,9 @@ async def send(
     headers: CIMultiDict[str],
     body: bytes,
     settings: Settings,
+    on_retry: Callable[[], None] | None = None,
 ) -> aiohttp.ClientResponse:
-    """Send one call and wait for the response headers.
+    """Send one call and wait for the response headers (``on_retry`` hears of each retry).
 
     Only failures to open a connection are retried: nothing reached the upstream, so nothing
     can be billed twice.
@@ -146,12 +148,18 @@ async def send(
             except aiohttp.ClientConnectorError:
                 if not settings.upstream_retries:
                     raise
+
             # Tenacity only once the first try failed: the common path builds no retry state.
+            def before(_state: RetryCallState) -> None:
+                if on_retry is not None:
+                    on_retry()
+
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(aiohttp.ClientConnectorError),
                 stop=stop_after_attempt(settings.upstream_retries),
                 wait=wait_exponential(multiplier=0.05, max=1.0),
                 reraise=True,
+                before=before,
             )
             return await retrying(attempt)
     except TimeoutError as exc:

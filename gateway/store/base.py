@@ -114,6 +114,8 @@ class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.budget_counters: dict[str, BudgetCounter] = {}
+        self.errors = {"load": 0, "write": 0}
+        """Failures of the backend behind the table, by operation (metrics read them)."""
 
     async def open(self) -> None:
         return None

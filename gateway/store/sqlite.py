@@ -66,7 +66,6 @@ class SqliteStore(SessionTable):
         self._db: sqlite3.Connection | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self.errors = 0
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -111,7 +110,7 @@ class SqliteStore(SessionTable):
             data: bytes | None = await self._run(self._select_one, session_id)
             record = SessionRecord.from_json(orjson.loads(data)) if data else None
         except Exception as exc:
-            self.errors += 1
+            self.errors["load"] += 1
             pending.set_exception(exc)
             pending.exception()  # retrieved: waiters re-raise it, nobody else must log it
             raise
@@ -184,7 +183,7 @@ class SqliteStore(SessionTable):
             try:
                 await self._run(self._write, sessions, budgets)
             except Exception:
-                self.errors += 1
+                self.errors["write"] += 1
                 self._dirty |= dirty  # try again next time
                 self._dirty_budgets |= dirty_budgets
                 raise

@@ -11,10 +11,13 @@ import logging
 import logging.handlers
 import queue
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from gateway.telemetry.metrics import decision_of
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -26,10 +29,16 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 class JSONFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, and any ``extra`` fields."""
 
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime a second, not one a line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -48,21 +57,60 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
-def configure(level: str, fmt: str) -> logging.handlers.QueueListener:
-    """Route every log record through a queue to a writer thread; returns the listener (stop
-    it at exit to flush)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+class LogWriter:
+    """The thread that formats and writes log records, a batch at a time: under load one write
+    (and one flush) carries many lines, instead of a system call per line."""
+
+    BATCH = 512
+
+    def __init__(
+        self, records: queue.SimpleQueue[logging.LogRecord | None], formatter: logging.Formatter
+    ) -> None:
+        self.records, self.formatter = records, formatter
+        self.stream = sys.stderr
+        self.thread = threading.Thread(target=self._run, name="gateway-log-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.records.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            record = self.records.get()
+            batch = [record]
+            while record is not None and len(batch) < self.BATCH:
+                try:
+                    record = self.records.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(record)
+            lines = [self.formatter.format(r) for r in batch if r is not None]
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # nowhere to write to: logging must never take the gateway down
+            if batch[-1] is None:
+                return
+
+
+def configure(level: str, fmt: str) -> LogWriter:
+    """Route every log record through a queue to the writer thread; returns it (stop it at exit
+    to write what is left)."""
+    formatter: logging.Formatter = JSONFormatter()
+    if fmt != "json":
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
-    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
-    listener.start()
-    return listener
+    writer = LogWriter(records, formatter)
+    writer.start()
+    return writer
 
 
 def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
@@ -85,7 +133,7 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
         "model": facts.model if facts else None,
         "stream": facts.stream if facts else None,
         "turn": ex.turn,
-        "decision": _decision(ex),
+        "decision": decision_of(ex),
         "input_tokens": usage.input_tokens if usage else None,
         "output_tokens": usage.output_tokens if usage else None,
         "usage_estimated": usage.estimated if usage else None,
@@ -98,14 +146,6 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
     if ex.compaction is not None:
         fields["compacted"] = ex.compaction.header()
     REQUESTS.info("request", extra=fields)
-
-
-def _decision(ex: Exchange) -> str | None:
-    if ex.rejection is not None:
-        return "rejected"
-    if ex.compaction is not None and ex.compaction.items is not None:
-        return "compacted"
-    return "allowed" if ex.decision is not None else None
 
 
 def _between(start: float | None, end: float | None) -> float | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,25 @@ class PolicyStatus(Collector):
         yield info
 
 
+class StoreStatus(Collector):
+    """``gateway_store_errors_total`` by operation (load, write), read from the store."""
+
+    def __init__(self, store: object) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        errors = CounterMetricFamily(
+            "gateway_store_errors",
+            "Session store failures by operation: load (a session could not be read), write "
+            "(changes could not be written; retried at the next flush).",
+            labels=["operation"],
+        )
+        counts: dict[str, int] = getattr(self.store, "errors", {})
+        for operation in ("load", "write"):
+            errors.add_metric([operation], counts.get(operation, 0))
+        yield errors
+
+
 class Metrics:
     """Every family the gateway exports, in its own registry (one per app: tests run many)."""
 
@@ -169,9 +188,9 @@ class Metrics:
         )
         self.requests = Counter(
             "gateway_requests",
-            "Requests by route, provider, agent, status class and who answered "
-            "(upstream, gateway, policy).",
-            ["route", "provider", "agent", "status_class", "source"],
+            "Requests by route, provider, model, agent, status class, who answered (upstream, "
+            "gateway, policy) and the policy's decision (allowed, compacted, rejected, none).",
+            ["route", "provider", "model", "agent", "status_class", "source", "decision"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -261,10 +280,12 @@ class Metrics:
             ["strategy"],
             registry=r,
         )
-        self.store_errors = Counter(
-            "gateway_store_errors", "Session store failures by operation.", ["operation"],
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries",
+            "Calls retried because a connection to the upstream could not be opened.",
+            ["provider", "reason"],
             registry=r,
-        )  # fmt: skip
+        )
         self.build_info = Gauge(
             "gateway_build_info", "The gateway's version (value 1).", ["version", "python"],
             registry=r,
@@ -280,6 +301,7 @@ class Metrics:
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
                 self.upstream_errors.labels(provider, reason)
+            self.upstream_retries.labels(provider, "connect_error")
 
     def agent_seen(self, agent: str) -> None:
         """A new agent's loop-detection series start at 0, so the alert on ``increase()`` sees
@@ -300,6 +322,13 @@ class Metrics:
 
     def watch_policy(self, live: LivePolicy) -> None:
         self.registry.register(PolicyStatus(live))
+
+    def retried(self, provider: str) -> Callable[[], None]:
+        """What ``upstream.send`` calls on each retry of a failed connect."""
+        return self.child(self.upstream_retries, provider, "connect_error").inc  # type: ignore[no-any-return]
+
+    def watch_store(self, store: object) -> None:
+        self.registry.register(StoreStatus(store))
 
 
 def _version() -> str:
@@ -323,7 +352,12 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     agent = metrics.agent(identity.agent if identity else None)
     source = _source(ex)
     status = ex.status or (499 if ex.outcome == "client_gone" else 502)
-    metrics.child(metrics.requests, route, provider, agent, f"{status // 100}xx", source).inc()
+    model = metrics.model(facts.model if facts else None)
+    status_class = f"{status // 100}xx"
+    decision = decision_of(ex)
+    metrics.child(
+        metrics.requests, route, provider, model, agent, status_class, source, decision
+    ).inc()
     metrics.child(metrics.request_duration, route, provider).observe(end - ex.started, exemplar)
     if ex.upstream_at is not None:
         after = end - ex.upstream_done_at if ex.upstream_done_at is not None else 0.0
@@ -336,7 +370,6 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
         metrics.child(metrics.upstream_errors, provider, _UPSTREAM_FAILURES[ex.outcome]).inc()
     if ex.dialect is None or facts is None:
         return
-    model = metrics.model(facts.model)
     genai = (ex.dialect.operation, provider, model)
     if ex.upstream_at is not None:
         error = ""
@@ -413,6 +446,15 @@ def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
             )
         for failure in outcome.failures:
             metrics.child(metrics.compactions, failure.split(":", 1)[0], "failed").inc()
+
+
+def decision_of(ex: Exchange) -> str:
+    """What the gateway did with a call: allowed, compacted, rejected (none: not an LLM call)."""
+    if ex.rejection is not None:
+        return "rejected"
+    if ex.compaction is not None and ex.compaction.items is not None:
+        return "compacted"
+    return "allowed" if ex.decision is not None else "none"
 
 
 def _source(ex: Exchange) -> str:

@@ -122,6 +122,7 @@ def exported_families() -> dict[str, set[str]]:
     ``_total``; histograms ``_bucket``, ``_sum``, ``_count``; gauges as named)."""
     metrics = Metrics()
     metrics.watch_policy(SimpleNamespace(reloads=0, failures=0, current=None))
+    metrics.watch_store(SimpleNamespace(errors={"load": 0, "write": 0}))
     families: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         if family.type == "counter":

@@ -35,6 +35,7 @@ MAY_BE_ZERO = {
     "gateway-overview.json: Error budget burn rates (B)": "no request took 10 ms of overhead",
     "gateway-overview.json: In-flight requests by route (A)": "scraped between requests",
     "gateway-overview.json: Store errors by operation (A)": "the store did not fail",
+    "gateway-overview.json: Upstream connect retries by provider (A)": "every connect succeeded",
     "gateway-overview.json: Policy reloads in range by outcome (A)": "loaded once, at start",
     "sessions-and-agents.json: Calls past turn 100 in range (A)": "no session past 24 turns",
     "sessions-and-agents.json: Share of calls past turn 50 and 100 by agent (A)": "same",

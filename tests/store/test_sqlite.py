@@ -132,7 +132,7 @@ async def test_flush_writes_behind(tmp_path: Path) -> None:
             await reader.close()
     finally:
         await store.close()
-    assert store.errors == 0
+    assert store.errors == {"load": 0, "write": 0}
 
 
 async def test_idle_sessions_are_evicted_and_reloaded(tmp_path: Path) -> None:

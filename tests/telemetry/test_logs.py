@@ -62,3 +62,23 @@ async def test_latency_exemplars_carry_the_trace_id(make_gateway: MakeGateway) -
     ]
     assert any(f'trace_id="{trace_id}"' in line for line in duration)
     provider.shutdown()
+
+
+def test_the_writer_thread_writes_every_record_in_batches() -> None:
+    import io
+    import queue
+
+    from gateway.telemetry.logs import LogWriter
+
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    writer = LogWriter(records, JSONFormatter())
+    writer.stream = io.StringIO()
+    for _ in range(1000):
+        records.put(
+            logging.LogRecord("gateway.requests", logging.INFO, "", 0, "request", None, None)
+        )
+    writer.start()
+    writer.stop()
+    lines = writer.stream.getvalue().splitlines()
+    assert len(lines) == 1000
+    assert json.loads(lines[-1])["logger"] == "gateway.requests"
