@@ -61,7 +61,8 @@ class LogWriter:
     """The thread that formats and writes log records, a batch at a time: under load one write
     (and one flush) carries many lines, instead of a system call per line."""
 
-    BATCH = 512
+    BATCH = 4096
+    LINGER = 0.05
 
     def __init__(
         self, records: queue.SimpleQueue[logging.LogRecord | None], formatter: logging.Formatter
@@ -80,6 +81,10 @@ class LogWriter:
     def _run(self) -> None:
         while True:
             record = self.records.get()
+            if record is not None:
+                # Let a batch gather: at most LINGER's worth of wake-ups and writes a second,
+                # each taking the interpreter lock from the event loop only briefly.
+                time.sleep(self.LINGER)
             batch = [record]
             while record is not None and len(batch) < self.BATCH:
                 try:
