@@ -95,7 +95,7 @@ async def compact(ex: Exchange) -> None:
     ex.compaction = outcome
     ex.upstream_body = replace_array(ex.upstream_body, history.field, outcome.items)
     ex.facts.items = Items([msgspec.Raw(item) for item in outcome.items])
-    if outcome.reused:
+    if outcome.reused and not outcome.failures:  # (a failure was kept by the compactor)
         await app[STORE].record_compaction(accounting.turn_start(ex), compaction_note(ex, outcome))
 
 
@@ -128,7 +128,7 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
 
 
 def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:
-    if outcome.reused:
+    if outcome.reused and not outcome.failures:
         return CompactionNote(outcome.saved)
     summary = outcome.summary
     cost = 0.0
