@@ -167,6 +167,10 @@ class Conversation:
         self.total += sum(e.tokens for e in new) - sum(e.tokens for e in self.entries[start:end])
         self.entries[start:end] = new
 
+    def tokens(self, indexes: Iterable[int]) -> int:
+        """Tokens of the entries at ``indexes``."""
+        return sum(self.entries[i].tokens for i in indexes)
+
     def span(self, indexes: Iterable[int]) -> int:
         """How many original items the entries at ``indexes`` stand for."""
         return sum(self.entries[i].span for i in indexes)

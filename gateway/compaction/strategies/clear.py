@@ -30,7 +30,7 @@ async def clear(conversation: Conversation, job: Job) -> None:
         "context window. The latest request follows.]",
         count,
     )
-    if note.tokens >= sum(conversation.entries[i].tokens for i in dropped):
+    if note.tokens >= conversation.tokens(dropped):
         return  # a note must cost less than what it stands for
     # The note takes the place of the first message dropped; a unit kept between two dropped
     # runs (the latest user input) follows it.

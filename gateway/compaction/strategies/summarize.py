@@ -31,7 +31,7 @@ async def summarize(conversation: Conversation, job: Job) -> None:
     if not units:
         return
     replaced = range(units[0].start, units[-1].stop)
-    if sum(conversation.entries[i].tokens for i in replaced) < MIN_TOKENS:
+    if conversation.tokens(replaced) < MIN_TOKENS:
         return  # not worth a call: no summary would be much shorter
     earlier: list[str] = []
     rest: list[Any] = []
@@ -50,7 +50,7 @@ async def summarize(conversation: Conversation, job: Job) -> None:
     job.summary = summary
     count = conversation.span(replaced)
     note = conversation.note(INTRO.format(messages=messages(count)) + summary.text.strip(), count)
-    if note.tokens >= sum(conversation.entries[i].tokens for i in replaced):
+    if note.tokens >= conversation.tokens(replaced):
         job.failures.append("summarize: the summary was no shorter than what it summarized")
         return
     conversation.replace(replaced.start, replaced.stop, [note])

@@ -20,7 +20,7 @@ async def truncate(conversation: Conversation, job: Job) -> None:
     for unit in units:
         dropped = range(first, unit.stop)
         note = _note(conversation, dropped)
-        saved = sum(conversation.entries[i].tokens for i in dropped) - note.tokens
+        saved = conversation.tokens(dropped) - note.tokens
         if conversation.total - saved <= job.goal:
             break
     if saved > 0:  # a note must cost less than what it stands for
