@@ -1185,6 +1185,59 @@ def tokens_and_cost() -> Board:
     tokens, cost = "gateway_tokens_total", "gateway_cost_total"
     billed = 'type=~"input|output"'
 
+    b.row("Budgets")
+
+    def last(metric: str) -> str:
+        return f"max by (scope, owner, window) (max_over_time({metric}[{RATE}]))"
+
+    used_tokens = f"{last('gateway_budget_spent_tokens')} / {last('gateway_budget_limit_tokens')}"
+    elapsed = (
+        f"clamp_min(1 - ({last('gateway_budget_window_end_timestamp_seconds')} - time())"
+        f" / {last('gateway_budget_window_seconds')}, 0.01)"
+    )
+    b.add(
+        timeseries(
+            "Token budget used",
+            "Share of each token budget spent in its current window, by team (or key) and "
+            "window. At 100% the budget's calls are refused (429) until the window ends.",
+            "percentunit",
+            targets((used_tokens, "{{scope}} {{owner}} ({{window}})")),
+            lines_at=[(1.0, "red")],
+        ),
+        8,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Cost budget used",
+            "Share of each cost budget spent in its current window, by team (or key) and "
+            "window (needs prices in the policy).",
+            "percentunit",
+            targets(
+                (
+                    f"{last('gateway_budget_spent_cost')} / {last('gateway_budget_limit_cost')}",
+                    "{{scope}} {{owner}} ({{window}})",
+                )
+            ),
+            lines_at=[(1.0, "red")],
+        ),
+        8,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Token budget pace",
+            "Share of the budget spent over share of its window gone: 1 spends the budget "
+            "exactly by the window's end; above 2 it runs out before half the window is over "
+            "(the AgentGatewayBudgetBurn alert).",
+            "none",
+            targets((f"({used_tokens}) / {elapsed}", "{{scope}} {{owner}} ({{window}})")),
+            lines_at=[(1.0, "orange"), (2.0, "red")],
+        ),
+        8,
+        8,
+    )
+
     b.row("In range")
     b.add(
         stat(

@@ -249,6 +249,7 @@ class SessionTable:
         counter = self.budget_counters.get(limit.key)
         if counter is None:
             counter = self.budget_counters[limit.key] = BudgetCounter(limit.key, limit.window_end)
+        counter.max_tokens, counter.max_cost = limit.max_tokens, limit.max_cost
         return counter
 
 

@@ -143,6 +143,9 @@ class BudgetCounter:
     cost: float = 0.0
     reserved_tokens: int = 0
     reserved_cost: float = 0.0
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    """The budget's limits as the policy set them at the latest call (not kept on disk)."""
 
 
 @dataclass(slots=True, frozen=True)

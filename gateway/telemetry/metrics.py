@@ -15,6 +15,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from gateway.dialects.base import Usage
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.policy.live import LivePolicy
+    from gateway.store import BudgetCounter
 
 # ``*_created`` series double every counter's series count and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -148,6 +150,50 @@ class StoreStatus(Collector):
         yield errors
 
 
+class BudgetStatus(Collector):
+    """Budgets per team (or key) and window: limit, spent, and where the window stands, so an
+    alert can compare spending with the budget's pace. Read from the store when scraped."""
+
+    def __init__(self, owner: LabelCap) -> None:
+        self.owner = owner
+        self.counters: list[BudgetCounter] = []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["scope", "owner", "window"]
+        families = {
+            name: GaugeMetricFamily(f"gateway_budget_{name}", text, labels=labels)
+            for name, text in (
+                ("limit_tokens", "A token budget's limit (input plus output tokens)."),
+                ("spent_tokens", "Tokens spent in the budget's current window."),
+                ("limit_cost", "A cost budget's limit, in the price table's currency."),
+                ("spent_cost", "Cost spent in the budget's current window."),
+                ("window_end_timestamp_seconds", "When the budget's current window ends."),
+                ("window_seconds", "The length of the budget's current window."),
+            )
+        }
+        for counter in self.counters:
+            scope, owner, window, _ = [*counter.key.split(":", 3), "", "", ""][:4]
+            values = [scope, self.owner(owner), window]
+            if counter.max_tokens is not None:
+                families["limit_tokens"].add_metric(values, counter.max_tokens)
+                families["spent_tokens"].add_metric(values, counter.tokens)
+            if counter.max_cost is not None:
+                families["limit_cost"].add_metric(values, counter.max_cost)
+                families["spent_cost"].add_metric(values, counter.cost)
+            families["window_end_timestamp_seconds"].add_metric(values, counter.window_end)
+            families["window_seconds"].add_metric(values, _window_seconds(window, counter))
+        yield from families.values()
+
+
+def _window_seconds(window: str, counter: BudgetCounter) -> float:
+    if window == "hour":
+        return 3600.0
+    if window == "day":
+        return 86400.0
+    end = datetime.fromtimestamp(counter.window_end - 1, UTC)
+    return end.day * 86400.0  # the month's last day is its length in days
+
+
 class Metrics:
     """Every family the gateway exports, in its own registry (one per app: tests run many)."""
 
@@ -164,6 +210,8 @@ class Metrics:
         self.model = LabelCap("model", max_label_values, self.label_overflow)
         self.agent = LabelCap("agent", max_label_values, self.label_overflow)
         self.team = LabelCap("team", max_label_values, self.label_overflow)
+        self.budget_owner = LabelCap("budget_owner", max_label_values, self.label_overflow)
+        self.budgets = BudgetStatus(self.budget_owner)
         genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
@@ -329,6 +377,7 @@ class Metrics:
 
     def watch_store(self, store: object) -> None:
         self.registry.register(StoreStatus(store))
+        self.registry.register(self.budgets)
 
 
 def _version() -> str:
@@ -475,9 +524,11 @@ _UPSTREAM_FAILURES = {
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text, or OpenMetrics (with exemplars) when asked for."""
-    from gateway.appkeys import METRICS
+    from gateway.appkeys import METRICS, STORE
 
-    registry = request.app[METRICS].registry
+    metrics = request.app[METRICS]
+    metrics.budgets.counters = await request.app[STORE].budgets()
+    registry = metrics.registry
     accept = request.headers.get("Accept", "")
     if "application/openmetrics-text" in accept:
         body = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]

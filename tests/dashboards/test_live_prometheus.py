@@ -54,6 +54,9 @@ prices:
   "claude-*": {input: 3.0, output: 15.0, cache_read: 0.3}
 defaults:
   loops: {identical_tool_calls: 3}
+  budgets:
+    - {per: team, window: day, max_tokens: 100000000}
+    - {per: team, window: month, max_cost: 1000}
   context:
     window: 8000
     compact_at: 0.8

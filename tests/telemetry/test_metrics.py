@@ -181,3 +181,30 @@ async def test_an_unreachable_upstream_is_retried_and_counted(make_gateway: Make
         value(found, "gateway_upstream_errors_total", provider="openai", reason="unreachable") == 1
     )
     assert value(found, "gateway_requests_total", source="gateway", status_class="5xx") == 1
+
+
+async def test_budgets_are_exported_with_their_window(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(
+        "version: 1\n"
+        "team_header: X-Gateway-Team\n"
+        "prices: {'gpt-4o*': {input: 2.5, output: 10.0}}\n"
+        "defaults:\n"
+        "  budgets: [{per: team, window: day, max_tokens: 1000000}, "
+        "{per: team, window: month, max_cost: 50}]\n"
+    )
+    headers = session_headers("budgeted", **{"X-Gateway-Team": "platform"})
+    assert (await call(gw, "chat", headers)).ok
+    record = await gw.record("budgeted")
+
+    found = await samples(gw)
+    day = {"scope": "team", "owner": "platform", "window": "day"}
+    assert value(found, "gateway_budget_limit_tokens", **day) == 1_000_000
+    assert value(found, "gateway_budget_spent_tokens", **day) == record.tokens.total_tokens
+    assert value(found, "gateway_budget_window_seconds", **day) == 86400
+    assert value(found, "gateway_budget_window_end_timestamp_seconds", **day) % 86400 == 0
+    month = {"scope": "team", "owner": "platform", "window": "month"}
+    assert value(found, "gateway_budget_limit_cost", **month) == 50
+    assert 0 < value(found, "gateway_budget_spent_cost", **month) == record.cost
+    assert value(found, "gateway_budget_window_seconds", **month) in {
+        d * 86400 for d in (28, 29, 30, 31)
+    }
