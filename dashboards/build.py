@@ -594,6 +594,24 @@ def overview() -> Board:
     )
 
     b.row("Latency and objectives")
+    b.add(
+        timeseries(
+            "Event-loop lag p99",
+            "How late the gateway's event loop ran a timer, 99th percentile: every request "
+            "in flight waits this long too. Above a few milliseconds the gateway is CPU-bound "
+            "or something blocks the loop.",
+            "s",
+            targets(
+                (
+                    "histogram_quantile(0.99, sum by (instance, le) "
+                    f"({rate('gateway_event_loop_lag_seconds_bucket', i)}))",
+                    "{{instance}}",
+                )
+            ),
+        ),
+        12,
+        8,
+    )
     overhead = "gateway_overhead_seconds"
     b.add(
         timeseries(

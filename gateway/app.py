@@ -30,7 +30,7 @@ from gateway.compaction import Compactor
 from gateway.policy import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store, open_store
-from gateway.telemetry.metrics import Metrics, metrics_endpoint
+from gateway.telemetry.metrics import Metrics, metrics_endpoint, watch_loop_lag
 from gateway.telemetry.tracing import Tracing
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams, client_session
@@ -66,6 +66,7 @@ def create_app(
     app.cleanup_ctx.append(_tokenizer)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_loop_lag)
     app.add_subapp("/gateway/", admin.admin_app())
     app.router.add_get("/metrics", metrics_endpoint)
     pipeline.add_routes(app)
@@ -123,3 +124,11 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = client_session(app[SETTINGS])
     yield
     await app[HTTP].close()
+
+
+async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(watch_loop_lag(app[METRICS]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

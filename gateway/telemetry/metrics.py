@@ -12,6 +12,7 @@ Everything for one request is recorded at its end, from its ``Exchange`` (``obse
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -55,6 +56,8 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, OVERHEAD_SLO, 0.025, 0.05, 0.1,
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TURN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LAG_INTERVAL = 0.5
 ACTIVE_WINDOW = 300.0
 """A session counts as active for this long after its last call."""
 OTHER = "other"
@@ -328,6 +331,13 @@ class Metrics:
             ["strategy"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop ran a timer it was asked to run (sampled every 0.5 s): "
+            "time every request waits when the loop is busy or blocked.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.upstream_retries = Counter(
             "gateway_upstream_retries",
             "Calls retried because a connection to the upstream could not be opened.",
@@ -536,3 +546,12 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     else:
         body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def watch_loop_lag(metrics: Metrics) -> None:
+    """Sleep ``LAG_INTERVAL`` again and again and record how late each wake-up came."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + LAG_INTERVAL
+        await asyncio.sleep(LAG_INTERVAL)
+        metrics.loop_lag.observe(max(0.0, loop.time() - asked))

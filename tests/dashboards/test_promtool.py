@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,9 @@ def test_promtool_test_rules() -> None:
     result = run("test", "rules", str(ALERT_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_the_compose_stacks_prometheus_config_is_valid() -> None:
+    config = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
+    result = run("check", "config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -40,6 +40,7 @@ HISTOGRAM_BUCKETS = {
     "gateway_overhead_seconds": gateway_metrics.OVERHEAD_BUCKETS,
     "gateway_session_turn": gateway_metrics.TURN_BUCKETS,
     "gateway_context_fill_ratio": gateway_metrics.FILL_BUCKETS,
+    "gateway_event_loop_lag_seconds": gateway_metrics.LAG_BUCKETS,
 }
 SEVERITIES = {"critical", "warning", "info"}
 EXEMPLAR_HISTOGRAMS = (
