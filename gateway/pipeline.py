@@ -77,9 +77,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     finally:
         await accounting.end_turn(ex, store, tokens, calibration)
         in_flight.dec()
-        trace = tracing.trace_id(ex)
-        observe(metrics, ex, ex.dialect.name, trace)
-        log_request(ex, ex.dialect.name, trace)
+        report(ex, ex.dialect.name)
     assert ex.response is not None
     return ex.response
 
@@ -95,9 +93,7 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
-    trace = tracing.trace_id(ex)
-    observe(ex.request.app[METRICS], ex, "anthropic.count_tokens", trace)
-    log_request(ex, "anthropic.count_tokens", trace)
+    report(ex, "anthropic.count_tokens")
     assert ex.response is not None
     return ex.response
 
@@ -112,13 +108,19 @@ async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
         answer_error(ex, error)
     except Exception:
         failed(ex)
-    observe(ex.request.app[METRICS], ex, "passthrough", None)
-    log_request(ex, "passthrough", None)
+    report(ex, "passthrough")
     assert ex.response is not None
     return ex.response
 
 
 # -- steps -------------------------------------------------------------------------------------
+def report(ex: Exchange, route: str) -> None:
+    """The finished request's metrics and its log line, tied to its trace."""
+    trace = tracing.trace_id(ex)
+    observe(ex.request.app[METRICS], ex, route, trace)
+    log_request(ex, route, trace)
+
+
 async def read_body(ex: Exchange) -> None:
     try:
         ex.raw = await ex.request.read()

@@ -26,11 +26,15 @@ from gateway.dialects.base import (
     parse_object,
 )
 from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder
-from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.dialects.openai_common import (
+    SYSTEM_ROLES,
+    leading_system,
+    openai_error,
+    session_hints,
+)
 from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
-_SYSTEM_ROLES = ("system", "developer")
 # The field every chunk carries once include_usage is on. An unescaped quote cannot occur inside
 # a JSON string, so this only ever matches the key itself.
 _USAGE_NULL = re.compile(rb',\s*"usage":\s*null|"usage":\s*null\s*,\s*')
@@ -56,9 +60,7 @@ class ChatHistory:
     field = "messages"
 
     def layout(self, items: Sequence[Any]) -> Layout:
-        system = 0
-        while system < len(items) and as_dict(items[system]).get("role") in _SYSTEM_ROLES:
-            system += 1
+        system = leading_system(items)
         layout = Layout(system)
         for index in range(system, len(items)):
             role = as_dict(items[index]).get("role")
@@ -145,7 +147,7 @@ class OpenAIChat:
         # the start is read, so the cost does not grow with the history.
         for message in messages:
             role = as_dict(message).get("role")
-            if role in _SYSTEM_ROLES:
+            if role in SYSTEM_ROLES:
                 facts.system.append(message)
             elif role == "user":
                 facts.first_user = message
@@ -175,7 +177,7 @@ class OpenAIChat:
     def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
         for message in reversed(facts.items):
             role = as_dict(message).get("role")
-            if role == "tool" or role in _SYSTEM_ROLES:
+            if role == "tool" or role in SYSTEM_ROLES:
                 continue
             calls = as_list(message.get("tool_calls")) if role == "assistant" else []
             if not calls:

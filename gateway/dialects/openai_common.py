@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from gateway.dialects.base import STATUS_OF, Body, ErrorKind, ProviderError, as_dict
 
 _TYPES = {
@@ -30,3 +33,14 @@ def session_hints(body: Body, hints: dict[str, str]) -> None:
     session = as_dict(body.get("metadata")).get("session_id")
     if isinstance(session, str) and session:
         hints["metadata.session_id"] = session
+
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def leading_system(items: Sequence[Any]) -> int:
+    """How many system and developer messages open the conversation."""
+    count = 0
+    while count < len(items) and as_dict(items[count]).get("role") in SYSTEM_ROLES:
+        count += 1
+    return count

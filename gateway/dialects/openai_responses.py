@@ -34,12 +34,16 @@ from gateway.dialects.envelope import (
     decode,
     decoder,
 )
-from gateway.dialects.openai_common import openai_error, session_hints
+from gateway.dialects.openai_common import (
+    SYSTEM_ROLES,
+    leading_system,
+    openai_error,
+    session_hints,
+)
 from gateway.loops import Signature, signatures
 from gateway.sse import SSEEvent
 
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_SYSTEM_ROLES = ("system", "developer")
 # Call items and the field holding their arguments; outputs and reasoning sit between calls.
 _CALLS = {"function_call": "arguments", "custom_tool_call": "input", "local_shell_call": "action"}
 _OUTPUTS = frozenset(
@@ -85,9 +89,7 @@ class ResponsesHistory:
     field = "input"
 
     def layout(self, items: Sequence[Any]) -> Layout:
-        system = 0
-        while system < len(items) and as_dict(items[system]).get("role") in _SYSTEM_ROLES:
-            system += 1
+        system = leading_system(items)
         layout = Layout(system)
         open_calls: set[Any] = set()
         after_reasoning = False
@@ -191,7 +193,7 @@ class OpenAIResponses:
             facts.preamble.append(instructions)
         # The conversation's start only: its cost does not grow with the history.
         for item in items:
-            if as_dict(item).get("role") in _SYSTEM_ROLES:
+            if as_dict(item).get("role") in SYSTEM_ROLES:
                 facts.system.append(item)
             elif _is_user_message(item):
                 facts.first_user = item
