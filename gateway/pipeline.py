@@ -61,8 +61,8 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     store, tokens, calibration = app[STORE], app[TOKENS], app[COMPACTOR].calibration
     metrics = app[METRICS]
     assert ex.dialect is not None
-    in_flight = metrics.in_flight.labels(ex.dialect.name)
-    in_flight.inc()
+    in_flight = metrics.in_flight
+    in_flight.inc((ex.dialect.name,))
     try:
         await read_request(ex)
         identify_session(ex)
@@ -76,7 +76,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         failed(ex)
     finally:
         await accounting.end_turn(ex, store, tokens, calibration)
-        in_flight.dec()
+        in_flight.dec((ex.dialect.name,))
         report(ex, ex.dialect.name)
     assert ex.response is not None
     return ex.response

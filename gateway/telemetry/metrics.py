@@ -17,32 +17,23 @@ import platform
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from gateway.dialects.base import Usage
+from gateway.telemetry.instruments import Counter, Family, Gauge, Histogram
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.policy.live import LivePolicy
     from gateway.store import BudgetCounter
-
-# ``*_created`` series double every counter's series count and no dashboard reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)  # fmt: skip
@@ -69,7 +60,8 @@ class LabelCap:
 
     def __init__(self, name: str, limit: int, overflow: Counter) -> None:
         self.name, self.limit, self.seen = name, limit, set[str]()
-        self._overflow = overflow.labels(label=name)
+        self._overflow, self._labels = overflow, (name,)
+        overflow.touch(self._labels)
 
     def __call__(self, value: str | None) -> str:
         value = value or "unknown"
@@ -78,7 +70,7 @@ class LabelCap:
         if len(self.seen) < self.limit:
             self.seen.add(value)
             return value
-        self._overflow.inc()
+        self._overflow.inc(self._labels)
         return OTHER
 
 
@@ -201,14 +193,12 @@ class Metrics:
     """Every family the gateway exports, in its own registry (one per app: tests run many)."""
 
     def __init__(self, max_label_values: int = 50) -> None:
-        r = self.registry = CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.registry = CollectorRegistry()
         self._agents: set[str] = set()
         self.label_overflow = Counter(
             "gateway_label_overflow",
             "Label values folded into 'other' because the label had reached its cap.",
             ["label"],
-            registry=r,
         )
         self.model = LabelCap("model", max_label_values, self.label_overflow)
         self.agent = LabelCap("agent", max_label_values, self.label_overflow)
@@ -221,35 +211,30 @@ class Metrics:
             "Tokens per call as the provider reported them (GenAI conventions).",
             [*genai, "gen_ai_response_model", "gen_ai_token_type"],
             buckets=TOKEN_BUCKETS,
-            registry=r,
         )
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "Duration of each LLM call through the gateway (GenAI conventions).",
             [*genai, "error_type"],
             buckets=DURATION_BUCKETS,
-            registry=r,
         )
         self.time_to_first_chunk = Histogram(
             "gen_ai_client_operation_time_to_first_chunk_seconds",
             "Time from the request to the first chunk of the answer (GenAI conventions).",
             genai,
             buckets=DURATION_BUCKETS,
-            registry=r,
         )
         self.requests = Counter(
             "gateway_requests",
             "Requests by route, provider, model, agent, status class, who answered (upstream, "
             "gateway, policy) and the policy's decision (allowed, compacted, rejected, none).",
             ["route", "provider", "model", "agent", "status_class", "source", "decision"],
-            registry=r,
         )
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "End-to-end duration of each request through the gateway.",
             ["route", "provider"],
             buckets=REQUEST_BUCKETS,
-            registry=r,
         )
         self.overhead = Histogram(
             "gateway_overhead_seconds",
@@ -257,109 +242,97 @@ class Metrics:
             "the summary call, accounting): a bucket boundary at the 10 ms objective.",
             ["route"],
             buckets=OVERHEAD_BUCKETS,
-            registry=r,
         )
         self.in_flight = Gauge(
-            "gateway_in_flight_requests", "Requests being handled now.", ["route"], registry=r
+            "gateway_in_flight_requests", "Requests being handled now.", ["route"]
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
             "Upstream failures by provider and reason (http_4xx, http_429, http_5xx, "
             "unreachable, timeout, cut).",
             ["provider", "reason"],
-            registry=r,
         )
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens by type (input, output, cache_read, cache_creation, reasoning), model, "
             "agent and team. Input includes the cache parts.",
             ["type", "model", "agent", "team"],
-            registry=r,
         )
         self.cost = Counter(
             "gateway_cost",
             "Cost in the policy's price currency, by model, agent and team.",
             ["model", "agent", "team"],
-            registry=r,
         )
         self.sessions_started = Counter(
-            "gateway_sessions_started", "Sessions begun, by agent.", ["agent"], registry=r
+            "gateway_sessions_started", "Sessions begun, by agent.", ["agent"]
         )
         self.active_sessions = ActiveSessions()
-        r.register(self.active_sessions)
         self.session_turn = Histogram(
             "gateway_session_turn",
             "The turn number of each LLM call within its session, by agent.",
             ["agent"],
             buckets=TURN_BUCKETS,
-            registry=r,
         )
         self.context_fill = Histogram(
             "gateway_context_fill_ratio",
             "Input tokens of a call over its model's context window, by provider.",
             ["provider"],
             buckets=FILL_BUCKETS,
-            registry=r,
         )
         self.decisions = Counter(
             "gateway_policy_decisions",
             "Policy decisions by decision (allowed, rejected), limit and rule.",
             ["decision", "limit", "rule"],
-            registry=r,
         )
         self.rejections = Counter(
             "gateway_rejections",
             "Calls the gateway refused, by limit, rule and agent.",
             ["limit", "rule", "agent"],
-            registry=r,
         )
         self.loop_detections = Counter(
             "gateway_loop_detections",
             "Runaway-loop detections by agent and detector.",
             ["agent", "detector"],
-            registry=r,
         )
         self.compactions = Counter(
             "gateway_compactions",
             "Compacted calls by strategy and outcome (applied, reused, failed).",
             ["strategy", "outcome"],
-            registry=r,
         )
         self.tokens_saved = Counter(
             "gateway_compaction_tokens_saved",
             "Input tokens compaction took off the calls sent, by strategy.",
             ["strategy"],
-            registry=r,
         )
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How late the event loop ran a timer it was asked to run (sampled every 0.5 s): "
             "time every request waits when the loop is busy or blocked.",
             buckets=LAG_BUCKETS,
-            registry=r,
         )
         self.upstream_retries = Counter(
             "gateway_upstream_retries",
             "Calls retried because a connection to the upstream could not be opened.",
             ["provider", "reason"],
-            registry=r,
         )
         self.build_info = Gauge(
             "gateway_build_info", "The gateway's version (value 1).", ["version", "python"],
-            registry=r,
         )  # fmt: skip
-        self.build_info.labels(VERSION, platform.python_version()).set(1)
+        self.build_info.set((VERSION, platform.python_version()), 1)
+        for family in [v for v in vars(self).values() if isinstance(v, Family)]:
+            self.registry.register(family)
+        self.registry.register(self.active_sessions)
         self._initialise()
 
     def _initialise(self) -> None:
         """Bounded label sets start at 0: an alert on ``increase()`` cannot see a series whose
         first sample is already 1 (the first loop would never page)."""
         for detector in DETECTORS:
-            self.loop_detections.labels("other", detector)
+            self.loop_detections.touch(("other", detector))
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
-                self.upstream_errors.labels(provider, reason)
-            self.upstream_retries.labels(provider, "connect_error")
+                self.upstream_errors.touch((provider, reason))
+            self.upstream_retries.touch((provider, "connect_error"))
 
     def agent_seen(self, agent: str) -> None:
         """A new agent's loop-detection series start at 0, so the alert on ``increase()`` sees
@@ -367,23 +340,14 @@ class Metrics:
         if agent not in self._agents:
             self._agents.add(agent)
             for detector in DETECTORS:
-                self.child(self.loop_detections, agent, detector)
-
-    def child(self, family: Any, *labels: str) -> Any:
-        """``family.labels(*labels)``, remembered: the client library's lookup takes a lock and
-        checks every value, about 1.5 us, on every request."""
-        key = (id(family), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = family.labels(*labels)
-        return found
+                self.loop_detections.touch((agent, detector))
 
     def watch_policy(self, live: LivePolicy) -> None:
         self.registry.register(PolicyStatus(live))
 
     def retried(self, provider: str) -> Callable[[], None]:
         """What ``upstream.send`` calls on each retry of a failed connect."""
-        return self.child(self.upstream_retries, provider, "connect_error").inc  # type: ignore[no-any-return]
+        return partial(self.upstream_retries.inc, (provider, "connect_error"))
 
     def watch_store(self, store: object) -> None:
         self.registry.register(StoreStatus(store))
@@ -405,7 +369,6 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     """Everything one request adds to the metrics, read from its exchange at its end. With a
     trace id, latency observations carry it as an exemplar (OpenMetrics exposition only)."""
     end = time.perf_counter()
-    exemplar = {"trace_id": trace_id} if trace_id else None
     provider = ex.upstream.provider
     identity, facts, usage = ex.identity, ex.facts, ex.response_facts
     agent = metrics.agent(identity.agent if identity else None)
@@ -414,19 +377,17 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     model = metrics.model(facts.model if facts else None)
     status_class = f"{status // 100}xx"
     decision = decision_of(ex)
-    metrics.child(
-        metrics.requests, route, provider, model, agent, status_class, source, decision
-    ).inc()
-    metrics.child(metrics.request_duration, route, provider).observe(end - ex.started, exemplar)
+    metrics.requests.inc((route, provider, model, agent, status_class, source, decision))
+    metrics.request_duration.observe((route, provider), end - ex.started, trace_id)
     if ex.upstream_at is not None:
         after = end - ex.upstream_done_at if ex.upstream_done_at is not None else 0.0
         own = ex.upstream_at - ex.started - ex.summary_seconds + after
-        metrics.child(metrics.overhead, route).observe(max(0.0, own), exemplar)
+        metrics.overhead.observe((route,), max(0.0, own), trace_id)
     if source == "upstream" and status >= 400:
         reason = "http_429" if status == 429 else f"http_{status // 100}xx"
-        metrics.child(metrics.upstream_errors, provider, reason).inc()
+        metrics.upstream_errors.inc((provider, reason))
     elif ex.outcome in _UPSTREAM_FAILURES:
-        metrics.child(metrics.upstream_errors, provider, _UPSTREAM_FAILURES[ex.outcome]).inc()
+        metrics.upstream_errors.inc((provider, _UPSTREAM_FAILURES[ex.outcome]))
     if ex.dialect is None or facts is None:
         return
     genai = (ex.dialect.operation, provider, model)
@@ -437,17 +398,16 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
         elif status >= 400:
             error = str(status)  # the upstream's own error: its status is the type
         duration = end - ex.upstream_at
-        metrics.child(metrics.operation_duration, *genai, error).observe(duration, exemplar)
+        metrics.operation_duration.observe((*genai, error), duration, trace_id)
         if ex.first_byte_at is not None and facts.stream:
-            ttfc = ex.first_byte_at - ex.upstream_at
-            metrics.child(metrics.time_to_first_chunk, *genai).observe(ttfc)
+            metrics.time_to_first_chunk.observe(genai, ex.first_byte_at - ex.upstream_at)
     if identity is not None:
         metrics.agent_seen(agent)
         metrics.active_sessions.touch(identity.session_id, agent)
         if ex.turn == 1:
-            metrics.child(metrics.sessions_started, agent).inc()
+            metrics.sessions_started.inc((agent,))
     if ex.turn is not None:
-        metrics.child(metrics.session_turn, agent).observe(ex.turn)
+        metrics.session_turn.observe((agent,), ex.turn)
     _observe_policy(metrics, ex, agent)
     if usage is not None and usage.usage is not None:
         _observe_usage(metrics, ex, genai, model, agent, usage.usage)
@@ -471,40 +431,35 @@ def _observe_usage(
         ("reasoning", usage.reasoning_tokens),
     ):
         if value:
-            metrics.child(metrics.tokens, kind, model, agent, team).inc(value)
-    metrics.child(metrics.token_usage, *genai, response_model, "input").observe(usage.input_tokens)
-    metrics.child(metrics.token_usage, *genai, response_model, "output").observe(
-        usage.output_tokens
-    )
+            metrics.tokens.inc((kind, model, agent, team), value)
+    metrics.token_usage.observe((*genai, response_model, "input"), usage.input_tokens)
+    metrics.token_usage.observe((*genai, response_model, "output"), usage.output_tokens)
     if ex.cost:
-        metrics.child(metrics.cost, model, agent, team).inc(ex.cost)
+        metrics.cost.inc((model, agent, team), ex.cost)
     if ex.window:
-        metrics.child(metrics.context_fill, ex.upstream.provider).observe(
-            usage.input_tokens / ex.window
-        )
+        metrics.context_fill.observe((ex.upstream.provider,), usage.input_tokens / ex.window)
 
 
 def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
     decision = ex.decision
     if ex.rejection is not None:
         limit, rule = ex.rejection
-        metrics.child(metrics.decisions, "rejected", limit, rule).inc()
-        metrics.child(metrics.rejections, limit, rule, agent).inc()
+        metrics.decisions.inc(("rejected", limit, rule))
+        metrics.rejections.inc((limit, rule, agent))
     elif decision is not None:
-        metrics.child(metrics.decisions, "allowed", "", "").inc()
+        metrics.decisions.inc(("allowed", "", ""))
     if decision is not None:
         for detection in decision.detections:
-            metrics.child(metrics.loop_detections, agent, detection.detector).inc()
+            metrics.loop_detections.inc((agent, detection.detector))
     outcome = ex.compaction
     if outcome is not None:
         for strategy in outcome.strategies or ["none"]:
             state = "reused" if outcome.reused else "applied" if outcome.items else "failed"
-            metrics.child(metrics.compactions, strategy, state).inc()
-            metrics.child(metrics.tokens_saved, strategy).inc(
-                outcome.saved / len(outcome.strategies or [1])
-            )
+            metrics.compactions.inc((strategy, state))
+            share = outcome.saved / len(outcome.strategies or [1])
+            metrics.tokens_saved.inc((strategy,), share)
         for failure in outcome.failures:
-            metrics.child(metrics.compactions, failure.split(":", 1)[0], "failed").inc()
+            metrics.compactions.inc((failure.split(":", 1)[0], "failed"))
 
 
 def decision_of(ex: Exchange) -> str:
@@ -554,4 +509,4 @@ async def watch_loop_lag(metrics: Metrics) -> None:
     while True:
         asked = loop.time() + LAG_INTERVAL
         await asyncio.sleep(LAG_INTERVAL)
-        metrics.loop_lag.observe(max(0.0, loop.time() - asked))
+        metrics.loop_lag.observe((), max(0.0, loop.time() - asked))

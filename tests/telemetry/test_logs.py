@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -82,3 +83,37 @@ def test_the_writer_thread_writes_every_record_in_batches() -> None:
     lines = writer.stream.getvalue().splitlines()
     assert len(lines) == 1000
     assert json.loads(lines[-1])["logger"] == "gateway.requests"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_the_configured_writer_formats_request_lines(
+    make_gateway: MakeGateway, fmt: str
+) -> None:
+    """With the writer running (``gateway serve``), a request line skips ``logging`` and is
+    formatted on the writer thread, in the configured format."""
+    import io
+
+    from gateway.telemetry import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    writer = logs.configure("info", fmt)
+    writer.stream = stream = io.StringIO()
+    try:
+        gw = await make_gateway(None)
+        assert (await call(gw, "chat", session_headers("direct"), text="the secret plan")).ok
+    finally:
+        await asyncio.to_thread(writer.stop)  # joins the thread: not on the loop
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    text = stream.getvalue()
+    assert "secret plan" not in text and "sk-" not in text
+    if fmt == "json":
+        lines = [json.loads(line) for line in text.splitlines()]
+        [line] = [line for line in lines if line["logger"] == "gateway.requests"]
+        assert line["message"] == "request" and line["level"] == "info"
+        assert line["session_id"] == "direct" and line["status"] == 200
+        assert line["time"].endswith("Z") and line["input_tokens"] > 0
+    else:
+        [line] = [line for line in text.splitlines() if " gateway.requests request " in line]
+        assert " INFO " in line and "session_id=direct" in line and "status=200" in line
