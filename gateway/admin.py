@@ -152,30 +152,33 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-OPEN_PATHS = frozenset({"/gateway/health"})
-"""Reachable without the admin token (liveness probes)."""
+def admin_token(handler: Handler) -> Handler:
+    """With ``GATEWAY_ADMIN_TOKEN`` set, the route needs it as a bearer.
 
+    A wrapper per route, not a middleware: a sub-application's middleware makes aiohttp build
+    a middleware chain for every request of the whole app, the LLM path included."""
 
-@web.middleware
-async def admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With ``GATEWAY_ADMIN_TOKEN`` set, ``/gateway/*`` (but health) needs it as a bearer."""
-    token = request.config_dict[SETTINGS].admin_token
-    if token is not None and request.path not in OPEN_PATHS:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            return _json({"error": "admin token required"}, status=401)
-    return await handler(request)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        token = request.config_dict[SETTINGS].admin_token
+        if token is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+                return _json({"error": "admin token required"}, status=401)
+        return await handler(request)
+
+    return guarded
 
 
 def admin_app() -> web.Application:
-    """The admin API, mounted at ``/gateway/``: its own middleware, off the LLM path."""
-    app = web.Application(middlewares=[admin_token])
+    """The admin API, mounted at ``/gateway/``: every route but health (for liveness probes)
+    behind ``admin_token``."""
+    app = web.Application()
     app.router.add_get("/health", health)
-    app.router.add_get("/sessions", list_sessions)
-    app.router.add_get("/sessions/{session_id}", get_session)
-    app.router.add_post("/sessions/{session_id}/grant", grant)
-    app.router.add_post("/sessions/{session_id}/end", end)
-    app.router.add_get("/policy", policy)
-    app.router.add_get("/budgets", budgets)
-    app.router.add_get("/calibration", calibration)
+    app.router.add_get("/sessions", admin_token(list_sessions))
+    app.router.add_get("/sessions/{session_id}", admin_token(get_session))
+    app.router.add_post("/sessions/{session_id}/grant", admin_token(grant))
+    app.router.add_post("/sessions/{session_id}/end", admin_token(end))
+    app.router.add_get("/policy", admin_token(policy))
+    app.router.add_get("/budgets", admin_token(budgets))
+    app.router.add_get("/calibration", admin_token(calibration))
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import orjson
 
@@ -73,8 +74,12 @@ def key_hash(headers: Mapping[str, str]) -> str | None:
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         key = token.strip() if scheme.lower() == "bearer" else ""
-    if not key:
-        return None
+    return _hash_key(key) if key else None
+
+
+@lru_cache(maxsize=4096)
+def _hash_key(key: str) -> str:
+    """Callers reuse a handful of keys: one hash each, not one per request."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -82,7 +87,12 @@ def agent_name(headers: Mapping[str, str]) -> str:
     explicit = _clean(headers.get("x-gateway-agent", ""), 64)
     if explicit:
         return explicit
-    user_agent = headers.get("user-agent", "").lower()
+    return _agent_of(headers.get("user-agent", ""))
+
+
+@lru_cache(maxsize=1024)
+def _agent_of(user_agent: str) -> str:
+    user_agent = user_agent.lower()
     for prefix, agent in AGENTS:
         if user_agent.startswith(prefix):
             return agent
@@ -132,4 +142,7 @@ def fingerprint(hashed_key: str | None, facts: RequestFacts | None) -> str:
 
 def _clean(value: str, limit: int) -> str:
     """Printable and bounded: these values end up in logs and the admin API."""
-    return "".join(ch for ch in value[:limit] if ch.isprintable()).strip()
+    value = value[:limit]
+    if not value.isprintable():
+        value = "".join(ch for ch in value if ch.isprintable())
+    return value.strip()
