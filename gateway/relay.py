@@ -29,22 +29,19 @@ class ClientGone(Exception):
     """The client went away while the answer was being sent."""
 
 
-def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
-    return upstream.content_type == "text/event-stream"
-
-
 async def relay(ex: Exchange, upstream: aiohttp.ClientResponse, extra: CIMultiDict[str]) -> None:
     headers = response_headers(upstream.headers)
     headers.extend(extra)
     ex.status = upstream.status
-    if is_event_stream(upstream):
+    content_type = upstream.content_type
+    if content_type == "text/event-stream":
         await relay_stream(ex, upstream, headers)
     else:
-        await relay_body(ex, upstream, headers)
+        await relay_body(ex, upstream, headers, content_type == "application/json")
 
 
 async def relay_body(
-    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], is_json: bool
 ) -> None:
     try:
         data = await upstream.read()
@@ -53,7 +50,7 @@ async def relay_body(
             f"The upstream's answer broke off before it was complete ({type(exc).__name__})."
         ) from exc
     ex.first_byte_at = ex.upstream_done_at = time.perf_counter()
-    if ex.dialect is not None and upstream.content_type == "application/json":
+    if ex.dialect is not None and is_json:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -39,6 +39,13 @@ class Items(Sequence[Any]):
             value = self._decoded[index] = orjson.loads(memoryview(self._raw[index]))
         return value
 
+    def __iter__(self) -> Iterator[Any]:
+        decoded, raw = self._decoded, self._raw
+        for index, value in enumerate(decoded):
+            if value is _UNREAD:
+                value = decoded[index] = orjson.loads(memoryview(raw[index]))
+            yield value
+
     def raw(self) -> Iterator[msgspec.Raw]:
         """The elements as sent, undecoded: token counting keys its cache on these bytes."""
         return iter(self._raw)
@@ -86,7 +93,9 @@ class Envelope(msgspec.Struct):
         if value is msgspec.UNSET:
             return default
         if isinstance(value, list) and value and isinstance(value[0], msgspec.Raw):
-            return Items(value)
+            # Kept in the field's place: every later reader shares what was decoded.
+            value = Items(value)
+            setattr(self, key, value)
         return value
 
     def __contains__(self, key: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from multidict import CIMultiDictProxy
 
@@ -63,7 +64,11 @@ def mode_of(headers: CIMultiDictProxy[str]) -> str | None:
     explicit = headers.get("x-gateway-mode", "").strip().lower()
     if explicit in ("interactive", "headless"):
         return explicit
-    user_agent = headers.get("user-agent", "")
+    return _mode_of_agent(headers.get("user-agent", ""))
+
+
+@lru_cache(maxsize=1024)
+def _mode_of_agent(user_agent: str) -> str | None:
     return "headless" if any(hint in user_agent for hint in _HEADLESS_HINTS) else None
 
 
