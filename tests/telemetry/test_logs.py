@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -69,19 +70,25 @@ def test_the_writer_thread_writes_every_record_in_batches() -> None:
     import io
     import queue
 
-    from gateway.telemetry.logs import LogWriter
+    from gateway.telemetry.logs import LogWriter, RequestLine
 
-    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    records: queue.SimpleQueue[logging.LogRecord | RequestLine] = queue.SimpleQueue()
     writer = LogWriter(records, JSONFormatter())
-    writer.stream = io.StringIO()
+    writer.stream = stream = io.StringIO()
+    writer.start()
+    records.put((time.time(), {"session_id": "s1"}))
+    deadline = time.monotonic() + 5
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer's timer, not the record, makes it write
+    assert json.loads(stream.getvalue())["session_id"] == "s1"
+
     for _ in range(1000):
         records.put(
             logging.LogRecord("gateway.requests", logging.INFO, "", 0, "request", None, None)
         )
-    writer.start()
-    writer.stop()
-    lines = writer.stream.getvalue().splitlines()
-    assert len(lines) == 1000
+    writer.stop()  # writes what is left
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1001
     assert json.loads(lines[-1])["logger"] == "gateway.requests"
 
 
