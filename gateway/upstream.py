@@ -114,6 +114,9 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle
         ),
         auto_decompress=False,
+        # One session serves every client: a cookie an upstream sets for one client must not
+        # travel with another's calls. Set-Cookie reaches the client; its Cookie goes upstream.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

@@ -23,14 +23,18 @@ from tests.harness import MakeGateway
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def gateway_over(aiohttp_server: Any, messages: Any) -> TestServer:
-    """A gateway whose Anthropic upstream is one hand-written ``/v1/messages`` handler."""
+async def gateway_over(aiohttp_server: Any, messages: Any, host: str = "") -> TestServer:
+    """A gateway whose Anthropic upstream is one hand-written ``/v1/messages`` handler
+    (reached by ``host``, if given, instead of its address)."""
     app = web.Application()
     app.router.add_post("/v1/messages", messages)
     upstream = await aiohttp_server(app)
+    url = upstream.make_url("")
+    if host:
+        url = url.with_host(host)
     settings = Settings(
         store="memory://",
-        upstreams=Upstreams(anthropic=str(upstream.make_url("")).rstrip("/")),
+        upstreams=Upstreams(anthropic=str(url).rstrip("/")),
     )
     gateway: TestServer = await aiohttp_server(create_app(settings))
     return gateway

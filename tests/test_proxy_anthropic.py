@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiohttp
 import anthropic
 import orjson
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.appkeys import STORE
 from tests.conftest import ANTHROPIC_MODEL, received
+from tests.test_failures import gateway_over
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -130,3 +135,39 @@ async def test_upstream_errors_pass_through_with_status_and_body(
     assert record is not None
     assert record.turns == 1 and record.upstream_errors == 1
     assert record.tokens.total_tokens == 0
+
+
+async def test_an_upstream_cookie_reaches_its_client_and_no_other(aiohttp_server: Any) -> None:
+    """The gateway's one upstream session keeps no cookies: what an upstream sets for one
+    client (a load balancer's cookie) goes back to that client, and never rides along on
+    another client's calls."""
+    seen: list[str | None] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        body = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "m",
+            "content": [{"type": "text", "text": "ok"}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        }
+        response = web.json_response(body)
+        response.set_cookie("__lb", "client-a", path="/")
+        return response
+
+    # By a name: aiohttp's cookie jar would drop a cookie from a bare IP address anyway.
+    gateway = await gateway_over(aiohttp_server, upstream, host="localhost")
+    call = orjson.dumps({"model": "m", "max_tokens": 5, "messages": []})
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.post(gateway.make_url("/v1/messages"), data=call) as first:
+            assert first.status == 200
+            assert "__lb=client-a" in first.headers.get("Set-Cookie", "")
+        async with http.post(gateway.make_url("/v1/messages"), data=call) as other:
+            assert other.status == 200
+        headers = {"Cookie": "mine=1"}
+        async with http.post(gateway.make_url("/v1/messages"), data=call, headers=headers) as own:
+            assert own.status == 200
+    assert seen == [None, None, "mine=1"]
