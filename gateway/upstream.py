@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -106,13 +106,9 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:
-    """The app's one upstream session: pooled connections, timeouts set once."""
-    timeouts = settings.timeouts
+    """The app's one upstream session: pooled connections (timeouts are set per call)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.upstream_connections, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect, sock_read=timeouts.idle
-        ),
         auto_decompress=False,
         # One session serves every client: a cookie an upstream sets for one client must not
         # travel with another's calls. Set-Cookie reaches the client; its Cookie goes upstream.
@@ -145,34 +141,46 @@ async def send(
     if "User-Agent" not in headers or (body and "Content-Type" not in headers):
         skip = _NO_AUTO_HEADERS
 
+    timeouts = settings.timeouts
+    # aiohttp's read timeout runs from the request sent to the response headers, then between
+    # chunks: first_byte until the headers, idle after them (``_between_chunks``).
+    timeout = _first_byte(timeouts.connect, timeouts.first_byte)
+
     async def attempt() -> aiohttp.ClientResponse:
         if isinstance(data, io.BytesIO):
             data.seek(0)
-        return await session.request(
-            method, url, data=data, headers=headers, allow_redirects=False, skip_auto_headers=skip
+        response = await session.request(
+            method,
+            url,
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            skip_auto_headers=skip,
+            timeout=timeout,
         )
+        _between_chunks(response, timeouts.idle)
+        return response
 
     try:
-        async with asyncio.timeout(settings.timeouts.first_byte):
-            try:
-                return await attempt()
-            except aiohttp.ClientConnectorError:
-                if not settings.upstream_retries:
-                    raise
+        try:
+            return await attempt()
+        except aiohttp.ClientConnectorError:
+            if not settings.upstream_retries:
+                raise
 
-            # Tenacity only once the first try failed: the common path builds no retry state.
-            def before(_state: RetryCallState) -> None:
-                if on_retry is not None:
-                    on_retry()
+        # Tenacity only once the first try failed: the common path builds no retry state.
+        def before(_state: RetryCallState) -> None:
+            if on_retry is not None:
+                on_retry()
 
-            retrying = AsyncRetrying(
-                retry=retry_if_exception_type(aiohttp.ClientConnectorError),
-                stop=stop_after_attempt(settings.upstream_retries),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                reraise=True,
-                before=before,
-            )
-            return await retrying(attempt)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(aiohttp.ClientConnectorError),
+            stop=stop_after_attempt(settings.upstream_retries),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+            before=before,
+        )
+        return await retrying(attempt)
     except TimeoutError as exc:
         raise UpstreamTimeout(
             f"The upstream did not answer within {settings.timeouts.first_byte:g}s."
@@ -181,3 +189,18 @@ async def send(
         raise UpstreamUnavailable(
             f"The gateway could not reach the upstream ({type(exc).__name__})."
         ) from exc
+
+
+@lru_cache(maxsize=16)
+def _first_byte(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
+
+
+def _between_chunks(response: aiohttp.ClientResponse, idle: float) -> None:
+    """From the headers on, the read timeout is the idle one (a released connection, its
+    answer already read whole, is left alone: it is back in the pool)."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is not None:
+        protocol.read_timeout = idle
+        protocol.start_timeout()

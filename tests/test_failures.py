@@ -204,6 +204,23 @@ async def test_first_byte_timeout_is_504(
     assert "did not answer within 0.2s" in caught.value.message
 
 
+async def test_headers_may_take_longer_than_idle_up_to_first_byte(
+    aiohttp_server: Any, settings: Settings, fake_provider: TestServer
+) -> None:
+    """A long non-streamed answer: until its headers, ``first_byte`` bounds the wait, not
+    ``idle`` (the gap between two chunks)."""
+    patient = settings.model_copy(update={"timeouts": Timeouts(first_byte=5.0, idle=0.2)})
+    gateway = await aiohttp_server(create_app(patient))
+    client = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key="k", max_retries=0)
+    answer = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-fake-scenario": "slow:0.6"},
+    )
+    await client.close()
+    assert answer.choices[0].message.content
+
+
 async def test_stream_bytes_reach_the_client_unchanged(aiohttp_server: Any) -> None:
     """Whatever the upstream's chunking, the client gets the same bytes in the same order."""
     events = [
