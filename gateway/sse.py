@@ -7,11 +7,14 @@ that drops events (the usage chunk the gateway itself asked for).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(slots=True, frozen=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
+    """One event: its name, its data lines joined, and its bytes as sent. A tuple, not a
+    frozen dataclass: a stream makes one per event, and a frozen dataclass sets each field
+    through ``object.__setattr__``."""
+
     event: str | None
     data: bytes
     raw: bytes

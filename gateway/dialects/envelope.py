@@ -89,7 +89,11 @@ class Envelope(msgspec.Struct):
     top_p: Field = UNSET
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, msgspec.UNSET)
+        # Not ``getattr`` with a default: a field this API lacks would raise (and format) an
+        # AttributeError on every call.
+        if key not in self.__struct_fields__:
+            return default
+        value = getattr(self, key)
         if value is msgspec.UNSET:
             return default
         if isinstance(value, list) and value and isinstance(value[0], msgspec.Raw):
@@ -100,7 +104,7 @@ class Envelope(msgspec.Struct):
 
     def __contains__(self, key: str) -> bool:
         """Whether the body has the field at all (``null`` counts)."""
-        return getattr(self, key, msgspec.UNSET) is not msgspec.UNSET
+        return key in self.__struct_fields__ and getattr(self, key) is not msgspec.UNSET
 
 
 class EnvelopeError(ValueError):
