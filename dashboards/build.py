@@ -780,6 +780,71 @@ def overview() -> Board:
         12,
         8,
     )
+    # process_* names are every Prometheus client's: only the gateway's job is ours.
+    b.add(
+        timeseries(
+            "CPU by replica",
+            "CPU time each gateway process used per second of wall time: 100% is one core "
+            "busy all the time (the dashed line). The event loop runs on one core, so a "
+            "replica near the line is CPU-bound and every request waits (compare the "
+            "event-loop lag).",
+            "percentunit",
+            targets(
+                (
+                    f"sum by (instance) ({rate('process_cpu_seconds_total', JOB, i)})",
+                    "{{instance}}",
+                )
+            ),
+            lines_at=[(1.0, "orange")],
+        ),
+        8,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Memory by replica",
+            "Resident memory of each gateway process (what it holds in RAM, what a container "
+            "memory limit counts) and its virtual memory (address space reserved, much larger "
+            "and mostly unused). Resident memory that only grows is a leak.",
+            "bytes",
+            targets(
+                (
+                    f"max by (instance) (max_over_time("
+                    f"{sel('process_resident_memory_bytes', JOB, i)}[{RATE}]))",
+                    "resident {{instance}}",
+                ),
+                (
+                    f"max by (instance) (max_over_time("
+                    f"{sel('process_virtual_memory_bytes', JOB, i)}[{RATE}]))",
+                    "virtual {{instance}}",
+                ),
+            ),
+        ),
+        8,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Open file descriptors by replica",
+            "Share of each gateway process's file descriptor limit in use: every client "
+            "connection, upstream connection and open file takes one. At 100% new "
+            "connections are refused.",
+            "percentunit",
+            targets(
+                (
+                    f"max by (instance) (max_over_time("
+                    f"{sel('process_open_fds', JOB, i)}[{RATE}]))"
+                    f" / max by (instance) (max_over_time("
+                    f"{sel('process_max_fds', JOB, i)}[{RATE}]))",
+                    "{{instance}}",
+                )
+            ),
+            lines_at=[(0.8, "orange")],
+            maximum=1,
+        ),
+        8,
+        8,
+    )
     b.add(
         stat(
             "Policy reloads in range by outcome",
@@ -789,6 +854,21 @@ def overview() -> Board:
             f"sum by (outcome) ({increase('gateway_policy_reloads_total', i)})",
             legend="{{outcome}}",
             decimals=0,
+        ),
+        6,
+        8,
+    )
+    b.add(
+        stat(
+            "Uptime by replica",
+            "Time since each gateway process started. A short uptime is a recent restart "
+            "(a deploy, a crash, a memory limit reached); one that stays short is a replica "
+            "restarting again and again.",
+            "s",
+            f"time() - max by (instance) (last_over_time("
+            f"{sel('process_start_time_seconds', JOB, i)}[{RATE}]))",
+            legend="{{instance}}",
+            thresholds=[(None, "orange"), (600, "green")],
         ),
         6,
         8,
@@ -807,7 +887,7 @@ def overview() -> Board:
             ),
             stack=True,
         ),
-        9,
+        6,
         8,
     )
     b.add(
@@ -825,7 +905,7 @@ def overview() -> Board:
             ),
             stack=True,
         ),
-        9,
+        6,
         8,
     )
     return b
@@ -1164,6 +1244,23 @@ def sessions_and_agents() -> Board:
             stack=True,
         ),
         12,
+        8,
+    )
+    compaction = "gateway_compaction_duration_seconds"
+    b.add(
+        timeseries(
+            "Compaction duration p50 / p95 by strategy",
+            "How long compacting a call took, by strategy (all agents: the metric has no "
+            "agent label): counting the history, waiting for the session's other call, the "
+            "strategies and a summarize's summary call. The call waits this long before it "
+            "goes upstream; reusing a saved rewrite takes milliseconds, a summary seconds.",
+            "s",
+            targets(
+                (quantile(0.5, compaction, "strategy"), "p50 {{strategy}}"),
+                (quantile(0.95, compaction, "strategy"), "p95 {{strategy}}"),
+            ),
+        ),
+        24,
         8,
     )
     return b

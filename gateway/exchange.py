@@ -62,6 +62,9 @@ class Exchange:
     upstream_done_at: float | None = None
     summary_seconds: float = 0.0
     """Time spent in compaction's summary call: upstream work, not the gateway's overhead."""
+    compaction_seconds: float = 0.0
+    """Wall time of the compaction step, summary call and waiting for the session's lock
+    included (``gateway_compaction_duration_seconds``)."""
     rejection: tuple[str, str] | None = None
     """The limit and the rule of a policy stop (or a context overflow)."""
     turn: int | None = None

@@ -81,10 +81,12 @@ async def compact(ex: Exchange) -> None:
         summary_chars=summary_chars,
         helper=not facts.tools,
     )
+    started = time.perf_counter()
     try:
         outcome = await app[COMPACTOR].compact(call)
     except Overflow as overflow:
         await reject(ex, overflow)
+    ex.compaction_seconds = time.perf_counter() - started
     if outcome is None:
         return
     ex.input_estimate = outcome.estimate

@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.dialects.base import Usage
@@ -49,6 +50,9 @@ TURN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 LAG_INTERVAL = 0.5
+COMPACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                      30, 60)  # fmt: skip
+"""From replaying a saved rewrite (milliseconds) to a summary call (tens of seconds)."""
 ACTIVE_WINDOW = 300.0
 """A session counts as active for this long after its last call."""
 OTHER = "other"
@@ -100,6 +104,27 @@ class ActiveSessions(Collector):
         for agent, count in sorted(counts.items()):
             family.add_metric([agent], count)
         yield family
+
+
+class ProcessStatus(Collector):
+    """``process_*``: CPU, memory, file descriptors and start time of the gateway process,
+    under the names every Prometheus client uses (prometheus_client's ``ProcessCollector``).
+
+    That collector reads /proc, which is file I/O: the scrape handler takes a ``sample`` on a
+    worker thread and the registry yields the latest one. Without /proc there is none."""
+
+    def __init__(self) -> None:
+        self._reader: ProcessCollector | None = None
+        self.latest: list[Metric] = []
+
+    def sample(self) -> list[Metric]:
+        """Off the event loop only: the reader's constructor reads /proc too."""
+        if self._reader is None:
+            self._reader = ProcessCollector(registry=None)
+        return list(self._reader.collect())
+
+    def collect(self) -> Iterable[Metric]:
+        return self.latest
 
 
 class PolicyStatus(Collector):
@@ -304,6 +329,14 @@ class Metrics:
             "Input tokens compaction took off the calls sent, by strategy.",
             ["strategy"],
         )
+        self.compaction_duration = Histogram(
+            "gateway_compaction_duration_seconds",
+            "Wall time of a call's compaction step (counting, waiting for the session, the "
+            "strategies, the summary call), once per series it added to "
+            "gateway_compactions_total, by strategy and outcome.",
+            ["strategy", "outcome"],
+            buckets=COMPACTION_BUCKETS,
+        )
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How late the event loop ran a timer it was asked to run (sampled every 0.5 s): "
@@ -322,6 +355,8 @@ class Metrics:
         for family in [v for v in vars(self).values() if isinstance(v, Family)]:
             self.registry.register(family)
         self.registry.register(self.active_sessions)
+        self.process = ProcessStatus()
+        self.registry.register(self.process)
         self._initialise()
 
     def _initialise(self) -> None:
@@ -456,10 +491,13 @@ def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
         for strategy in outcome.strategies or ["none"]:
             state = "reused" if outcome.reused else "applied" if outcome.items else "failed"
             metrics.compactions.inc((strategy, state))
+            metrics.compaction_duration.observe((strategy, state), ex.compaction_seconds)
             share = outcome.saved / len(outcome.strategies or [1])
             metrics.tokens_saved.inc((strategy,), share)
         for failure in outcome.failures:
-            metrics.compactions.inc((failure.split(":", 1)[0], "failed"))
+            failed = (failure.split(":", 1)[0], "failed")
+            metrics.compactions.inc(failed)
+            metrics.compaction_duration.observe(failed, ex.compaction_seconds)
 
 
 def decision_of(ex: Exchange) -> str:
@@ -493,6 +531,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
     metrics = request.app[METRICS]
     metrics.budgets.counters = await request.app[STORE].budgets()
+    metrics.process.latest = await asyncio.to_thread(metrics.process.sample)
     registry = metrics.registry
     accept = request.headers.get("Accept", "")
     if "application/openmetrics-text" in accept:

@@ -123,6 +123,7 @@ def exported_families() -> dict[str, set[str]]:
     metrics = Metrics()
     metrics.watch_policy(SimpleNamespace(reloads=0, failures=0, current=None))
     metrics.watch_store(SimpleNamespace(errors={"load": 0, "write": 0}))
+    metrics.process.latest = metrics.process.sample()  # what a scrape does, off the loop
     families: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         if family.type == "counter":

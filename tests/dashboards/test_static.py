@@ -41,6 +41,7 @@ HISTOGRAM_BUCKETS = {
     "gateway_session_turn": gateway_metrics.TURN_BUCKETS,
     "gateway_context_fill_ratio": gateway_metrics.FILL_BUCKETS,
     "gateway_event_loop_lag_seconds": gateway_metrics.LAG_BUCKETS,
+    "gateway_compaction_duration_seconds": gateway_metrics.COMPACTION_BUCKETS,
 }
 SEVERITIES = {"critical", "warning", "info"}
 EXEMPLAR_HISTOGRAMS = (

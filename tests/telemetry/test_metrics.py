@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.fake_provider import CONFIG, ToolCallSpec
@@ -126,6 +127,41 @@ async def test_compactions_and_tokens_saved(make_gateway: MakeGateway) -> None:
     saved = value(found, "gateway_compaction_tokens_saved_total", strategy="summarize")
     assert saved == record.tokens_saved
     assert value(found, "gateway_context_fill_ratio_count", provider="openai") == 18
+    # The duration is observed once for each series the counter counts: the counts match.
+    duration = "gateway_compaction_duration_seconds"
+    for outcome in ("applied", "reused"):
+        labels = {"strategy": "summarize", "outcome": outcome}
+        assert value(found, duration + "_count", **labels) == value(found, compactions, **labels)
+    assert value(found, duration + "_sum", strategy="summarize", outcome="applied") > 0
+    assert value(found, duration + "_count") == value(found, compactions)
+
+
+async def test_the_process_cpu_and_memory_are_exported(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(None)
+    found = await samples(gw)  # read from /proc on a thread: blockbuster watches the loop
+    assert value(found, "process_resident_memory_bytes") > 0
+    assert value(found, "process_virtual_memory_bytes") > 0
+    assert value(found, "process_cpu_seconds_total") > 0
+    assert 0 < value(found, "process_open_fds") <= value(found, "process_max_fds")
+    assert value(found, "process_start_time_seconds") > 1_700_000_000
+    _, text = await scrape(gw, "application/openmetrics-text; version=1.0.0")
+    assert "\nprocess_cpu_seconds_total " in text
+
+
+async def test_without_proc_the_process_families_are_left_out(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prometheus_client.process_collector
+
+    class NoProc(prometheus_client.process_collector.ProcessCollector):
+        def __init__(self, registry: None) -> None:
+            super().__init__(proc="/nonexistent", registry=registry)
+
+    monkeypatch.setattr("gateway.telemetry.metrics.ProcessCollector", NoProc)
+    gw = await make_gateway(None)
+    found = await samples(gw)
+    assert not [name for name, _ in found if name.startswith("process_")]
+    assert value(found, "gateway_build_info") == 1
 
 
 async def test_open_valued_labels_fold_into_other_past_their_cap() -> None:
