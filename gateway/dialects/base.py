@@ -146,7 +146,7 @@ def as_int(value: Any) -> int:
 
 def parse_object(data: bytes) -> JSONObject | None:
     """A JSON object from an event's data, or None for anything else (``[DONE]``, junk)."""
-    if not data.startswith(b"{"):
+    if data[:1] != b"{":
         return None
     try:
         value = orjson.loads(data)

@@ -254,11 +254,12 @@ class ChatStreamObserver:
 def _without_usage_null(raw: bytes) -> bytes:
     """The chunk without the ``"usage":null`` that include_usage puts in every chunk. Plain
     substring searches first: a regex scan of every chunk cost more than the rest of the
-    stream's handling (callgrind)."""
-    if b'"usage"' not in raw:
+    stream's handling (callgrind). ``find``, not ``in``: on Python 3.11 ``bytes in bytes``
+    first tries the operand as an int and formats a TypeError each time."""
+    if raw.find(b'"usage"') < 0:
         return raw
     for compact in (b',"usage":null', b'"usage":null,'):
-        if compact in raw:
+        if raw.find(compact) >= 0:
             return raw.replace(compact, b"", 1)
     return _USAGE_NULL.sub(b"", raw, count=1)
 
@@ -266,11 +267,11 @@ def _without_usage_null(raw: bytes) -> bytes:
 def _worth_parsing(data: bytes) -> bool:
     """Chunks worth parsing as they pass: usage, a finish reason, an error."""
     return (
-        b'"usage":{' in data
-        or b'"finish_reason":"' in data
-        or b'"error"' in data
-        or b'"usage": {' in data
-        or b'"finish_reason": "' in data
+        data.find(b'"usage":{') >= 0
+        or data.find(b'"finish_reason":"') >= 0
+        or data.find(b'"error"') >= 0
+        or data.find(b'"usage": {') >= 0
+        or data.find(b'"finish_reason": "') >= 0
     )
 
 
