@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -50,12 +49,9 @@ async def relay_body(
             f"The upstream's answer broke off before it was complete ({type(exc).__name__})."
         ) from exc
     ex.first_byte_at = ex.upstream_done_at = time.perf_counter()
-    if ex.dialect is not None and is_json:
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and upstream.status < 400:
+    if ex.dialect is not None and is_json and upstream.status < 400:
+        parsed = ex.dialect.decode_response(data)
+        if parsed is not None:
             ex.response_facts = ex.dialect.read_response(parsed)
     ex.response = web.Response(status=upstream.status, body=data, headers=headers)
 

@@ -23,6 +23,7 @@ from gateway.dialects.base import (
     as_list,
     as_str,
     elision_note,
+    load_object,
     parse_object,
 )
 from gateway.dialects.envelope import (
@@ -227,6 +228,9 @@ class AnthropicMessages:
             if not uses:
                 return
             yield signatures(uses)
+
+    def decode_response(self, data: bytes) -> JSONObject | None:
+        return load_object(data)
 
     def read_response(self, body: JSONObject) -> ResponseFacts:
         reason = as_str(body.get("stop_reason"))

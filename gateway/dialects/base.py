@@ -144,6 +144,15 @@ def as_int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def load_object(data: bytes) -> JSONObject | None:
+    """A whole body as a JSON object, or None for anything else."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def parse_object(data: bytes) -> JSONObject | None:
     """A JSON object from an event's data, or None for anything else (``[DONE]``, junk)."""
     if data[:1] != b"{":
@@ -263,6 +272,10 @@ class Dialect(Protocol):
     def tool_call_turns(self, facts: RequestFacts) -> Iterator[Signature]:
         """The tool calls of each assistant turn in the history, newest first, back to the
         latest new user input (loop detection reads these)."""
+        ...
+
+    def decode_response(self, data: bytes) -> JSONObject | None:
+        """A whole JSON answer as ``read_response`` reads it (None if not a JSON object)."""
         ...
 
     def read_response(self, body: JSONObject) -> ResponseFacts: ...

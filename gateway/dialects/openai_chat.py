@@ -23,6 +23,7 @@ from gateway.dialects.base import (
     as_list,
     as_str,
     elision_note,
+    load_object,
     parse_object,
 )
 from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder
@@ -184,6 +185,9 @@ class OpenAIChat:
                 return
             functions = (as_dict(as_dict(call).get("function")) for call in calls)
             yield signatures((f.get("name"), f.get("arguments")) for f in functions)
+
+    def decode_response(self, data: bytes) -> JSONObject | None:
+        return load_object(data)
 
     def read_response(self, body: JSONObject) -> ResponseFacts:
         facts = ResponseFacts(

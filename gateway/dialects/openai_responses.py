@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgspec
 import orjson
 
 from gateway.dialects.base import (
@@ -223,6 +224,14 @@ class OpenAIResponses:
         if group:
             yield signatures(group)
 
+    def decode_response(self, data: bytes) -> JSONObject | None:
+        """Only what ``read_response`` reads: the answer echoes the request's instructions and
+        tools (tens of KB on an agent's call), which the decoder skips without building."""
+        try:
+            return _RESPONSE.decode(data).as_dict()
+        except msgspec.DecodeError:
+            return None
+
     def read_response(self, body: JSONObject) -> ResponseFacts:
         facts = ResponseFacts()
         _read_response_object(body, facts)
@@ -285,17 +294,48 @@ class ResponsesStreamObserver:
             return event.raw
         if kind is not None and kind not in _FINAL_EVENTS and kind not in _READ:
             return event.raw
-        payload = parse_object(event.data)
-        if payload is None:
-            return event.raw
-        kind = kind or payload.get("type")
+        try:
+            payload = _EVENT.decode(event.data)
+        except msgspec.DecodeError:
+            return event.raw  # not a JSON object of the expected shape: relayed, not read
+        kind = kind or payload.type
         if kind in _DELTAS:
             self.facts.deltas.append(event.data)
         elif kind in _FINAL_EVENTS or kind == "response.created":
-            _read_response_object(as_dict(payload.get("response")), self.facts)
+            if payload.response is not None:
+                _read_response_object(payload.response.as_dict(), self.facts)
         elif kind == "error":
-            self.facts.error = str(payload.get("code") or "error")
+            self.facts.error = str(payload.code or "error")
         return event.raw
+
+
+class _ResponseObject(msgspec.Struct):
+    """What the stream's response objects are read for. The rest (the echoed instructions and
+    tools, tens of KB on an agent's call) is skipped by the decoder, never built."""
+
+    id: Any = None
+    model: Any = None
+    status: Any = None
+    usage: Any = None
+    error: Any = None
+
+    def as_dict(self) -> JSONObject:
+        return {f: getattr(self, f) for f in self.__struct_fields__}
+
+
+class _Response(_ResponseObject):
+    output: Any = None
+    """Read only when the answer has no usage (its text is then counted)."""
+
+
+class _Event(msgspec.Struct):
+    type: Any = None
+    response: _ResponseObject | None = None
+    code: Any = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)
+_RESPONSE = msgspec.json.Decoder(_Response)
 
 
 _DELTAS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})

@@ -195,6 +195,23 @@ def test_read_response_without_usage_keeps_output() -> None:
     assert facts.output_text == body["output"]
 
 
+def test_decode_response_reads_the_answer_without_its_echoed_request() -> None:
+    body = _response("completed", USAGE)
+    body["instructions"] = "long instructions " * 500
+    body["tools"] = [{"type": "function", "name": f"tool{i}", "parameters": {}} for i in range(50)]
+    body["output"] = [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}]
+
+    decoded = OPENAI_RESPONSES.decode_response(orjson.dumps(body))
+    assert decoded is not None
+    assert "tools" not in decoded and "instructions" not in decoded
+    facts = OPENAI_RESPONSES.read_response(decoded)
+    assert (facts.id, facts.model) == ("resp_123", "gpt-5-codex")
+    assert facts.finish_reasons == ["completed"]
+    assert facts.usage == OPENAI_RESPONSES.read_response(body).usage
+    for junk in (b"not json", b"[1, 2]", b'"text"', b'{"usage": "lots"'):
+        assert OPENAI_RESPONSES.decode_response(junk) is None
+
+
 # -- stream observer -----------------------------------------------------------------------------
 
 
@@ -273,3 +290,11 @@ def test_error_shape(kind: ErrorKind, status: int) -> None:
     assert error.body["error"]["message"] == "nope"
     assert error.body["error"]["code"] == "some_code"
     assert error.body["error"]["param"] is None
+
+
+def test_observer_relays_a_response_event_of_an_unexpected_shape() -> None:
+    observer = OPENAI_RESPONSES.observe_stream(False)
+    payload = {"type": "response.completed", "response": "not an object"}
+    [event] = split_events(named_event("response.completed", payload))
+    assert observer.on_event(event) == event.raw
+    assert observer.facts.usage is None and observer.facts.id is None
