@@ -193,7 +193,11 @@ async def send(
 
 @lru_cache(maxsize=16)
 def _first_byte(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
+    """``connect`` bounds opening a socket; waiting for a free pooled connection (all
+    ``upstream_connections`` busy) counts against ``first_byte``, like the wait for headers."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=first_byte, sock_connect=connect, sock_read=first_byte
+    )
 
 
 def _between_chunks(response: aiohttp.ClientResponse, idle: float) -> None:
