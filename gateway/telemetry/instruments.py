@@ -41,7 +41,9 @@ class Family(Collector):
         raise NotImplementedError
 
 
-class Counter(Family):
+class _Values(Family):
+    """A family whose series are one number each (counters, gauges)."""
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, documentation, labelnames)
         self.values: dict[Labels, float] = {}
@@ -49,12 +51,8 @@ class Counter(Family):
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
-    def touch(self, labels: Labels) -> None:
-        """Export the series at 0 before its first increment (``increase()`` needs a start)."""
-        self.values.setdefault(labels, 0.0)
-
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        raise NotImplementedError
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
@@ -63,14 +61,16 @@ class Counter(Family):
         yield family
 
 
-class Gauge(Family):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self.values: dict[Labels, float] = {}
+class Counter(_Values):
+    def touch(self, labels: Labels) -> None:
+        """Export the series at 0 before its first increment (``increase()`` needs a start)."""
+        self.values.setdefault(labels, 0.0)
 
-    def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
-        self.values[labels] = self.values.get(labels, 0.0) + amount
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
+
+class Gauge(_Values):
     def dec(self, labels: Labels = (), amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) - amount
 
@@ -79,12 +79,6 @@ class Gauge(Family):
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterable[Metric]:
-        family = self._family()
-        for labels, value in list(self.values.items()):
-            family.add_metric(labels, value)
-        yield family
 
 
 class _Series:
