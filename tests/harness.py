@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -166,6 +167,17 @@ async def make_gateway(
         await gateway.openai.close()
         await gateway.anthropic.close()
     await http.close()
+
+
+def installed(program: str, package: str) -> str:
+    """The path of a program a test needs: skipped without it locally, failed under CI."""
+    found = shutil.which(program)
+    if found is None:
+        message = f"{program} is not installed (Debian package {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def session_headers(session: str, **extra: str) -> dict[str, str]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
-import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.fake_provider import CONFIG, ToolCallSpec
 from tests.compaction.test_sessions import run_session
 from tests.conftest import ANTHROPIC_MODEL
 from tests.dashboards.promql import ALERTS, Query, all_queries, concrete, label_values
-from tests.harness import Gateway, MakeGateway, session_headers
+from tests.harness import Gateway, MakeGateway, installed, session_headers
 from tests.policy.apis import AgentLoop, call
 
 WINDOW = "1m"
@@ -72,13 +69,7 @@ rules:
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        message = "prometheus is not installed (Debian package prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return installed("prometheus", "prometheus")
 
 
 def free_port() -> int:

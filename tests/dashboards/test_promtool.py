@@ -3,24 +3,15 @@ the blockbuster fixture only watches the event loop)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.dashboards.promql import ALERT_TESTS, ALERTS, DASHBOARDS
+from tests.harness import installed
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool is not installed (Debian package prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return installed("promtool", "prometheus")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
