@@ -83,17 +83,17 @@ def everything(spans: tuple[ReadableSpan, ...]) -> str:
 
 async def sdk_call(gw: Gateway, api: Api, stream: bool, headers: dict[str, str]) -> dict[str, Any]:
     """One call with sampling settings; returns what the SDK saw (id, model, usage)."""
+    sampling: dict[str, Any] = {"temperature": 0.5, "top_p": 0.9, "extra_headers": headers}
     if api == "chat":
+        chat = {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 64,
+            **sampling,
+        }
         if stream:
             chunks = await gw.openai.chat.completions.create(
-                model="gpt-4o",
-                messages=[{"role": "user", "content": PROMPT}],
-                max_tokens=64,
-                temperature=0.5,
-                top_p=0.9,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=headers,
+                **chat, stream=True, stream_options={"include_usage": True}
             )
             seen = [c async for c in chunks]
             usage = next(c.usage for c in seen if c.usage is not None)
@@ -102,14 +102,7 @@ async def sdk_call(gw: Gateway, api: Api, stream: bool, headers: dict[str, str])
                 "input": usage.prompt_tokens,
                 "output": usage.completion_tokens,
             }
-        completion = await gw.openai.chat.completions.create(
-            model="gpt-4o",
-            messages=[{"role": "user", "content": PROMPT}],
-            max_tokens=64,
-            temperature=0.5,
-            top_p=0.9,
-            extra_headers=headers,
-        )
+        completion = await gw.openai.chat.completions.create(**chat)
         assert completion.usage is not None
         return {
             "id": completion.id,
@@ -117,25 +110,12 @@ async def sdk_call(gw: Gateway, api: Api, stream: bool, headers: dict[str, str])
             "output": completion.usage.completion_tokens,
         }
     if api == "responses":
+        call = {"model": "gpt-4o", "input": PROMPT, "max_output_tokens": 64, **sampling}
         if stream:
-            async with gw.openai.responses.stream(
-                model="gpt-4o",
-                input=PROMPT,
-                max_output_tokens=64,
-                temperature=0.5,
-                top_p=0.9,
-                extra_headers=headers,
-            ) as events:
+            async with gw.openai.responses.stream(**call) as events:
                 response = await events.get_final_response()
         else:
-            response = await gw.openai.responses.create(
-                model="gpt-4o",
-                input=PROMPT,
-                max_output_tokens=64,
-                temperature=0.5,
-                top_p=0.9,
-                extra_headers=headers,
-            )
+            response = await gw.openai.responses.create(**call)
         assert response.usage is not None
         return {
             "id": response.id,
