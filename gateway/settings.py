@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class Upstreams(BaseModel):
@@ -27,6 +28,9 @@ class Timeouts(BaseModel):
     """Until the upstream's response headers arrive (a long non-streamed answer)."""
     idle: float = Field(300.0, gt=0)
     """Between two chunks of a response."""
+    client_body: float = Field(30.0, gt=0)
+    """To receive a client's whole request body; a slower client is answered 408 and its
+    connection closed, so slow or stalled uploads cannot hold connections for ever."""
 
 
 class Settings(BaseModel):
@@ -47,10 +51,41 @@ class Settings(BaseModel):
     upstream_retries: int = Field(2, ge=0)
     """Retries of a call whose connection to the upstream could not be opened (nothing sent)."""
     upstream_connections: int = Field(256, ge=1)
+    max_client_connections: int = Field(4096, ge=1)
+    """Open client connections; past it a new connection gets a 503 with ``Retry-After`` and
+    is closed (the cap protects the process; ``timeouts.client_body`` frees the slots)."""
+    max_header_bytes: int = Field(32768, ge=1024)
+    """One request header line (and the request line) at most; larger is answered 431."""
+    trusted_proxies: list[str] = []
+    """CIDRs of reverse proxies whose ``team_header`` and ``X-Forwarded-For`` are believed;
+    from any other peer those headers are ignored."""
     admin_token: SecretStr | None = None
+    """Bearer token for the admin API (``Authorization: Bearer <token>``). Without one, admin
+    writes are accepted only from a loopback peer, and serving on a non-loopback address is
+    refused."""
+    metrics_auth: bool = False
+    """``GET /metrics`` needs the admin token too."""
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"
     """``json``: one object per line (with one line per request); ``text`` for a terminal."""
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        # The environment gives one string: "10.0.0.0/8, 192.168.1.5".
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from exc
+        return value
 
 
 _ENV: dict[str, tuple[str, ...]] = {
@@ -64,6 +99,10 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_PORT": ("port",),
     "GATEWAY_POLICY": ("policy",),
     "GATEWAY_AUDIT_LOG": ("audit_log",),
+    "GATEWAY_MAX_CLIENT_CONNECTIONS": ("max_client_connections",),
+    "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
+    "GATEWAY_METRICS_AUTH": ("metrics_auth",),
+    "GATEWAY_CLIENT_BODY_TIMEOUT": ("timeouts", "client_body"),
 }
 
 
