@@ -278,13 +278,11 @@ def _sessions_end(args: argparse.Namespace) -> int:
 
 # -- policy ------------------------------------------------------------------------------------
 def _policy_check(args: argparse.Namespace) -> int:
-    from gateway.policy import PolicyError, parse_policy
+    from gateway.policy import PolicyError
+    from gateway.policy.loader import read_policy
 
     try:
-        policy = parse_policy(args.file.read_text(), str(args.file))
-    except OSError as exc:
-        print(f"{args.file}: {exc.strerror}", file=sys.stderr)
-        return 1
+        policy = read_policy(args.file)
     except PolicyError as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -296,14 +294,14 @@ def _policy_check(args: argparse.Namespace) -> int:
 def _policy_explain(args: argparse.Namespace) -> int:
     from gateway.policy import Caller, PolicyError, packaged_default, parse_policy
     from gateway.policy.explain import explain_lines
+    from gateway.policy.loader import read_policy
 
     try:
         if args.policy is None:
-            text, source = packaged_default()
+            policy = parse_policy(*packaged_default())
         else:
-            text, source = args.policy.read_text(), str(args.policy)
-        policy = parse_policy(text, source)
-    except (OSError, PolicyError) as exc:
+            policy = read_policy(args.policy)
+    except PolicyError as exc:
         print(str(exc), file=sys.stderr)
         return 1
     headers = tuple(

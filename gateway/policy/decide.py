@@ -103,7 +103,8 @@ def decide(
     effective = policy.resolve(who)
     settings = effective.settings
     limits = settings.limits
-    lift = f"Change it in the policy file ({policy.source})."
+    # The policy's version, never its path: a file path on disk is no business of a client.
+    lift = f"Change it in the policy (version {policy.version})."
 
     if limits.max_body_bytes is not None and body_size > limits.max_body_bytes:
         raise PolicyStop(

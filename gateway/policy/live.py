@@ -1,8 +1,9 @@
 """The policy in force: loaded at start, reloaded when its file changes or on SIGHUP.
 
 A valid new file takes effect for the next request. An invalid one is refused: the old policy
-stays, and the error is kept for ``GET /gateway/policy`` and written to the logs and the audit
-log.
+stays, and the error is kept for ``GET /gateway/policy``, counted (``failures``, a metric) and
+written to the logs and the audit log. Whatever a file holds, no reload raises: the watcher
+keeps watching, and a SIGHUP task never ends in an exception nobody retrieves.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.policy.compiled import CompiledPolicy
-from gateway.policy.loader import PolicyError, packaged_default, parse_policy
+from gateway.policy.loader import PolicyError, packaged_default, parse_policy, read_policy
 
 log = logging.getLogger("gateway.policy")
+Stamp = tuple[int, int, int]
+"""What tells a changed file: modification time (ns), size, inode (an editor's rename)."""
 
 
 class LivePolicy:
@@ -30,7 +33,7 @@ class LivePolicy:
         self.last_error_at: float | None = None
         self.reloads = 0
         self.failures = 0
-        self._mtime: float | None = None
+        self._stamp: Stamp | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -47,19 +50,21 @@ class LivePolicy:
 
     async def _load(self, strict: bool, reason: str) -> bool:
         async with self._lock:
+            stamp = await asyncio.to_thread(self._stat)
             try:
-                policy, mtime = await asyncio.to_thread(self._read)
-            except (PolicyError, OSError) as exc:
-                self.failures += 1
-                self.last_error, self.last_error_at = str(exc), time.time()
-                log.error("policy refused (%s), keeping the one in force:\n%s", reason, exc)
-                self.audit.record(
-                    "policy_refused", source=str(self.path), reason=reason, error=str(exc)
-                )
+                policy = await asyncio.to_thread(self._read)
+            except PolicyError as exc:
+                self._refused(str(exc), reason, stamp)
                 if strict:
                     raise
                 return False
-            self.current, self._mtime = policy, mtime
+            except Exception as exc:  # a bug in loading must not stop the watcher either
+                log.exception("policy load failed unexpectedly (%s)", reason)
+                self._refused(f"{self.path}: cannot be loaded: {type(exc).__name__}", reason, stamp)
+                if strict:
+                    raise
+                return False
+            self.current, self._stamp = policy, stamp
             self.loaded_at, self.last_error = time.time(), None
             self.reloads += 1
             log.info("policy %s loaded from %s (%s)", policy.version, policy.source, reason)
@@ -68,35 +73,39 @@ class LivePolicy:
             )
             return True
 
-    def _read(self) -> tuple[CompiledPolicy, float | None]:
+    def _refused(self, error: str, reason: str, stamp: Stamp | None) -> None:
+        self.failures += 1
+        self.last_error, self.last_error_at = error, time.time()
+        # The file as it was refused: the watcher waits for it to change again.
+        self._stamp = stamp
+        log.error("policy refused (%s), keeping the one in force:\n%s", reason, error)
+        self.audit.record("policy_refused", source=str(self.path), reason=reason, error=error)
+
+    def _read(self) -> CompiledPolicy:
         if self.path is None:
             text, source = packaged_default()
-            return parse_policy(text, source), None
-        mtime = self.path.stat().st_mtime
-        return parse_policy(self.path.read_text(), str(self.path)), mtime
+            return parse_policy(text, source)
+        return read_policy(self.path)
 
-    def _changed(self) -> bool:
-        assert self.path is not None
+    def _stat(self) -> Stamp | None:
+        if self.path is None:
+            return None
         try:
-            return self.path.stat().st_mtime != self._mtime
+            stat = self.path.stat()
         except OSError:
-            return False
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     async def watch(self) -> None:
-        """Poll the file's modification time (on a thread) and reload when it changes."""
+        """Poll the file's status (on a thread) and reload when it changes. A refused file is
+        not retried until it changes again; nothing a file holds ends this loop."""
         if self.path is None:
             return
         while True:
             await asyncio.sleep(self.poll_interval)
-            if await asyncio.to_thread(self._changed):
-                changed_at = self._mtime
-                if not await self.reload("file changed"):
-                    # Do not retry the same broken file every second; wait for a new change.
-                    self._mtime = await asyncio.to_thread(self._stat) or changed_at
-
-    def _stat(self) -> float | None:
-        assert self.path is not None
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return None
+            try:
+                stamp = await asyncio.to_thread(self._stat)
+                if stamp is not None and stamp != self._stamp:
+                    await self.reload("file changed")
+            except Exception:  # pragma: no cover - _load already catches what a file can cause
+                log.exception("policy watcher: unexpected error, still watching")

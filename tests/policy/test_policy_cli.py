@@ -13,6 +13,7 @@ import pytest
 from gateway.cli import main
 from tests.harness import POLICIES, MakeGateway, session_headers
 from tests.policy.apis import call
+from tests.policy.hostile import HOSTILE, rules
 
 ORGANIZATION = POLICIES / "organization.yaml"
 EXPLAIN = [
@@ -195,3 +196,43 @@ async def test_granting_an_unknown_session_fails_clearly(make_gateway: MakeGatew
     with pytest.raises(SystemExit) as caught:
         await run_cli("sessions", "--url", url, "grant", "nobody", "--turns", "5")
     assert "404" in str(caught.value.code) and "no such session" in str(caught.value.code)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_file_is_refused_with_file_line_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    content, at, message = HOSTILE[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(content)
+    assert main(["policy", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}: {at}"), err
+    assert message in err and "Traceback" not in err
+    assert len(err) < 1000, "one short message, not a dump"
+
+
+def test_the_largest_allowed_policy_loads(tmp_path: Path) -> None:
+    """10,000 rules in just under 1 MiB: within every limit, so it loads (a few seconds)."""
+    from gateway.policy.loader import MAX_POLICY_BYTES, MAX_RULES, read_policy
+
+    content = rules(MAX_RULES)
+    assert len(content) <= MAX_POLICY_BYTES
+    path = tmp_path / "big.yaml"
+    path.write_bytes(content)
+    policy = read_policy(path)
+    assert len(policy.rules) == MAX_RULES and policy.rules[-1].name == f"rule-{MAX_RULES - 1}"
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    from gateway.policy.loader import read_policy
+
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "version: 1\n"
+        "defaults:\n  limits: &small {max_turns: 7}\n"
+        "rules:\n  - name: ci\n    match: {agent: codex}\n    limits: {<<: *small, warn_at: 0.5}\n"
+    )
+    policy = read_policy(path)
+    assert policy.file.defaults.limits.max_turns == 7
+    assert policy.rules[0].rule.limits == {"max_turns": 7, "warn_at": 0.5}

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.policy import packaged_default
 from tests.harness import POLICIES, Gateway, MakeGateway, session_headers, write_text
 from tests.policy.apis import call
+from tests.policy.hostile import HOSTILE, deep
 
 TEN_TURNS = """\
 version: 1
@@ -186,3 +189,112 @@ async def test_sighup_reloads_at_once(make_gateway: MakeGateway) -> None:
     assert await eventually(reloaded), "SIGHUP did not reload the policy"
     loaded = await gw.audit_events("policy_loaded", lambda e: e["reason"] == "SIGHUP")
     assert loaded and loaded[0]["version"] == version_of(THREE_TURNS)
+
+
+async def write_bytes(gw: Gateway, content: bytes, forward: float) -> None:
+    def write() -> None:
+        assert gw.policy_path is not None
+        gw.policy_path.write_bytes(content)
+        stat = gw.policy_path.stat()
+        os.utime(gw.policy_path, (stat.st_atime + forward, stat.st_mtime + forward))
+
+    await asyncio.to_thread(write)
+
+
+async def policy_shown(gw: Gateway, check: Callable[[dict[str, Any]], bool]) -> Any:
+    async def shown() -> Any:
+        policy = await gw.admin_get("/gateway/policy")
+        return policy if check(policy) else None
+
+    return await eventually(shown, within=3.0)
+
+
+@pytest.mark.parametrize("name", ["not-utf8", "deep-block", "very-deep", "alias-bomb", "oversized"])
+async def test_a_hostile_file_on_change_is_refused_and_the_watcher_goes_on(
+    make_gateway: MakeGateway, name: str
+) -> None:
+    content, at, message = HOSTILE[name]
+    gw = await make_gateway(THREE_TURNS, policy_poll_interval=0.05)
+    await write_bytes(gw, content, forward=5)
+
+    refused = await policy_shown(gw, lambda p: p["last_error"] is not None)
+    assert refused, f"the {name} file was not noticed"
+    assert refused["last_error"].startswith(f"{gw.policy_path}: {at}")
+    assert message in refused["last_error"]
+    assert refused["failures"] == 1 and refused["version"] == version_of(THREE_TURNS)
+    [audited] = await gw.audit_events("policy_refused")
+    assert message in audited["error"] and audited["reason"] == "file changed"
+    async with aiohttp.ClientSession() as http, http.get(gw.url("/metrics")) as resp:
+        assert 'gateway_policy_reloads_total{outcome="error"} 1.0' in await resp.text()
+    assert (await call(gw, "chat", session_headers("kept"))).headers[
+        "x-gateway-turns-remaining"
+    ] == "2"
+
+    # Not retried while it stays as it is; a valid edit is picked up without a SIGHUP.
+    await asyncio.sleep(0.25)
+    assert (await gw.admin_get("/gateway/policy"))["failures"] == 1
+    await rewrite(gw, TEN_TURNS, forward=10)
+    fixed = await policy_shown(gw, lambda p: p["version"] == version_of(TEN_TURNS))
+    assert fixed, "the valid edit after a refused file was not picked up"
+    assert fixed["last_error"] is None and fixed["reloads"] == 2 and fixed["failures"] == 1
+
+
+async def test_a_deeply_nested_file_by_sighup_is_recorded_not_lost_in_a_task(
+    make_gateway: MakeGateway,
+) -> None:
+    """Once a RecursionError escaped the reload task: "Task exception was never retrieved"."""
+    import gc
+    import signal
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        gw = await make_gateway(TEN_TURNS, policy_poll_interval=3600)
+        await write_bytes(gw, deep(5000), forward=5)
+        os.kill(os.getpid(), signal.SIGHUP)
+        refused = await policy_shown(gw, lambda p: p["last_error"] is not None)
+        assert refused, "the SIGHUP reload of a deep file recorded nothing"
+        assert refused["last_error"].startswith(f"{gw.policy_path}: line 2: ")
+        assert "nest" in refused["last_error"] and refused["failures"] == 1
+        [audited] = await gw.audit_events("policy_refused")
+        assert audited["reason"] == "SIGHUP"
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_deleted_file_is_refused_and_its_return_picked_up(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(THREE_TURNS, policy_poll_interval=0.05)
+    assert gw.policy_path is not None
+    await asyncio.to_thread(gw.policy_path.unlink)
+    import signal
+
+    os.kill(os.getpid(), signal.SIGHUP)
+    refused = await policy_shown(gw, lambda p: p["last_error"] is not None)
+    assert refused and "cannot read the file" in refused["last_error"]
+    await rewrite(gw, TEN_TURNS, forward=10)
+    assert await policy_shown(gw, lambda p: p["version"] == version_of(TEN_TURNS))
+
+
+async def test_a_refusal_names_the_policy_version_and_rule_not_its_path(
+    make_gateway: MakeGateway,
+) -> None:
+    text = """\
+version: 1
+rules:
+  - name: only-mini
+    match: {agent: "*"}
+    limits: {models: {allow: ["gpt-4o-mini"]}}
+"""
+    gw = await make_gateway(text)
+    refused = await call(gw, "chat", session_headers("path"), model="gpt-4o")
+    assert refused.status == 400
+    assert "only-mini" in refused.message and version_of(text) in refused.message
+    assert gw.policy_path is not None
+    assert str(gw.policy_path.parent) not in refused.message
+    assert "policy-0.yaml" not in str(refused.body)
