@@ -46,7 +46,19 @@ def create_app(
     settings = settings or Settings()
     # No middleware: the LLM path answers its own errors in the provider's shape (pipeline),
     # and the admin API is a sub-application with its own.
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        # Bodies are decoded by the pipeline (gateway.body), bounded and in the provider's
+        # error shape; header lines past max_header_bytes are refused by the parser.
+        handler_args={
+            "auto_decompress": False,
+            "max_line_size": settings.max_header_bytes,
+            "max_field_size": settings.max_header_bytes,
+            # After an early answer (408, 413) the rest of a body is read and dropped this
+            # long before the connection closes (aiohttp's default is 10 s).
+            "lingering_time": 2.0,
+        },
+    )
     app[SETTINGS] = settings
     app[UPSTREAMS] = Upstreams.from_settings(settings)
     app[STARTED_AT] = time.time()

@@ -4,7 +4,12 @@ Hierarchy::
 
     GatewayError              any answer the gateway makes instead of the upstream's
     ├── InternalError         a bug in the gateway (500)
-    ├── BadRequest            malformed JSON, unreadable body (400)
+    ├── BadRequest            malformed JSON, unreadable body, a refused path spelling (400)
+    │   ├── BodyTimeout       the body did not arrive within timeouts.client_body (408)
+    │   └── UnsupportedEncoding  a Content-Encoding the gateway cannot read (415)
+    ├── ClientDisconnected    the client went away before its request was read (499, logged)
+    ├── MethodNotAllowed      not POST on an LLM route (405)
+    ├── NotFound              a path the gateway does not serve (404)
     ├── BodyTooLarge          over the gateway's body cap (413)
     ├── PolicyRejection       the policy stops the call (400; 429 for a window budget)
     ├── ContextOverflow       over the context window after compaction, or ``prompt`` (400)
@@ -38,6 +43,38 @@ class InternalError(GatewayError):
 
 class BadRequest(GatewayError):
     kind = ErrorKind.INVALID_REQUEST
+    outcome = "bad_request"
+
+
+class BodyTimeout(BadRequest):
+    """Agents retry a 408 (a slow upload may pass next time); the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class UnsupportedEncoding(BadRequest):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
+class ClientDisconnected(GatewayError):
+    """Nobody is left to answer: recorded as 499 (nginx's "client closed request"), not as a
+    gateway failure."""
+
+    status = 499
+    outcome = "client_gone"
+
+
+class MethodNotAllowed(GatewayError):
+    kind = ErrorKind.INVALID_REQUEST
+    status = 405
+    code = "method_not_allowed"
+    outcome = "bad_request"
+
+
+class NotFound(GatewayError):
+    kind = ErrorKind.NOT_FOUND
     outcome = "bad_request"
 
 

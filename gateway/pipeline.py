@@ -28,19 +28,24 @@ from gateway.appkeys import (
     TRACING,
     UPSTREAMS,
 )
+from gateway.body import read_body as receive_body
 from gateway.compaction.step import compact as compact_context
+from gateway.credentials import credential
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, ROUTES, Dialect
 from gateway.dialects.envelope import EnvelopeError
 from gateway.errors import (
     BadRequest,
-    BodyTooLarge,
+    BodyTimeout,
     ContextOverflow,
     GatewayError,
     InternalError,
+    MethodNotAllowed,
+    NotFound,
     PolicyRejection,
 )
 from gateway.exchange import Exchange
-from gateway.identity import identify
+from gateway.identity import identify, own_session, qualified
+from gateway.paths import COUNT_TOKENS, PathRefused, provider_path
 from gateway.policy import decide
 from gateway.relay import relay
 from gateway.store import LimitExceeded
@@ -65,7 +70,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     in_flight.inc((ex.dialect.name,))
     try:
         await read_request(ex)
-        identify_session(ex)
+        await identify_session(ex)
         await decide_policy(ex)
         await compact_context(ex)
         await begin_turn(ex)
@@ -86,7 +91,7 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
     """A call that belongs to a session but is not a turn (``count_tokens``)."""
     try:
         await read_request(ex, strict=False)
-        identify_session(ex)
+        await identify_session(ex)
         await ex.request.app[STORE].record_aux(accounting.turn_start(ex))
         await forward(ex)
     except GatewayError as error:
@@ -122,14 +127,9 @@ def report(ex: Exchange, route: str) -> None:
 
 
 async def read_body(ex: Exchange) -> None:
-    try:
-        ex.raw = await ex.request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit = ex.request.app[SETTINGS].max_body_bytes
-        raise BodyTooLarge(
-            f"Request body exceeds the gateway's limit of {limit} bytes"
-            " (setting max_body_bytes in the gateway's config file)."
-        ) from exc
+    """The body, bounded in time and size and decoded (``body``)."""
+    settings = ex.request.app[SETTINGS]
+    ex.raw = await receive_body(ex.request, settings.max_body_bytes, settings.timeouts.client_body)
 
 
 async def read_request(ex: Exchange, strict: bool = True) -> None:
@@ -149,8 +149,14 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
     ex.upstream_body, ex.rewritten = ex.dialect.upstream_body(body, ex.raw)
 
 
-def identify_session(ex: Exchange) -> None:
-    ex.identity = identify(ex.request.headers, ex.facts, ex.path_session)
+async def identify_session(ex: Exchange) -> None:
+    """Whose call (the one credential that goes upstream) and which of its sessions: an id
+    another key started is the caller's own under a qualified id (``identity``)."""
+    headers = ex.request.headers
+    who = credential(headers, ex.upstream.provider)
+    ex.identity, ex.record = await own_session(
+        identify(headers, ex.facts, ex.path_session, who), ex.request.app[STORE].get
+    )
 
 
 async def decide_policy(ex: Exchange) -> None:
@@ -158,9 +164,16 @@ async def decide_policy(ex: Exchange) -> None:
     assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
     app, session = ex.request.app, ex.identity.session_id
     policy = app[POLICY].policy
-    who = decide.caller(policy, ex.identity, ex.facts.model, ex.request.headers)
+    who = decide.caller(
+        policy,
+        ex.identity,
+        ex.facts.model,
+        ex.request.headers,
+        ex.request.remote,
+        app[SETTINGS].trusted_proxies,
+    )
     ex.team = who.team
-    ex.record = record = await app[STORE].get(session)
+    record = ex.record
     try:
         ex.decision = decide.decide(
             policy,
@@ -215,6 +228,8 @@ async def begin_turn(ex: Exchange) -> None:
             ),
         )
     assert ex.ticket is not None
+    if ex.ticket.session_id != ex.identity.session_id:
+        ex.identity = qualified(ex.identity)  # another key started the id since it was looked up
     ex.turn = ex.ticket.turn
     ex.decision.warnings = decide.warnings(
         ex.decision, ex.ticket.turn, ex.ticket.turns_left, ex.ticket.tokens_left
@@ -234,15 +249,19 @@ async def reject(ex: Exchange, verdict: decide.Verdict) -> NoReturn:
 
 
 def is_helper_call(ex: Exchange) -> bool:
-    """An agent's own side calls (titles, its compaction, reviews) are not loop turns."""
-    return "x-openai-subagent" in ex.request.headers or not (ex.facts and ex.facts.tools)
+    """An agent's own side calls (titles, its compaction, reviews) are not loop turns: they
+    carry no tools. ``x-openai-subagent`` is only a claim, so a call with tools is checked."""
+    return not (ex.facts and ex.facts.tools)
 
 
 async def forward(ex: Exchange) -> None:
     app = ex.request.app
     settings = app[SETTINGS]
-    headers = request_headers(ex.request.headers)
-    url = ex.upstream.url(ex.path, ex.request.query_string)
+    drop = ex.identity.drop_header if ex.identity else None
+    if ex.identity is None:  # passthrough: the credential of the upstream it goes to
+        drop = credential(ex.request.headers, ex.upstream.provider).drop
+    headers = request_headers(ex.request.headers, drop=drop)
+    url = ex.upstream.url(ex.path, ex.request.rel_url.raw_query_string)
     ex.upstream_at = time.perf_counter()
     with tracing.upstream_call(ex, url, headers):
         upstream = await send(
@@ -298,6 +317,8 @@ def answer_error(ex: Exchange, error: GatewayError) -> None:
             ex.response = web.Response(body=events, status=200, headers=headers)
             return
     ex.response = web.json_response(answer.body, status=ex.status, headers=headers, dumps=_dumps)
+    if isinstance(error, BodyTimeout):
+        ex.response.force_close()  # the rest of a slow body must not be read as a request
 
 
 def failed(ex: Exchange) -> None:
@@ -318,40 +339,66 @@ _ERRORS_BY_PROVIDER: dict[str, Dialect] = {
 
 
 # -- routes ------------------------------------------------------------------------------------
-def _exchange(request: web.Request, dialect: Dialect | None) -> Exchange:
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Every call below ``/v1`` (and ``/s/<session>/v1``): its one checked path picks the
+    handler and is the path sent upstream (``paths``), so no spelling reaches the provider's
+    LLM endpoints around the policy."""
+    try:
+        where = provider_path(request.rel_url.raw_path)
+    except PathRefused as exc:
+        ex = _exchange(request, None, request.path[:_LOGGED_PATH])
+        return refuse(ex, BadRequest(f"The request path is refused: {exc}."), "passthrough")
+    path = where.path
+    dialect = ROUTES.get(path)
+    if dialect is not None:
+        ex = _exchange(request, dialect, path, where.session)
+        if request.method != "POST":
+            return refuse(ex, _post_only(request.method, path), dialect.name)
+        return await request.app[TRACING].serve(ex, handle)
+    if path == COUNT_TOKENS:
+        ex = _exchange(request, ANTHROPIC_MESSAGES, path, where.session)
+        if request.method != "POST":
+            return refuse(ex, _post_only(request.method, path), "anthropic.count_tokens")
+        return await request.app[TRACING].serve(ex, handle_aux, "count_tokens")
+    return await handle_passthrough(_exchange(request, None, path, where.session))
+
+
+def refuse(ex: Exchange, error: GatewayError, route: str) -> web.StreamResponse:
+    """A request answered before any step ran (its path or method), counted and logged."""
+    answer_error(ex, error)
+    report(ex, route)
+    assert ex.response is not None
+    return ex.response
+
+
+_LOGGED_PATH = 256
+"""A refused path is logged and answered only this far (the parser allows 32 KB)."""
+
+
+def _post_only(method: str, path: str) -> GatewayError:
+    return MethodNotAllowed(f"{method} is not allowed on {path}: this API takes POST.")
+
+
+def _exchange(
+    request: web.Request, dialect: Dialect | None, path: str, session: str | None = None
+) -> Exchange:
     upstreams = request.app[UPSTREAMS]
-    path_session = request.match_info.get("gateway_session")
-    path = request.path
-    if path_session is not None:
-        path = path[path.index("/v1/") :]
     if dialect is not None:
         upstream = upstreams.for_provider(dialect.provider)
     elif path.startswith("/v1/messages"):
         upstream = upstreams.anthropic
     else:
         upstream = upstreams.for_headers(request.headers)
-    return Exchange(request, upstream, path, dialect, path_session)
+    return Exchange(request, upstream, path, dialect, session)
 
 
-def llm_handler(dialect: Dialect) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await request.app[TRACING].serve(_exchange(request, dialect), handle)
-
-    return handler
-
-
-async def count_tokens_handler(request: web.Request) -> web.StreamResponse:
-    ex = _exchange(request, ANTHROPIC_MESSAGES)
-    return await request.app[TRACING].serve(ex, handle_aux, "count_tokens")
-
-
-async def passthrough_handler(request: web.Request) -> web.StreamResponse:
-    return await handle_passthrough(_exchange(request, None))
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """Any path outside ``/v1``, ``/gateway`` and ``/metrics``: a JSON 404 both SDKs read."""
+    path = request.path[:_LOGGED_PATH]
+    return refuse(_exchange(request, None, path), NotFound(f"No such path: {path}"), "unknown")
 
 
 def add_routes(app: web.Application) -> None:
-    for prefix in ("", SESSION_PREFIX):
-        for path, dialect in ROUTES.items():
-            app.router.add_post(prefix + path, llm_handler(dialect))
-        app.router.add_post(prefix + "/v1/messages/count_tokens", count_tokens_handler)
-        app.router.add_route("*", prefix + "/v1/{tail:.*}", passthrough_handler)
+    for prefix in ("/v1/", SESSION_PREFIX + "/v1/"):
+        app.router.add_route("*", prefix + "{tail:.*}", dispatch)
+    app.router.add_route("*", "/{tail:.*}", not_found)

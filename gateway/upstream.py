@@ -16,6 +16,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
+from yarl import URL
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.settings import Settings
@@ -39,7 +40,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Asked upstream for plain bytes, so usage can be read without decompressing on the side;
 # the client never asked the gateway for more than identity either way.
-_REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding"}
+# The body goes upstream decoded (``body``): its Content-Encoding no longer applies.
+_REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding", "content-encoding"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
 _GATEWAY_PREFIX = "x-gateway-"  # compared by slice: str.startswith parses its arguments slowly
 _LARGE_BODY = 1024 * 1024
@@ -54,6 +56,9 @@ class Upstream:
     """The part of the client's path the base URL already holds (OpenAI's ``/v1``)."""
 
     def url(self, path: str, query_string: str) -> str:
+        """``path`` is a checked provider path (``gateway.paths``: no dot segment, no encoded
+        separator), so the URL stays below the base URL's path; both parts are sent as they
+        are, still percent-encoded (``send`` does not re-encode or normalise them)."""
         tail = path.removeprefix(self.strip_prefix) if self.strip_prefix else path
         url = self.base_url.rstrip("/") + tail
         return f"{url}?{query_string}" if query_string else url
@@ -83,12 +88,16 @@ class Upstreams:
 
 
 def request_headers(
-    headers: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]] = ()
+    headers: CIMultiDictProxy[str],
+    extra: Iterable[tuple[str, str]] = (),
+    drop: str | None = None,
 ) -> CIMultiDict[str]:
+    """The client's headers as they go upstream; ``drop`` is the credential header that does
+    not (``credentials.Credential``: one credential goes upstream)."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower[:10] == _GATEWAY_PREFIX:
+        if lower in _REQUEST_DROP or lower[:10] == _GATEWAY_PREFIX or lower == drop:
             continue
         out.add(name, value)
     out["Accept-Encoding"] = "identity"
@@ -141,6 +150,8 @@ async def send(
     if "User-Agent" not in headers or (body and "Content-Type" not in headers):
         skip = _NO_AUTO_HEADERS
 
+    # Already encoded: yarl would otherwise re-quote the path and resolve dot segments.
+    target = URL(url, encoded=True)
     timeouts = settings.timeouts
     # aiohttp's read timeout runs from the request sent to the response headers, then between
     # chunks: first_byte until the headers, idle after them (``_between_chunks``).
@@ -151,7 +162,7 @@ async def send(
             data.seek(0)
         response = await session.request(
             method,
-            url,
+            target,
             data=data,
             headers=headers,
             allow_redirects=False,
