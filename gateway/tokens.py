@@ -3,13 +3,37 @@
 The rank tables ship inside the package (``gateway/data/tiktoken``, under the cache file names
 tiktoken looks for), so counting never touches the network. Counts are cached per message: an
 agent resends its whole history every turn, and only the new messages cost anything.
+
+Counting runs on the event loop (policy, compaction and accounting call it synchronously), so
+its cost is bounded whatever the body, in two ways:
+
+- Text reaches BPE in pieces of at most ``PIECE`` characters. tiktoken's BPE is superlinear in
+  the length of one pre-token, and a run without whitespace (one character repeated, digits,
+  base64) is one pre-token: 10 MB of one character held the loop for 9.5 s. Cut into pieces,
+  every text costs linear time; a cut may add a token at a boundary (well under 1%).
+- The counter spends at most ``BUDGET`` seconds encoding before the event loop gets to run
+  again (a ``call_soon`` callback renews the budget when the loop turns), so counting never
+  holds the loop for more than a few milliseconds at a stretch. Past the budget the rest of
+  a text is estimated from what was counted, at its own tokens per character (or the
+  counter's running figure for a text not begun), never below ``MIN_RATIO``: repeated
+  characters are then over-counted (an upper bound for decisions), ordinary text comes
+  within a few percent. Estimates are not cached, so a long history is counted exactly over
+  the next turns as it comes back. Off an event loop (the CLI, plain functions in tests)
+  nothing is held up, and everything is counted.
+
+Counting off the loop (a thread) was not chosen: policy, compaction and accounting decide
+synchronously, and a thread hop on every counted call would pay for a case that only a hostile
+or broken client makes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
+import math
 import os
+import time
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -17,6 +41,8 @@ from typing import Any
 import msgspec
 import orjson
 import tiktoken
+
+from gateway.dialects.envelope import load_json
 
 O200K = "o200k_base"
 CL100K = "cl100k_base"
@@ -28,6 +54,13 @@ _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5")
 
 # Per-message framing tokens (role markers and separators) that the text alone does not show.
 MESSAGE_OVERHEAD = 3
+
+PIECE = 2048
+"""Characters handed to BPE at once: worst case (one character repeated) about 0.3 ms each."""
+BUDGET = 0.004
+"""Seconds of encoding allowed before the event loop runs again; past it, texts are estimated."""
+MIN_RATIO = 0.25
+"""Tokens per character an estimate never goes below (English prose runs about 0.22-0.25)."""
 
 
 def use_bundled_tables() -> None:
@@ -51,7 +84,7 @@ def encoding_for(model: str | None) -> str:
 class TokenCounter:
     """Counts tokens of messages, remembering each message's count by its content hash."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, budget: float = BUDGET) -> None:
         use_bundled_tables()
         self._encodings: dict[str, tiktoken.Encoding] = {}
         # Per encoding: an item's count by the hash of its JSON bytes (64-bit: at 100,000
@@ -60,6 +93,14 @@ class TokenCounter:
         self._max_entries = max_entries
         self.hits = 0
         self.misses = 0
+        self.estimated = 0
+        """Texts only partly counted for want of budget (their counts are estimates)."""
+        self._budget = budget
+        self._spent = 0.0
+        self._armed: asyncio.AbstractEventLoop | None = None
+        """The loop whose next turn renews the budget (None: renewed)."""
+        self._ratio = MIN_RATIO
+        """Tokens per character of what was counted lately: the guess for a text not begun."""
 
     def load(self) -> None:
         """Load both tables (about a second of CPU): call from a thread at start-up."""
@@ -73,8 +114,43 @@ class TokenCounter:
         return enc
 
     def count_text(self, text: str, model: str | None = None) -> int:
-        enc = self._encoding(encoding_for(model))
-        return len(enc.encode(text, disallowed_special=()))
+        return self._tokens(encoding_for(model), text)[0]
+
+    def _tokens(self, encoding: str, text: str) -> tuple[int, bool]:
+        """Tokens of ``text``, and whether that is a count (not an estimate): in bounded pieces,
+        within the time budget (see the module's docstring)."""
+        enc = self._encoding(encoding)
+        length = len(text)
+        budget = self._left()
+        started = now = time.perf_counter()
+        tokens = done = 0
+        while done < length and now - started < budget:
+            piece = text[done : done + PIECE] if length > PIECE else text
+            tokens += len(enc.encode(piece, disallowed_special=()))
+            done += len(piece)
+            now = time.perf_counter()
+        self._spent += now - started
+        if done >= length:
+            if length >= PIECE:
+                self._ratio = max(MIN_RATIO, tokens / length)
+            return tokens, True
+        self.estimated += 1
+        ratio = max(MIN_RATIO, tokens / done if done else self._ratio)
+        return tokens + math.ceil((length - done) * ratio), False
+
+    def _left(self) -> float:
+        """Seconds of encoding left before the loop must run again."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return math.inf  # not on an event loop: nothing to hold up
+        if self._armed is not loop:
+            self._armed, self._spent = loop, 0.0
+            loop.call_soon(self._renew)
+        return self._budget - self._spent
+
+    def _renew(self) -> None:
+        self._armed = None
 
     def count_content(self, parts: Iterable[Any], model: str | None = None) -> int:
         """Tokens of generated content (stream deltas, answer blocks): uncached, no framing."""
@@ -126,8 +202,11 @@ class TokenCounter:
             self.hits += 1
             return cached
         self.misses += 1
-        text, extra = _text_of(orjson.loads(raw) if item is None else item)
-        count = len(self._encoding(encoding).encode(text, disallowed_special=())) + extra
+        text, extra = _text_of(load_json(raw) if item is None else item)
+        count, exact = self._tokens(encoding, text)
+        count += extra
+        if not exact:
+            return count  # not cached: counted properly when it comes back with budget
         if len(cache) >= self._max_entries:
             # Oldest first (dicts keep insertion order): a history's early messages come back
             # with every turn, and cost one count each when they do after an eviction.

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.dialects.base import History, Layout
+from gateway.dialects.envelope import load_json
 
 Op = int | list[Any]
 """How an entry is made from the originals: ``i`` (item i as sent), ``["elide", i]`` (item i
@@ -121,7 +122,7 @@ class Conversation:
     def value(self, index: int) -> Any:
         entry = self.entries[index]
         if entry.value is None:
-            entry.value = orjson.loads(memoryview(entry.raw))
+            entry.value = load_json(entry.raw)
         return entry.value
 
     def layout(self) -> Layout:
@@ -153,7 +154,7 @@ class Conversation:
             raw = self.originals[op]
             return Entry(raw, self.count(raw), op)
         if op[0] == "elide":
-            original = orjson.loads(memoryview(self.originals[op[1]]))
+            original = load_json(self.originals[op[1]])
             elided = self.history.elide(original, ELIDE_MIN_BYTES)
             value = original if elided is None else elided
             raw = orjson.dumps(value)

@@ -4,10 +4,18 @@ An agent's request is mostly history, resent every turn. The gateway needs a few
 and the two ends of the history (its start for identity, its newest items for loops), so the
 body is decoded into an ``Envelope``: small fields as values, big arrays as a list of raw JSON
 slices (one scan, no objects built). ``Items`` decodes an item only when it is read.
+
+A body is refused (``EnvelopeError``, a 400) in that one scan if anything of it could fail to
+decode later: malformed JSON, nesting past the decoder's depth, lone surrogate escapes
+(msgspec checks these even in the slices it skips), and invalid UTF-8 (msgspec does not look
+inside skipped strings, so the body is checked once, free for ASCII). What msgspec accepts and
+orjson alone refuses (a number out of a double's range) is read by ``load_json``'s fallback:
+an item decoded later never raises.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
@@ -36,14 +44,14 @@ class Items(Sequence[Any]):
             return [self[i] for i in range(*index.indices(len(self)))]
         value = self._decoded[index]
         if value is _UNREAD:
-            value = self._decoded[index] = orjson.loads(memoryview(self._raw[index]))
+            value = self._decoded[index] = load_json(self._raw[index])
         return value
 
     def __iter__(self) -> Iterator[Any]:
         decoded, raw = self._decoded, self._raw
         for index, value in enumerate(decoded):
             if value is _UNREAD:
-                value = decoded[index] = orjson.loads(memoryview(raw[index]))
+                value = decoded[index] = load_json(raw[index])
             yield value
 
     def raw(self) -> Iterator[msgspec.Raw]:
@@ -117,9 +125,45 @@ def decoder(envelope: type[Envelope]) -> msgspec.json.Decoder[Envelope]:
 
 def decode(dec: msgspec.json.Decoder[Envelope], raw: bytes) -> Envelope:
     try:
-        return dec.decode(raw)
+        envelope = dec.decode(raw)
     except msgspec.DecodeError as exc:
         raise EnvelopeError(str(exc)) from exc
+    except RecursionError as exc:
+        raise EnvelopeError("JSON is nested too deeply") from exc
+    except UnicodeDecodeError as exc:  # in a field decoded as a value
+        raise EnvelopeError(f"invalid UTF-8 at byte {exc.start}") from exc
+    if not raw.isascii():
+        # The slices msgspec skipped are not checked for UTF-8; orjson would refuse them later.
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            raise EnvelopeError(f"invalid UTF-8 at byte {exc.start}") from exc
+    return envelope
+
+
+def load_json(data: Buffer) -> Any:
+    """One element of a body ``decode`` accepted: orjson, or for what only it refuses (a number
+    past a double's range), the standard library, reading such numbers as infinities."""
+    try:
+        return orjson.loads(memoryview(data))
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(data), parse_int=_int, parse_constant=_refuse)
+
+
+Buffer = bytes | msgspec.Raw | memoryview
+
+
+def _int(text: str) -> int | float:
+    # As orjson reads them: past 64 bits a float (and no slow parse of a huge integer).
+    if len(text) <= 20:
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return float(text)
+
+
+def _refuse(text: str) -> Any:
+    raise ValueError(f"not JSON: {text}")
 
 
 _MARK = orjson.dumps("\u0000gateway:array\u0000")
@@ -128,6 +172,6 @@ _MARK = orjson.dumps("\u0000gateway:array\u0000")
 def replace_array(raw: bytes, field: str, elements: list[Any]) -> bytes:
     """The body with one top-level array replaced by ``elements`` (raw JSON each, joined as
     they are: items kept from the request stay byte for byte). Every other field is kept."""
-    body = orjson.loads(raw)
+    body = load_json(raw)
     body[field] = "\u0000gateway:array\u0000"
     return orjson.dumps(body).replace(_MARK, b"[" + b",".join(elements) + b"]", 1)

@@ -26,7 +26,7 @@ from gateway.dialects.base import (
     load_object,
     parse_object,
 )
-from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder
+from gateway.dialects.envelope import UNSET, Array, Envelope, Field, decode, decoder, load_json
 from gateway.dialects.openai_common import (
     SYSTEM_ROLES,
     leading_system,
@@ -171,7 +171,7 @@ class OpenAIChat:
             rest = raw[brace:]
             sep = b"," if rest.strip() != b"}" else b""
             return raw[:brace] + b'"stream_options":{"include_usage":true}' + sep + rest, True
-        rewritten = orjson.loads(raw)  # the rare case: stream_options present without usage
+        rewritten = load_json(raw)  # the rare case: stream_options present without usage
         rewritten["stream_options"] = {**as_dict(options), "include_usage": True}
         return orjson.dumps(rewritten), True
 

@@ -75,6 +75,17 @@ def parse_usage(raw: Any) -> Usage | None:
     )
 
 
+def _kind(item: JSONObject) -> str:
+    """An item's type; one that is not a string (the API refuses it) matches no known type."""
+    kind = item.get("type", "message")
+    return kind if isinstance(kind, str) else ""
+
+
+def _call_id(item: JSONObject) -> str | None:
+    call_id = item.get("call_id")
+    return call_id if isinstance(call_id, str) else None
+
+
 def _is_user_message(item: Any) -> bool:
     return (
         isinstance(item, dict)
@@ -92,11 +103,11 @@ class ResponsesHistory:
     def layout(self, items: Sequence[Any]) -> Layout:
         system = leading_system(items)
         layout = Layout(system)
-        open_calls: set[Any] = set()
+        open_calls: set[str | None] = set()
         after_reasoning = False
         for index in range(system, len(items)):
             item = as_dict(items[index])
-            kind = item.get("type", "message")
+            kind = _kind(item)
             bound = kind in _OUTPUTS or after_reasoning or bool(open_calls)
             if bound and layout.units:
                 layout.units[-1] = (layout.units[-1][0], index + 1)
@@ -105,15 +116,15 @@ class ResponsesHistory:
                 layout.units.append((index, index + 1))
                 layout.inputs.append(_is_user_message(item))
             if kind in _CALLS:
-                open_calls.add(item.get("call_id"))
+                open_calls.add(_call_id(item))
             elif kind in _OUTPUTS:
-                open_calls.discard(item.get("call_id"))
+                open_calls.discard(_call_id(item))
             after_reasoning = kind == "reasoning"
         return layout
 
     def elide(self, item: Any, min_bytes: int) -> Any | None:
         output = as_dict(item)
-        if output.get("type") not in _OUTPUTS or "output" not in output:
+        if _kind(output) not in _OUTPUTS or "output" not in output:
             return None
         note = elision_note(output["output"], min_bytes)
         return None if note is None else {**output, "output": note}
@@ -210,7 +221,7 @@ class OpenAIResponses:
         group: list[tuple[Any, Any]] = []
         for item in reversed(facts.items):
             item = as_dict(item)
-            kind = item.get("type", "message")
+            kind = _kind(item)
             call = _CALLS.get(kind)
             if call is not None:
                 group.append((item.get("name", kind), item.get(call)))
@@ -298,7 +309,7 @@ class ResponsesStreamObserver:
             payload = _EVENT.decode(event.data)
         except msgspec.DecodeError:
             return event.raw  # not a JSON object of the expected shape: relayed, not read
-        kind = kind or payload.type
+        kind = kind or (payload.type if isinstance(payload.type, str) else None)
         if kind in _DELTAS:
             self.facts.deltas.append(event.data)
         elif kind in _FINAL_EVENTS or kind == "response.created":
