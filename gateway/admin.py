@@ -1,8 +1,17 @@
-"""The admin API under ``/gateway/``: health and sessions, as JSON."""
+"""The admin API under ``/gateway/``: health and sessions, as JSON.
+
+Who may call it (``admin_token``, ``admitted``): with an admin token set, every route but
+health needs it as ``Authorization: Bearer <token>``. Without one, reads are open and writes
+(grant, end) are accepted only from a loopback peer, so only a process on this host can make
+them; ``serving_problem`` refuses to serve on another address without a token. Writes also
+need a JSON body and no foreign ``Origin``: a web page can send a form or text/plain POST to
+localhost without asking, but not a cross-site JSON one.
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -10,13 +19,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from gateway import __version__
 from gateway.appkeys import AUDIT, COMPACTOR, POLICY, SETTINGS, STARTED_AT, STORE
+from gateway.settings import Settings
 from gateway.store import Grant, SessionQuery, SessionRecord
 
 MAX_PAGE = 500
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ADMITTED = web.RequestKey("admitted", str)
+"""How an admin call was let in: ``token`` or ``loopback`` (the audit log says which)."""
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -82,7 +96,13 @@ async def grant(request: web.Request) -> web.Response:
     if record is None:
         return _json({"error": "no such session"}, status=404)
     request.config_dict[AUDIT].record(
-        "grant", session=session_id, turns=turns, tokens=tokens, by=by, reason=reason
+        "grant",
+        session=session_id,
+        turns=turns,
+        tokens=tokens,
+        by=by,
+        reason=reason,
+        **_caller(request),
     )
     return _json(session_json(record, time.time()))
 
@@ -97,7 +117,9 @@ async def end(request: web.Request) -> web.Response:
     record = await request.config_dict[STORE].set_status(session_id, "ended", why)
     if record is None:
         return _json({"error": "no such session"}, status=404)
-    request.config_dict[AUDIT].record("session_end", session=session_id, by=by, reason=reason)
+    request.config_dict[AUDIT].record(
+        "session_end", session=session_id, by=by, reason=reason, **_caller(request)
+    )
     return _json(session_json(record, time.time()))
 
 
@@ -137,9 +159,14 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
 
 
 def _operator(request: web.Request, body: dict[str, Any]) -> str:
-    """Who acts: the body's ``by``, else ``X-Gateway-Operator``, else "admin"."""
+    """Who acts, as the caller says: the body's ``by``, else ``X-Gateway-Operator``, else
+    "admin". A claim: the audit log keeps the peer and how it was admitted beside it."""
     by = body.get("by") or request.headers.get("X-Gateway-Operator") or "admin"
     return str(by)[:120]
+
+
+def _caller(request: web.Request) -> dict[str, str | None]:
+    return {"peer": _peer(request), "auth": request.get(ADMITTED)}
 
 
 async def calibration(request: web.Request) -> web.Response:
@@ -152,21 +179,98 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def admin_token(handler: Handler) -> Handler:
-    """With ``GATEWAY_ADMIN_TOKEN`` set, the route needs it as a bearer.
+def admin_token(handler: Handler, *, write: bool = False) -> Handler:
+    """With ``admin_token`` set, the route needs it as a bearer; a write (``write=True``) is
+    also refused from a foreign ``Origin``, without a JSON body, and without a token from any
+    peer but loopback.
 
     A wrapper per route, not a middleware: a sub-application's middleware makes aiohttp build
     a middleware chain for every request of the whole app, the LLM path included."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
+        if write:
+            if not _same_origin(request):
+                return _json({"error": "admin writes are refused from another origin"}, 403)
+            if request.content_type != "application/json":
+                return _json({"error": "admin writes take an application/json body"}, 415)
         token = request.config_dict[SETTINGS].admin_token
         if token is not None:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-                return _json({"error": "admin token required"}, status=401)
+            if not bearer_ok(request, token.get_secret_value()):
+                return _json({"error": "admin token required (Authorization: Bearer)"}, 401)
+            request[ADMITTED] = "token"
+        elif write:
+            if not (_loopback(_peer(request)) and _loopback_host(request.host)):
+                return _json(
+                    {
+                        "error": "without an admin token, admin writes are accepted only from "
+                        "this host; set GATEWAY_ADMIN_TOKEN (or admin_token in the config)"
+                    },
+                    403,
+                )
+            request[ADMITTED] = "loopback"
         return await handler(request)
 
     return guarded
+
+
+def bearer_ok(request: web.Request, token: str) -> bool:
+    """``Authorization: Bearer <token>`` (the scheme case-insensitive, RFC 7235), compared in
+    constant time. A raw token without the scheme is refused."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _peer(request: web.Request) -> str | None:
+    """The transport's peer address: never a header (``X-Forwarded-For`` is a claim)."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
+        return peername[0]
+    return None
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_host(host: str) -> bool:
+    """The ``Host`` the caller asked for names this machine's loopback: a page on another name
+    that resolves to 127.0.0.1 (DNS rebinding) is same-origin to itself, not to us."""
+    if any(c in host for c in "@/?#\\"):
+        return False
+    try:
+        name = URL(f"http://{host}").host or ""
+    except ValueError:
+        return False
+    return name.lower() in LOOPBACK_NAMES or _loopback(name)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """No ``Origin`` (a CLI, curl) or our own ``scheme://host``; anything else is a page."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
+
+
+def serving_problem(settings: Settings) -> str | None:
+    """Why ``gateway serve`` must not start with these settings, or None."""
+    if settings.admin_token is None:
+        if not _loopback(settings.host) and settings.host.lower() not in LOOPBACK_NAMES:
+            return (
+                f"refusing to serve on {settings.host} without an admin token: anyone who can "
+                "reach it could grant and end sessions. Set GATEWAY_ADMIN_TOKEN (or admin_token "
+                "in the config file), or listen on 127.0.0.1."
+            )
+        if settings.metrics_auth:
+            return (
+                "metrics_auth needs an admin token: set GATEWAY_ADMIN_TOKEN (or admin_token in "
+                "the config file)."
+            )
+    return None
 
 
 def admin_app() -> web.Application:
@@ -176,8 +280,8 @@ def admin_app() -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/sessions", admin_token(list_sessions))
     app.router.add_get("/sessions/{session_id}", admin_token(get_session))
-    app.router.add_post("/sessions/{session_id}/grant", admin_token(grant))
-    app.router.add_post("/sessions/{session_id}/end", admin_token(end))
+    app.router.add_post("/sessions/{session_id}/grant", admin_token(grant, write=True))
+    app.router.add_post("/sessions/{session_id}/end", admin_token(end, write=True))
     app.router.add_get("/policy", admin_token(policy))
     app.router.add_get("/budgets", admin_token(budgets))
     app.router.add_get("/calibration", admin_token(calibration))

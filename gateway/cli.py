@@ -106,13 +106,19 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from gateway.admin import serving_problem
     from gateway.app import create_app
+    from gateway.policy import PolicyError
     from gateway.settings import load_settings
     from gateway.telemetry import logs
 
     settings = load_settings(
         args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
     )
+    problem = serving_problem(settings)
+    if problem is not None:
+        print(f"gateway: {problem}", file=sys.stderr)
+        return 2
     listener = logs.configure(settings.log_level, settings.log_format)
     _install_uvloop()
     app = create_app(settings)
@@ -125,6 +131,9 @@ def _serve(args: argparse.Namespace) -> int:
     app.on_startup.append(_tune_gc)
     try:
         web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
+    except PolicyError as exc:  # the policy file at start: its problems, not a traceback
+        print(f"gateway: policy refused, not starting:\n{exc}", file=sys.stderr)
+        return 1
     finally:
         listener.stop()
     return 0

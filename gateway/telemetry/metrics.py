@@ -526,9 +526,20 @@ _UPSTREAM_FAILURES = {
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text, or OpenMetrics (with exemplars) when asked for."""
-    from gateway.appkeys import METRICS, STORE
+    """``GET /metrics``: Prometheus text, or OpenMetrics (with exemplars) when asked for.
+    With ``metrics_auth``, only for ``Authorization: Bearer <admin token>``."""
+    from gateway.admin import bearer_ok
+    from gateway.appkeys import METRICS, SETTINGS, STORE
 
+    settings = request.app[SETTINGS]
+    if settings.metrics_auth:
+        token = settings.admin_token
+        if token is None or not bearer_ok(request, token.get_secret_value()):
+            return web.Response(
+                status=401,
+                text="metrics_auth is on: send Authorization: Bearer <admin token>\n",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     metrics = request.app[METRICS]
     metrics.budgets.counters = await request.app[STORE].budgets()
     metrics.process.latest = await asyncio.to_thread(metrics.process.sample)
