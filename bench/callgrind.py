@@ -1,0 +1,364 @@
+"""Instructions per call under callgrind: repeatable where requests per second are not.
+
+    uv run python bench/callgrind.py [--relay] [--cases chat,chat-stream] [--repo DIR]
+
+Starts the fake provider, then the gateway (or, with ``--relay``, bench/overhead.py's bare
+aiohttp relay) under ``valgrind --tool=callgrind --instr-atstart=no``. For each case: warm-up
+calls with instrumentation off, ``callgrind_control -z`` and ``-i on``, the measured calls at
+concurrency 16 from an aiohttp client in this process, ``-i off`` and ``-d``; the dump's total
+instruction count divided by the calls is the case's cost. The whole process is counted (event
+loop, log writer thread). ``--repo`` runs the servers from another checkout (its ``gateway``
+package first on the path) with this script's bodies, so two trees measure the same calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+from overhead import (
+    ANTHROPIC_HEADERS,
+    OPENAI_HEADERS,
+    Scenario,
+    Server,
+    free_port,
+    http_ok,
+    small_anthropic,
+    small_chat,
+    stop,
+    tcp_open,
+    wait_ready,
+)
+
+HERE: Final = Path(__file__).resolve().parent
+DEFAULT_REPO: Final = HERE.parent
+WARMUP_CALLS: Final = 300
+CALLS: Final = 1_000
+CONCURRENCY: Final = 16
+READY_TIMEOUT: Final = 900.0  # python's start-up under valgrind takes minutes on a slow VM
+CALL_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=300, sock_read=300)
+
+
+def build_cases() -> list[Scenario]:
+    chat, messages = "/v1/chat/completions", "/v1/messages"
+    anthropic = {**small_anthropic(), "model": "claude-sonnet-4-6"}
+    return [
+        Scenario("chat", chat, _dumps(small_chat(False)), OPENAI_HEADERS, False),
+        Scenario("chat-stream", chat, _dumps(small_chat(True)), OPENAI_HEADERS, True),
+        Scenario("anthropic-stream", messages, _dumps(anthropic), ANTHROPIC_HEADERS, True),
+    ]
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+# -- processes ---------------------------------------------------------------------------------
+def launch(
+    name: str, argv: list[str], port: int, repo: Path, workdir: Path, env: dict[str, str]
+) -> Server:
+    """Start one server in its own process group, from ``repo`` with its code first on the path."""
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv,
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": path, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Server(name, port, process, log)
+
+
+def imported_gateway(repo: Path) -> Path:
+    """Where ``import gateway`` resolves when run from ``repo`` as the servers are."""
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run(
+        [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip()).resolve()
+
+
+@contextlib.contextmanager
+def running(repo: Path, workdir: Path, relay: bool) -> Iterator[Server]:
+    """The fake provider, then the target under callgrind; yields the target. Stops both."""
+    python = sys.executable
+    servers: list[Server] = []
+    try:
+        fport = free_port()
+        fake_argv = [python, "-m", "gateway", "fake-provider", "--port", str(fport)]
+        fake = launch("fake", fake_argv, fport, repo, workdir, {})
+        servers.append(fake)
+        wait_ready(fake, tcp_open(fport))
+        port = free_port()
+        valgrind = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={workdir / 'cg.out'}",
+        ]
+        if relay:
+            script = repo / "bench" / "overhead.py"
+            script = script if script.exists() else HERE / "overhead.py"
+            argv = [python, str(script), "--serve-relay", str(port), "--upstream", fake.url]
+            target = launch("relay", [*valgrind, *argv], port, repo, workdir, {})
+            servers.append(target)
+            wait_ready(target, tcp_open(port), READY_TIMEOUT)
+        else:
+            argv = [
+                python,
+                "-m",
+                "gateway",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--store",
+                "memory://",
+                "--policy",
+                str(repo / "bench" / "policy.yaml"),
+            ]
+            env = {
+                "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
+                "GATEWAY_ANTHROPIC_UPSTREAM": fake.url,
+                "GATEWAY_LOG_LEVEL": "info",  # one JSON line per call, to the log file
+            }
+            target = launch("gateway", [*valgrind, *argv], port, repo, workdir, env)
+            servers.append(target)
+            wait_ready(target, http_ok(f"{target.url}/gateway/health"), READY_TIMEOUT)
+        yield target
+    finally:
+        for server in reversed(servers):
+            stop(server)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Result:
+    case: str
+    calls: int
+    instructions: int
+    failures: int
+    seconds: float
+
+    @property
+    def per_call(self) -> float:
+        return self.instructions / self.calls
+
+
+async def callgrind_control(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "callgrind_control",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    text = out.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed:\n{text}")
+    return text
+
+
+async def post_many(
+    session: aiohttp.ClientSession, url: str, case: Scenario, calls: int, concurrency: int
+) -> tuple[int, str | None]:
+    """``calls`` POSTs, ``concurrency`` at a time; (failures, the first failure's description)."""
+    remaining = calls
+    failures = 0
+    first: str | None = None
+    headers = case.request_headers()
+
+    async def worker() -> None:
+        nonlocal remaining, failures, first
+        while remaining > 0:
+            remaining -= 1
+            async with session.post(url, data=case.body, headers=headers) as response:
+                data = await response.read()
+                streamed = response.content_type == "text/event-stream"
+                if response.status != 200 or streamed != case.stream:
+                    failures += 1
+                    if first is None:
+                        first = f"HTTP {response.status} {response.content_type}: {data[:300]!r}"
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return failures, first
+
+
+def newest_dump(workdir: Path) -> Path:
+    dumps = [p for p in workdir.glob("cg.out.*") if p.suffix[1:].isdigit()]
+    if not dumps:
+        raise RuntimeError(f"no callgrind dump in {workdir}")
+    return max(dumps, key=lambda p: int(p.suffix[1:]))
+
+
+def total_instructions(dump: Path) -> int:
+    """The dump's ``totals:`` line (its header's ``summary:`` can be 0), else ``summary:``."""
+    summaries: list[int] = []
+    with dump.open() as lines:
+        for line in lines:
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+            if line.startswith("summary:"):
+                summaries.append(int(line.split()[1]))
+    if not summaries:
+        raise RuntimeError(f"no totals: or summary: line in {dump}")
+    return max(summaries)
+
+
+async def measure(
+    target: Server, workdir: Path, cases: Sequence[Scenario], warmup: int, calls: int
+) -> list[Result]:
+    pid = str(target.process.pid)
+    results = []
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector, timeout=CALL_TIMEOUT) as session:
+        for case in cases:
+            url = target.url + case.path
+            failures, first = await post_many(session, url, case, warmup, CONCURRENCY)
+            if failures:
+                raise RuntimeError(f"{case.name}: {failures} failed warm-up calls; first: {first}")
+            await callgrind_control("-z", pid)
+            await callgrind_control("-i", "on", pid)
+            began = time.monotonic()
+            failures, first = await post_many(session, url, case, calls, CONCURRENCY)
+            seconds = time.monotonic() - began
+            await callgrind_control("-i", "off", pid)
+            await callgrind_control("-d", pid)
+            instructions = total_instructions(newest_dump(workdir))
+            if first is not None:
+                print(f"  {case.name}: first failure: {first}", file=sys.stderr)
+            results.append(Result(case.name, calls, instructions, failures, seconds))
+            per_call = instructions / calls / 1e6
+            print(
+                f"  {case.name}: {per_call:.3f} M/call ({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+# -- main ----------------------------------------------------------------------------------------
+def describe(repo: Path) -> str:
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{repo} at {commit or '?'}{' (modified)' if dirty else ''}"
+
+
+def report(results: Sequence[Result], target: str) -> str:
+    header = ("case", f"{target} M instr/call", "calls", "failed")
+    rows = [(r.case, f"{r.per_call / 1e6:.3f}", str(r.calls), str(r.failures)) for r in results]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--relay", action="store_true", help="measure the bare aiohttp relay")
+    parser.add_argument(
+        "--cases", default="", help="comma-separated: chat, chat-stream, anthropic-stream (all)"
+    )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=DEFAULT_REPO,
+        help="checkout whose gateway runs (default: the one holding this script)",
+    )
+    parser.add_argument("--calls", type=int, default=CALLS, help=f"measured calls ({CALLS})")
+    parser.add_argument("--warmup", type=int, default=WARMUP_CALLS, help=f"({WARMUP_CALLS})")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep logs and dumps here (default: a temporary directory)"
+    )
+    return parser.parse_args(argv)
+
+
+def pick_cases(wanted: str) -> list[Scenario]:
+    cases = build_cases()
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    if not names:
+        return cases
+    known = {c.name: c for c in cases}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = pick_cases(args.cases)
+    repo: Path = args.repo.resolve()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    package = imported_gateway(repo)
+    if not package.is_relative_to(repo):
+        raise SystemExit(f"`import gateway` from {repo} finds {package}, outside the checkout")
+    target = "relay" if args.relay else "gateway"
+    print(f"{target}: {describe(repo)}  (gateway package {package.parent})")
+    print(
+        f"python {platform.python_version()}  nproc={os.cpu_count()}  warm-up {args.warmup},"
+        f" {args.calls} calls at concurrency {CONCURRENCY} per case"
+    )
+    began = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="callgrind-")))
+        else:
+            workdir = args.workdir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        server = stack.enter_context(running(repo, workdir, args.relay))
+        print(f"started under callgrind in {time.monotonic() - began:.0f} s", file=sys.stderr)
+        results = asyncio.run(measure(server, workdir, cases, args.warmup, args.calls))
+    print()
+    print(report(results, target))
+    print(f"\n{time.monotonic() - began:.0f} s in all")
+    return 1 if any(r.failures for r in results) else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)
