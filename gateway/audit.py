@@ -7,6 +7,7 @@ Without a path, audit events still go to the ``gateway.audit`` logger.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from gateway.private import open_private_append
 
 log = logging.getLogger("gateway.audit")
 _STOP = object()
@@ -46,8 +49,8 @@ class AuditLog:
 
     def _write_forever(self) -> None:
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as out:
+        # 0600: the log names sessions, operators and policy errors.
+        with os.fdopen(open_private_append(self.path), "ab") as out:
             while True:
                 entry = self._queue.get()
                 if entry is _STOP:

@@ -10,6 +10,8 @@ crash loses at most that interval of counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from gateway.private import FILE_MODE, create_private_file
 from gateway.store.base import SessionTable
 from gateway.store.records import BudgetCounter, SessionQuery, SessionRecord
 
@@ -87,11 +90,17 @@ class SqliteStore(SessionTable):
         self._executor.shutdown(wait=False)  # idle: its last job has been awaited
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The store keeps summaries of conversations: created 0600 before SQLite opens it
+        # (SQLite gives its -wal and -shm the database's mode; they are set again below).
+        created = create_private_file(self.path)
         db = sqlite3.connect(self.path, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        if created:
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", FILE_MODE)
         self._db = db
 
     def _disconnect(self) -> None:

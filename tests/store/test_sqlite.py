@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,34 @@ async def test_resumed_session_is_not_evicted_by_its_own_load(tmp_path: Path) ->
         assert (rec.turns, rec.tokens.total_tokens, rec.last_seen) == (2, 10, 31.0)
     finally:
         await reopened.close()
+
+
+def _modes(*paths: Path) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask-022", "umask-000"])
+async def test_the_database_its_wal_and_new_directories_are_private(
+    tmp_path: Path, umask: int
+) -> None:
+    """Summaries of conversations live here: 0600 files in 0700 directories, whatever the umask."""
+    path = tmp_path / "state" / "gateway" / "gateway.db"
+    old = os.umask(umask)
+    try:
+        store = await _reopen(path)
+    finally:
+        os.umask(old)
+    try:
+        await store.begin_turn(start("private"), Limits())
+        await store.flush()
+        files = (path, path.with_name("gateway.db-wal"), path.with_name("gateway.db-shm"))
+        modes = await asyncio.to_thread(_modes, *files, path.parent, path.parent.parent)
+    finally:
+        await store.close()
+    assert modes == {
+        "gateway.db": 0o600,
+        "gateway.db-wal": 0o600,
+        "gateway.db-shm": 0o600,
+        "gateway": 0o700,
+        "state": 0o700,
+    }
