@@ -104,11 +104,12 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- serve -------------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
     from gateway.admin import serving_problem
     from gateway.app import create_app
     from gateway.policy import PolicyError
+    from gateway.server import serve
     from gateway.settings import load_settings
     from gateway.telemetry import logs
 
@@ -130,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     app.on_startup.append(_tune_gc)
     try:
-        web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None)
+        asyncio.run(serve(app, settings.host, settings.port))
     except PolicyError as exc:  # the policy file at start: its problems, not a traceback
         print(f"gateway: policy refused, not starting:\n{exc}", file=sys.stderr)
         return 1

@@ -11,11 +11,13 @@ import anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from gateway.app import create_app
 from gateway.fake_provider import RECEIVED, FakeProviderConfig, ReceivedRequest
 from gateway.fake_provider import create_app as create_fake_app
+from gateway.server import GatewayRunner
 from gateway.settings import Settings, Upstreams
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "agents"
@@ -55,10 +57,19 @@ def settings(fake_provider: TestServer) -> Settings:
     )
 
 
+class GatewayTestServer(TestServer):
+    """A test server on the gateway's own runner (connection cap, parser errors as JSON)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
-async def gateway(aiohttp_server: Any, settings: Settings) -> TestServer:
-    server: TestServer = await aiohttp_server(create_app(settings))
-    return server
+async def gateway(settings: Settings) -> AsyncIterator[TestServer]:
+    server = GatewayTestServer(create_app(settings))
+    await server.start_server()
+    yield server
+    await server.close()
 
 
 @pytest.fixture

@@ -1,0 +1,173 @@
+"""The HTTP server around the app: a cap on open connections, a deadline for request headers,
+and the parser's own refusals in a shape both providers' SDKs read.
+
+aiohttp answers what its parser refuses (a header line over ``max_header_bytes``, a malformed
+request) before any route is known, in plain text. Agents and SDKs expect JSON errors, so the
+answer here is one body that reads as either provider's error: Anthropic's
+``{"type": "error", "error": {"type", "message"}}`` with OpenAI's ``param`` and ``code`` beside.
+
+``GatewayRunner`` is ``web.AppRunner`` building a ``GatewayServer``; ``gateway serve`` and the
+tests' servers run on it. It subclasses aiohttp's server and protocol classes (their
+``_loop``, ``_kwargs`` and ``_request_count`` are read): ``tests/test_server.py`` fails if an
+aiohttp release changes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.appkeys import SETTINGS
+
+log = logging.getLogger("gateway.server")
+
+RETRY_AFTER = 1
+
+
+def error_body(kind: str, message: str, code: str) -> bytes:
+    """An error both SDKs parse: the path (and so the provider) is unknown at this point."""
+    error = {"type": kind, "message": message, "param": None, "code": code}
+    return orjson.dumps({"type": "error", "error": error})
+
+
+def _busy_answer(limit: int) -> bytes:
+    body = error_body(
+        "overloaded_error",
+        f"The gateway has {limit} open connections, its limit (max_client_connections):"
+        " retry shortly.",
+        "too_many_connections",
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Retry-After: {RETRY_AFTER}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GatewayProtocol(RequestHandler):
+    """One client connection: closed if its first request's headers take longer than
+    ``headers_timeout``; parser refusals answered as JSON."""
+
+    headers_timeout = 30.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._headers_timer: asyncio.TimerHandle | None = loop.call_later(
+            self.headers_timeout, self._headers_too_slow
+        )
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_timer is not None and self._request_count:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._headers_timer = None
+        if not self._request_count:
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun: nothing more can be sent")
+        if isinstance(exc, LineTooLong):
+            status, text = 431, "A request header (or the request line) is too large"
+            code = "request_header_fields_too_large"
+        elif status == 500:
+            text, code = "The gateway failed on this request.", "internal_error"
+        else:
+            text, code = "The request is not valid HTTP", "bad_http_request"
+        # One line, no traceback: the sender's bytes are not the gateway's fault.
+        log.info("refused a request from %s: %s (%s)", request.remote, status, type(exc).__name__)
+        kind = "api_error" if status >= 500 else "invalid_request_error"
+        response = web.Response(
+            status=status,
+            body=error_body(kind, f"{text} ({status}).", code),
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    """Makes ``GatewayProtocol``s and refuses connections past ``max_connections``."""
+
+    def __init__(self, *args: Any, max_connections: int, headers_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.headers_timeout = headers_timeout
+        self.open = 0
+        self.refused = 0
+        self._busy = _busy_answer(max_connections)
+
+    def __call__(self) -> RequestHandler:
+        protocol = GatewayProtocol(self, loop=self._loop, **self._kwargs)
+        protocol.headers_timeout = self.headers_timeout
+        return protocol
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open += 1
+        if self.open > self.max_connections:
+            # Answered before reading anything: the cap protects the process, and a client
+            # told 503 with Retry-After comes back (agents retry it).
+            self.refused += 1
+            transport.write(self._busy)
+            handler.force_close()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self.open -= 1
+        super().connection_lost(handler, exc)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` whose server is a ``GatewayServer`` set from the app's settings."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        settings = self.app[SETTINGS]
+        return GatewayServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            loop=plain._loop,
+            max_connections=settings.max_client_connections,
+            headers_timeout=settings.timeouts.client_body,
+            **plain._kwargs,
+        )
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then close it (``gateway serve``)."""
+    runner = GatewayRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
