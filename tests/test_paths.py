@@ -10,7 +10,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from gateway.app import create_app
@@ -131,7 +132,10 @@ async def send_raw(server: TestServer, method: str, raw_path: str, body: bytes) 
     writer.close()
     status_line, _, rest = answer.partition(b"\r\n")
     payload = rest.partition(b"\r\n\r\n")[2]
-    return int(status_line.split()[1]), orjson.loads(payload) if payload else None
+    try:
+        return int(status_line.split()[1]), orjson.loads(payload)
+    except orjson.JSONDecodeError:  # empty, or a chunked answer passed through
+        return int(status_line.split()[1]), None
 
 
 BODY = orjson.dumps(
@@ -219,3 +223,42 @@ async def test_a_path_cannot_climb_out_of_the_upstream_base(
     assert status == 200
     # (send_raw's headers say Anthropic: /v1/models goes to the Anthropic base.)
     assert recorder.app[SEEN] == ["/tenant-a/anthropic/v1/models"]
+
+
+_PATH_PIECES = st.sampled_from(
+    [
+        "chat", "completions", "messages", "responses", "count_tokens", "models", "v1", "s",
+        "x", ".", "..", "%2F", "%2f", "%5C", "%2E", "%2e%2e", "%00", "%20", "%3F", "%23",
+        ";", "\\", "C", "%63", "%C3%A9", "%ZZ", "~", "-",
+    ]
+)  # fmt: skip
+_FUZZ_PATH = st.lists(
+    st.lists(_PATH_PIECES, min_size=0, max_size=3).map("".join), min_size=1, max_size=5
+).map(lambda segments: "/" + "/".join(segments))
+
+
+async def test_fuzzed_paths_never_5xx_and_never_skip_the_policy(
+    gateway: TestServer, fake_provider: TestServer
+) -> None:
+    """Random spellings, sent as raw request lines through a running gateway: every answer
+    is below 500, and whatever reached the provider was either an LLM route spelled as the
+    route (and so went through the policy) or no LLM route in any spelling."""
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[str, int]] = []
+
+    @settings(max_examples=150, deadline=None)
+    @given(_FUZZ_PATH, st.sampled_from(["", "/v1", "/s/sess/v1"]))
+    def probe(path: str, prefix: str) -> None:
+        raw = prefix + path
+        future = asyncio.run_coroutine_threadsafe(send_raw(gateway, "POST", raw, BODY), loop)
+        status, _ = future.result(timeout=20)
+        assert status < 500, raw
+        sent.append((raw, status))
+
+    await asyncio.to_thread(probe)
+    assert sent
+    for request in received(fake_provider):
+        path = request.path.split("?", 1)[0]
+        folded = path.lower().replace("%2f", "/").replace("/./", "/")
+        if any(route in folded for route in LLM_PATHS):
+            assert path in LLM_PATHS, path
