@@ -226,7 +226,8 @@ async def test_every_dashboard_and_alert_query_against_a_real_prometheus(
     make_gateway: MakeGateway, tmp_path: Path
 ) -> None:
     binary = prometheus_binary()
-    gw = await make_gateway(POLICY)
+    # The team header is believed from trusted proxies only: the test client is one.
+    gw = await make_gateway(POLICY, trusted_proxies=["127.0.0.1/32"])
     job = 'up{job="agent-gateway"}'
     async with prometheus(binary, tmp_path, gw.server.port) as prom:
         # Scraped at least once before the traffic: counters born at 0 are seen at 0.
