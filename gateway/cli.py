@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_policy_explain)
     reference = policy_commands.add_parser("reference", help="print the policy reference")
     reference.set_defaults(run=_policy_reference)
+
+    config = commands.add_parser("config", help="the gateway's own settings")
+    config_commands = config.add_subparsers(title="config commands", required=True)
+    config_reference = config_commands.add_parser(
+        "reference", help="print every config key (docs/config-reference.md)"
+    )
+    config_reference.set_defaults(run=_config_reference)
     return parser
 
 
@@ -343,6 +350,13 @@ def _policy_explain(args: argparse.Namespace) -> int:
 
 def _policy_reference(args: argparse.Namespace) -> int:
     from gateway.policy.reference import render
+
+    print(render(), end="")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from gateway.settings_reference import render
 
     print(render(), end="")
     return 0

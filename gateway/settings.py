@@ -13,17 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class Upstreams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     openai: str = "https://api.openai.com/v1"
-    """Any OpenAI-compatible server (vLLM, Ollama, ...) works here; include its /v1."""
+    """Where the OpenAI routes go. Any OpenAI-compatible server (vLLM, Ollama, ...) works
+    here; include its /v1."""
     anthropic: str = "https://api.anthropic.com"
+    """Where the Anthropic routes go (without /v1)."""
 
 
 class Timeouts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Seconds."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     connect: float = Field(10.0, gt=0)
+    """To open a connection to the upstream (retried, see ``upstream_retries``)."""
     first_byte: float = Field(600.0, gt=0)
     """Until the upstream's response headers arrive (a long non-streamed answer)."""
     idle: float = Field(300.0, gt=0)
@@ -34,23 +39,30 @@ class Timeouts(BaseModel):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
+    """Listen address. Any but a loopback one needs ``admin_token``."""
     port: int = 8787
+    """Listen port."""
     store: str = "sqlite:///gateway.db"
+    """Session state: ``sqlite:///relative.db``, ``sqlite:////absolute.db`` (kept across
+    restarts, created 0600) or ``memory://`` (one process, the least recently used sessions
+    forgotten past 100,000)."""
     policy: Path | None = None
     """The policy file (YAML); without one, the packaged default policy."""
     policy_poll_interval: float = Field(1.0, gt=0)
     """How often the policy file is checked for changes (SIGHUP reloads at once)."""
     audit_log: Path | None = None
-    """JSON lines: policy loads and refusals, grants, session ends."""
+    """JSON lines: policy loads and refusals, grants, session ends (created 0600)."""
     upstreams: Upstreams = Upstreams()
     timeouts: Timeouts = Timeouts()
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """The largest request body read; larger is answered 413."""
     upstream_retries: int = Field(2, ge=0)
     """Retries of a call whose connection to the upstream could not be opened (nothing sent)."""
     upstream_connections: int = Field(256, ge=1)
+    """Open connections to the upstreams, all of them together; more calls wait for one."""
     max_client_connections: int = Field(4096, ge=1)
     """Open client connections; past it a new connection gets a 503 with ``Retry-After`` and
     is closed (the cap protects the process; ``timeouts.client_body`` frees the slots)."""
@@ -66,6 +78,7 @@ class Settings(BaseModel):
     metrics_auth: bool = False
     """``GET /metrics`` needs the admin token too."""
     log_level: str = "info"
+    """``debug``, ``info``, ``warning`` or ``error``."""
     log_format: Literal["json", "text"] = "json"
     """``json``: one object per line (with one line per request); ``text`` for a terminal."""
 

@@ -136,3 +136,32 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_settings(path, env={})
+
+
+def test_config_reference_doc_is_generated_from_the_settings() -> None:
+    from gateway.settings_reference import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
+    assert doc.read_text() == render(), f"run: uv run gateway config reference > {doc}"
+
+
+def test_config_reference_lists_every_key_described_with_its_variable() -> None:
+    from gateway.settings import _ENV
+    from gateway.settings_reference import keys, render
+
+    text = render()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    paths = [path for path, _ in keys()]
+    assert len(rows) == len(paths) and "timeouts.client_body" in paths
+    assert [line for line in rows if line.endswith("|  |")] == [], "a key without a docstring"
+    for name, path in _ENV.items():
+        [row] = [line for line in rows if line.startswith(f"| `{'.'.join(path)}` |")]
+        assert f"`{name}`" in row
+
+
+def test_config_reference_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+    from gateway.settings_reference import render
+
+    assert main(["config", "reference"]) == 0
+    assert capsys.readouterr().out == render()
