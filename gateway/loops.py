@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from gateway.caps import cap
+
 
 class Signature:
     """One assistant turn's tool calls: compared as sent, and only when those differ, with
@@ -98,7 +100,7 @@ def identical_run(turns: Iterator[Signature], limit: int) -> tuple[int, Signatur
 
 
 def tool_name(signature: Signature) -> str:
-    return ", ".join(sorted({name for name, _ in signature.raw}))
+    return cap(", ".join(sorted({name for name, _ in signature.raw})))  # in spans, logs, errors
 
 
 def rate_detection(

@@ -2,7 +2,8 @@
 
 The event loop never writes to stderr itself: records go through a queue to a writer thread
 (a slow terminal or log shipper cannot stall requests). A request line holds ids, figures and
-outcomes only; never prompt content, never a key (sessions are named by id, keys by hash).
+outcomes only; never prompt content, never a key (sessions are named by id, keys by hash);
+what a client names freely (model, agent) is capped in length (``gateway.caps``).
 
 Request lines skip ``logging``'s records: once ``configure`` has started the writer, a line is
 queued as its fields and formatted on the writer thread. Through a ``LogRecord`` (caller
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.caps import cap, cap_optional
 from gateway.telemetry.metrics import decision_of
 
 if TYPE_CHECKING:
@@ -180,9 +182,9 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
         "status": ex.status,
         "outcome": ex.outcome,
         "session_id": identity.session_id if identity else None,
-        "agent": identity.agent if identity else None,
+        "agent": cap(identity.agent) if identity else None,
         "key_hash": identity.key_hash if identity else None,
-        "model": facts.model if facts else None,
+        "model": cap_optional(facts.model) if facts else None,
         "stream": facts.stream if facts else None,
         "turn": ex.turn,
         "decision": decision_of(ex),

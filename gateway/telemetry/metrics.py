@@ -4,8 +4,11 @@ Names are a contract with the dashboards and alert rules in ``dashboards/``. ``g
 families are named and bucketed as the OpenTelemetry GenAI conventions advise, so third-party
 GenAI dashboards read them; the gateway's own dimensions (agent, team, rule, decision) are on
 ``gateway_*`` families. No session id, key or free text is ever a label, and the open-valued
-labels (model, agent, team) are capped: values past the cap are counted as ``other`` (and the
-folding itself in ``gateway_label_overflow_total``).
+labels (model, agent, team) are capped twice: each value in length (``gateway.caps``), and in
+number: values past the cap are counted as ``other`` (and the folding itself in
+``gateway_label_overflow_total``). Recognised values (``Names``: the agents the gateway knows,
+the models of its window table and those the policy names) keep their own label ahead of the
+made-up ones a client could send to fill the cap.
 
 Everything for one request is recorded at its end, from its ``Exchange`` (``observe``).
 """
@@ -13,9 +16,12 @@ Everything for one request is recorded at its end, from its ``Exchange`` (``obse
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import platform
+import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from importlib import metadata
@@ -28,12 +34,16 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from gateway.caps import LIMIT, cap
+from gateway.compaction.windows import BUILTIN
 from gateway.dialects.base import Usage
+from gateway.identity import AGENTS
 from gateway.telemetry.instruments import Counter, Family, Gauge, Histogram
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.policy.live import LivePolicy
+    from gateway.policy.model import PolicyFile
     from gateway.store import BudgetCounter
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
@@ -59,23 +69,109 @@ OTHER = "other"
 DETECTORS = ("identical_tool_calls", "repeated_requests", "turn_rate")
 
 
-class LabelCap:
-    """The first ``limit`` values of an open-valued label are kept; later ones are ``other``."""
+UNKNOWN, MATCHED, NAMED = 0, 1, 2
+"""How well a label value is recognised: not at all, by a glob (``claude-*``), by its name."""
 
-    def __init__(self, name: str, limit: int, overflow: Counter) -> None:
+
+@dataclass(slots=True, frozen=True, eq=False)
+class Names:
+    """The values of one label the gateway recognises: exact names (always their own label
+    value: there are only so many) and globs (which any made-up name can match, so what they
+    match shares a cap of its own). Compared in lower case; a model without its provider
+    prefix, as the window table matches it."""
+
+    exact: frozenset[str]
+    globs: re.Pattern[str] | None = None
+    model: bool = False
+
+    @classmethod
+    def of(cls, names: Iterable[str], model: bool = False) -> Names:
+        exact, globs = set[str](), list[str]()
+        for name in names:
+            name = name.lower()
+            if any(c in name for c in "*?["):
+                if name[0] not in "*?[":  # ``*`` (allow everything) recognises nothing
+                    globs.append(fnmatch.translate(name))
+                stem = name.rstrip("*-")
+                if name.endswith("*") and not any(c in stem for c in "*?["):
+                    exact.add(stem)  # ``gpt-4o*`` names gpt-4o itself
+            else:
+                exact.add(name)
+        pattern = re.compile("|".join(globs)) if globs else None
+        return cls(frozenset(exact | {"unknown"}), pattern, model)
+
+    def recognise(self, value: str) -> int:
+        name = value.lower()
+        if self.model:
+            name = name.rsplit("/", 1)[-1]
+        if name in self.exact:
+            return NAMED
+        if self.globs is not None and self.globs.match(name):
+            return MATCHED
+        return UNKNOWN
+
+
+def policy_names(file: PolicyFile) -> tuple[list[str], list[str], list[str]]:
+    """The models, agents and teams a policy file names (globs included)."""
+    models = [*file.prices, *file.windows]
+    models += [*file.defaults.limits.models.allow, *file.defaults.limits.models.deny]
+    agents: list[str] = []
+    teams = [info.team for info in file.keys.values() if info.team]
+    for rule in file.rules:
+        match = rule.match
+        models += [match.model] if match.model else []
+        agents += [match.agent] if match.agent else []
+        teams += [match.team] if match.team else []
+        allowed = (rule.limits or {}).get("models")
+        if isinstance(allowed, dict):
+            for key in ("allow", "deny"):
+                listed = allowed.get(key)
+                if isinstance(listed, list):
+                    models += [m for m in listed if isinstance(m, str)]
+    return models, agents, teams
+
+
+class LabelCap:
+    """One open-valued label: each value capped in length; recognised values (``Names``)
+    always kept by name, those a glob matches up to ``limit`` of them, and the first ``limit``
+    others; later ones are ``other``. A caller may say a value is not ``proven`` (a model the
+    provider refused, which is how made-up names end): it is then ``other`` unless already
+    kept, and takes no place in the cap."""
+
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        overflow: Counter,
+        names: Callable[[], Names] | None = None,
+    ) -> None:
         self.name, self.limit, self.seen = name, limit, set[str]()
+        self.names = names or (lambda: _NO_NAMES)
+        self._kept = [0, 0]
+        """Values kept, by recognition (unknown, matched): each kind has its own cap."""
         self._overflow, self._labels = overflow, (name,)
         overflow.touch(self._labels)
 
-    def __call__(self, value: str | None) -> str:
+    def __call__(self, value: str | None, proven: bool = True) -> str:
         value = value or "unknown"
+        if len(value) > LIMIT:
+            value = cap(value)
         if value in self.seen:
             return value
-        if len(self.seen) < self.limit:
+        kind = self.names().recognise(value)
+        if kind == NAMED:
+            self.seen.add(value)
+            return value
+        if proven and self._kept[kind] < self.limit:
+            self._kept[kind] += 1
             self.seen.add(value)
             return value
         self._overflow.inc(self._labels)
         return OTHER
+
+
+_NO_NAMES = Names.of(())
+_AGENT_NAMES = frozenset(agent for _, agent in AGENTS)
 
 
 class ActiveSessions(Collector):
@@ -225,9 +321,15 @@ class Metrics:
             "Label values folded into 'other' because the label had reached its cap.",
             ["label"],
         )
-        self.model = LabelCap("model", max_label_values, self.label_overflow)
-        self.agent = LabelCap("agent", max_label_values, self.label_overflow)
-        self.team = LabelCap("team", max_label_values, self.label_overflow)
+        self._live: LivePolicy | None = None
+        self._known: tuple[object, Names, Names, Names] | None = None
+        self.model = LabelCap(
+            "model", max_label_values, self.label_overflow, lambda: self.known()[0]
+        )
+        self.agent = LabelCap(
+            "agent", max_label_values, self.label_overflow, lambda: self.known()[1]
+        )
+        self.team = LabelCap("team", max_label_values, self.label_overflow, lambda: self.known()[2])
         self.budget_owner = LabelCap("budget_owner", max_label_values, self.label_overflow)
         self.budgets = BudgetStatus(self.budget_owner)
         genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
@@ -378,7 +480,22 @@ class Metrics:
                 self.loop_detections.touch((agent, detector))
 
     def watch_policy(self, live: LivePolicy) -> None:
+        self._live = live
         self.registry.register(PolicyStatus(live))
+
+    def known(self) -> tuple[Names, Names, Names]:
+        """The models, agents and teams recognised: built in, and named by the policy in force
+        (worked out once per policy, and only for a label value not seen before)."""
+        policy = self._live.current if self._live is not None else None
+        if self._known is None or self._known[0] is not policy:
+            models, agents, teams = policy_names(policy.file) if policy else ([], [], [])
+            self._known = (
+                policy,
+                Names.of([*BUILTIN, *models], model=True),
+                Names.of([*_AGENT_NAMES, *agents]),
+                Names.of(teams),
+            )
+        return self._known[1:]
 
     def retried(self, provider: str) -> Callable[[], None]:
         """What ``upstream.send`` calls on each retry of a failed connect."""
@@ -409,7 +526,8 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     agent = metrics.agent(identity.agent if identity else None)
     source = _source(ex)
     status = ex.status or (499 if ex.outcome == "client_gone" else 502)
-    model = metrics.model(facts.model if facts else None)
+    # A model the provider (or the policy) refused may be made up: it takes no label of its own.
+    model = metrics.model(facts.model if facts else None, status < 400)
     status_class = f"{status // 100}xx"
     decision = decision_of(ex)
     metrics.requests.inc((route, provider, model, agent, status_class, source, decision))

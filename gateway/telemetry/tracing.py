@@ -38,6 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from gateway import __version__
+from gateway.caps import cap, cap_optional
 from gateway.compaction.job import SummaryFailed
 from gateway.dialects.base import Usage
 from gateway.errors import GatewayError, UpstreamTimeout
@@ -252,8 +253,9 @@ class Tracing:
     ) -> web.StreamResponse:
         request = ex.request
         parent = propagate.extract(request.headers)
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else request.path
+        # The checked path the pipeline routed on (an LLM route or count_tokens: a handful of
+        # values), not the router's catch-all pattern.
+        route = ex.path
         span = tracer.start_span(
             f"{request.method} {route}",
             context=parent,
@@ -336,7 +338,7 @@ def upstream_call(
     if not trace.noted:
         _note_gateway(ex, trace)
     facts, dialect = ex.facts, ex.dialect
-    model = facts.model if facts is not None else None
+    model = cap_optional(facts.model) if facts is not None else None
     attributes = _common(ex, trace.operation, model, url)
     if facts is not None:
         attributes[GEN_AI_REQUEST_STREAM] = facts.stream
@@ -376,7 +378,7 @@ def _common(ex: Exchange, operation: str, model: str | None, url: str) -> dict[s
         attributes[SERVER_PORT] = parts.port or (443 if parts.scheme == "https" else 80)
     if ex.identity is not None:
         attributes[GEN_AI_CONVERSATION_ID] = ex.identity.session_id
-        attributes[GEN_AI_AGENT_NAME] = ex.identity.agent
+        attributes[GEN_AI_AGENT_NAME] = cap(ex.identity.agent)
     return attributes
 
 
@@ -392,6 +394,10 @@ _SAMPLING: tuple[tuple[str, str, type], ...] = (
 )
 
 
+_MAX_STOP = 16
+"""Stop sequences recorded (the APIs allow 4 to a few thousand)."""
+
+
 def _sampling(body: Any, attributes: dict[str, Any]) -> None:
     for field, name, kind in _SAMPLING:
         value = body.get(field)
@@ -400,12 +406,12 @@ def _sampling(body: Any, attributes: dict[str, Any]) -> None:
         if kind is float and isinstance(value, int | float):
             attributes[name] = float(value)
         elif isinstance(value, kind):
-            attributes[name] = value
+            attributes[name] = cap(value) if isinstance(value, str) else value
     stop = body.get("stop_sequences") or body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
-        attributes[GEN_AI_REQUEST_STOP_SEQUENCES] = stop
+        attributes[GEN_AI_REQUEST_STOP_SEQUENCES] = [cap(s) for s in stop[:_MAX_STOP]]
     choices = body.get("n")
     if isinstance(choices, int) and not isinstance(choices, bool) and choices != 1:
         attributes[GEN_AI_REQUEST_CHOICE_COUNT] = choices
@@ -417,9 +423,9 @@ def _end_client(ex: Exchange, span: Span, started: float, exc: BaseException | N
     finish_reasons: list[str] = []
     if facts is not None:
         if facts.model:
-            attributes[GEN_AI_RESPONSE_MODEL] = facts.model
+            attributes[GEN_AI_RESPONSE_MODEL] = cap(facts.model)
         if facts.id:
-            attributes[GEN_AI_RESPONSE_ID] = facts.id
+            attributes[GEN_AI_RESPONSE_ID] = cap(facts.id)
         finish_reasons = list(facts.finish_reasons)
         if facts.usage is not None and not facts.usage.estimated:
             _usage(facts.usage, attributes)
@@ -488,13 +494,15 @@ def summarizer(
     tracer = trace.tracing.tracer
     assert tracer is not None
 
+    named = cap(model)
+
     async def traced(transcript: str) -> Summary:
-        attributes = _common(ex, "chat", model, url)
+        attributes = _common(ex, "chat", named, url)
         attributes[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         attributes[GEN_AI_REQUEST_STREAM] = False
         attributes["gateway.compaction.summary"] = True
         span = tracer.start_span(
-            f"chat {model}", context=trace.context, kind=SpanKind.CLIENT, attributes=attributes
+            f"chat {named}", context=trace.context, kind=SpanKind.CLIENT, attributes=attributes
         )
         token = _CALL.set(trace_api.set_span_in_context(span, trace.context))
         try:
@@ -504,7 +512,7 @@ def summarizer(
             span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
             raise
         else:
-            answered: dict[str, Any] = {GEN_AI_RESPONSE_MODEL: result.model}
+            answered: dict[str, Any] = {GEN_AI_RESPONSE_MODEL: cap(result.model)}
             if result.usage is not None:
                 _usage(result.usage, answered)
             span.set_attributes(answered)
@@ -545,7 +553,7 @@ def _note_gateway(ex: Exchange, trace: RequestTrace) -> None:
                 "gateway.loop.threshold": float(detection.threshold),
             }
             if detection.tool:
-                event["gateway.loop.tool"] = detection.tool
+                event["gateway.loop.tool"] = cap(detection.tool)
             span.add_event("gateway.loop.detection", event)
     outcome = ex.compaction
     if outcome is not None:
@@ -573,10 +581,10 @@ def _end_server(ex: Exchange, span: Span) -> None:
         attributes[HTTP_RESPONSE_STATUS_CODE] = status
     if ex.identity is not None:
         attributes[GEN_AI_CONVERSATION_ID] = ex.identity.session_id
-        attributes[GEN_AI_AGENT_NAME] = ex.identity.agent
+        attributes[GEN_AI_AGENT_NAME] = cap(ex.identity.agent)
         attributes["gateway.session.source"] = ex.identity.source
     if ex.facts is not None and ex.facts.model:
-        attributes[GEN_AI_REQUEST_MODEL] = ex.facts.model
+        attributes[GEN_AI_REQUEST_MODEL] = cap(ex.facts.model)
     headers = response.headers if response is not None else {}
     turn = headers.get("X-Gateway-Turn")
     if turn is not None and turn.isdigit():

@@ -30,7 +30,8 @@ async def test_each_request_is_one_json_line(
     caplog.set_level(logging.INFO, logger="gateway.requests")
     headers = session_headers("logged")
     assert (await call(gw, "chat", headers, text="the secret plan")).ok
-    assert not (await call(gw, "messages", headers, text="the secret plan")).ok
+    # The same key again (a session belongs to its key): over max_turns.
+    assert not (await call(gw, "chat", headers, text="the secret plan")).ok
 
     records = [r for r in caplog.records if r.name == "gateway.requests"]
     assert len(records) == 2
@@ -124,3 +125,19 @@ async def test_the_configured_writer_formats_request_lines(
     else:
         [line] = [line for line in text.splitlines() if " gateway.requests request " in line]
         assert " INFO " in line and "session_id=direct" in line and "status=200" in line
+
+
+async def test_a_huge_model_name_makes_a_short_line(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 KB model name once made a 230 KB log line; a 6 KB agent name rode along."""
+    gw = await make_gateway(None)
+    caplog.set_level(logging.INFO, logger="gateway.requests")
+    headers = session_headers("huge", **{"X-Gateway-Agent": "a" * 6000})
+    await call(gw, "chat", headers, model="gpt-" + "x" * 200_000)
+    [record] = [r for r in caplog.records if r.name == "gateway.requests"]
+    line = JSONFormatter().format(record)
+    assert len(line) < 2000
+    fields = json.loads(line)
+    assert len(fields["model"]) == 128 and fields["model"].endswith("\u2026")
+    assert len(fields["agent"]) <= 128

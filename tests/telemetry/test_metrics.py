@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.fake_provider import CONFIG, ToolCallSpec
+from gateway.policy.compiled import CompiledPolicy
+from gateway.policy.model import PolicyFile
 from gateway.settings import Upstreams
 from gateway.telemetry.metrics import Metrics
 from tests.conftest import ANTHROPIC_MODEL
@@ -173,9 +178,9 @@ async def test_open_valued_labels_fold_into_other_past_their_cap() -> None:
         "a",
         "other",
     ]
-    assert metrics.model(None) == "other"  # "unknown" would be a third value
+    assert metrics.model(None) == "unknown"  # the gateway's own word: never folded
     overflow = metrics.registry.get_sample_value("gateway_label_overflow_total", {"label": "model"})
-    assert overflow == 3
+    assert overflow == 2
 
 
 async def test_openmetrics_when_asked_for(make_gateway: MakeGateway) -> None:
@@ -226,7 +231,8 @@ async def test_budgets_are_exported_with_their_window(make_gateway: MakeGateway)
         "prices: {'gpt-4o*': {input: 2.5, output: 10.0}}\n"
         "defaults:\n"
         "  budgets: [{per: team, window: day, max_tokens: 1000000}, "
-        "{per: team, window: month, max_cost: 50}]\n"
+        "{per: team, window: month, max_cost: 50}]\n",
+        trusted_proxies=["127.0.0.1/32"],
     )
     headers = session_headers("budgeted", **{"X-Gateway-Team": "platform"})
     assert (await call(gw, "chat", headers)).ok
@@ -244,3 +250,52 @@ async def test_budgets_are_exported_with_their_window(make_gateway: MakeGateway)
     assert value(found, "gateway_budget_window_seconds", **month) in {
         d * 86400 for d in (28, 29, 30, 31)
     }
+
+
+async def test_a_huge_model_name_adds_a_bounded_amount_to_metrics(
+    make_gateway: MakeGateway,
+) -> None:
+    """One 200 KB model name once grew /metrics by 17 MB (it is in many series)."""
+    gw = await make_gateway(None)
+    assert (await call(gw, "chat", session_headers("before"))).ok
+    _, before = await scrape(gw)
+    huge = "gpt-" + "x" * 200_000
+    for api in ("chat", "responses", "messages"):
+        await call(gw, api, session_headers(f"huge-{api}"), model=huge)
+    _, after = await scrape(gw)
+    assert len(after) - len(before) < 60_000
+    assert "x" * 200 not in after
+    assert ("gpt-" + "x" * 123 + "\u2026") in after  # capped with the marker
+
+
+async def test_made_up_agents_do_not_push_out_a_known_agent(make_gateway: MakeGateway) -> None:
+    """Fifty made-up agent names fill the cap; a later real Claude Code call keeps its name."""
+    gw = await make_gateway(None)
+    for n in range(60):
+        headers = session_headers(f"made-up-{n}", **{"X-Gateway-Agent": f"bot-{n}"})
+        assert (await call(gw, "chat", headers)).ok
+    claude = session_headers("claude", **{"User-Agent": "claude-cli/2.1.80 (external, cli)"})
+    assert (await call(gw, "messages", claude)).ok
+    found = await samples(gw)
+    assert value(found, "gateway_requests_total", agent="claude-code") == 1
+    assert value(found, "gateway_requests_total", agent="other") == 10
+    assert value(found, "gateway_label_overflow_total", label="agent") > 0
+
+
+def test_made_up_models_do_not_push_out_known_models() -> None:
+    """Models the window table or the policy names keep their own label value however many
+    made-up names came first; names a table glob matches have a cap of their own, and a model
+    the provider refused takes no place at all."""
+    text = "version: 1\nprices: {house-model-1: {input: 1, output: 2}}\n"
+    policy = CompiledPolicy.build(PolicyFile.model_validate(yaml.safe_load(text)), "v1", "p")
+    metrics = Metrics(max_label_values=3)
+    metrics.watch_policy(SimpleNamespace(current=policy, reloads=1, failures=0))  # type: ignore[arg-type]
+    refused = [metrics.model(f"junk-{n}", proven=False) for n in range(10)]
+    assert set(refused) == {"other"}
+    assert [metrics.model(f"junk-{n}") for n in range(4)] == ["junk-0", "junk-1", "junk-2", "other"]
+    globbed = [metrics.model(f"claude-made-up-{n}") for n in range(4)]
+    assert globbed == ["claude-made-up-0", "claude-made-up-1", "claude-made-up-2", "other"]
+    for known in ("gpt-4", "gpt-4o", "house-model-1", "openai/gpt-5", "GPT-4.1"):
+        assert metrics.model(known) == known
+        assert metrics.model(known, proven=False) == known
+    assert metrics.model("claude-sonnet-4-6") == "other"  # a glob's share is spent
