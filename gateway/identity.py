@@ -2,21 +2,36 @@
 
 A session id is looked up in a fixed order, first match wins (see ``SOURCES``). Agent-native ids
 come before body fields, and a fingerprint of the conversation's stable start is the last
-resort, for clients (aider, bare SDK code) that send no id at all.
+resort, for clients (aider, bare SDK code) that send no id at all. An id that cleans down to
+nothing (``%00``, a zero-width space) is no id: the next source decides.
+
+A session belongs to the key that started it (``own_session``). Another key naming the same
+id gets a session of its own, ``<id>~<its key hash>`` (``<id>~nokey`` without a key), so it
+never sees or spends the owner's figures; ``~`` is reserved for that and is ``-`` in a
+client's own ids. An agent whose login token is refreshed mid-session goes on the same way,
+under the qualified id with fresh counts.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import orjson
 
+from gateway.credentials import NO_CREDENTIAL, Credential
 from gateway.dialects.base import RequestFacts, as_dict
+from gateway.errors import BadRequest
+
+if TYPE_CHECKING:
+    from gateway.store.records import SessionRecord
 
 MAX_ID_LENGTH = 200
+QUALIFIER = "~"
+"""Between a session id and the key hash of a caller that is not its owner."""
 
 # (where, header or body hint) in order of trust. Headers are matched case-insensitively.
 SOURCES: tuple[tuple[str, str], ...] = (
@@ -65,22 +80,18 @@ class Identity:
     agent: str
     name: str | None = None
     key_hash: str | None = None
+    """A short, non-reversible tag of the credential that goes upstream (``credentials``)."""
+    drop_header: str | None = None
+    """The credential header that does not go upstream."""
 
 
-def key_hash(headers: Mapping[str, str]) -> str | None:
-    """A short, non-reversible tag for the caller's API key; the key itself is never kept."""
-    key = headers.get("x-api-key")
-    if not key:
-        auth = headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" else ""
-    return _hash_key(key) if key else None
+class SessionTaken(BadRequest):
+    """The id and its qualified form both belong to other keys (a key-hash collision)."""
 
-
-@lru_cache(maxsize=4096)
-def _hash_key(key: str) -> str:
-    """Callers reuse a handful of keys: one hash each, not one per request."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"Session {session_id} belongs to another API key; send another session id."
+        )
 
 
 def agent_name(headers: Mapping[str, str]) -> str:
@@ -101,9 +112,12 @@ def _agent_of(user_agent: str) -> str:
 
 
 def identify(
-    headers: Mapping[str, str], facts: RequestFacts | None, path_session: str | None = None
+    headers: Mapping[str, str],
+    facts: RequestFacts | None,
+    path_session: str | None = None,
+    credential: Credential = NO_CREDENTIAL,
 ) -> Identity:
-    hashed = key_hash(headers)
+    hashed = credential.key_hash
     agent = agent_name(headers)
     name = headers.get("x-gateway-session-name")
     name = _clean(name, 120) if name else None
@@ -115,9 +129,31 @@ def identify(
             value = hints.get(where)
         else:
             value = headers.get(where)
-        if value:
-            return Identity(_clean(value, MAX_ID_LENGTH), source, agent, name, hashed)
-    return Identity(fingerprint(hashed, facts), "fingerprint", agent, name, hashed)
+        if value and (session_id := _clean_id(value)):
+            return Identity(session_id, source, agent, name, hashed, credential.drop)
+    return Identity(fingerprint(hashed, facts), "fingerprint", agent, name, hashed, credential.drop)
+
+
+def qualified(identity: Identity) -> Identity:
+    """The caller's own session under an id another key started."""
+    owner = identity.key_hash or "nokey"
+    return replace(identity, session_id=f"{identity.session_id}{QUALIFIER}{owner}")
+
+
+async def own_session(
+    identity: Identity, get: Callable[[str], Awaitable[SessionRecord | None]]
+) -> tuple[Identity, SessionRecord | None]:
+    """The caller's session: the id it named when that is new or its key's, else the
+    qualified id. The store checks again when the turn begins (``check_and_reserve``): two
+    keys may start the same new id at once."""
+    record = await get(identity.session_id)
+    if record is None or record.key_hash == identity.key_hash:
+        return identity, record
+    identity = qualified(identity)
+    record = await get(identity.session_id)
+    if record is None or record.key_hash == identity.key_hash:
+        return identity, record
+    raise SessionTaken(identity.session_id)
 
 
 def fingerprint(hashed_key: str | None, facts: RequestFacts | None) -> str:
@@ -140,8 +176,16 @@ def fingerprint(hashed_key: str | None, facts: RequestFacts | None) -> str:
     return "fp_" + digest.hexdigest()[:20]
 
 
+def _clean_id(value: str) -> str:
+    """A client's session id: cleaned, and without the qualifier the gateway adds."""
+    value = _clean(value, MAX_ID_LENGTH)
+    return value.replace(QUALIFIER, "-") if QUALIFIER in value else value
+
+
 def _clean(value: str, limit: int) -> str:
-    """Printable and bounded: these values end up in logs and the admin API."""
+    """Printable and bounded: these values end up in logs and the admin API. Control and
+    format characters (NUL, ESC, zero-width spaces) and any space but ' ' (tab, NBSP) are
+    not printable, so they go."""
     value = value[:limit]
     if not value.isprintable():
         value = "".join(ch for ch in value if ch.isprintable())

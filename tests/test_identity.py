@@ -8,8 +8,18 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from gateway.credentials import credential
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, RequestFacts
-from gateway.identity import agent_name, fingerprint, identify, key_hash
+from gateway.identity import (
+    Identity,
+    SessionTaken,
+    agent_name,
+    fingerprint,
+    identify,
+    own_session,
+    qualified,
+)
+from gateway.store import SessionRecord
 from tests.conftest import load_fixture
 
 
@@ -168,30 +178,85 @@ def test_agent_header_overrides_user_agent() -> None:
 # -- key hash ------------------------------------------------------------------------------------
 
 
-def test_key_hash_from_bearer_and_x_api_key() -> None:
-    bearer = key_hash(CIMultiDict({"Authorization": "Bearer sk-test-123"}))
-    lower = key_hash(CIMultiDict({"authorization": "bearer sk-test-123"}))
-    x_api_key = key_hash(CIMultiDict({"x-api-key": "sk-test-123"}))
-    assert bearer is not None
-    assert re.fullmatch(r"[0-9a-f]{12}", bearer)
-    assert bearer == lower == x_api_key
-    assert "sk-test-123" not in bearer
-    assert key_hash(CIMultiDict({"x-api-key": "sk-other"})) != bearer
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}, {"x-api-key": ""}],
-)
-def test_no_key_no_hash(headers: dict[str, str]) -> None:
-    assert key_hash(CIMultiDict(headers)) is None
-
-
 def test_identity_carries_the_key_hash_only() -> None:
     headers = CIMultiDict({"x-api-key": "sk-ant-secret", "X-Gateway-Session": "s"})
-    ident = identify(headers, None)
-    assert ident.key_hash == key_hash(headers)
+    who = credential(headers, "anthropic")
+    ident = identify(headers, None, None, who)
+    assert ident.key_hash == who.key_hash is not None
     assert "sk-ant-secret" not in repr(ident)
+
+
+# -- ids that clean down to nothing ----------------------------------------------------------------
+
+EMPTY_IDS = ["\x00", "\u200b", "\xa0", "   ", "\u200b\xa0 \t\u2060\ufeff", "\x1b"]
+
+
+@pytest.mark.parametrize("value", EMPTY_IDS)
+def test_an_id_that_cleans_to_nothing_falls_through(value: str) -> None:
+    """Once, all of these were the one shared session ``""``."""
+    headers = CIMultiDict({"X-Gateway-Session": value, "x-session-id": "next-1"})
+    assert identify(headers, None).session_id == "next-1"
+    ident = identify(CIMultiDict({"X-Gateway-Session": value}), None, path_session=value)
+    assert ident.source == "fingerprint"
+    assert ident.session_id.startswith("fp_")
+
+
+def test_format_characters_and_other_spaces_are_dropped() -> None:
+    headers = CIMultiDict({"X-Gateway-Session": "\xa0\u200bab\u200bc\u2028\xa0"})
+    assert identify(headers, None).session_id == "abc"
+
+
+def test_the_qualifier_is_reserved() -> None:
+    """A client cannot name another key's qualified session."""
+    headers = CIMultiDict({"X-Gateway-Session": "victim~0123456789ab"})
+    assert identify(headers, None).session_id == "victim-0123456789ab"
+
+
+# -- sessions belong to their key ------------------------------------------------------------------
+
+
+def _record(session: str, key: str | None) -> SessionRecord:
+    return SessionRecord(
+        id=session, source="explicit", agent="a", first_seen=0, last_seen=0, key_hash=key
+    )
+
+
+async def _own(
+    ident: Identity, records: list[SessionRecord]
+) -> tuple[Identity, SessionRecord | None]:
+    by_id = {r.id: r for r in records}
+
+    async def get(session: str) -> SessionRecord | None:
+        return by_id.get(session)
+
+    return await own_session(ident, get)
+
+
+async def test_own_session_new_and_own() -> None:
+    mine = Identity("s", "explicit", "a", key_hash="aaaaaaaaaaaa")
+    assert await _own(mine, []) == (mine, None)
+    owned = _record("s", "aaaaaaaaaaaa")
+    assert await _own(mine, [owned]) == (mine, owned)
+
+
+async def test_own_session_of_another_key_is_qualified() -> None:
+    mine = Identity("s", "explicit", "a", key_hash="bbbbbbbbbbbb")
+    ident, record = await _own(mine, [_record("s", "aaaaaaaaaaaa")])
+    assert (ident.session_id, record) == ("s~bbbbbbbbbbbb", None)
+    assert ident == qualified(mine)
+    later = _record("s~bbbbbbbbbbbb", "bbbbbbbbbbbb")
+    assert await _own(mine, [_record("s", "aaaaaaaaaaaa"), later]) == (ident, later)
+    # Without a key, a namespace of its own too.
+    anonymous = Identity("s", "explicit", "a")
+    ident, _ = await _own(anonymous, [_record("s", "aaaaaaaaaaaa")])
+    assert ident.session_id == "s~nokey"
+
+
+async def test_own_session_taken_twice_is_refused() -> None:
+    mine = Identity("s", "explicit", "a", key_hash="bbbbbbbbbbbb")
+    records = [_record("s", "aaaaaaaaaaaa"), _record("s~bbbbbbbbbbbb", "cccccccccccc")]
+    with pytest.raises(SessionTaken):
+        await _own(mine, records)
 
 
 # -- fingerprint ---------------------------------------------------------------------------------
@@ -217,7 +282,7 @@ KEY = CIMultiDict({"Authorization": "Bearer sk-1"})
 
 
 def _fp(body: dict[str, Any], headers: CIMultiDict[str] = KEY) -> str:
-    ident = identify(headers, OPENAI_CHAT.read_request(body))
+    ident = identify(headers, OPENAI_CHAT.read_request(body), None, credential(headers, "openai"))
     assert ident.source == "fingerprint"
     return ident.session_id
 

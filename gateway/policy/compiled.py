@@ -173,11 +173,14 @@ class CompiledPolicy:
     def key_info(self, key_hash: str | None) -> KeyInfo | None:
         return self.file.keys.get(key_hash) if key_hash else None
 
-    def team_of(self, key_hash: str | None, headers: Mapping[str, str]) -> str | None:
+    def team_of(
+        self, key_hash: str | None, headers: Mapping[str, str], trusted: bool = False
+    ) -> str | None:
+        """The key's team from ``keys``, else ``team_header`` when a ``trusted`` proxy set it."""
         info = self.key_info(key_hash)
         if info is not None and info.team:
             return info.team
-        if self.file.team_header:
+        if self.file.team_header and trusted:
             return headers.get(self.file.team_header) or None
         return None
 

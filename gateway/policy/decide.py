@@ -8,12 +8,14 @@ budgets) against what is recorded plus what calls in flight hold.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from multidict import CIMultiDictProxy
 
+from gateway.credentials import peer_trusted
 from gateway.dialects import Dialect, RequestFacts, prompt_parts
 from gateway.identity import Identity
 from gateway.loops import Detection, identical_run, rate_detection, tool_name
@@ -73,13 +75,21 @@ def _mode_of_agent(user_agent: str) -> str | None:
 
 
 def caller(
-    policy: CompiledPolicy, identity: Identity, model: str | None, headers: CIMultiDictProxy[str]
+    policy: CompiledPolicy,
+    identity: Identity,
+    model: str | None,
+    headers: CIMultiDictProxy[str],
+    peer: str | None = None,
+    trusted_proxies: Sequence[str] = (),
 ) -> Caller:
+    """What rules match on. The team header counts only from a trusted proxy (``peer`` in
+    ``trusted_proxies``): from anyone else it is a claim, and the team comes from ``keys``."""
+    trusted = policy.file.team_header is not None and peer_trusted(peer, tuple(trusted_proxies))
     return Caller(
         agent=identity.agent,
         model=model,
         key_hash=identity.key_hash,
-        team=policy.team_of(identity.key_hash, headers),
+        team=policy.team_of(identity.key_hash, headers, trusted),
         session_name=identity.name,
         mode=mode_of(headers),
         headers=tuple((name, headers[name]) for name in policy.header_names if name in headers),

@@ -3,15 +3,17 @@
 Exceptions::
 
     LimitExceeded     a turn would break a hard limit; nothing was recorded
+    SessionTaken      (``gateway.identity``) a session id another key owns, qualified too
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Protocol
 
+from gateway.identity import SessionTaken, qualified
 from gateway.store.records import (
     REWRITES_KEPT,
     BudgetCounter,
@@ -142,15 +144,25 @@ class SessionTable:
                 self.sessions[session_id] = record
         return record
 
-    async def _session_for(self, start: TurnStart) -> SessionRecord:
-        record = await self._session(start.identity.session_id)
+    async def _session_for(self, start: TurnStart) -> tuple[SessionRecord, TurnStart]:
+        """The caller's own record, made if new. Another key may have started the id since
+        the pipeline looked (``identity.own_session``): the caller then goes on under its
+        qualified id, decided here with no await before the caller's change."""
+        ident = start.identity
+        record = await self._session(ident.session_id)
+        if record is not None and record.key_hash != ident.key_hash:
+            ident = qualified(ident)
+            start = replace(start, identity=ident)
+            record = await self._session(ident.session_id)
+            if record is not None and record.key_hash != ident.key_hash:
+                raise SessionTaken(ident.session_id)
         if record is None:
-            record = self.sessions[start.identity.session_id] = new_record(start)
-        return record
+            record = self.sessions[ident.session_id] = new_record(start)
+        return record, start
 
     # -- the store interface ------------------------------------------------------------------
     async def begin_turn(self, start: TurnStart, limits: Limits) -> TurnTicket:
-        record = await self._session_for(start)
+        record, start = await self._session_for(start)
         counters = [self._budget(limit) for limit in limits.budgets]
         ticket = check_and_reserve(record, start, limits, counters)
         self._changed(record)
@@ -174,7 +186,7 @@ class SessionTable:
                 self._budget_changed(counter)
 
     async def record_aux(self, start: TurnStart) -> None:
-        record = await self._session_for(start)
+        record, start = await self._session_for(start)
         touch(record, start)
         record.aux_requests += 1
         self._changed(record)
@@ -182,7 +194,7 @@ class SessionTable:
     async def note(
         self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
     ) -> None:
-        record = await self._session_for(start)
+        record, start = await self._session_for(start)
         touch(record, start)
         record.note(kind, event)
         if rejected:
@@ -190,7 +202,7 @@ class SessionTable:
         self._changed(record)
 
     async def record_compaction(self, start: TurnStart, note: CompactionNote) -> None:
-        record = await self._session_for(start)
+        record, _ = await self._session_for(start)
         record.compacted_calls += 1
         record.tokens_saved += note.saved_tokens
         if note.event is not None:
@@ -296,6 +308,8 @@ def check_and_reserve(
     budgets: Sequence[BudgetCounter] = (),
 ) -> TurnTicket:
     """The atomic core of ``begin_turn``: runs with no await inside."""
+    if record.key_hash != start.identity.key_hash:
+        raise SessionTaken(record.id)  # a session is only ever spent by its own key
     restart_if_idle(record, start, limits.idle_timeout)
     if record.status != "active":
         raise LimitExceeded(

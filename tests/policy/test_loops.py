@@ -199,11 +199,13 @@ async def test_helper_calls_are_not_loop_checked(make_gateway: MakeGateway) -> N
     loop = AgentLoop(gw, "chat", session_headers("helpers"), "Fix it.")
     assert await loop.until_refused() == 4
 
-    # A compaction call (x-openai-subagent) over the same looping history goes through.
-    compaction = await loop.turn({"x-openai-subagent": "compact"})
-    assert compaction.ok, compaction.body
+    # x-openai-subagent is a claim: a call that carries tools is loop-checked all the same
+    # (Codex's own helper calls carry none).
+    claimed = await loop.turn({"x-openai-subagent": "compact"})
+    assert claimed.status == 400, claimed.body
+    assert claimed.body["error"]["code"] == "gateway_policy_loop_identical_tool_calls"
 
-    # So does a call without tools (a title or summary call) over that history.
+    # A call without tools (a title or summary call) over that history goes through.
     titled = await gw.openai.chat.completions.create(
         model="gpt-4o-mini",
         messages=[*loop.history, {"role": "user", "content": "Title this conversation."}],  # type: ignore[list-item]
@@ -214,7 +216,7 @@ async def test_helper_calls_are_not_loop_checked(make_gateway: MakeGateway) -> N
     for _ in range(4):
         assert (await call(gw, "chat", session_headers("helpers"), text="title?")).ok
     record = await gw.record("helpers")
-    assert record.turns == 4 + 1 + 1 + 4
+    assert record.turns == 4 + 1 + 4
 
 
 async def test_recorded_codex_loop_is_refused_by_the_packaged_policy(

@@ -66,7 +66,8 @@ def rules(outcome: Outcome) -> list[str]:
 
 @pytest.fixture
 async def gw(make_gateway: MakeGateway) -> Gateway:
-    return await make_gateway(RULES)
+    # The team header is believed from a trusted proxy only; the test client is on loopback.
+    return await make_gateway(RULES, trusted_proxies=["127.0.0.1/32"])
 
 
 async def test_no_rule_matches(gw: Gateway) -> None:

@@ -44,7 +44,14 @@ def end(
 
 
 def record(session: str = "s1") -> SessionRecord:
-    return SessionRecord(id=session, source="codex", agent="codex", first_seen=0, last_seen=0)
+    return SessionRecord(
+        id=session,
+        source="codex",
+        agent="codex",
+        first_seen=0,
+        last_seen=0,
+        key_hash="abcdef012345",
+    )
 
 
 # -- check_and_reserve / settle, on a record -----------------------------------------------------
