@@ -303,14 +303,18 @@ def _policy_check(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    from gateway.policy.claims import loosening
+
     names = ", ".join(rule.name for rule in policy.rules) or "none"
     print(f"{args.file}: ok (version {policy.version}; {len(policy.rules)} rules: {names})")
+    for warning in loosening(policy.file):  # valid all the same: a warning, still exit 0
+        print(f"{args.file}: warning: {warning.message()}", file=sys.stderr)
     return 0
 
 
 def _policy_explain(args: argparse.Namespace) -> int:
     from gateway.policy import Caller, PolicyError, packaged_default, parse_policy
-    from gateway.policy.explain import explain_lines
+    from gateway.policy.explain import claim_marks, explain_lines
     from gateway.policy.loader import read_policy
 
     try:
@@ -341,6 +345,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
             "rules": list(effective.rules),
             "settings": effective.settings.model_dump(),
             "sources": dict(effective.sources),
+            "claims": claim_marks(policy, effective),
         }
         print(json.dumps(data, indent=2))
         return 0

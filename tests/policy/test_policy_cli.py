@@ -110,14 +110,15 @@ def test_explain_shows_each_setting_and_the_rule_that_set_it(
     assert main(EXPLAIN) == 0
     out = capsys.readouterr().out
     assert "matching rules: support-is-small, ci-codex" in out
-    assert re.search(r"^limits\.max_turns\s+200\s+ci-codex$", out, re.M), out
+    marked = r"ci-codex  \(claim: agent, mode\)$"  # a claim decided it
+    assert re.search(r"^limits\.max_turns\s+200\s+" + marked, out, re.M), out
     assert re.search(
         r"^limits\.models\.allow\s+\[gpt-4o-mini\*, claude-haiku-\*\]\s+support-is-small$",
         out,
         re.M,
     ), out
     assert re.search(r"^limits\.models\.deny\s+\[\*-preview\*\]\s+defaults$", out, re.M), out
-    assert re.search(r"^loops\.action\s+pause\s+ci-codex$", out, re.M), out
+    assert re.search(r"^loops\.action\s+pause\s+" + marked, out, re.M), out
 
 
 def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
