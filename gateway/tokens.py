@@ -15,9 +15,9 @@ its cost is bounded whatever the body, in two ways:
   again (a ``call_soon`` callback renews the budget when the loop turns), so counting never
   holds the loop for more than a few milliseconds at a stretch. Past the budget the rest of
   a text is estimated from what was counted, at its own tokens per character (or the
-  counter's running figure for a text not begun), never below ``MIN_RATIO``: repeated
-  characters are then over-counted (an upper bound for decisions), ordinary text comes
-  within a few percent. Estimates are not cached, so a long history is counted exactly over
+  counter's running figure for a text not begun), never below ``MIN_RATIO``: text that
+  runs sparser (repeated characters, plain English prose) is then over-counted (an upper
+  bound for decisions), denser text (code, data, other scripts) is estimated at its own rate. Estimates are not cached, so a long history is counted exactly over
   the next turns as it comes back. Off an event loop (the CLI, plain functions in tests)
   nothing is held up, and everything is counted.
 

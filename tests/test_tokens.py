@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from gateway.tokens import (
     CL100K,
     INLINE_MEDIA_TOKENS,
     MESSAGE_OVERHEAD,
+    MIN_RATIO,
     O200K,
     TokenCounter,
     encoding_for,
@@ -190,3 +193,50 @@ def test_tables_load_with_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(tiktoken.registry.ENCODINGS) == {O200K, CL100K}
     # tiktoken deletes a cached table whose hash does not match; the bundled ones match.
     assert sorted((p.name, p.stat().st_size) for p in BUNDLED.iterdir()) == before
+
+
+# -- bounded work ------------------------------------------------------------------------------
+PATHOLOGICAL = {
+    # text, tokens per character when counted in full (o200k, in pieces)
+    "one character": ("a", 1 / 8),
+    "digits": ("7", 1 / 3),
+    "a multi-byte character": ("\u65e5", 1 / 2),
+    "punctuation": ("!", 1 / 16),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+async def test_counting_on_the_loop_is_bounded_and_errs_high(
+    counter: TokenCounter, name: str
+) -> None:
+    """10 MB of one character once took 9.5 s (BPE is superlinear in one pre-token). On the
+    event loop a count now stops after its budget and estimates the rest, never below the
+    true count by more than the pieces' rounding."""
+    char, ratio = PATHOLOGICAL[name]
+    text = char * 10_000_000
+    await asyncio.sleep(0)  # a fresh budget
+    started = time.perf_counter()
+    estimate = counter.count_text(text, "gpt-4o")
+    assert time.perf_counter() - started < 0.1
+    assert estimate >= 0.99 * ratio * len(text)
+    assert estimate <= max(MIN_RATIO, ratio) * len(text) * 1.01
+
+
+def test_off_the_loop_a_long_run_is_counted_in_full_in_linear_time(counter: TokenCounter) -> None:
+    text = "a" * 300_000
+    started = time.perf_counter()
+    assert counter.count_text(text, "gpt-4o") == 300_000 // 8
+    assert time.perf_counter() - started < 1.0  # whole, it is about 3 s
+    ordinary = TEXT * 50
+    enc = tiktoken.get_encoding(O200K)
+    assert counter.count_text(ordinary, "gpt-4o") == len(enc.encode(ordinary))
+
+
+async def test_an_estimate_is_not_cached(counter: TokenCounter) -> None:
+    """A text past the loop's budget is estimated, and counted properly when it comes back."""
+    item = {"role": "user", "content": TEXT * 150_000}  # 11 MB
+    await asyncio.sleep(0)
+    estimated = counter.count_item(item, "gpt-4o")
+    exact = await asyncio.to_thread(counter.count_item, item, "gpt-4o")
+    assert exact < estimated < 1.1 * exact  # errs high: an upper bound for decisions
+    assert await asyncio.to_thread(counter.count_item, item, "gpt-4o") == exact
