@@ -17,9 +17,10 @@ its cost is bounded whatever the body, in two ways:
   a text is estimated from what was counted, at its own tokens per character (or the
   counter's running figure for a text not begun), never below ``MIN_RATIO``: text that
   runs sparser (repeated characters, plain English prose) is then over-counted (an upper
-  bound for decisions), denser text (code, data, other scripts) is estimated at its own rate. Estimates are not cached, so a long history is counted exactly over
-  the next turns as it comes back. Off an event loop (the CLI, plain functions in tests)
-  nothing is held up, and everything is counted.
+  bound for decisions), denser text (code, data, other scripts) is estimated at its own
+  rate. Estimates are not cached, so a long history is counted exactly over the next turns
+  as it comes back. Off an event loop (the CLI, plain functions in tests) nothing is held
+  up, and everything is counted.
 
 Counting off the loop (a thread) was not chosen: policy, compaction and accounting decide
 synchronously, and a thread hop on every counted call would pay for a case that only a hostile
