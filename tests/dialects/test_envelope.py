@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import orjson
 import pytest
 
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
-from gateway.dialects.envelope import EnvelopeError, Items
+from gateway.dialects.envelope import EnvelopeError, Items, load_json
 
 
 def test_items_decode_only_what_is_read() -> None:
@@ -56,3 +57,34 @@ def test_envelope_and_dict_give_the_same_facts() -> None:
     assert from_envelope.items == from_dict.items
     assert from_envelope.session_hints == from_dict.session_hints == {"metadata.user_id": "s1"}
     assert from_envelope.max_output_tokens == from_dict.max_output_tokens == 10
+
+
+# -- bodies that could fail later are refused in the one scan ---------------------------------
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"messages":' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b'{"metadata":' + b'{"a":' * 1000 + b"1" + b"}" * 1001,
+        b'{"messages":[{"role":"user","content":"\xff"}]}',
+        b'{"model":"gpt-\xc3"}',
+        b'{"messages":[{"content":"\\ud800"}]}',
+    ],
+    ids=[
+        "nested history",
+        "nested field",
+        "bad UTF-8 in an item",
+        "bad UTF-8 in a field",
+        "surrogate",
+    ],
+)
+def test_what_could_fail_later_is_refused_now(raw: bytes) -> None:
+    for dialect in (OPENAI_CHAT, OPENAI_RESPONSES, ANTHROPIC_MESSAGES):
+        with pytest.raises(EnvelopeError):
+            dialect.decode(raw)
+
+
+def test_an_item_only_orjson_refuses_is_still_read() -> None:
+    """msgspec accepts a number past a double's range; orjson alone refuses it."""
+    items = Items([msgspec.Raw(b'{"n":1e400,"big":123456789012345678901234567890,"k":-5}')])
+    assert items[0] == {"n": float("inf"), "big": 1.2345678901234568e29, "k": -5}
+    assert load_json(b"[18446744073709551615]") == [18446744073709551615]

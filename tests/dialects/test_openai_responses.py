@@ -298,3 +298,23 @@ def test_observer_relays_a_response_event_of_an_unexpected_shape() -> None:
     [event] = split_events(named_event("response.completed", payload))
     assert observer.on_event(event) == event.raw
     assert observer.facts.usage is None and observer.facts.id is None
+
+
+def test_items_of_unexpected_types_are_read_as_unknown() -> None:
+    """A ``type`` or ``call_id`` that is an object or a list (the API refuses it) once raised
+    ``TypeError: unhashable`` in the gateway, a 500; it now matches no known type."""
+    items = [
+        {"role": "user", "content": "hi"},
+        {"type": {"a": 1}},
+        {"type": ["function_call"], "call_id": "c"},
+        {"type": "function_call", "call_id": [1], "name": {"n": 1}, "arguments": 5},
+        {"type": "function_call_output", "call_id": {"c": 2}, "output": "x" * 5000},
+        7,
+    ]
+    history = OPENAI_RESPONSES.history
+    layout = history.layout(items)
+    assert layout.units[0] == (0, 1) and layout.units[-1][1] == len(items)
+    assert history.elide(items[1], 10) is None
+    assert history.elide(items[4], 10) is not None
+    facts = OPENAI_RESPONSES.read_request({"model": "gpt-5", "input": items, "tools": [{}]})
+    assert [len(s.raw) for s in OPENAI_RESPONSES.tool_call_turns(facts)] == []
