@@ -156,7 +156,7 @@ async def test_a_client_gone_mid_body_is_one_499_line_without_traceback(
     gateway: TestServer, fake_provider: TestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
         b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
