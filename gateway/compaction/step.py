@@ -108,7 +108,8 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
     url = ex.upstream.url(ex.path, "")
 
     async def summarize(transcript: str) -> Summary:
-        headers = summary.carried_headers(ex.request.headers)
+        drop = ex.identity.drop_header if ex.identity is not None else None
+        headers = summary.carried_headers(ex.request.headers, drop)
         tracing.inject(headers)
         started = time.perf_counter()
         try:

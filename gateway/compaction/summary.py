@@ -35,10 +35,12 @@ CARRIED_HEADERS = (
 )
 
 
-def carried_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+def carried_headers(headers: Mapping[str, str], drop: str | None = None) -> CIMultiDict[str]:
+    """The call's own headers the summary call needs; ``drop`` is the credential header that
+    does not go upstream (``credentials``): the summary sends one credential, as the call did."""
     out: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     for name in CARRIED_HEADERS:
-        if name in headers:
+        if name in headers and name != drop:
             out[name] = headers[name]
     out["Accept-Encoding"] = "identity"
     return out
