@@ -57,6 +57,9 @@ def create_app(
             # After an early answer (408, 413) the rest of a body is read and dropped this
             # long before the connection closes (aiohttp's default is 10 s).
             "lingering_time": 2.0,
+            # An idle keep-alive connection holds a slot of max_client_connections: close it
+            # after this long (aiohttp's own default is an hour; run_app used 75 s).
+            "keepalive_timeout": 75.0,
         },
     )
     app[SETTINGS] = settings

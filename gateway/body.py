@@ -31,12 +31,16 @@ _THREAD_AT = 256 * 1024
 """Compressed bodies above this size are decoded on a thread: a 64 MiB body takes about
 0.2 s of CPU to inflate, too long for the event loop."""
 _CHUNK = 1024 * 1024
+MAX_MEMBERS = 16
+"""gzip members one body may hold: each member's decoder copies the rest of the input, so a
+body of thousands of empty members costs quadratic time (4 MiB of them took 10 s)."""
 
 
 async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
     """The whole body, decoded; ``GatewayError`` subclasses for what cannot be served."""
     raw = await _receive(request, limit, deadline)
-    encoding = request.headers.get("Content-Encoding")
+    # Every Content-Encoding header counts: upstream sees none of them (the body goes decoded).
+    encoding = ", ".join(request.headers.getall("Content-Encoding", ()))
     if not encoding:
         return raw
     names = [name.strip().lower() for name in encoding.split(",") if name.strip()]
@@ -106,8 +110,12 @@ def _inflate(raw: bytes, wbits: int, limit: int) -> bytes:
             break
     if not decoder.eof:
         raise zlib.error("the compressed stream is truncated")
+    members = 1
     while decoder.unused_data and wbits == _GZIP:
-        # gzip allows several members one after the other.
+        # gzip allows several members one after the other (a few, in practice).
+        members += 1
+        if members > MAX_MEMBERS:
+            raise zlib.error(f"more than {MAX_MEMBERS} gzip members")
         rest = decoder.unused_data
         decoder = zlib.decompressobj(wbits)
         piece = decoder.decompress(rest, limit - size + 1)

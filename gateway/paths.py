@@ -12,7 +12,9 @@ else to any server:
 - percent-encoding only for bytes that need it: an encoded separator (``%2F``, ``%5C``,
   ``%3F``, ``%23``), an encoded unreserved character (``%2E``, ``%63``...), an encoded control
   character or white space is refused;
-- no case variant of an LLM route (``/v1/Chat/Completions``).
+- no case variant of an LLM route (``/v1/Chat/Completions``, nor one spelled with letters that
+  upper-case to ASCII, as U+0131 and U+017F do), no segment ending in a dot (Windows servers drop
+  it), no ``%25`` (a second decoding by a proxy in front of the upstream).
 
 What is accepted is routed by its raw text and sent upstream as that same raw text, appended
 below the upstream's base path: with no dot segment and no encoded separator it cannot climb
@@ -21,6 +23,7 @@ out of the base, whatever the upstream decodes.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -35,7 +38,7 @@ _API_PREFIX = "/v1/"
 _FORBIDDEN = frozenset("/\\?#;")
 _UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # A quick screen for the common case: a raw path without any of these needs no further look.
-_SUSPECT = ("%", "/.", "//", "\\", ";")
+_SUSPECT = ("%", ".", "//", "\\", ";")
 
 
 class PathRefused(ValueError):
@@ -68,15 +71,27 @@ def provider_path(raw: str) -> ProviderPath:
             _segment(segment, "path segment")
     elif raw[-1] == "/":
         raise PathRefused("the path has an empty segment (a trailing or doubled slash)")
-    if raw not in LLM_PATHS and raw.lower() in _FOLDED:
-        raise PathRefused(f"the API path is spelled {raw}: use {raw.lower()}")
+    if raw not in LLM_PATHS and (raw.lower() in _FOLDED or ("%" in raw and _folds_to_route(raw))):
+        raise PathRefused(f"the API path is a different spelling of {_fold(unquote(raw))}")
     return ProviderPath(raw, session)
+
+
+def _fold(text: str) -> str:
+    # upper() first: it maps letters such as U+0131 and U+017F to ASCII ones, as case-insensitive
+    # comparisons on some servers do; NFKC folds compatibility forms (full-width letters).
+    return unicodedata.normalize("NFKC", text).upper().lower()
+
+
+def _folds_to_route(raw: str) -> bool:
+    return _fold(unquote(raw)) in _FOLDED
 
 
 def _segment(segment: str, what: str) -> str:
     """One raw segment, decoded, or ``PathRefused``."""
     if segment in ("", ".", ".."):
         raise PathRefused(f"a {what} is empty, '.' or '..': send the path without dot segments")
+    if segment[-1] == ".":
+        raise PathRefused(f"a {what} ends with a dot")
     if "\\" in segment or ";" in segment:
         raise PathRefused(f"a {what} holds a backslash or ';'")
     if "%" not in segment:
@@ -87,7 +102,13 @@ def _segment(segment: str, what: str) -> str:
         if len(code) != 2 or not _is_hex(code):
             raise PathRefused(f"a {what} has a malformed percent-encoding")
         char = chr(int(code, 16))
-        if char in _FORBIDDEN or char in _UNRESERVED or int(code, 16) <= 0x20 or code == "7F":
+        if (
+            char in _FORBIDDEN
+            or char in _UNRESERVED
+            or char == "%"
+            or int(code, 16) <= 0x20
+            or code.upper() == "7F"
+        ):
             raise PathRefused(
                 f"a {what} percent-encodes {char!r}: send separators, dots and letters as they are"
             )

@@ -56,6 +56,13 @@ class GatewayProtocol(RequestHandler):
     ``headers_timeout``; parser refusals answered as JSON."""
 
     headers_timeout = 30.0
+    _refused = False
+
+    def refuse(self) -> None:
+        """Close after what was written, once ``start`` has begun: closing inside
+        ``connection_made`` left ``start`` to fail on Python 3.11 (a traceback per refusal)."""
+        self._refused = True
+        asyncio.get_running_loop().call_soon(self.force_close)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -65,6 +72,8 @@ class GatewayProtocol(RequestHandler):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered 503 already: nothing of it is read
         super().data_received(data)
         if self._headers_timer is not None and self._request_count:
             self._headers_timer.cancel()
@@ -133,7 +142,10 @@ class GatewayServer(web.Server):
             # told 503 with Retry-After comes back (agents retry it).
             self.refused += 1
             transport.write(self._busy)
-            handler.force_close()
+            if isinstance(handler, GatewayProtocol):
+                handler.refuse()
+            else:
+                handler.force_close()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self.open -= 1

@@ -208,3 +208,31 @@ async def test_hundreds_of_slow_clients_do_not_starve_the_others(
     for _, writer in slow:
         writer.close()
     assert len(received(fake_provider)) == 1
+
+
+def test_many_gzip_members_are_refused_quickly() -> None:
+    """Each member's decoder copied the rest of the input: 4 MiB of empty members took 10 s."""
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match="gzip members"):
+        inflate(gzip.compress(b"", mtime=0) * 200_000, (31,), 64 * 1024 * 1024)
+    assert time.monotonic() - started < 1
+
+
+async def test_every_content_encoding_header_counts(
+    gateway: TestServer, fake_provider: TestServer
+) -> None:
+    async with (
+        ClientSession() as http,
+        http.post(
+            gateway.make_url("/v1/embeddings"),
+            data=gzip.compress(b'{"model": "text-embedding-3-small", "input": "hi"}'),
+            headers=[
+                ("Authorization", "Bearer sk-test"),
+                ("Content-Type", "application/json"),
+                ("Content-Encoding", "identity"),
+                ("Content-Encoding", "gzip"),
+            ],
+        ) as response,
+    ):
+        assert response.status == 415
+    assert received(fake_provider) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -52,6 +53,13 @@ def spellings(route: str) -> list[str]:
         f"{route}%23x",
         f"/s/session/v1/./{inner}",
         f"/s/%2e%2e/v1/{inner}",
+        f"{route}.",
+        f"{route}..",
+        f"{head}%252F{last}",
+        route.replace("i", "%C4%B1", 1) if "i" in route[4:] else f"{route}%2e",  # dotless i
+        route.replace("s", "%C5%BF", 1) if "s" in route[4:] else f"{route}%2e",  # long s
+        # full-width first letter (NFKC folds it to ASCII)
+        "/v1/" + quote(chr(0xFF41 + ord(inner[0]) - ord("a"))) + inner[1:],
     ]
 
 
@@ -76,7 +84,7 @@ def test_session_prefix_is_decoded() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["/v1/files/file-abc%C3%A9", "/v1/models/gpt-4o", "/v1/files/a%2541", "/v1/models"],
+    ["/v1/files/file-abc%C3%A9", "/v1/models/gpt-4o", "/v1/files/a.b", "/v1/models"],
 )
 def test_ordinary_paths_pass_as_sent(raw: str) -> None:
     assert provider_path(raw).path == raw

@@ -107,3 +107,22 @@ async def test_oversized_headers_are_a_431_both_sdks_read(
     assert refused.value.status_code == 431
     assert "too large" in refused.value.message
     assert received(fake_provider) == []
+
+
+async def test_refused_connections_leave_no_traceback(
+    small_gateway: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = [await asyncio.open_connection("127.0.0.1", small_gateway.port) for _ in range(4)]
+    answers = await asyncio.gather(*(raw_answer(small_gateway.port, b"") for _ in range(10)))
+    assert all(answer.startswith(b"HTTP/1.1 503") for answer in answers)
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40]
+    server = small_gateway.runner.server if small_gateway.runner else None
+    assert isinstance(server, GatewayServer) and server.open == 0
+
+
+def test_idle_keep_alive_connections_are_closed_in_minutes(settings: Settings) -> None:
+    app = create_app(settings)
+    assert app._handler_args["keepalive_timeout"] == 75.0
