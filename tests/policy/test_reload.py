@@ -193,10 +193,14 @@ async def test_sighup_reloads_at_once(make_gateway: MakeGateway) -> None:
 
 async def write_bytes(gw: Gateway, content: bytes, forward: float) -> None:
     def write() -> None:
+        # Whole, then renamed into place: a poll in the middle of writing a large file would
+        # see a half-written one (a second, different refusal).
         assert gw.policy_path is not None
-        gw.policy_path.write_bytes(content)
-        stat = gw.policy_path.stat()
-        os.utime(gw.policy_path, (stat.st_atime + forward, stat.st_mtime + forward))
+        staged = gw.policy_path.with_suffix(".staged")
+        staged.write_bytes(content)
+        stat = staged.stat()
+        os.utime(staged, (stat.st_atime + forward, stat.st_mtime + forward))
+        os.replace(staged, gw.policy_path)
 
     await asyncio.to_thread(write)
 
