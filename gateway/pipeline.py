@@ -45,7 +45,7 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.identity import identify, own_session, qualified
-from gateway.paths import COUNT_TOKENS, PathRefused, provider_path
+from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
 from gateway.policy import decide
 from gateway.relay import relay
 from gateway.store import LimitExceeded
@@ -399,6 +399,10 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
+    # The LLM paths as plain routes first: aiohttp finds those by a dictionary lookup, before
+    # trying the patterns. All of them go to ``dispatch``, which checks the raw path itself.
+    for path in sorted(LLM_PATHS):
+        app.router.add_route("*", path, dispatch)
     for prefix in ("/v1/", SESSION_PREFIX + "/v1/"):
         app.router.add_route("*", prefix + "{tail:.*}", dispatch)
     app.router.add_route("*", "/{tail:.*}", not_found)
