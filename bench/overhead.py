@@ -38,7 +38,7 @@ from aiohttp import web
 REPO: Final = Path(__file__).resolve().parent.parent
 BENCH_POLICY: Final = Path(__file__).resolve().parent / "policy.yaml"
 CODEX_FIXTURE: Final = (
-    REPO.parent / "shared" / "fixtures" / "agents" / "codex-0.169.0-responses-turn268.json"
+    REPO / "tests" / "fixtures" / "agents" / "codex-0.169.0-responses-turn268.json"
 )
 AGENT_BODY_BYTES: Final = 110_000
 HISTORY_SIZES: Final = (10, 100, 300, 1000)

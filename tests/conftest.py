@@ -20,7 +20,8 @@ from gateway.fake_provider import create_app as create_fake_app
 from gateway.server import GatewayRunner
 from gateway.settings import Settings, Upstreams
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "agents"
+# Recorded agent requests, kept in the repository (copied from the team's shared fixtures).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"
 ANTHROPIC_MODEL = "claude-sonnet-4-6"
 
 
