@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
-from gateway.identity import SessionTaken, qualified
+from gateway.identity import SessionTaken, own_session
 from gateway.store.records import (
     REWRITES_KEPT,
     BudgetCounter,
@@ -148,14 +148,9 @@ class SessionTable:
         """The caller's own record, made if new. Another key may have started the id since
         the pipeline looked (``identity.own_session``): the caller then goes on under its
         qualified id, decided here with no await before the caller's change."""
-        ident = start.identity
-        record = await self._session(ident.session_id)
-        if record is not None and record.key_hash != ident.key_hash:
-            ident = qualified(ident)
+        ident, record = await own_session(start.identity, self._session)
+        if ident is not start.identity:
             start = replace(start, identity=ident)
-            record = await self._session(ident.session_id)
-            if record is not None and record.key_hash != ident.key_hash:
-                raise SessionTaken(ident.session_id)
         if record is None:
             record = self.sessions[ident.session_id] = new_record(start)
         return record, start
