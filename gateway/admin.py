@@ -166,7 +166,8 @@ def _operator(request: web.Request, body: dict[str, Any]) -> str:
 
 
 def _caller(request: web.Request) -> dict[str, str | None]:
-    return {"peer": _peer(request), "auth": request.get(ADMITTED)}
+    # ``remote`` is the TCP peer, never a header (``X-Forwarded-For`` is a claim).
+    return {"peer": request.remote, "auth": request.get(ADMITTED)}
 
 
 async def calibration(request: web.Request) -> web.Response:
@@ -199,7 +200,7 @@ def admin_token(handler: Handler, *, write: bool = False) -> Handler:
                 return _json({"error": "admin token required (Authorization: Bearer)"}, 401)
             request[ADMITTED] = "token"
         elif write:
-            if not (_loopback(_peer(request)) and _loopback_host(request.host)):
+            if not (_loopback(request.remote) and _loopback_host(request.host)):
                 return _json(
                     {
                         "error": "without an admin token, admin writes are accepted only from "
@@ -220,15 +221,6 @@ def bearer_ok(request: web.Request, token: str) -> bool:
     if scheme.lower() != "bearer" or not token:
         return False
     return hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def _peer(request: web.Request) -> str | None:
-    """The transport's peer address: never a header (``X-Forwarded-For`` is a claim)."""
-    transport = request.transport
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
-        return peername[0]
-    return None
 
 
 def _loopback(address: str | None) -> bool:
