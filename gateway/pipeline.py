@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import orjson
@@ -56,7 +55,6 @@ from gateway.upstream import request_headers, send
 
 log = logging.getLogger("gateway.pipeline")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION_PREFIX = "/s/{gateway_session}"
 
 
@@ -257,8 +255,9 @@ def is_helper_call(ex: Exchange) -> bool:
 async def forward(ex: Exchange) -> None:
     app = ex.request.app
     settings = app[SETTINGS]
-    drop = ex.identity.drop_header if ex.identity else None
-    if ex.identity is None:  # passthrough: the credential of the upstream it goes to
+    if ex.identity is not None:
+        drop = ex.identity.drop_header
+    else:  # passthrough: the credential of the upstream it goes to
         drop = credential(ex.request.headers, ex.upstream.provider).drop
     headers = request_headers(ex.request.headers, drop=drop)
     url = ex.upstream.url(ex.path, ex.request.rel_url.raw_query_string)
