@@ -90,21 +90,22 @@ def loosening(file: PolicyFile) -> list[ClaimWarning]:
 
 def _settings(data: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """The settings this module compares, from a complete (dumped) settings block."""
-    limits, loops = data["limits"], data["loops"]
-    for name in _LIMITS:
-        yield f"limits.{name}", limits[name]
-    yield "limits.models.allow", limits["models"]["allow"]
-    yield "limits.models.deny", limits["models"]["deny"]
-    yield "budgets", data["budgets"]
-    for name in _LOOP_THRESHOLDS:
-        yield f"loops.{name}", loops[name]
-    yield "loops.action", loops["action"]
-    yield "context.strategies", data["context"]["strategies"]
+    return _compared(data["limits"], data["loops"], data["context"], data["budgets"])
 
 
 def _rule_settings(rule: Rule) -> Iterator[tuple[str, Any]]:
     """What a rule sets of the compared settings (rules name only what they change)."""
-    limits, loops, context = rule.limits or {}, rule.loops or {}, rule.context or {}
+    budgets = None if rule.budgets is None else _budgets(rule.budgets)
+    return _compared(rule.limits or {}, rule.loops or {}, rule.context or {}, budgets)
+
+
+def _compared(
+    limits: dict[str, Any],
+    loops: dict[str, Any],
+    context: dict[str, Any],
+    budgets: list[dict[str, Any]] | None,
+) -> Iterator[tuple[str, Any]]:
+    """The compared settings present in these blocks, by path (a complete block has all)."""
     for name in _LIMITS:
         if name in limits:
             yield f"limits.{name}", limits[name]
@@ -113,8 +114,8 @@ def _rule_settings(rule: Rule) -> Iterator[tuple[str, Any]]:
         for part in ("allow", "deny"):
             if part in models:
                 yield f"limits.models.{part}", models[part]
-    if rule.budgets is not None:
-        yield "budgets", _budgets(rule.budgets)
+    if budgets is not None:
+        yield "budgets", budgets
     for name in _LOOP_THRESHOLDS:
         if name in loops:
             yield f"loops.{name}", loops[name]
