@@ -21,4 +21,4 @@ def cap(value: str, limit: int = LIMIT) -> str:
 
 
 def cap_optional(value: str | None, limit: int = LIMIT) -> str | None:
-    return value if value is None or len(value) <= limit else cap(value, limit)
+    return None if value is None else cap(value, limit)

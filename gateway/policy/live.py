@@ -53,14 +53,13 @@ class LivePolicy:
             stamp = await asyncio.to_thread(self._stat)
             try:
                 policy = await asyncio.to_thread(self._read)
-            except PolicyError as exc:
-                self._refused(str(exc), reason, stamp)
-                if strict:
-                    raise
-                return False
             except Exception as exc:  # a bug in loading must not stop the watcher either
-                log.exception("policy load failed unexpectedly (%s)", reason)
-                self._refused(f"{self.path}: cannot be loaded: {type(exc).__name__}", reason, stamp)
+                if isinstance(exc, PolicyError):
+                    error = str(exc)
+                else:
+                    log.exception("policy load failed unexpectedly (%s)", reason)
+                    error = f"{self.path}: cannot be loaded: {type(exc).__name__}"
+                self._refused(error, reason, stamp)
                 if strict:
                     raise
                 return False
