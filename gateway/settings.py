@@ -69,8 +69,9 @@ class Settings(BaseModel):
     max_header_bytes: int = Field(32768, ge=1024)
     """One request header line (and the request line) at most; larger is answered 431."""
     trusted_proxies: list[str] = []
-    """CIDRs of reverse proxies whose ``team_header`` and ``X-Forwarded-For`` are believed;
-    from any other peer those headers are ignored."""
+    """CIDRs of reverse proxies whose policy ``team_header`` is believed; from any other peer
+    it is ignored. (``X-Forwarded-For`` decides nothing: the admin API's loopback check reads
+    the TCP peer.)"""
     admin_token: SecretStr | None = None
     """Bearer token for the admin API (``Authorization: Bearer <token>``). Without one, admin
     writes are accepted only from a loopback peer, and serving on a non-loopback address is
