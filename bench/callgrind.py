@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -31,14 +30,14 @@ from typing import Final
 
 import aiohttp
 from overhead import (
-    ANTHROPIC_HEADERS,
-    OPENAI_HEADERS,
     Scenario,
     Server,
+    build_scenarios,
     free_port,
+    gateway_argv,
+    gateway_env,
     http_ok,
-    small_anthropic,
-    small_chat,
+    start,
     stop,
     tcp_open,
     wait_ready,
@@ -53,47 +52,24 @@ READY_TIMEOUT: Final = 900.0  # python's start-up under valgrind takes minutes o
 CALL_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=300, sock_read=300)
 
 
-def build_cases() -> list[Scenario]:
-    chat, messages = "/v1/chat/completions", "/v1/messages"
-    anthropic = {**small_anthropic(), "model": "claude-sonnet-4-6"}
-    return [
-        Scenario("chat", chat, _dumps(small_chat(False)), OPENAI_HEADERS, False),
-        Scenario("chat-stream", chat, _dumps(small_chat(True)), OPENAI_HEADERS, True),
-        Scenario("anthropic-stream", messages, _dumps(anthropic), ANTHROPIC_HEADERS, True),
-    ]
-
-
-def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
 # -- processes ---------------------------------------------------------------------------------
 def launch(
     name: str, argv: list[str], port: int, repo: Path, workdir: Path, env: dict[str, str]
 ) -> Server:
-    """Start one server in its own process group, from ``repo`` with its code first on the path."""
-    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv,
-            cwd=repo,
-            env={**os.environ, "PYTHONPATH": path, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    return Server(name, port, process, log)
+    """One server in its own process group, from ``repo`` with its code first on the path."""
+    return start(name, argv, port, workdir, {**env, "PYTHONPATH": _python_path(repo)}, repo)
+
+
+def _python_path(repo: Path) -> str:
+    return os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def imported_gateway(repo: Path) -> Path:
     """Where ``import gateway`` resolves when run from ``repo`` as the servers are."""
-    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
     out = subprocess.run(
         [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
         cwd=repo,
-        env={**os.environ, "PYTHONPATH": path},
+        env={**os.environ, "PYTHONPATH": _python_path(repo)},
         capture_output=True,
         text=True,
         check=True,
@@ -127,25 +103,8 @@ def running(repo: Path, workdir: Path, relay: bool) -> Iterator[Server]:
             servers.append(target)
             wait_ready(target, tcp_open(port), READY_TIMEOUT)
         else:
-            argv = [
-                python,
-                "-m",
-                "gateway",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--store",
-                "memory://",
-                "--policy",
-                str(repo / "bench" / "policy.yaml"),
-            ]
-            env = {
-                "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
-                "GATEWAY_ANTHROPIC_UPSTREAM": fake.url,
-                "GATEWAY_LOG_LEVEL": "info",  # one JSON line per call, to the log file
-            }
+            argv = gateway_argv(python, port, "memory://", repo / "bench" / "policy.yaml")
+            env = gateway_env(fake.url)
             target = launch("gateway", [*valgrind, *argv], port, repo, workdir, env)
             servers.append(target)
             wait_ready(target, http_ok(f"{target.url}/gateway/health"), READY_TIMEOUT)
@@ -263,19 +222,14 @@ async def measure(
 
 # -- main ----------------------------------------------------------------------------------------
 def describe(repo: Path) -> str:
-    commit = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = _git(repo, "rev-parse", "--short", "HEAD")
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     return f"{repo} at {commit or '?'}{' (modified)' if dirty else ''}"
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 def report(results: Sequence[Result], target: str) -> str:
@@ -299,7 +253,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--relay", action="store_true", help="measure the bare aiohttp relay")
     parser.add_argument(
-        "--cases", default="", help="comma-separated: chat, chat-stream, anthropic-stream (all)"
+        "--cases",
+        default="",
+        help="comma-separated: chat, chat-stream, agent110k, agent110k-stream, anthropic-stream"
+        " (default: all)",
     )
     parser.add_argument(
         "--repo",
@@ -316,7 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def pick_cases(wanted: str) -> list[Scenario]:
-    cases = build_cases()
+    cases = build_scenarios()
     names = [n.strip() for n in wanted.split(",") if n.strip()]
     if not names:
         return cases

@@ -202,12 +202,14 @@ def free_port() -> int:
         return port
 
 
-def start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> Server:
+def start(
+    name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str], cwd: Path = REPO
+) -> Server:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             argv,
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -274,6 +276,22 @@ class Stack:
         return {"direct": self.fake, "relay": self.relay, "gateway": self.gateway}[name]
 
 
+def gateway_argv(python: str, port: int, store: str, policy: Path | None) -> list[str]:
+    """``gateway serve`` on a loopback port."""
+    serve = ["-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return [python, *serve, "--store", store, *(["--policy", str(policy)] if policy else [])]
+
+
+def gateway_env(fake_url: str) -> dict[str, str]:
+    """The gateway aimed at the fake provider, with its telemetry on: metrics always, and one
+    JSON log line per request (to the log file)."""
+    return {
+        "GATEWAY_OPENAI_UPSTREAM": f"{fake_url}/v1",
+        "GATEWAY_ANTHROPIC_UPSTREAM": fake_url,
+        "GATEWAY_LOG_LEVEL": "info",
+    }
+
+
 @contextlib.contextmanager
 def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[Stack]:
     python = sys.executable
@@ -294,26 +312,8 @@ def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[St
         relay = start("relay", relay_argv, rport, workdir, {})
         servers.append(relay)
         gport = free_port()
-        gateway_argv = [
-            python,
-            "-m",
-            "gateway",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(gport),
-            "--store",
-            store,
-            *(["--policy", str(policy)] if policy else []),
-        ]
-        upstreams = {
-            "GATEWAY_OPENAI_UPSTREAM": f"{fake.url}/v1",
-            "GATEWAY_ANTHROPIC_UPSTREAM": fake.url,
-            # Telemetry on: metrics always, and one JSON log line per request (to the log file).
-            "GATEWAY_LOG_LEVEL": "info",
-        }
-        gateway = start("gateway", gateway_argv, gport, workdir, upstreams)
+        argv = gateway_argv(python, gport, store, policy)
+        gateway = start("gateway", argv, gport, workdir, gateway_env(fake.url))
         servers.append(gateway)
         wait_ready(relay, tcp_open(rport))
         wait_ready(gateway, http_ok(f"{gateway.url}/gateway/health"))
