@@ -39,10 +39,10 @@ body of thousands of empty members costs quadratic time (4 MiB of them took 10 s
 async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
     """The whole body, decoded; ``GatewayError`` subclasses for what cannot be served."""
     raw = await _receive(request, limit, deadline)
-    # Every Content-Encoding header counts: upstream sees none of them (the body goes decoded).
-    encoding = ", ".join(request.headers.getall("Content-Encoding", ()))
-    if not encoding:
+    if "Content-Encoding" not in request.headers:
         return raw
+    # Every Content-Encoding header counts: upstream sees none of them (the body goes decoded).
+    encoding = ", ".join(request.headers.getall("Content-Encoding"))
     names = [name.strip().lower() for name in encoding.split(",") if name.strip()]
     if names in ([], ["identity"]):
         return raw

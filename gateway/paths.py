@@ -57,6 +57,9 @@ class ProviderPath:
 def provider_path(raw: str) -> ProviderPath:
     """The checked path of a request, from its raw (still percent-encoded) path, without the
     query. Raises ``PathRefused``."""
+    exact = _EXACT.get(raw)
+    if exact is not None:
+        return exact  # an LLM route as it is spelled: nothing to check (most calls)
     session = None
     if raw[:3] == _SESSION_PREFIX:
         end = raw.find("/", 3)
@@ -74,6 +77,9 @@ def provider_path(raw: str) -> ProviderPath:
     if raw not in LLM_PATHS and (raw.lower() in _FOLDED or ("%" in raw and _folds_to_route(raw))):
         raise PathRefused(f"the API path is a different spelling of {_fold(unquote(raw))}")
     return ProviderPath(raw, session)
+
+
+_EXACT = {path: ProviderPath(path) for path in LLM_PATHS}
 
 
 def _fold(text: str) -> str:

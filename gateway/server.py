@@ -56,12 +56,13 @@ class GatewayProtocol(RequestHandler):
     ``headers_timeout``; parser refusals answered as JSON."""
 
     headers_timeout = 30.0
-    _refused = False
 
     def refuse(self) -> None:
-        """Close after what was written, once ``start`` has begun: closing inside
-        ``connection_made`` left ``start`` to fail on Python 3.11 (a traceback per refusal)."""
-        self._refused = True
+        """Read nothing more, and close after what was written once ``start`` has begun:
+        closing inside ``connection_made`` left ``start`` to fail on Python 3.11 (a traceback
+        per refusal)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
         asyncio.get_running_loop().call_soon(self.force_close)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,14 +72,6 @@ class GatewayProtocol(RequestHandler):
             self.headers_timeout, self._headers_too_slow
         )
 
-    def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # answered 503 already: nothing of it is read
-        super().data_received(data)
-        if self._headers_timer is not None and self._request_count:
-            self._headers_timer.cancel()
-            self._headers_timer = None
-
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._headers_timer is not None:
             self._headers_timer.cancel()
@@ -86,6 +79,8 @@ class GatewayProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def _headers_too_slow(self) -> None:
+        # One timer per connection, not cancelled per request (that would cost every request
+        # a call): when it fires, a connection that has sent a whole request is left alone.
         self._headers_timer = None
         if not self._request_count:
             self.force_close()
