@@ -37,34 +37,15 @@ body of thousands of empty members costs quadratic time (4 MiB of them took 10 s
 
 
 async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
-    """The whole body, decoded; ``GatewayError`` subclasses for what cannot be served."""
-    raw = await _receive(request, limit, deadline)
-    if "Content-Encoding" not in request.headers:
-        return raw
-    # Every Content-Encoding header counts: upstream sees none of them (the body goes decoded).
-    encoding = ", ".join(request.headers.getall("Content-Encoding"))
-    names = [name.strip().lower() for name in encoding.split(",") if name.strip()]
-    if names in ([], ["identity"]):
-        return raw
-    if len(names) != 1 or names[0] not in _DECODERS:
-        raise UnsupportedEncoding(
-            f"Content-Encoding {encoding[:64]!r} is not supported by the gateway:"
-            " send the body uncompressed, or gzip or deflate."
-        )
-    wbits = _DECODERS[names[0]]
-    if len(raw) > _THREAD_AT:
-        return await asyncio.to_thread(inflate, raw, wbits, limit)
-    return inflate(raw, wbits, limit)
-
-
-async def _receive(request: web.Request, limit: int, deadline: float) -> bytes:
-    """``deadline``: seconds the whole body may take to arrive."""
+    """The whole body, decoded; ``GatewayError`` subclasses for what cannot be served.
+    ``deadline``: seconds the whole body may take to arrive."""
     try:
         if request.content.is_eof():
             # Already here whole (small bodies arrive with their headers): no timer needed.
-            return await request.read()
-        async with asyncio.timeout(deadline):
-            return await request.read()
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(deadline):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise _too_large(limit) from exc
     except TimeoutError as exc:
@@ -80,6 +61,26 @@ async def _receive(request: web.Request, limit: int, deadline: float) -> bytes:
         raise
     except ConnectionError as exc:
         raise ClientDisconnected("The client closed the connection mid-body.") from exc
+    if "Content-Encoding" not in request.headers:
+        return raw
+    return await _decoded(request, raw, limit)
+
+
+async def _decoded(request: web.Request, raw: bytes, limit: int) -> bytes:
+    # Every Content-Encoding header counts: upstream sees none of them (the body goes decoded).
+    encoding = ", ".join(request.headers.getall("Content-Encoding"))
+    names = [name.strip().lower() for name in encoding.split(",") if name.strip()]
+    if names in ([], ["identity"]):
+        return raw
+    if len(names) != 1 or names[0] not in _DECODERS:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding[:64]!r} is not supported by the gateway:"
+            " send the body uncompressed, or gzip or deflate."
+        )
+    wbits = _DECODERS[names[0]]
+    if len(raw) > _THREAD_AT:
+        return await asyncio.to_thread(inflate, raw, wbits, limit)
+    return inflate(raw, wbits, limit)
 
 
 def inflate(raw: bytes, wbits: tuple[int, ...], limit: int) -> bytes:

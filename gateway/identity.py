@@ -129,7 +129,9 @@ def identify(
             value = hints.get(where)
         else:
             value = headers.get(where)
-        if value and (session_id := _clean_id(value)):
+        if value and (session_id := _clean(value, MAX_ID_LENGTH)):
+            if QUALIFIER in session_id:  # reserved for the gateway's qualified ids
+                session_id = session_id.replace(QUALIFIER, "-")
             return Identity(session_id, source, agent, name, hashed, credential.drop)
     return Identity(fingerprint(hashed, facts), "fingerprint", agent, name, hashed, credential.drop)
 
@@ -174,12 +176,6 @@ def fingerprint(hashed_key: str | None, facts: RequestFacts | None) -> str:
             digest.update(b"\x00")
             digest.update(orjson.dumps(part, option=orjson.OPT_SORT_KEYS))
     return "fp_" + digest.hexdigest()[:20]
-
-
-def _clean_id(value: str) -> str:
-    """A client's session id: cleaned, and without the qualifier the gateway adds."""
-    value = _clean(value, MAX_ID_LENGTH)
-    return value.replace(QUALIFIER, "-") if QUALIFIER in value else value
 
 
 def _clean(value: str, limit: int) -> str:

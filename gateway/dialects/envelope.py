@@ -44,14 +44,23 @@ class Items(Sequence[Any]):
             return [self[i] for i in range(*index.indices(len(self)))]
         value = self._decoded[index]
         if value is _UNREAD:
-            value = self._decoded[index] = load_json(self._raw[index])
+            # ``load_json``, with orjson's common case inline: items are read on every call.
+            try:
+                value = orjson.loads(memoryview(self._raw[index]))
+            except orjson.JSONDecodeError:
+                value = load_json(self._raw[index])
+            self._decoded[index] = value
         return value
 
     def __iter__(self) -> Iterator[Any]:
         decoded, raw = self._decoded, self._raw
         for index, value in enumerate(decoded):
             if value is _UNREAD:
-                value = decoded[index] = load_json(raw[index])
+                try:
+                    value = orjson.loads(memoryview(raw[index]))
+                except orjson.JSONDecodeError:
+                    value = load_json(raw[index])
+                decoded[index] = value
             yield value
 
     def raw(self) -> Iterator[msgspec.Raw]:
