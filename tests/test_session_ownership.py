@@ -186,6 +186,14 @@ async def raw(
         return resp.status, await resp.json()
 
 
+def both_credentials(path: str, bearer: str, api_key: str) -> dict[str, str]:
+    """``Authorization`` and ``x-api-key`` at once, with Anthropic's version on its paths."""
+    headers = {"Authorization": f"Bearer {bearer}", "x-api-key": api_key}
+    if "messages" in path:
+        headers.update(ANTHROPIC_HEADERS)
+    return headers
+
+
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[r[1] for r in ROUTES])
 async def test_two_different_credentials_are_refused(
     make_gateway: MakeGateway,
@@ -195,10 +203,8 @@ async def test_two_different_credentials_are_refused(
     body: dict[str, Any] | None,
 ) -> None:
     gw = await make_gateway(None)
-    headers = {"Authorization": "Bearer sk-a-secret", "x-api-key": "sk-b-secret"}
     anthropic_shaped = "messages" in path
-    if anthropic_shaped:
-        headers.update(ANTHROPIC_HEADERS)
+    headers = both_credentials(path, "sk-a-secret", "sk-b-secret")
     status, answer = await raw(gw, method, path, body, headers)
     assert status == 400, answer
     if anthropic_shaped:
@@ -220,11 +226,8 @@ async def test_the_same_key_twice_goes_upstream_once(
     body: dict[str, Any] | None,
 ) -> None:
     gw = await make_gateway(None)
-    headers = {"Authorization": "Bearer sk-same", "x-api-key": "sk-same"}
     to_anthropic = "messages" in path
-    if to_anthropic:
-        headers.update(ANTHROPIC_HEADERS)
-    status, answer = await raw(gw, method, path, body, headers)
+    status, answer = await raw(gw, method, path, body, both_credentials(path, "sk-same", "sk-same"))
     [upstream] = received(fake_provider)
     sent = {name.lower() for name in upstream.headers}
     # /v1/models with x-api-key goes to Anthropic (``Upstreams.for_headers``).

@@ -13,6 +13,7 @@ from gateway.cli import main
 from gateway.policy import parse_policy
 from gateway.policy.claims import ClaimWarning, claim_only, claims_of, loosening
 from tests.harness import POLICIES
+from tests.policy.test_policy_cli import EXPLAIN
 
 
 def warnings_of(text: str) -> list[ClaimWarning]:
@@ -146,20 +147,6 @@ def test_the_shipped_organization_policy_is_warned_about(
     assert main(["policy", "check", str(POLICIES / "organization.yaml")]) == 0
     err = capsys.readouterr().err
     assert "rule 'ci-codex'" in err and "from 100 in rule 'support-is-small'" in err
-
-
-EXPLAIN = [
-    "policy",
-    "explain",
-    "--policy",
-    str(POLICIES / "organization.yaml"),
-    "--agent",
-    "codex",
-    "--mode",
-    "headless",
-    "--team",
-    "support",
-]
 
 
 def test_explain_marks_what_a_claim_decided(capsys: pytest.CaptureFixture[str]) -> None:
