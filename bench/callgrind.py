@@ -306,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             workdir = args.workdir.resolve()
             workdir.mkdir(parents=True, exist_ok=True)
+            for stale in workdir.glob("cg.out*"):  # an earlier run's dumps would read as newest
+                stale.unlink()
         server = stack.enter_context(running(repo, workdir, args.relay))
         print(f"started under callgrind in {time.monotonic() - began:.0f} s", file=sys.stderr)
         results = asyncio.run(measure(server, workdir, cases, args.warmup, args.calls))
