@@ -52,9 +52,9 @@ def credential(headers: Mapping[str, str], provider: str) -> Credential:
     api_key = headers.get(X_API_KEY)
     auth = headers.get(AUTHORIZATION)
     if api_key is None:  # the usual OpenAI call: one header, nothing to drop
-        return Credential(_hash_key(_token(auth))) if auth else NO_CREDENTIAL
+        return _bearer(auth) if auth else NO_CREDENTIAL
     if auth is None:  # the usual Anthropic call
-        return Credential(_hash_key(api_key.strip())) if api_key.strip() else NO_CREDENTIAL
+        return _api_key(api_key)
     bearer, key = _token(auth), api_key.strip()
     own = _OWN_HEADER.get(provider, AUTHORIZATION)
     other = X_API_KEY if own == AUTHORIZATION else AUTHORIZATION
@@ -69,15 +69,26 @@ def credential(headers: Mapping[str, str], provider: str) -> Credential:
     return Credential(None, other)
 
 
+# Callers reuse a handful of keys: one hash and one ``Credential`` each, not one per request.
+@lru_cache(maxsize=4096)
+def _bearer(auth: str) -> Credential:
+    token = _token(auth)
+    return Credential(_hash_key(token)) if token else NO_CREDENTIAL
+
+
+@lru_cache(maxsize=4096)
+def _api_key(api_key: str) -> Credential:
+    key = api_key.strip()
+    return Credential(_hash_key(key)) if key else NO_CREDENTIAL
+
+
 def _token(auth: str) -> str:
     """A bearer token, or the whole value for another scheme (still a credential upstream)."""
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else auth.strip()
 
 
-@lru_cache(maxsize=4096)
 def _hash_key(key: str) -> str | None:
-    """Callers reuse a handful of keys: one hash each, not one per request."""
     return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
 
 

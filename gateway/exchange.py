@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Exchange:
     request: web.Request
+    app: web.Application
+    """``request.app``, read once: every step reads it (aiohttp's is a property)."""
     upstream: Upstream
     path: str
     """The provider path (``/v1/...``), without a ``/s/<session>`` prefix."""
@@ -37,7 +39,8 @@ class Exchange:
     raw: bytes = b""
     body: Body | None = None
     body_hash: int | None = None
-    """Of the raw body: retry storms are the same bytes again."""
+    """XXH3 of the raw body: retry storms are the same bytes again. Not ``hash()``, which
+    differs between processes: the figure is kept in the store, shared by replicas."""
     facts: RequestFacts | None = None
     identity: Identity | None = None
     record: SessionRecord | None = None

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from gateway.store.records import SessionRecord
 
 MAX_ID_LENGTH = 200
+AGENT_LENGTH = 64
+"""An agent's name is cleaned to this length here, so its readers need no cap of their own."""
 QUALIFIER = "~"
 """Between a session id and the key hash of a caller that is not its owner."""
 
@@ -78,6 +80,7 @@ class Identity:
     source: str
     """Where the id came from: explicit, path, claude-code, codex, header, body, fingerprint."""
     agent: str
+    """Printable, at most ``AGENT_LENGTH`` characters."""
     name: str | None = None
     key_hash: str | None = None
     """A short, non-reversible tag of the credential that goes upstream (``credentials``)."""
@@ -95,8 +98,8 @@ class SessionTaken(BadRequest):
 
 
 def agent_name(headers: Mapping[str, str]) -> str:
-    explicit = _clean(headers.get("x-gateway-agent", ""), 64)
-    if explicit:
+    explicit = headers.get("x-gateway-agent")
+    if explicit and (explicit := _clean(explicit, AGENT_LENGTH)):
         return explicit
     return _agent_of(headers.get("user-agent", ""))
 
@@ -108,7 +111,7 @@ def _agent_of(user_agent: str) -> str:
         if user_agent.startswith(prefix):
             return agent
     product = user_agent.split("/", 1)[0].split(" ", 1)[0]
-    return _clean(product, 64) if product else "unknown"
+    return _clean(product, AGENT_LENGTH) if product else "unknown"
 
 
 def identify(

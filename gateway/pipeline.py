@@ -14,6 +14,7 @@ from typing import NoReturn
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from xxhash import xxh3_64_intdigest
 
 from gateway import accounting
 from gateway.appkeys import (
@@ -60,7 +61,7 @@ SESSION_PREFIX = "/s/{gateway_session}"
 
 async def handle(ex: Exchange) -> web.StreamResponse:
     """An LLM call: read, identify, decide, begin the turn, forward, relay, account."""
-    app = ex.request.app
+    app = ex.app
     store, tokens, calibration = app[STORE], app[TOKENS], app[COMPACTOR].calibration
     metrics = app[METRICS]
     assert ex.dialect is not None
@@ -90,7 +91,7 @@ async def handle_aux(ex: Exchange) -> web.StreamResponse:
     try:
         await read_request(ex, strict=False)
         await identify_session(ex)
-        await ex.request.app[STORE].record_aux(accounting.turn_start(ex))
+        await ex.app[STORE].record_aux(accounting.turn_start(ex))
         await forward(ex)
     except GatewayError as error:
         answer_error(ex, error)
@@ -120,13 +121,13 @@ async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
 def report(ex: Exchange, route: str) -> None:
     """The finished request's metrics and its log line, tied to its trace."""
     trace = tracing.trace_id(ex)
-    observe(ex.request.app[METRICS], ex, route, trace)
+    observe(ex.app[METRICS], ex, route, trace)
     log_request(ex, route, trace)
 
 
 async def read_body(ex: Exchange) -> None:
     """The body, bounded in time and size and decoded (``body``)."""
-    settings = ex.request.app[SETTINGS]
+    settings = ex.app[SETTINGS]
     ex.raw = await receive_body(ex.request, settings.max_body_bytes, settings.timeouts.client_body)
 
 
@@ -142,7 +143,7 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
             return
         raise BadRequest(f"The request body is not valid JSON for this API: {exc}") from exc
     ex.body = body
-    ex.body_hash = hash(ex.raw)
+    ex.body_hash = xxh3_64_intdigest(ex.raw)
     ex.facts = ex.dialect.read_request(body)
     ex.upstream_body, ex.rewritten = ex.dialect.upstream_body(body, ex.raw)
 
@@ -152,23 +153,27 @@ async def identify_session(ex: Exchange) -> None:
     another key started is the caller's own under a qualified id (``identity``)."""
     headers = ex.request.headers
     who = credential(headers, ex.upstream.provider)
-    ex.identity, ex.record = await own_session(
-        identify(headers, ex.facts, ex.path_session, who), ex.request.app[STORE].get
-    )
+    identity = identify(headers, ex.facts, ex.path_session, who)
+    get = ex.app[STORE].get
+    record = await get(identity.session_id)
+    if record is not None and record.key_hash != identity.key_hash:
+        identity, record = await own_session(identity, get)
+    ex.identity, ex.record = identity, record
 
 
 async def decide_policy(ex: Exchange) -> None:
     """The policy's verdict before anything is counted: size, model, loops."""
     assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
-    app, session = ex.request.app, ex.identity.session_id
+    app, session = ex.app, ex.identity.session_id
     policy = app[POLICY].policy
+    proxies = app[SETTINGS].trusted_proxies
     who = decide.caller(
         policy,
         ex.identity,
         ex.facts.model,
         ex.request.headers,
-        ex.request.remote,
-        app[SETTINGS].trusted_proxies,
+        ex.request.remote if proxies else None,  # only a trusted proxy's peer matters
+        proxies,
     )
     ex.team = who.team
     record = ex.record
@@ -208,7 +213,7 @@ async def decide_policy(ex: Exchange) -> None:
 async def begin_turn(ex: Exchange) -> None:
     """The store's atomic check of the counted limits, and the turn recorded."""
     assert ex.identity is not None and ex.decision is not None
-    store = ex.request.app[STORE]
+    store = ex.app[STORE]
     try:
         await accounting.begin_turn(ex, store)
     except LimitExceeded as exc:
@@ -240,7 +245,7 @@ async def begin_turn(ex: Exchange) -> None:
 
 async def reject(ex: Exchange, verdict: decide.Verdict) -> NoReturn:
     event = {"key": verdict.limit, "at": time.time(), "limit": verdict.limit, "rule": verdict.rule}
-    await ex.request.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
+    await ex.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
     raise PolicyRejection(
         verdict.message, limit=verdict.limit, rule=verdict.rule, retry_after=verdict.retry_after
     )
@@ -253,7 +258,7 @@ def is_helper_call(ex: Exchange) -> bool:
 
 
 async def forward(ex: Exchange) -> None:
-    app = ex.request.app
+    app = ex.app
     settings = app[SETTINGS]
     if ex.identity is not None:
         drop = ex.identity.drop_header
@@ -353,12 +358,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         ex = _exchange(request, dialect, path, where.session)
         if request.method != "POST":
             return refuse(ex, _post_only(request.method, path), dialect.name)
-        return await request.app[TRACING].serve(ex, handle)
+        return await ex.app[TRACING].serve(ex, handle)
     if path == COUNT_TOKENS:
         ex = _exchange(request, ANTHROPIC_MESSAGES, path, where.session)
         if request.method != "POST":
             return refuse(ex, _post_only(request.method, path), "anthropic.count_tokens")
-        return await request.app[TRACING].serve(ex, handle_aux, "count_tokens")
+        return await ex.app[TRACING].serve(ex, handle_aux, "count_tokens")
     return await handle_passthrough(_exchange(request, None, path, where.session))
 
 
@@ -381,14 +386,15 @@ def _post_only(method: str, path: str) -> GatewayError:
 def _exchange(
     request: web.Request, dialect: Dialect | None, path: str, session: str | None = None
 ) -> Exchange:
-    upstreams = request.app[UPSTREAMS]
+    app = request.app
+    upstreams = app[UPSTREAMS]
     if dialect is not None:
         upstream = upstreams.for_provider(dialect.provider)
     elif path.startswith("/v1/messages"):
         upstream = upstreams.anthropic
     else:
         upstream = upstreams.for_headers(request.headers)
-    return Exchange(request, upstream, path, dialect, session)
+    return Exchange(request, app, upstream, path, dialect, session)
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -42,6 +42,7 @@ from typing import Any
 import msgspec
 import orjson
 import tiktoken
+from xxhash import xxh3_64_intdigest
 
 from gateway.dialects.envelope import load_json
 
@@ -88,8 +89,10 @@ class TokenCounter:
     def __init__(self, max_entries: int = 100_000, budget: float = BUDGET) -> None:
         use_bundled_tables()
         self._encodings: dict[str, tiktoken.Encoding] = {}
-        # Per encoding: an item's count by the hash of its JSON bytes (64-bit: at 100,000
+        # Per encoding: an item's count by the XXH3 hash of its JSON bytes (64-bit: at 100,000
         # entries a collision is a one-in-a-billion event, and would misjudge one message).
+        # XXH3 reads the buffer where it lies; ``hash()`` would need a bytes copy of each
+        # message, and hashes at a tenth of the speed.
         self._cache: dict[str, dict[int, int]] = {O200K: {}, CL100K: {}}
         self._max_entries = max_entries
         self.hits = 0
@@ -173,7 +176,7 @@ class TokenCounter:
             # The common case, inlined: an agent's history, all of it seen before.
             kind = type(item)
             if kind is msgspec.Raw or kind is bytes:
-                count = get(hash(bytes(item)))
+                count = get(xxh3_64_intdigest(item))
                 if count is not None:
                     hits += 1
                     total += count
@@ -190,14 +193,14 @@ class TokenCounter:
         if isinstance(item, msgspec.Raw | bytes):
             # An element as JSON (lazily decoded, or written by compaction): its bytes are the
             # key, decoded only on a miss.
-            raw = bytes(item)
+            raw: msgspec.Raw | bytes = item
             item = None
         elif isinstance(item, str):
             raw = item.encode()
         else:
             raw = orjson.dumps(item)
         cache = self._cache[encoding]
-        key = hash(raw)
+        key = xxh3_64_intdigest(raw)
         cached = cache.get(key)
         if cached is not None:
             self.hits += 1

@@ -40,7 +40,7 @@ async def compact(ex: Exchange) -> None:
         return  # the history is on the provider's side: what is here is only the newest part
     if not settings.strategies:
         return  # compaction off: the provider says whether it fits
-    app, facts = ex.request.app, ex.facts
+    app, facts = ex.app, ex.facts
     policy = app[POLICY].policy
     window = settings.window
     if window == "auto":
@@ -102,7 +102,7 @@ async def compact(ex: Exchange) -> None:
 
 
 def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> Summarizer:
-    app = ex.request.app
+    app = ex.app
     assert ex.dialect is not None
     dialect = ex.dialect
     url = ex.upstream.url(ex.path, "")
@@ -136,7 +136,7 @@ def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:
     summary = outcome.summary
     cost = 0.0
     if summary is not None and summary.usage is not None:
-        usage, price = summary.usage, ex.request.app[POLICY].policy.price(summary.model)
+        usage, price = summary.usage, ex.app[POLICY].policy.price(summary.model)
         cost = decide.cost_of(
             price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
         )
@@ -159,7 +159,7 @@ def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:
 
 async def reject(ex: Exchange, overflow: Overflow) -> NoReturn:
     assert ex.dialect is not None and ex.decision is not None
-    policy = ex.request.app[POLICY].policy
+    policy = ex.app[POLICY].policy
     rule = ex.decision.effective.source("context.strategies")
     message = (
         f"{ex.dialect.history.overflow(overflow.tokens, overflow.maximum)} "
@@ -167,5 +167,5 @@ async def reject(ex: Exchange, overflow: Overflow) -> NoReturn:
         f"context.strategies or context.compact_at in the policy file ({policy.source}).]"
     )
     event = {"key": "context_window", "at": time.time(), "limit": "context_window", "rule": rule}
-    await ex.request.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
+    await ex.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
     raise ContextOverflow(message, rule=rule)

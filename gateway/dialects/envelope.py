@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 import msgspec
 import orjson
@@ -97,6 +97,9 @@ class Envelope(msgspec.Struct):
     tests) take either. The fields all three APIs have are here; each dialect adds its own.
     """
 
+    _field_set: ClassVar[frozenset[str]] = frozenset()
+    """``__struct_fields__`` as a set (set by ``decoder``): ``get`` looks a name up in it."""
+
     model: Field = UNSET
     stream: Field = UNSET
     tools: Array = UNSET
@@ -107,13 +110,13 @@ class Envelope(msgspec.Struct):
 
     def get(self, key: str, default: Any = None) -> Any:
         # Not ``getattr`` with a default: a field this API lacks would raise (and format) an
-        # AttributeError on every call.
-        if key not in self.__struct_fields__:
+        # AttributeError on every call. Read a dozen times per call, so kept to set lookups.
+        if key not in self._field_set:
             return default
         value = getattr(self, key)
-        if value is msgspec.UNSET:
+        if value is UNSET:
             return default
-        if isinstance(value, list) and value and isinstance(value[0], msgspec.Raw):
+        if type(value) is list and value and type(value[0]) is msgspec.Raw:
             # Kept in the field's place: every later reader shares what was decoded.
             value = Items(value)
             setattr(self, key, value)
@@ -121,7 +124,7 @@ class Envelope(msgspec.Struct):
 
     def __contains__(self, key: str) -> bool:
         """Whether the body has the field at all (``null`` counts)."""
-        return key in self.__struct_fields__ and getattr(self, key) is not msgspec.UNSET
+        return key in self._field_set and getattr(self, key) is not UNSET
 
 
 class EnvelopeError(ValueError):
@@ -129,6 +132,7 @@ class EnvelopeError(ValueError):
 
 
 def decoder(envelope: type[Envelope]) -> msgspec.json.Decoder[Envelope]:
+    envelope._field_set = frozenset(envelope.__struct_fields__)
     return msgspec.json.Decoder(envelope)
 
 

@@ -148,7 +148,10 @@ class SessionTable:
         """The caller's own record, made if new. Another key may have started the id since
         the pipeline looked (``identity.own_session``): the caller then goes on under its
         qualified id, decided here with no await before the caller's change."""
-        ident, record = await own_session(start.identity, self._session)
+        ident = start.identity
+        record = self.sessions.get(ident.session_id)
+        if record is None or record.key_hash != ident.key_hash:  # else the usual: the caller's
+            ident, record = await own_session(ident, self._session)
         if ident is not start.identity:
             start = replace(start, identity=ident)
         if record is None:
@@ -166,7 +169,7 @@ class SessionTable:
         return ticket
 
     async def end_turn(self, ticket: TurnTicket, end: TurnEnd) -> None:
-        record = await self._session(ticket.session_id)
+        record = self.sessions.get(ticket.session_id) or await self._session(ticket.session_id)
         if record is not None:
             settle(record, ticket, end)
             self._changed(record)
@@ -241,7 +244,8 @@ class SessionTable:
         return record
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        return await self._session(session_id)
+        # Read on every call: a session in the table costs no second coroutine.
+        return self.sessions.get(session_id) or await self._session(session_id)
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
         found = [r for r in self.sessions.values() if matches(r, query)]

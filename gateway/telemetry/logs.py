@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.caps import cap, cap_optional
+from gateway.caps import cap_optional
 from gateway.telemetry.metrics import decision_of
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
         "status": ex.status,
         "outcome": ex.outcome,
         "session_id": identity.session_id if identity else None,
-        "agent": cap(identity.agent) if identity else None,
+        "agent": identity.agent if identity else None,
         "key_hash": identity.key_hash if identity else None,
         "model": cap_optional(facts.model) if facts else None,
         "stream": facts.stream if facts else None,

@@ -378,7 +378,7 @@ def _common(ex: Exchange, operation: str, model: str | None, url: str) -> dict[s
         attributes[SERVER_PORT] = parts.port or (443 if parts.scheme == "https" else 80)
     if ex.identity is not None:
         attributes[GEN_AI_CONVERSATION_ID] = ex.identity.session_id
-        attributes[GEN_AI_AGENT_NAME] = cap(ex.identity.agent)
+        attributes[GEN_AI_AGENT_NAME] = ex.identity.agent
     return attributes
 
 
@@ -581,7 +581,7 @@ def _end_server(ex: Exchange, span: Span) -> None:
         attributes[HTTP_RESPONSE_STATUS_CODE] = status
     if ex.identity is not None:
         attributes[GEN_AI_CONVERSATION_ID] = ex.identity.session_id
-        attributes[GEN_AI_AGENT_NAME] = cap(ex.identity.agent)
+        attributes[GEN_AI_AGENT_NAME] = ex.identity.agent
         attributes["gateway.session.source"] = ex.identity.source
     if ex.facts is not None and ex.facts.model:
         attributes[GEN_AI_REQUEST_MODEL] = cap(ex.facts.model)
