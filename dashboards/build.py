@@ -1,4 +1,5 @@
-"""The gateway's Grafana dashboards, as code: ``uv run python dashboards/build.py``.
+"""The gateway's Grafana dashboards, as code: ``uv run python dashboards/build.py`` (``--check``
+to only compare, ``--help`` for the options).
 
 Writes ``gateway-overview.json`` (SREs), ``sessions-and-agents.json`` (platform teams) and
 ``tokens-and-cost.json`` (org admins) next to this file. Plain dicts, no dependency; the output
@@ -12,7 +13,10 @@ Every query reads the ``datasource`` template variable, windows rates with
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1326,7 +1330,7 @@ def tokens_and_cost() -> Board:
         timeseries(
             "Cost budget used",
             "Share of each cost budget spent in its current window, by team (or key) and "
-            "window (needs prices in the policy).",
+            "window (built-in prices, or the policy's).",
             "percentunit",
             targets(
                 (
@@ -1458,8 +1462,9 @@ def tokens_and_cost() -> Board:
         b.add(
             timeseries(
                 f"Spend rate by {by}",
-                f"Cost per hour by {by}, in the policy's price currency (prices per million "
-                "tokens; models without a price cost 0).",
+                f"Cost per hour by {by}, in US dollars with the built-in prices (genai-prices; "
+                "the policy's prices override them). Calls to models without a price are not "
+                "in it: see Calls without a price.",
                 "suffix: /h",
                 targets((f"sum by ({by}) ({rate(cost, t, a, m)}) * 3600", f"{{{{{by}}}}}")),
                 stack=True,
@@ -1479,6 +1484,19 @@ def tokens_and_cost() -> Board:
             8,
             8,
         )
+    b.add(
+        bargauge(
+            "Calls without a price",
+            "Calls over the range whose model has no price (neither the policy's prices nor "
+            "the built-in table), by requested model: their cost is missing from the panels "
+            "beside. Give the model a price in the policy's prices, or a default with '*'.",
+            "short",
+            f"sort_desc(sum by (model) ({increase('gateway_unpriced_requests_total', m)}))",
+            "{{model}}",
+        ),
+        8,
+        8,
+    )
     b.add(
         bargauge(
             "Cost per session by agent",
@@ -1548,7 +1566,7 @@ def build() -> dict[str, str]:
     return {name: render(make()) for name, make in BOARDS.items()}
 
 
-PROMETHEUS_RULE = HERE.parent / "deploy" / "kubernetes" / "prometheusrule.yaml"
+PROMETHEUS_RULE = HERE.parent / "deploy" / "kubernetes" / "monitoring" / "prometheusrule.yaml"
 
 
 def prometheus_rule() -> str:
@@ -1567,13 +1585,45 @@ def prometheus_rule() -> str:
     return header + yaml.safe_dump(rule, sort_keys=False, width=100)
 
 
-def main() -> None:
-    for name, text in build().items():
-        (HERE / name).write_text(text)
-        print(f"wrote dashboards/{name}")
-    PROMETHEUS_RULE.write_text(prometheus_rule())
-    print(f"wrote {PROMETHEUS_RULE.relative_to(HERE.parent)}")
+def outputs() -> dict[Path, str]:
+    """Every file this script writes, and its text."""
+    files = {HERE / name: text for name, text in build().items()}
+    files[PROMETHEUS_RULE] = prometheus_rule()
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dashboards/build.py",
+        description="Write the Grafana dashboards (dashboards/*.json) and the Prometheus "
+        "Operator rule (deploy/kubernetes/monitoring/prometheusrule.yaml, from "
+        "dashboards/alerts.yaml) from this file.",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing: exit 1 and name the files that differ from what would be written",
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = [
+            path
+            for path, text in outputs().items()
+            if not path.exists() or path.read_text() != text
+        ]
+        for path in stale:
+            print(f"stale: {_shown(path)} (run: uv run python dashboards/build.py)")
+        return 1 if stale else 0
+    for path, text in outputs().items():
+        path.write_text(text)
+        print(f"wrote {_shown(path)}")
+    return 0
+
+
+def _shown(path: Path) -> str:
+    root = HERE.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

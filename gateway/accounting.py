@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
+from gateway.caps import cap
 from gateway.compaction import Calibration
-from gateway.dialects import Usage, prompt_parts
+from gateway.dialects import RequestFacts, Usage, prompt_parts
 from gateway.exchange import Exchange
-from gateway.policy.decide import cost_of
+from gateway.policy.prices import cost as cost_of
 from gateway.store import Limits, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
@@ -52,14 +53,29 @@ async def end_turn(
     if model is None and ex.facts is not None:
         model = ex.facts.model
     status = ex.status or (499 if ex.outcome == "client_gone" else 502)
-    cost = 0.0
-    if usage is not None and ex.decision is not None:
-        cost = cost_of(
-            ex.decision.price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
-        )
-    ex.cost = cost
-    end = TurnEnd(model, usage, status, time.time(), cost=cost, body_hash=ex.body_hash)
+    price = ex.decision.price if ex.decision is not None else None
+    if usage is not None and price is not None:
+        ex.cost = cost_of(price, usage)
+    # Tokens without a price are counted as such (metric, session warning), never as free.
+    ex.unpriced = usage is not None and price is None and usage.total_tokens > 0
+    end = TurnEnd(model, usage, status, time.time(), cost=ex.cost, body_hash=ex.body_hash)
     await store.end_turn(ticket, end)
+    if ex.unpriced:
+        await store.note(turn_start(ex), "warnings", unpriced_warning(ex.facts, model))
+
+
+def unpriced_warning(facts: RequestFacts | None, model: str | None) -> dict[str, object]:
+    """The session's note of a call whose cost could not be counted."""
+    requested = cap((facts.model if facts else None) or model or "unknown")
+    return {
+        "key": f"unpriced:{requested}",
+        "at": time.time(),
+        "model": requested,
+        "warnings": [
+            f"model {requested} has no price: its calls' cost is not counted (give it one in "
+            "the policy's prices, or a default with the glob '*')"
+        ],
+    }
 
 
 def calibrate(

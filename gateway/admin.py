@@ -23,8 +23,10 @@ from yarl import URL
 
 from gateway import __version__
 from gateway.appkeys import AUDIT, COMPACTOR, POLICY, SETTINGS, STARTED_AT, STORE
+from gateway.policy import prices
 from gateway.settings import Settings
-from gateway.store import Grant, SessionQuery, SessionRecord
+from gateway.store import INTERNAL_FIELDS, Grant, SessionEnded, SessionQuery, SessionRecord
+from gateway.store.records import SESSION_STATUSES
 
 MAX_PAGE = 500
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,13 +39,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def session_json(record: SessionRecord, now: float) -> dict[str, Any]:
+def operator_view(record: SessionRecord, now: float) -> dict[str, Any]:
+    """A session as operators read it (the admin API, and so ``gateway sessions``): the
+    store's own form (``to_json``, which keeps everything) without what the gateway keeps for
+    itself (``INTERNAL_FIELDS``: detector state, compaction recipes), plus ``idle_seconds``."""
     data = record.to_json()
-    # A rewrite holds a summary of the conversation: prompt content, not for the admin API.
-    data["context_rewrites"] = [
-        {key: rewrite[key] for key in ("digest", "count", "strategies", "at", "summary_model")}
-        for rewrite in record.context_rewrites
-    ]
+    for name in INTERNAL_FIELDS:
+        data.pop(name, None)
     data["idle_seconds"] = round(max(0.0, now - record.last_seen), 3)
     return data
 
@@ -55,10 +57,14 @@ async def health(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     params = request.rel_url.query
+    status = params.get("status") or None
+    if status is not None and status not in SESSION_STATUSES:
+        wanted = ", ".join(SESSION_STATUSES)
+        return _json({"error": f"bad query: status must be one of {wanted}"}, status=400)
     try:
         query = SessionQuery(
             agent=params.get("agent") or None,
-            status=params.get("status") or None,
+            status=status,
             since=_float(params.get("since")),
             before=_float(params.get("before")),
             limit=min(int(params.get("limit", "50")), MAX_PAGE),
@@ -68,14 +74,14 @@ async def list_sessions(request: web.Request) -> web.Response:
     records = await request.config_dict[STORE].find(query)
     now = time.time()
     next_cursor = records[-1].last_seen if len(records) == query.limit else None
-    return _json({"sessions": [session_json(r, now) for r in records], "next_before": next_cursor})
+    return _json({"sessions": [operator_view(r, now) for r in records], "next_before": next_cursor})
 
 
 async def get_session(request: web.Request) -> web.Response:
     record = await request.config_dict[STORE].get(request.match_info["session_id"])
     if record is None:
         return _json({"error": "no such session"}, status=404)
-    return _json(session_json(record, time.time()))
+    return _json(operator_view(record, time.time()))
 
 
 async def grant(request: web.Request) -> web.Response:
@@ -92,7 +98,22 @@ async def grant(request: web.Request) -> web.Response:
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
     given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
-    record = await request.config_dict[STORE].grant(session_id, given)
+    try:
+        record = await request.config_dict[STORE].grant(session_id, given)
+    except SessionEnded as ended:
+        # Ended is final: a grant would be recorded and let nothing through. 409 Conflict:
+        # the request is fine, the session's state refuses it.
+        why = f" ({ended.reason})" if ended.reason else ""
+        return _json(
+            {
+                "error": f"session {session_id} is ended{why}: a grant cannot re-open it; "
+                "the agent's next call needs a new session",
+                "session": session_id,
+                "status": ended.status,
+                "status_reason": ended.reason or None,
+            },
+            status=409,
+        )
     if record is None:
         return _json({"error": "no such session"}, status=404)
     request.config_dict[AUDIT].record(
@@ -104,7 +125,7 @@ async def grant(request: web.Request) -> web.Response:
         reason=reason,
         **_caller(request),
     )
-    return _json(session_json(record, time.time()))
+    return _json(operator_view(record, time.time()))
 
 
 async def end(request: web.Request) -> web.Response:
@@ -113,14 +134,15 @@ async def end(request: web.Request) -> web.Response:
         return body
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
-    why = f"by {by}: {reason}" if reason else f"by {by}"
+    # Said as it reads in a rejection and in ``sessions show``: "ended by bob: runaway".
+    why = f"ended by {by}: {reason}" if reason else f"ended by {by}"
     record = await request.config_dict[STORE].set_status(session_id, "ended", why)
     if record is None:
         return _json({"error": "no such session"}, status=404)
     request.config_dict[AUDIT].record(
         "session_end", session=session_id, by=by, reason=reason, **_caller(request)
     )
-    return _json(session_json(record, time.time()))
+    return _json(operator_view(record, time.time()))
 
 
 async def policy(request: web.Request) -> web.Response:
@@ -136,6 +158,7 @@ async def policy(request: web.Request) -> web.Response:
             "last_error": live.last_error,
             "last_error_at": live.last_error_at,
             "rules": [rule.name for rule in current.rules],
+            "prices": {"builtin": prices.data_version(), "policy": list(current.file.prices)},
         }
     )
 

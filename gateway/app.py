@@ -27,7 +27,7 @@ from gateway.appkeys import (
 )
 from gateway.audit import AuditLog
 from gateway.compaction import Compactor
-from gateway.policy import LivePolicy
+from gateway.policy import LivePolicy, prices
 from gateway.settings import Settings
 from gateway.store import Store, open_store
 from gateway.telemetry.metrics import Metrics, metrics_endpoint, watch_loop_lag
@@ -79,6 +79,7 @@ def create_app(
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policy)
     app.cleanup_ctx.append(_tokenizer)
+    app.cleanup_ctx.append(_prices)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_loop_lag)
@@ -125,6 +126,12 @@ async def _policy(app: web.Application) -> AsyncIterator[None]:
 async def _tokenizer(app: web.Application) -> AsyncIterator[None]:
     # Loading the rank tables takes about a second of CPU: not on the event loop.
     await asyncio.to_thread(app[TOKENS].load)
+    yield
+
+
+async def _prices(app: web.Application) -> AsyncIterator[None]:
+    # The built-in price table (genai-prices, bundled): a quarter of a second of imports.
+    await asyncio.to_thread(prices.load)
     yield
 
 

@@ -73,6 +73,8 @@ class Exchange:
     turn: int | None = None
     team: str | None = None
     cost: float = 0.0
+    unpriced: bool = False
+    """The call used tokens of a model with no price: its cost is not in ``cost``."""
     window: int | None = None
     """The model's context window, once compaction has looked it up."""
     trace: RequestTrace | None = None

@@ -53,20 +53,29 @@ class Signature:
 class Detection:
     detector: str
     count: float
+    """Identical tool calls or requests in a row, or the session's turns a minute."""
     threshold: float
+    """The setting's threshold; for ``turn_rate``, the rate the session's norm allows."""
     tool: str | None = None
+    at_least: bool = False
+    """``count`` stopped at ``COUNT_BOUND``: the history holds more than that."""
 
     def describe(self) -> str:
+        times = f"at least {int(self.count)}" if self.at_least else f"{int(self.count)}"
         if self.detector == "identical_tool_calls":
-            return f"the same tool call {self.tool} {int(self.count)} times in a row"
+            return f"the same tool call {self.tool} {times} times in a row"
         if self.detector == "repeated_requests":
-            return f"the same request {int(self.count)} times in a row"
-        return f"{self.count:.0f} turns a minute, far above this session's norm"
+            return f"the same request {times} times in a row"
+        return (
+            f"{self.count:.0f} turns a minute, over the {self.threshold:.0f} a minute "
+            f"its own norm allows"
+        )
 
     def evidence(self) -> dict[str, Any]:
         return {
             "detector": self.detector,
             "count": self.count,
+            "at_least": self.at_least,
             "threshold": self.threshold,
             "tool": self.tool,
         }
@@ -86,17 +95,32 @@ def call_signature(name: Any, arguments: Any) -> str:
     return f"{name}({normalized})"
 
 
-def identical_run(turns: Iterator[Signature], limit: int) -> tuple[int, Signature | None]:
-    """How many of the newest turns (newest first) made the same calls; stops past ``limit``."""
+COUNT_BOUND = 100
+"""Identical turns counted at most. The history is the client's, so its length bounds
+nothing; a message saying "at least 100 times" tells an operator all a larger count would.
+Counting costs about 4 µs a turn on a recorded Codex loop (each turn's call and output items
+are decoded), so about 0.4 ms at the bound, paid only by calls that are past the threshold."""
+
+
+def identical_run(
+    turns: Iterator[Signature], bound: int = COUNT_BOUND
+) -> tuple[int, Signature | None, bool]:
+    """How many of the newest turns (newest first) made the same calls, counted up to
+    ``bound``, and whether the run goes on past it (the count is then a lower bound).
+
+    ``Signature`` compares the calls as sent first, so a loop's byte-identical resends cost
+    no parsing: counting on past a policy's threshold reads items, nothing more."""
     newest = next(turns, None)
     if not newest:
-        return 0, None
+        return 0, None, False
     count = 1
     for turn in turns:
-        if turn != newest or count > limit:
-            break
+        if turn != newest:
+            return count, newest, False
+        if count >= bound:
+            return count, newest, True
         count += 1
-    return count, newest
+    return count, newest, False
 
 
 def tool_name(signature: Signature) -> str:

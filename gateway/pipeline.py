@@ -234,9 +234,7 @@ async def begin_turn(ex: Exchange) -> None:
     if ex.ticket.session_id != ex.identity.session_id:
         ex.identity = qualified(ex.identity)  # another key started the id since it was looked up
     ex.turn = ex.ticket.turn
-    ex.decision.warnings = decide.warnings(
-        ex.decision, ex.ticket.turn, ex.ticket.turns_left, ex.ticket.tokens_left
-    )
+    ex.decision.warnings = decide.warnings(ex.decision, ex.ticket)
     if ex.decision.warnings:
         kinds = ",".join(w.split(" ", 1)[0] for w in ex.decision.warnings)
         event = {"key": kinds, "at": time.time(), "warnings": ex.decision.warnings}

@@ -8,8 +8,12 @@ answer here is one body that reads as either provider's error: Anthropic's
 
 ``GatewayRunner`` is ``web.AppRunner`` building a ``GatewayServer``; ``gateway serve`` and the
 tests' servers run on it. It subclasses aiohttp's server and protocol classes (their
-``_loop``, ``_kwargs`` and ``_request_count`` are read): ``tests/test_server.py`` fails if an
-aiohttp release changes them.
+``_loop``, ``_kwargs``, ``_connections``, ``_request_count`` and ``_request_in_progress`` are
+read): ``tests/test_server.py`` fails if an aiohttp release changes them.
+
+A stop (``serve``, on SIGTERM or SIGINT) is logged when it begins and when it ends: the server
+stops accepting connections, closes those with no request being handled, waits up to
+``timeouts.drain`` for the requests in flight, cuts what is left, then closes the app.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,6 +34,11 @@ from gateway.appkeys import SETTINGS
 log = logging.getLogger("gateway.server")
 
 RETRY_AFTER = 1
+DRAIN_POLL = 0.02
+"""How often a stop looks whether the requests in flight have ended (only while stopping)."""
+CUT_GRACE = 1.0
+"""How long a request cut at the drain deadline has to unwind (its turn is still accounted)
+before the app's resources close."""
 
 
 def error_body(kind: str, message: str, code: str) -> bytes:
@@ -113,8 +123,18 @@ class GatewayProtocol(RequestHandler):
         return response
 
 
+@dataclass(slots=True)
+class Drain:
+    """What a stop did with the requests in flight when it began."""
+
+    in_flight: int = 0
+    finished: int = 0
+    cut: int = 0
+
+
 class GatewayServer(web.Server):
-    """Makes ``GatewayProtocol``s and refuses connections past ``max_connections``."""
+    """Makes ``GatewayProtocol``s, refuses connections past ``max_connections``, and on a stop
+    drains the requests in flight, counting them (``drain``)."""
 
     def __init__(self, *args: Any, max_connections: int, headers_timeout: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -122,7 +142,41 @@ class GatewayServer(web.Server):
         self.headers_timeout = headers_timeout
         self.open = 0
         self.refused = 0
+        self.drain: Drain | None = None
+        """Set by ``shutdown``."""
         self._busy = _busy_answer(max_connections)
+
+    def in_flight(self) -> list[RequestHandler]:
+        """The connections whose request is being handled now (a stream being relayed counts
+        until its last byte)."""
+        return [handler for handler in self._connections if handler._request_in_progress]
+
+    def pre_shutdown(self) -> None:
+        """Close every connection that has no request being handled. aiohttp closes the idle
+        keep-alive ones; this also closes one still reading the rest of a body after an early
+        answer (413, 408), which aiohttp lets linger ``lingering_time`` (2 s here) and a stop
+        then waited for: the answer was written, nothing is lost."""
+        super().pre_shutdown()
+        for handler in list(self._connections):
+            if not handler._request_in_progress:
+                handler.force_close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """Wait up to ``timeout`` for the requests in flight to end, then cut what is left:
+        its connection is closed, as when a client goes away (the pipeline cancels the
+        upstream call and accounts the turn), and it gets ``CUT_GRACE`` to unwind.
+
+        It polls: a stop happens once, and being told of each request's end would cost every
+        request a callback."""
+        waiting = self.in_flight()
+        drain = self.drain = Drain(in_flight=len(waiting))
+        waiting = await _until_ended(waiting, timeout)
+        drain.cut = len(waiting)
+        drain.finished = drain.in_flight - drain.cut
+        for handler in waiting:
+            handler.force_close()
+        await _until_ended(waiting, CUT_GRACE)
+        await super().shutdown(CUT_GRACE)
 
     def __call__(self) -> RequestHandler:
         protocol = GatewayProtocol(self, loop=self._loop, **self._kwargs)
@@ -147,6 +201,19 @@ class GatewayServer(web.Server):
         super().connection_lost(handler, exc)
 
 
+async def _until_ended(
+    handlers: list[RequestHandler], seconds: float | None
+) -> list[RequestHandler]:
+    """Wait up to ``seconds`` (None: for ever) for these connections' requests to end; the
+    ones still running."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (seconds or 0.0)
+    while handlers and (seconds is None or loop.time() < deadline):
+        await asyncio.sleep(DRAIN_POLL)
+        handlers = [handler for handler in handlers if handler._request_in_progress]
+    return handlers
+
+
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` whose server is a ``GatewayServer`` set from the app's settings."""
 
@@ -164,17 +231,49 @@ class GatewayRunner(web.AppRunner):
 
 
 async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then close it (``gateway serve``)."""
-    runner = GatewayRunner(app, access_log=None)
+    """Serve ``app`` until SIGINT or SIGTERM, then drain and close it (``gateway serve``)."""
+    drain_timeout = app[SETTINGS].timeouts.drain
+    runner = GatewayRunner(app, access_log=None, shutdown_timeout=drain_timeout)
     await runner.setup()
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    server = runner.server
     try:
         await web.TCPSite(runner, host, port).start()
         await stop.wait()
+        in_flight = len(server.in_flight()) if isinstance(server, GatewayServer) else 0
+        log.info(
+            "shutting down on %s: no new connections; %s in flight, given up to %gs to end",
+            received[0].name,
+            _requests(in_flight),
+            drain_timeout,
+            extra={"in_flight": in_flight, "drain_timeout": drain_timeout},
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        started = loop.time()
         await runner.cleanup()
+    drain = server.drain if isinstance(server, GatewayServer) else None
+    drain = drain or Drain()
+    log.info(
+        "shut down in %.2fs: %s drained (%d finished, %d cut at the %gs limit)",
+        loop.time() - started,
+        _requests(drain.in_flight),
+        drain.finished,
+        drain.cut,
+        drain_timeout,
+        extra={"in_flight": drain.in_flight, "finished": drain.finished, "cut": drain.cut},
+    )
+
+
+def _requests(n: int) -> str:
+    return "1 request" if n == 1 else f"{n} requests"

@@ -36,6 +36,9 @@ class Timeouts(BaseModel):
     client_body: float = Field(30.0, gt=0)
     """To receive a client's whole request body; a slower client is answered 408 and its
     connection closed, so slow or stalled uploads cannot hold connections for ever."""
+    drain: float = Field(25.0, gt=0)
+    """On SIGTERM or SIGINT, how long the requests in flight may run on to their end before
+    they are cut (Kubernetes sends SIGKILL 30 s after SIGTERM by default)."""
 
 
 class Settings(BaseModel):
@@ -117,6 +120,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
     "GATEWAY_METRICS_AUTH": ("metrics_auth",),
     "GATEWAY_CLIENT_BODY_TIMEOUT": ("timeouts", "client_body"),
+    "GATEWAY_DRAIN_TIMEOUT": ("timeouts", "drain"),
 }
 
 

@@ -40,8 +40,12 @@ def key_hash(key: str) -> str:
 
 
 def write_text(path: Path, text: str, *, bump_mtime: float | None = None) -> None:
-    """A synchronous write (call it through ``asyncio.to_thread`` from async tests)."""
-    path.write_text(textwrap.dedent(text))
+    """A synchronous write (call it through ``asyncio.to_thread`` from async tests), whole at
+    once as editors save (a new file renamed over the old): a policy poller must never read a
+    file half written, which would make the refusal a test looks for a race."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(textwrap.dedent(text))
+    os.replace(partial, path)
     if bump_mtime is not None:
         stat = path.stat()
         os.utime(path, (stat.st_atime + bump_mtime, stat.st_mtime + bump_mtime))
@@ -173,7 +177,7 @@ def installed(program: str, package: str) -> str:
     """The path of a program a test needs: skipped without it locally, failed under CI."""
     found = shutil.which(program)
     if found is None:
-        message = f"{program} is not installed (Debian package {package})"
+        message = f"{program} is not installed: apt-get install {package}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

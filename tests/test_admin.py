@@ -15,6 +15,7 @@ from gateway.admin import ADMITTED, admin_token, serving_problem
 from gateway.appkeys import SETTINGS
 from gateway.cli import main
 from gateway.settings import Settings
+from gateway.store import INTERNAL_FIELDS
 from tests.harness import Gateway, MakeGateway, session_headers
 from tests.policy.apis import call
 
@@ -189,6 +190,59 @@ async def test_the_token_guards_reads_and_writes_but_not_health(
     [audited] = await gw.audit_events("grant")
     assert audited["auth"] == "token" and audited["by"] == "ops"
     assert TOKEN not in str(audited)
+
+
+async def test_a_grant_for_an_ended_session_is_a_conflict(make_gateway: MakeGateway) -> None:
+    """Ended is final: a grant that would change nothing is refused, naming the status."""
+    gw = await make_gateway(None)
+    await with_session(gw, "over")
+    json_body = {"Content-Type": "application/json"}
+    status, _ = await raw_post(
+        gw, "/gateway/sessions/over/end", b'{"by": "bob", "reason": "done"}', json_body
+    )
+    assert status == 200
+    status, error = await raw_post(
+        gw, "/gateway/sessions/over/grant", b'{"turns": 5, "by": "alice"}', json_body
+    )
+    assert status == 409
+    assert error == {
+        "error": "session over is ended (ended by bob: done): a grant cannot re-open it; "
+        "the agent's next call needs a new session",
+        "session": "over",
+        "status": "ended",
+        "status_reason": "ended by bob: done",
+    }
+    shown = await gw.session("over")
+    assert shown["granted_turns"] == 0 and shown["grants"] == []
+    assert await gw.audit_events("grant") == []
+
+
+async def test_sessions_are_shown_without_the_gateways_own_state(
+    make_gateway: MakeGateway,
+) -> None:
+    """Operators read counts, limits and events; the loop detectors' state and compaction
+    recipes stay in the store, which keeps them across restarts."""
+    gw = await make_gateway(None)
+    for _ in range(2):
+        await with_session(gw, "view")
+    await gw.grant("view", turns=3)
+    detail = await gw.session("view")
+    [listed] = (await gw.admin_get("/gateway/sessions"))["sessions"]
+    for shown in (detail, listed):
+        assert not INTERNAL_FIELDS & shown.keys(), sorted(INTERNAL_FIELDS & shown.keys())
+        assert shown["turns"] == 2 and shown["granted_turns"] == 3
+        assert {"tokens", "models", "status", "grants", "in_flight", "idle_seconds"} <= set(shown)
+    record = await gw.record("view")
+    stored = record.to_json()
+    assert stored.keys() >= INTERNAL_FIELDS and stored["loops_allowed_until"] == 5
+
+
+@pytest.mark.parametrize("query", ["status=bogus", "status=ACTIVE", "limit=many", "since=x"])
+async def test_a_bad_list_query_is_a_400_naming_it(make_gateway: MakeGateway, query: str) -> None:
+    gw = await make_gateway(None)
+    async with aiohttp.ClientSession() as http, http.get(gw.url(f"/gateway/sessions?{query}")) as r:
+        assert r.status == 400
+        assert (await r.json())["error"].startswith("bad query")
 
 
 async def test_metrics_auth_needs_the_bearer_token(make_gateway: MakeGateway) -> None:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
 
-from gateway.cli import main
+from gateway.app import create_app
+from gateway.appkeys import STORE
+from gateway.cli import SESSION_STATUSES, _parser, main
+from gateway.fake_provider.__main__ import build_parser as fake_provider_parser
+from gateway.settings import Settings
+from gateway.store import INTERNAL_FIELDS, records
+from tests.conftest import GatewayTestServer
 from tests.test_sessions import chat
 
 
@@ -59,4 +70,184 @@ async def test_show_tells_what_the_policy_did(
     assert await run_cli("sessions", "--url", url, "show", fixture["headers"]["session-id"]) == 0
     shown = capsys.readouterr().out
     assert "rejected         1 (last: loop_identical_tool_calls, rule defaults)" in shown
-    assert "loop             identical_tool_calls exec_command x9" in shown
+    # Its history holds 267 identical calls: counted up to the bound, and said to be more.
+    assert "loop             identical_tool_calls exec_command x100+" in shown
+
+
+async def test_show_json_is_the_operator_view(
+    gateway: TestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        await chat(gateway, body, **{"X-Gateway-Session": "cli-view"})
+    url = str(gateway.make_url("")).rstrip("/")
+    assert await run_cli("sessions", "--url", url, "--json", "show", "cli-view") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["turns"] == 2 and data["in_flight"] == 0 and data["idle_seconds"] >= 0
+    assert not INTERNAL_FIELDS & data.keys(), "what the gateway keeps for itself stays there"
+    record = await gateway.app[STORE].get("cli-view")
+    assert record is not None and record.body_repeats == 2  # kept, for the loop detector
+
+
+def listed(out: str) -> list[str]:
+    return [session["id"] for session in json.loads(out)["sessions"]]
+
+
+async def test_connection_options_go_before_or_after_the_command(
+    gateway: TestServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    await chat(gateway, body, **{"X-Gateway-Session": "cli-order"})
+    url = str(gateway.make_url("")).rstrip("/")
+    nowhere = "http://127.0.0.1:9"
+    for argv in (
+        ("sessions", "list", "--json", "--url", url),  # as users type it
+        ("sessions", "--json", "--url", url, "list"),  # as it always worked
+        ("sessions", "--url", url, "list", "--json"),  # a value before is kept
+        ("sessions", "--url", nowhere, "list", "--url", url, "--json"),  # the later one wins
+    ):
+        assert await run_cli(*argv) == 0, argv
+        assert listed(capsys.readouterr().out) == ["cli-order"], argv
+    monkeypatch.setenv("GATEWAY_URL", url)
+    assert await run_cli("sessions", "list", "--json") == 0
+    assert listed(capsys.readouterr().out) == ["cli-order"]
+
+
+def test_status_must_be_one_the_store_knows(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["sessions", "list", "--status", "bogus"])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in error
+    assert all(f"'{status}'" in error for status in SESSION_STATUSES)
+    # The CLI keeps its own copy (importing the store would slow every command down).
+    assert SESSION_STATUSES == records.SESSION_STATUSES
+
+
+async def test_status_filters_the_list(
+    gateway: TestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    for session in ("cli-on", "cli-off"):
+        await chat(gateway, body, **{"X-Gateway-Session": session})
+    url = str(gateway.make_url("")).rstrip("/")
+    assert await run_cli("sessions", "end", "cli-off", "--reason", "done", "--url", url) == 0
+    assert "cli-off" in capsys.readouterr().out
+    for status, ids in (("ended", ["cli-off"]), ("active", ["cli-on"]), ("paused", [])):
+        assert await run_cli("sessions", "list", "--status", status, "--json", "--url", url) == 0
+        assert listed(capsys.readouterr().out) == ids, status
+
+
+def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """A parser and every subcommand's, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+def test_every_command_and_option_has_help() -> None:
+    for parser in (*parsers(_parser()), fake_provider_parser()):
+        assert parser.description, parser.prog
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                listed_help = {a.dest: a.help for a in action._choices_actions}
+                assert listed_help.keys() == action.choices.keys(), parser.prog
+                assert all(listed_help.values()), f"{parser.prog}: a command without help"
+            else:
+                assert action.help and action.help != argparse.SUPPRESS, (parser.prog, action)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["fake-provider", "--help"],
+        ["sessions", "--help"],
+        ["sessions", "list", "--help"],
+        ["sessions", "grant", "--help"],
+        ["policy", "reference", "--help"],
+        ["config", "reference", "--help"],
+    ],
+)
+def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: gateway")
+    assert "``" not in shown and ":func:" not in shown, "reStructuredText in --help"
+    if argv[0] in ("--help", "sessions"):  # where the admin token is needed, it is named
+        assert "GATEWAY_ADMIN_TOKEN" in shown
+
+
+@pytest.fixture
+async def locked_gateway(settings: Settings) -> AsyncIterator[TestServer]:
+    locked = settings.model_copy(update={"admin_token": SecretStr("s3cret")})
+    server = GatewayTestServer(create_app(locked))
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def test_the_admin_token_comes_from_the_environment_or_the_flag(
+    locked_gateway: TestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = str(locked_gateway.make_url("")).rstrip("/")
+    monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as caught:
+        await run_cli("sessions", "list", "--url", url)
+    assert str(caught.value.code).startswith(
+        "gateway: admin token required: set GATEWAY_ADMIN_TOKEN or pass --token"
+    )
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "s3cret")
+    assert await run_cli("sessions", "list", "--url", url, "--json") == 0
+    assert listed(capsys.readouterr().out) == []
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "wrong")
+    with pytest.raises(SystemExit) as refused:
+        await run_cli("sessions", "list", "--url", url)
+    assert "the admin token was refused: check GATEWAY_ADMIN_TOKEN or --token" in str(
+        refused.value.code
+    )
+    assert await run_cli("sessions", "list", "--url", url, "--token", "s3cret") == 0
+
+
+async def test_grant_refusals_exit_non_zero(
+    gateway: TestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    await chat(gateway, body, **{"X-Gateway-Session": "cli-grant"})
+    url = str(gateway.make_url("")).rstrip("/")
+
+    assert await run_cli("sessions", "grant", "cli-grant", "--url", url) == 2
+    assert "--turns and/or --tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as negative:
+        await run_cli("sessions", "grant", "cli-grant", "--turns", "-3", "--url", url)
+    assert negative.value.code == 2
+    # A message (exit status 1) for what the gateway refuses.
+    with pytest.raises(SystemExit) as unknown:
+        await run_cli("sessions", "grant", "nobody", "--turns", "5", "--url", url)
+    assert unknown.value.code == "gateway: no such session (the gateway answered 404)"
+
+    assert await run_cli("sessions", "grant", "cli-grant", "--turns", "5", "--url", url) == 0
+    assert capsys.readouterr().out.startswith("granted 5 turns and 0 tokens to cli-grant")
+    assert await run_cli("sessions", "end", "cli-grant", "--url", url) == 0
+    with pytest.raises(SystemExit) as ended:
+        await run_cli("sessions", "grant", "cli-grant", "--turns", "5", "--url", url)
+    assert isinstance(ended.value.code, str) and "(the gateway answered 409)" in ended.value.code
+
+
+def test_the_cli_starts_without_the_server() -> None:
+    """``gateway --help`` and the sessions commands stay quick: the server's modules (aiohttp,
+    pydantic, the store, the tokenizer) are imported by ``serve`` only."""
+    code = (
+        "import sys, gateway.cli; "
+        "print([m for m in ('aiohttp', 'pydantic', 'gateway.store', 'gateway.app', 'tiktoken')"
+        " if m in sys.modules])"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert shown.strip() == "[]"

@@ -4,9 +4,14 @@ the HTTP parser's refusals as JSON both SDKs read (``gateway.server``)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import orjson
@@ -14,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
+from gateway.fake_provider import CONFIG
 from gateway.server import GatewayServer
 from gateway.settings import Settings, Timeouts
 from tests.conftest import ANTHROPIC_MODEL, GatewayTestServer, received
@@ -126,3 +132,130 @@ async def test_refused_connections_leave_no_traceback(
 def test_idle_keep_alive_connections_are_closed_in_minutes(settings: Settings) -> None:
     app = create_app(settings)
     assert app._handler_args["keepalive_timeout"] == 75.0
+
+
+# -- stopping: `gateway serve` as a process, SIGTERM, the two log lines ------------------------
+class Served:
+    """``gateway serve`` run as a process, as an operator runs it."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process, self.port = process, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> tuple[float, list[dict[str, Any]]]:
+        """SIGTERM; the seconds until the process exited, and the ``gateway.server`` lines."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.process.communicate(), 30)
+        took = loop.time() - sent
+        assert self.process.returncode == 0, stderr.decode()
+        lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith(b"{")]
+        return took, [line for line in lines if line["logger"] == "gateway.server"]
+
+
+@pytest.fixture
+async def serve_process(
+    unused_tcp_port_factory: Callable[[], int],
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Served] = []
+
+    async def start(**env: str) -> Served:
+        port = unused_tcp_port_factory()
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "serve", "--store", "memory://"),
+            *("--port", str(port)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        served = Served(process, port)
+        started.append(served)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                assert process.returncode is None, "gateway serve exited at start"
+                try:
+                    async with http.get(f"{served.url}/gateway/health") as health:
+                        if health.status == 200:
+                            return served
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError("gateway serve did not answer /gateway/health in 30 s")
+
+    yield start
+    for served in started:
+        if served.process.returncode is None:
+            served.process.kill()
+            await served.process.wait()
+
+
+def stop_lines(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    [begin] = [line for line in lines if line["message"].startswith("shutting down on SIGTERM")]
+    [end] = [line for line in lines if line["message"].startswith("shut down in ")]
+    assert lines.index(begin) < lines.index(end)
+    return begin, end
+
+
+async def test_an_idle_stop_is_quick_and_says_so(serve_process: Callable[..., Any]) -> None:
+    served = await serve_process()
+    # An early answer (404) to a request whose body is still coming: aiohttp lingers 2 s
+    # reading the rest, and a stop used to wait for it.
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"POST /gateway/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+    took, lines = await served.stop()
+    writer.close()
+    assert took < 1.0, f"an idle gateway took {took:.2f}s to stop"
+    begin, end = stop_lines(lines)
+    assert begin["in_flight"] == 0 and begin["drain_timeout"] == 25.0
+    assert "0 requests in flight" in begin["message"]
+    assert (end["in_flight"], end["finished"], end["cut"]) == (0, 0, 0)
+
+
+def streamed_chat(served: Served) -> tuple[str, dict[str, Any], dict[str, str]]:
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    return f"{served.url}/v1/chat/completions", body, {"Authorization": "Bearer sk-drain"}
+
+
+async def test_a_stop_lets_the_call_in_flight_finish(
+    serve_process: Callable[..., Any], fake_provider: TestServer
+) -> None:
+    fake_provider.app[CONFIG].chunk_delay = 0.1  # a stream of about 1.5 s
+    served = await serve_process(
+        GATEWAY_OPENAI_UPSTREAM=str(fake_provider.make_url("/v1")),
+        GATEWAY_ANTHROPIC_UPSTREAM=str(fake_provider.make_url("")).rstrip("/"),
+    )
+    url, body, headers = streamed_chat(served)
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as resp:
+        assert resp.status == 200
+        first = await resp.content.readline()  # the answer has begun: the call is in flight
+        stopping = asyncio.ensure_future(served.stop())
+        rest = await resp.content.read()
+    assert first.startswith(b"data: ") and rest.rstrip().endswith(b"data: [DONE]")
+    _, lines = await stopping
+    begin, end = stop_lines(lines)
+    assert begin["in_flight"] == 1 and "1 request in flight" in begin["message"]
+    assert (end["in_flight"], end["finished"], end["cut"]) == (1, 1, 0)
+    assert "1 request drained (1 finished, 0 cut" in end["message"]
+
+
+async def test_a_call_past_the_drain_timeout_is_cut(
+    serve_process: Callable[..., Any], fake_provider: TestServer
+) -> None:
+    fake_provider.app[CONFIG].chunk_delay = 1.0  # a stream of about 15 s
+    served = await serve_process(
+        GATEWAY_OPENAI_UPSTREAM=str(fake_provider.make_url("/v1")),
+        GATEWAY_DRAIN_TIMEOUT="0.3",
+    )
+    url, body, headers = streamed_chat(served)
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as resp:
+        await resp.content.readline()
+        stopping = asyncio.ensure_future(served.stop())
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut: never a stream that looks whole
+            await resp.content.read()
+    took, lines = await stopping
+    assert took < 3.0
+    begin, end = stop_lines(lines)
+    assert begin["drain_timeout"] == 0.3
+    assert (end["in_flight"], end["finished"], end["cut"]) == (1, 0, 1)

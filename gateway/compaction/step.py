@@ -22,7 +22,7 @@ from gateway.dialects.base import raw_elements
 from gateway.dialects.envelope import Items, replace_array
 from gateway.errors import ContextOverflow
 from gateway.exchange import Exchange
-from gateway.policy import decide
+from gateway.policy import prices
 from gateway.store import CompactionNote
 from gateway.telemetry import tracing
 
@@ -136,10 +136,8 @@ def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:
     summary = outcome.summary
     cost = 0.0
     if summary is not None and summary.usage is not None:
-        usage, price = summary.usage, ex.app[POLICY].policy.price(summary.model)
-        cost = decide.cost_of(
-            price, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens
-        )
+        price = ex.app[POLICY].policy.price(summary.model)
+        cost = prices.cost(price, summary.usage) if price is not None else 0.0
     event = {
         "key": None,
         "at": time.time(),

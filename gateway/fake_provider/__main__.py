@@ -11,18 +11,67 @@ from .app import serve
 from .config import FakeProviderConfig, ToolCallSpec
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options, each with its help (``gateway fake-provider --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="gateway fake-provider",
+        description=(
+            "Run the offline fake LLM provider in the foreground: OpenAI Chat Completions and\n"
+            "Responses, Anthropic Messages, strict like the real APIs, deterministic answers.\n"
+            "Aim the gateway at it with GATEWAY_OPENAI_UPSTREAM=http://HOST:PORT/v1 and\n"
+            "GATEWAY_ANTHROPIC_UPSTREAM=http://HOST:PORT. A request's x-fake-scenario header\n"
+            "changes one answer (errors, cut streams, delays)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8099, help="listen port (default 8099)")
+    parser.add_argument(
+        "--usage-mode",
+        choices=("bytes", "tiktoken"),
+        default="bytes",
+        help="how the reported input tokens are counted: JSON bytes / 4 (default), or tiktoken",
+    )
+    parser.add_argument(
+        "--token-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply the reported input tokens by F (default 1)",
+    )
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between the events of a streamed answer (default 0)",
+    )
+    parser.add_argument(
+        "--reply-text", default=None, metavar="TEXT", help="the text every answer holds"
+    )
+    parser.add_argument(
+        "--tool-loop",
+        metavar="NAME:JSON",
+        default=None,
+        help='answer every call with this tool call (a runaway agent), e.g. \'ls:{"path": "."}\'',
+    )
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not keep the last 1,000 requests received (they are kept for tests)",
+    )
+    parser.add_argument(
+        "--context-window",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="refuse a request with more input tokens, with the API's real overflow error",
+    )
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderConfig]:
-    parser = argparse.ArgumentParser(prog="gateway fake-provider", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8099)
-    parser.add_argument("--usage-mode", choices=("bytes", "tiktoken"), default="bytes")
-    parser.add_argument("--token-factor", type=float, default=1.0)
-    parser.add_argument("--chunk-delay", type=float, default=0.0)
-    parser.add_argument("--reply-text", default=None)
-    parser.add_argument("--tool-loop", metavar="NAME:JSON", default=None)
-    parser.add_argument("--no-record", action="store_true")
-    parser.add_argument("--context-window", type=int, default=None, metavar="TOKENS")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     tool_loop = None
     if args.tool_loop:
         name, _, raw = args.tool_loop.partition(":")
@@ -41,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderCon
 
 
 def main(argv: list[str] | None = None) -> None:
-    host, port, config = parse_args(argv)
+    run(*parse_args(argv))
+
+
+def run(host: str, port: int, config: FakeProviderConfig) -> None:
+    """Serve in the foreground until Ctrl-C."""
     print(f"fake provider on http://{host}:{port}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host, port, config))

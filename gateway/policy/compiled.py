@@ -9,26 +9,29 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from gateway.policy.model import KeyInfo, Match, PolicyFile, PolicySettings, Price, Rule
+from gateway.policy.model import KeyInfo, Match, PolicyFile, PolicySettings, Rule
+from gateway.policy.prices import DAY, ModelPrice, builtin, from_policy
 
 _BLOCKS = ("limits", "loops", "context")
 _CACHE_SIZE = 4096
 
 
 class RuleError(Exception):
-    """A rule whose settings, merged over the defaults, are invalid."""
+    """Rules whose settings, merged over the defaults, are invalid: every one of them, so a
+    file's problems show in one pass (``errors`` is ``(rule index, its errors)``)."""
 
-    def __init__(self, index: int, error: ValidationError) -> None:
-        super().__init__(str(error))
-        self.index = index
-        self.error = error
+    def __init__(self, errors: list[tuple[int, list[ErrorDetails]]]) -> None:
+        super().__init__("invalid: " + ", ".join(f"rules[{index}]" for index, _ in errors))
+        self.errors = errors
 
 
 def glob(pattern: str) -> re.Pattern[str]:
@@ -119,6 +122,44 @@ def compile_rule(index: int, rule: Rule) -> CompiledRule:
     return CompiledRule(rule.name or f"rules[{index}]", rule, conditions, headers, match.mode)
 
 
+def raw_rule_errors(data: Mapping[str, Any]) -> list[tuple[int, list[ErrorDetails]]]:
+    """``RuleError``'s check on a file that failed validation elsewhere: each rule's settings
+    blocks merged over the file's defaults as written (over the built-in ones) and validated.
+
+    A rule's blocks are free-form mappings until merged, so without this a typo inside a rule
+    would show only once the rest of the file is fixed. Errors the defaults have on their own
+    are left out (they are the defaults' errors, reported there); blocks that are not mappings
+    are skipped (the file's own validation reports them)."""
+    base = PolicySettings().model_dump()
+    defaults = data.get("defaults")
+    if isinstance(defaults, Mapping):
+        merge(base, defaults, "defaults", {}, "defaults")
+    try:
+        PolicySettings.model_validate(base)
+        own: set[tuple[int | str, ...]] = set()
+    except ValidationError as exc:
+        own = {tuple(error["loc"]) for error in exc.errors()}
+    rules = data.get("rules")
+    found: list[tuple[int, list[ErrorDetails]]] = []
+    for index, rule in enumerate(rules if isinstance(rules, list) else ()):
+        if not isinstance(rule, Mapping):
+            continue
+        merged = copy.deepcopy(base)
+        for block in _BLOCKS:
+            change = rule.get(block)
+            if isinstance(change, Mapping) and isinstance(merged.get(block), dict):
+                merge(merged[block], change, block, {}, "rule")
+        if isinstance(rule.get("budgets"), list):
+            merged["budgets"] = copy.deepcopy(rule["budgets"])
+        try:
+            PolicySettings.model_validate(merged)
+        except ValidationError as exc:
+            errors = [error for error in exc.errors() if tuple(error["loc"]) not in own]
+            if errors:
+                found.append((index, errors))
+    return found
+
+
 def merge(
     base: dict[str, Any], change: Mapping[str, Any], path: str, sources: dict[str, str], by: str
 ) -> None:
@@ -140,11 +181,16 @@ class CompiledPolicy:
     source: str
     rules: list[CompiledRule] = field(default_factory=list)
     header_names: tuple[str, ...] = ()
-    prices: list[tuple[re.Pattern[str], Price]] = field(default_factory=list)
+    prices: list[tuple[re.Pattern[str], ModelPrice]] = field(default_factory=list)
+    default_price: ModelPrice | None = None
+    """The ``*`` entry of ``prices``: for models nothing else prices."""
     windows: tuple[tuple[str, int], ...] = ()
     """``windows`` as a tuple: hashable, for the cached window lookup."""
     _defaults: dict[str, Any] = field(default_factory=dict)
     _cache: OrderedDict[Caller, Effective] = field(default_factory=OrderedDict)
+    _price_cache: OrderedDict[tuple[str, int], ModelPrice | None] = field(
+        default_factory=OrderedDict
+    )
 
     @classmethod
     def build(cls, file: PolicyFile, version: str, source: str) -> CompiledPolicy:
@@ -158,16 +204,25 @@ class CompiledPolicy:
             source=source,
             rules=rules,
             header_names=tuple(names),
-            prices=[(glob(pattern), price) for pattern, price in file.prices.items()],
+            prices=[
+                (glob(pattern), from_policy(pattern, price))
+                for pattern, price in file.prices.items()
+                if pattern != "*"
+            ],
+            default_price=from_policy("*", file.prices["*"]) if "*" in file.prices else None,
             windows=tuple(file.windows.items()),
             _defaults=file.defaults.model_dump(),
         )
-        # Validate every rule merged over the defaults now, so a bad value fails the load.
+        # Validate every rule merged over the defaults now, so a bad value fails the load;
+        # every bad rule, so an operator sees all of them at once.
+        errors = []
         for index, rule in enumerate(rules):
             try:
                 policy._merge([rule])
             except ValidationError as exc:
-                raise RuleError(index, exc) from exc
+                errors.append((index, exc.errors()))
+        if errors:
+            raise RuleError(errors)
         return policy
 
     def key_info(self, key_hash: str | None) -> KeyInfo | None:
@@ -219,9 +274,19 @@ class CompiledPolicy:
             model_deny=tuple(glob(p) for p in settings.limits.models.deny),
         )
 
-    def price(self, model: str | None) -> Price | None:
-        if model:
-            for pattern, price in self.prices:
-                if pattern.fullmatch(model):
-                    return price
-        return None
+    def price(self, model: str | None, now: float | None = None) -> ModelPrice | None:
+        """The policy's entry for ``model``, else the built-in table's price, else the
+        default (``*``); None: unpriced. Resolved once per model and UTC day (a price can
+        change on a date), then a dictionary look-up."""
+        if not model:
+            return self.default_price
+        key = (model, int((time.time() if now is None else now) // DAY))
+        if key in self._price_cache:
+            return self._price_cache[key]
+        found = next((price for pattern, price in self.prices if pattern.fullmatch(model)), None)
+        if found is None:
+            found = builtin(*key) or self.default_price
+        self._price_cache[key] = found
+        if len(self._price_cache) > _CACHE_SIZE:
+            self._price_cache.popitem(last=False)
+        return found

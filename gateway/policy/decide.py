@@ -18,10 +18,11 @@ from multidict import CIMultiDictProxy
 from gateway.credentials import peer_trusted
 from gateway.dialects import Dialect, RequestFacts, prompt_parts
 from gateway.identity import Identity
-from gateway.loops import Detection, identical_run, rate_detection, tool_name
+from gateway.loops import COUNT_BOUND, Detection, identical_run, rate_detection, tool_name
 from gateway.policy.compiled import Caller, CompiledPolicy, Effective
-from gateway.policy.model import Budget, Price
-from gateway.store import BudgetLimit, Limits, SessionRecord
+from gateway.policy.model import Budget
+from gateway.policy.prices import ModelPrice, hold
+from gateway.store import BudgetLimit, Limits, SessionRecord, TurnTicket
 from gateway.tokens import TokenCounter
 
 DEFAULT_OUTPUT_RESERVE = 4096
@@ -57,7 +58,8 @@ class Decision:
     input_estimate: int | None = None
     detections: list[Detection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    price: Price | None = None
+    price: ModelPrice | None = None
+    """The model's price; None: unpriced (its cost cannot be counted)."""
 
 
 def mode_of(headers: CIMultiDictProxy[str]) -> str | None:
@@ -138,7 +140,9 @@ def decide(
             )
         )
 
-    decision = Decision(effective, Limits(), price=policy.price(facts.model))
+    decision = Decision(effective, Limits(), price=policy.price(facts.model, now))
+    if decision.price is None and any(b.max_cost is not None for b in settings.budgets):
+        raise PolicyStop(_unpriced(effective, model, policy.version))
     if (
         limits.max_request_input_tokens is not None
         or limits.max_session_tokens is not None
@@ -197,9 +201,7 @@ def _hold_tokens(
     output_cap = facts.max_output_tokens or DEFAULT_OUTPUT_RESERVE
     decision.reserve_tokens = input_hold + output_cap
     if decision.price is not None:
-        decision.reserve_cost = (
-            input_hold * decision.price.input + output_cap * decision.price.output
-        ) / 1e6
+        decision.reserve_cost = hold(decision.price, input_hold, output_cap)
 
 
 def _detect_loops(
@@ -210,11 +212,21 @@ def _detect_loops(
     body_hash: int | None,
 ) -> None:
     loops = decision.effective.settings.loops
-    count, signature = identical_run(dialect.tool_call_turns(facts), loops.identical_tool_calls)
+    # Counted to the threshold, which decides; a call that will be stopped counts on (up to
+    # COUNT_BOUND) so that its message names the real run. A flagged loop's every call is
+    # past the threshold, and counting on costs about 4 us a turn: it says "at least".
+    bound = loops.identical_tool_calls
+    if _stops_loops(loops.action, record):
+        bound = max(COUNT_BOUND, bound)
+    count, signature, more = identical_run(dialect.tool_call_turns(facts), bound)
     if signature and count >= loops.identical_tool_calls:
         decision.detections.append(
             Detection(
-                "identical_tool_calls", count, loops.identical_tool_calls, tool_name(signature)
+                "identical_tool_calls",
+                count,
+                loops.identical_tool_calls,
+                tool_name(signature),
+                at_least=more,
             )
         )
     if record is not None:
@@ -235,25 +247,31 @@ def _detect_loops(
             decision.detections.append(rate)
 
 
+def _stops_loops(action: str, record: SessionRecord | None) -> bool:
+    """Whether a loop detected now stops the call: not when the policy only flags loops, nor
+    while a grant lifts loop stops."""
+    if action == "flag":
+        return False
+    return record is None or record.turns >= record.loops_allowed_until
+
+
 def loop_verdict(decision: Decision, session: str, record: SessionRecord | None) -> Verdict | None:
     """The stop a detected loop calls for, unless the policy only flags it or a grant lifts it."""
     loops = decision.effective.settings.loops
-    if not decision.detections or loops.action == "flag":
-        return None
-    if record is not None and record.turns < record.loops_allowed_until:
+    if not decision.detections or not _stops_loops(loops.action, record):
         return None
     detection = decision.detections[0]
     paused = (
         " The session is paused until an operator grants more." if loops.action == "pause" else ""
     )
+    setting = _setting_of(detection)
+    # The setting's own value: a turn_rate detection's threshold is a rate, not the factor.
+    value: float = getattr(loops, setting)
     return Verdict(
         f"loop_{detection.detector}",
-        decision.effective.source(f"loops.{detection.detector}")
-        if detection.detector != "turn_rate"
-        else decision.effective.source("loops.turn_rate_factor"),
+        decision.effective.source(f"loops.{setting}"),
         f"Session {session} looks like a runaway loop: {detection.describe()} "
-        f"(loops.{_setting_of(detection)} = {_threshold(detection)} "
-        f"{_by(decision.effective, 'loops.' + _setting_of(detection))}).{paused} "
+        f"(loops.{setting} = {value:g} {_by(decision.effective, 'loops.' + setting)}).{paused} "
         f"To let it go on: gateway sessions grant {session} --turns 20.",
     )
 
@@ -303,30 +321,40 @@ def limit_verdict(
         return Verdict(
             limit,
             "operator",
-            f"Session {session} is paused until an operator lets it go on ({reason}). "
-            f"To let it go on: {grant} --turns 20.",
+            f"Session {session} was {_status_change('paused', reason)}. Its calls are refused "
+            f"until an operator lets it go on: {grant} --turns 20.",
         )
     return Verdict(
         limit,
         "operator",
-        f"Session {session} was ended by an operator ({reason}). Start a new session to go on.",
+        f"Session {session} was {_status_change('ended', reason)}. Start a new session to go on.",
     )
 
 
-def warnings(
-    decision: Decision, turn: int, turns_left: int | None, tokens_left: int | None
-) -> list[str]:
-    """Past ``warn_at`` of a limit, say so (answer headers, and kept with the session)."""
-    limits = decision.effective.settings.limits
+def _status_change(status: str, reason: str) -> str:
+    """The store's ``status_reason`` says who changed the status and why, starting with the
+    status (``ended by bob: runaway``, ``paused by the loop rule: ...``): shown as it is. A
+    reason in another form (records from older versions: ``by bob``) is put in brackets."""
+    if reason.startswith(status):
+        return reason
+    return f"{status} ({reason})" if reason else status
+
+
+def warnings(decision: Decision, ticket: TurnTicket) -> list[str]:
+    """Past ``warn_at`` of a limit, say so (answer headers, and kept with the session).
+
+    Limits count with their grants, as the stop does. Tokens count what calls in flight
+    hold too (this one's reservation included), as the stop does: "used or held"."""
+    warn_at = decision.effective.settings.limits.warn_at
     found = []
-    if turns_left is not None:
-        allowed = turn + turns_left
-        if turn >= math.ceil(limits.warn_at * allowed):
-            found.append(f"turns {turn} of {allowed}")
-    if tokens_left is not None and limits.max_session_tokens:
-        used = limits.max_session_tokens - tokens_left
-        if used >= limits.warn_at * limits.max_session_tokens:
-            found.append(f"tokens {used} of {limits.max_session_tokens}")
+    if ticket.turns_left is not None:
+        allowed = ticket.turn + ticket.turns_left
+        if ticket.turn >= math.ceil(warn_at * allowed):
+            found.append(f"turns {ticket.turn} of {allowed}")
+    if ticket.tokens_left is not None and ticket.tokens_allowed:
+        held = ticket.tokens_allowed - ticket.tokens_left
+        if held >= warn_at * ticket.tokens_allowed:
+            found.append(f"tokens {held} of {ticket.tokens_allowed} used or held")
     return found
 
 
@@ -356,15 +384,17 @@ def window(kind: str, now: float) -> tuple[str, float]:
     return start.strftime("%Y-%m"), following.timestamp()
 
 
-def cost_of(price: Price | None, input_tokens: int, cache_read: int, output_tokens: int) -> float:
-    if price is None:
-        return 0.0
-    cached = price.cache_read if price.cache_read is not None else price.input
-    return (
-        (input_tokens - cache_read) * price.input
-        + cache_read * cached
-        + output_tokens * price.output
-    ) / 1e6
+def _unpriced(effective: Effective, model: str, version: str) -> Verdict:
+    """A cost budget cannot count a call it has no price for: refused, not let through free."""
+    return Verdict(
+        "unpriced_model",
+        effective.source("budgets"),
+        f"Model '{model}' has no price, and a cost budget applies to this call "
+        f"(budgets {_by(effective, 'budgets')}), so its cost could not be counted. Give it a "
+        f"price in the policy's prices (per million tokens, e.g. prices: {{'{model}': "
+        f"{{input: 3, output: 15}}}}), or a default price for every unpriced model with the "
+        f"glob '*' (policy version {version}).",
+    )
 
 
 def _by(effective: Effective, path: str) -> str:
@@ -374,7 +404,3 @@ def _by(effective: Effective, path: str) -> str:
 
 def _setting_of(detection: Detection) -> str:
     return "turn_rate_factor" if detection.detector == "turn_rate" else detection.detector
-
-
-def _threshold(detection: Detection) -> str:
-    return f"{detection.threshold:g}"

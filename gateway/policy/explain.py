@@ -6,6 +6,7 @@ from typing import Any
 
 from gateway.policy.claims import claims_of
 from gateway.policy.compiled import CompiledPolicy, Effective
+from gateway.policy.model import Budget
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -26,15 +27,30 @@ def explain_lines(policy: CompiledPolicy, effective: Effective) -> list[str]:
     ]
     leaves = flatten(effective.settings.model_dump(exclude={"budgets"}))
     budgets = effective.settings.budgets
-    leaves.append(("budgets", [b.model_dump(exclude_none=True) for b in budgets] or "none"))
+    # A list of budgets does not fit a cell: its line says how many, a table below says what.
+    leaves.append(("budgets", f"{len(budgets)} (below)" if budgets else "none"))
     width = max(len(path) for path, _ in leaves)
+    value_width = max(30, *(len(_show(value)) for _, value in leaves))
     marks = claim_marks(policy, effective)
     for path, value in leaves:
         source = effective.source(path)
         if path in marks:
             source += f"  (claim: {', '.join(marks[path])})"
-        lines.append(f"{path:<{width}}  {_show(value):<30}  {source}")
+        lines.append(f"{path:<{width}}  {_show(value):<{value_width}}  {source}".rstrip())
+    if budgets:
+        lines += ["", "budgets:", *budget_table(budgets)]
     return lines
+
+
+def budget_table(budgets: list[Budget]) -> list[str]:
+    """One row a budget, a column a field (in the schema's order), indented under its title."""
+    names = list(Budget.model_fields)
+    rows = [[name.replace("_", " ") for name in names]]
+    rows += [[_cell(getattr(budget, name)) for name in names] for budget in budgets]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(names))]
+    return [
+        "  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
 
 
 def claim_marks(policy: CompiledPolicy, effective: Effective) -> dict[str, list[str]]:
@@ -52,6 +68,14 @@ def claim_marks(policy: CompiledPolicy, effective: Effective) -> dict[str, list[
         if decided:
             marks[path] = decided
     return marks
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:,}"  # 2,000,000 tokens, read at a glance
+    return str(value)
 
 
 def _show(value: Any) -> str:

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from gateway.policy.compiled import CompiledPolicy, RuleError
+from gateway.policy.compiled import CompiledPolicy, RuleError, raw_rule_errors
 from gateway.policy.model import PolicyFile
 
 DEFAULT_POLICY = "default.yaml"
@@ -118,9 +119,21 @@ def parse_policy(text: str, source: str) -> CompiledPolicy:
         file = PolicyFile.model_validate(data)
         return CompiledPolicy.build(file, version, source)
     except ValidationError as exc:
-        raise PolicyError(source, _problems(exc, node, ())) from None
+        # Every error in one pass: the rules' settings too, which are checked only merged
+        # over the defaults (``RuleError``), else they would show once the rest is fixed.
+        problems = _problems(exc.errors(), node, ())
+        reported = {problem.where for problem in problems}
+        for index, errors in raw_rule_errors(data):
+            found = _problems(errors, node, ("rules", index))
+            problems.extend(p for p in found if p.where not in reported)
+        raise PolicyError(source, _by_line(problems)) from None
     except RuleError as exc:
-        raise PolicyError(source, _problems(exc.error, node, ("rules", exc.index))) from None
+        problems = [
+            problem
+            for index, errors in exc.errors
+            for problem in _problems(errors, node, ("rules", index))
+        ]
+        raise PolicyError(source, problems) from None
     except RecursionError:
         raise _error(source, None, "nested too deeply to validate") from None
 
@@ -180,15 +193,20 @@ def _error(source: str, line: int | None, message: str) -> PolicyError:
 
 
 def _problems(
-    error: ValidationError, root: yaml.Node | None, prefix: tuple[str | int, ...]
+    errors: list[ErrorDetails], root: yaml.Node | None, prefix: tuple[str | int, ...]
 ) -> list[PolicyProblem]:
     problems = []
-    for item in error.errors():
+    for item in errors:
         loc = prefix + tuple(item["loc"])
         # Dotted paths read like the file: rules[0].limits.max_turns
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         problems.append(PolicyProblem(_line_of(root, loc), where, item["msg"]))
     return problems
+
+
+def _by_line(problems: list[PolicyProblem]) -> list[PolicyProblem]:
+    """In the file's order, as an operator fixes them (stable: same line, pydantic's order)."""
+    return sorted(problems, key=lambda problem: problem.line or 0)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -74,7 +74,8 @@ class Budget(_Block):
     max_tokens: int | None = Field(None, ge=1)
     """Input plus output tokens in the window."""
     max_cost: float | None = Field(None, gt=0)
-    """In the currency of ``prices`` (per million tokens)."""
+    """Cost in the window, in the currency of the prices (US dollars for the built-in table).
+    A call to a model without a price is refused under a cost budget."""
 
     @model_validator(mode="after")
     def _something(self) -> Budget:
@@ -186,15 +187,24 @@ class KeyInfo(_Block):
     """The team its spending counts against."""
 
 
-class Price(_Block):
-    """Per million tokens."""
+MAX_PRICE = 10_000.0
+"""Per million tokens: a hundred times the dearest model's output; above it, a typo."""
 
-    input: float = Field(ge=0)
-    """Per million input tokens."""
-    output: float = Field(ge=0)
-    """Per million output tokens."""
-    cache_read: float | None = Field(None, ge=0)
-    """Per million cached input tokens; default the input price."""
+
+class Price(_Block):
+    """Per million tokens, in the currency of cost budgets (the built-in table's: US dollars);
+    each from 0 to 10,000 (a hundred times the dearest model's output price)."""
+
+    input: float = Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    """Per million input tokens that were neither read from nor written to a cache."""
+    output: float = Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    """Per million output tokens (reasoning tokens included: they are output)."""
+    cache_read: float | None = Field(None, ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    """Per million input tokens read from the provider's prompt cache; default the input
+    price."""
+    cache_write: float | None = Field(None, ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    """Per million input tokens written to the prompt cache (Anthropic's cache creation, 1.25
+    times its input price for the 5-minute cache); default the input price."""
 
 
 class PolicyFile(_Block):
@@ -209,7 +219,10 @@ class PolicyFile(_Block):
     team_header: str | None = None
     """A trusted header naming the caller's team (set it only behind an authenticating proxy)."""
     prices: dict[str, Price] = {}
-    """Model globs to prices, for cost budgets."""
+    """Model globs to prices, over the built-in table (genai-prices' OpenAI and Anthropic
+    prices): the first entry whose glob matches a model replaces its built-in price. The glob
+    ``*`` is the default price, for models neither another entry nor the built-in table
+    prices; without one such models are unpriced (counted, and refused under a cost budget)."""
     windows: dict[str, int] = {}
     """Model globs to context windows in input tokens, over the built-in table (in
     ``gateway/compaction/windows.py``), for ``context.window: auto``."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from gateway.store.base import LimitExceeded, Store
+from gateway.store.base import LimitExceeded, SessionEnded, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
+    INTERNAL_FIELDS,
     BudgetCounter,
     BudgetLimit,
     CompactionNote,
@@ -37,6 +38,7 @@ def open_store(url: str) -> Store:
 
 
 __all__ = [
+    "INTERNAL_FIELDS",
     "BudgetCounter",
     "BudgetLimit",
     "CompactionNote",
@@ -45,6 +47,7 @@ __all__ = [
     "Limits",
     "MemoryStore",
     "ModelTotals",
+    "SessionEnded",
     "SessionQuery",
     "SessionRecord",
     "SqliteStore",

@@ -3,6 +3,7 @@
 Exceptions::
 
     LimitExceeded     a turn would break a hard limit; nothing was recorded
+    SessionEnded      a grant for a session that has ended; nothing was granted
     SessionTaken      (``gateway.identity``) a session id another key owns, qualified too
 """
 
@@ -55,6 +56,17 @@ class LimitExceeded(Exception):
         self.reason = reason
 
 
+class SessionEnded(Exception):
+    """An ended session takes no grant: ended is final (``restart_if_idle`` keeps it ended),
+    so a grant would be recorded and change nothing."""
+
+    def __init__(self, record: SessionRecord) -> None:
+        super().__init__(f"session {record.id} is ended")
+        self.session_id = record.id
+        self.status = record.status
+        self.reason = record.status_reason or ""
+
+
 class Store(Protocol):
     """Sessions, budgets and their accounting.
 
@@ -90,7 +102,8 @@ class Store(Protocol):
         ...
 
     async def grant(self, session_id: str, grant: Grant) -> SessionRecord | None:
-        """More turns or tokens for a session; a paused session goes on."""
+        """More turns or tokens for a session; a paused session goes on. Raises
+        ``SessionEnded`` (granting nothing) for an ended one."""
         ...
 
     async def set_status(
@@ -217,6 +230,8 @@ class SessionTable:
         record = await self._session(session_id)
         if record is None:
             return None
+        if record.status == "ended":
+            raise SessionEnded(record)
         record.granted_turns += grant.turns
         record.granted_tokens += grant.tokens
         record.loops_allowed_until = record.turns + max(grant.turns, 1)
@@ -314,7 +329,7 @@ def check_and_reserve(
         raise LimitExceeded(
             f"session_{record.status}", 0, 0, record.id, reason=record.status_reason or ""
         )
-    turns_left = tokens_left = None
+    turns_left = tokens_left = tokens_allowed = None
     if limits.max_turns is not None:
         allowed = limits.max_turns + record.granted_turns
         if record.turns >= allowed:
@@ -326,6 +341,7 @@ def check_and_reserve(
         if used + start.reserve_tokens > allowed:
             raise LimitExceeded("max_session_tokens", allowed, used, record.id)
         tokens_left = allowed - used - start.reserve_tokens
+        tokens_allowed = allowed
     for limit, counter in zip(limits.budgets, budgets, strict=True):
         _check_budget(limit, counter, start, record.id)
     _update_rate(record, start.at)
@@ -344,6 +360,7 @@ def check_and_reserve(
         start.reserve_tokens,
         turns_left=turns_left,
         tokens_left=tokens_left,
+        tokens_allowed=tokens_allowed,
         budgets=tuple(c.key for c in budgets),
         reserved_cost=start.reserve_cost,
     )

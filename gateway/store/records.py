@@ -10,6 +10,8 @@ from gateway.identity import Identity
 
 EVENTS_KEPT = 20
 """Warnings, detections and grants kept per session (the newest)."""
+SESSION_STATUSES = ("active", "paused", "ended")
+"""A session's ``status`` (``SessionRecord.status``)."""
 
 
 @dataclass(slots=True)
@@ -125,6 +127,22 @@ class SessionRecord:
         del events[:-EVENTS_KEPT]
 
 
+INTERNAL_FIELDS = frozenset(
+    {
+        "last_body_hash",
+        "body_repeats",
+        "rate_fast",
+        "rate_slow",
+        "loops_allowed_until",
+        "context_rewrites",
+    }
+)
+"""What the gateway keeps about a session for itself: loop detectors' state, the turn up to
+which a grant lifts loop stops, and the compaction recipes (they hold summaries: prompt
+content). Stored (``to_json``), never shown to operators (``admin.operator_view``); every other
+field is."""
+
+
 @dataclass(slots=True, frozen=True)
 class BudgetLimit:
     key: str
@@ -179,6 +197,11 @@ class TurnTicket:
     turns_left: int | None = None
     """Under max_turns plus grants, after this call."""
     tokens_left: int | None = None
+    """Under max_session_tokens plus grants, less the tokens used and those calls in flight
+    hold, this call's reservation included: what later calls may use if this one uses all
+    it may (its own usage is not known when the answer's headers go out)."""
+    tokens_allowed: int | None = None
+    """max_session_tokens plus grants."""
     budgets: tuple[str, ...] = ()
     reserved_cost: float = 0.0
 

@@ -387,8 +387,14 @@ class Metrics:
         )
         self.cost = Counter(
             "gateway_cost",
-            "Cost in the policy's price currency, by model, agent and team.",
+            "Cost in the price table's currency (US dollars built in), by model, agent and team.",
             ["model", "agent", "team"],
+        )
+        self.unpriced = Counter(
+            "gateway_unpriced_requests",
+            "Calls that used tokens of a model with no price (neither the policy's prices nor "
+            "the built-in table): their cost is not in gateway_cost_total. By model.",
+            ["model"],
         )
         self.sessions_started = Counter(
             "gateway_sessions_started", "Sessions begun, by agent.", ["agent"]
@@ -589,6 +595,8 @@ def _observe_usage(
     metrics.token_usage.observe((*genai, response_model, "output"), usage.output_tokens)
     if ex.cost:
         metrics.cost.inc((model, agent, team), ex.cost)
+    elif ex.unpriced:
+        metrics.unpriced.inc((model,))
     if ex.window:
         metrics.context_fill.observe((ex.upstream.provider,), usage.input_tokens / ex.window)
 

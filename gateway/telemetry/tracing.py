@@ -554,6 +554,8 @@ def _note_gateway(ex: Exchange, trace: RequestTrace) -> None:
             }
             if detection.tool:
                 event["gateway.loop.tool"] = cap(detection.tool)
+            if detection.at_least:  # the count stopped at its bound: the run is longer
+                event["gateway.loop.count_at_least"] = True
             span.add_event("gateway.loop.detection", event)
     outcome = ex.compaction
     if outcome is not None:

@@ -46,9 +46,6 @@ a finite, non-zero value somewhere."""
 POLICY = """
 version: 1
 team_header: X-Gateway-Team
-prices:
-  "gpt-4o*": {input: 2.5, output: 10.0, cache_read: 1.25}
-  "claude-*": {input: 3.0, output: 15.0, cache_read: 0.3}
 defaults:
   loops: {identical_tool_calls: 3}
   budgets:
@@ -65,7 +62,11 @@ rules:
   - name: interns-budget
     match: {team: interns}
     budgets: [{per: team, window: hour, max_tokens: 10}]
+  - {name: lab-unbudgeted, match: {team: lab}, budgets: []}
 """
+"""No ``prices``: cost comes from the built-in table. The lab team has no cost budget, so its
+call to a model without a price goes through (and is counted as unpriced)."""
+UNPRICED_MODEL = "house-model-7"
 
 
 def prometheus_binary() -> str:
@@ -179,6 +180,9 @@ async def drive(gw: Gateway, round: int) -> None:
     )
     async for _ in responses:
         pass
+    # A model without a price: counted as such, not as free.
+    lab = headers("unpriced", **{"X-Gateway-Team": "lab"})
+    assert (await call(gw, "chat", lab, model=UNPRICED_MODEL)).ok
     # The provider's own errors: a 5xx and a 429.
     for status in (500, 429):
         failing = headers(f"error-{status}", **{"x-fake-scenario": f"error:{status}"})
@@ -259,3 +263,48 @@ async def test_every_dashboard_and_alert_query_against_a_real_prometheus(
         assert {r["health"] for r in rules} == {"ok"}, [
             (r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"
         ]
+
+
+async def sdk_calls(gw: Gateway, round: int) -> None:
+    """Plain SDK traffic of real (priced) model names: the three APIs, JSON and streams."""
+    for api in ("chat", "responses", "messages"):
+        assert (await call(gw, api, session_headers(f"packaged-{round}-{api}"))).ok
+    chat = await gw.openai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers=session_headers(f"packaged-{round}-stream"),
+    )
+    async for _ in chat:
+        pass
+
+
+async def test_the_cost_panels_fill_with_the_packaged_policy(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """No ``prices`` anywhere: the packaged policy and the built-in table fill every panel
+    that reads gateway_cost_total."""
+    binary = prometheus_binary()
+    gw = await make_gateway(None)
+    job = 'up{job="agent-gateway"}'
+    async with prometheus(binary, tmp_path, gw.server.port) as prom:
+        await prom.wait_for(f"{job} == 1", "the gateway scraped")
+        await sdk_calls(gw, 1)
+        await prom.wait_for("gateway_cost_total > 0", "gateway_cost_total above 0")
+        await sdk_calls(gw, 2)
+        done = time.time()
+        await prom.wait_for(
+            f"timestamp({job}) > {done + SCRAPES_AFTER_TRAFFIC}", "scrapes after the traffic"
+        )
+        queries = await asyncio.to_thread(all_queries)
+        cost = [
+            q
+            for q in queries
+            if q.kind == "panel"
+            and q.where.startswith("tokens-and-cost.json")
+            and "gateway_cost_total" in q.expr
+            and q.where not in MAY_BE_ZERO
+        ]
+        assert len(cost) >= 8
+        problems = [p for p in await asyncio.gather(*(check(prom, q) for q in cost)) if p]
+        assert not problems, "\n".join(problems)

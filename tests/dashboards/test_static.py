@@ -5,6 +5,9 @@ every query reads only families the gateway exports, and every exported family i
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,6 +68,33 @@ def test_the_kubernetes_prometheus_rule_is_alerts_yaml() -> None:
     build = load_build()
     committed = build.PROMETHEUS_RULE.read_text()
     assert committed == build.prometheus_rule(), "stale: run `uv run python dashboards/build.py`"
+
+
+def test_build_py_help_and_check_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build = load_build()
+    board = tmp_path / "board.json"
+    monkeypatch.setattr(build, "outputs", lambda: {board: "{}\n"})
+    with pytest.raises(SystemExit) as caught:
+        build.main(["--help"])
+    assert caught.value.code == 0 and "--check" in capsys.readouterr().out
+    assert build.main(["--check"]) == 1 and not board.exists()
+    assert f"stale: {board}" in capsys.readouterr().out
+    assert build.main([]) == 0 and board.read_text() == "{}\n"
+    assert build.main(["--check"]) == 0
+
+
+def test_build_py_help_as_run_from_the_shell() -> None:
+    written = {path: path.stat().st_mtime_ns for path in load_build().outputs()}
+    shown = subprocess.run(
+        [sys.executable, str(DASHBOARDS / "build.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown.startswith("usage: dashboards/build.py")
+    assert {path: path.stat().st_mtime_ns for path in written} == written, "--help wrote files"
 
 
 def test_committed_json_is_what_build_py_writes() -> None:

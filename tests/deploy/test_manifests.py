@@ -1,21 +1,24 @@
-"""The deployment files: valid YAML, pointing at files that exist, and a policy that loads."""
+"""The deployment files: valid YAML, pointing at files that exist, a policy that loads, the
+admin token from a secret, and a gateway that runs as a non-root user on a read-only root
+filesystem, writing only where its settings say it writes. (Schemas: ``test_schemas.py``; what
+each kustomization applies: ``test_kustomizations.py``.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+import shlex
+from pathlib import PurePosixPath
 from typing import Any
 
-import yaml
-
 from gateway.admin import serving_problem
-from gateway.policy.loader import parse_policy
-from gateway.settings import load_settings
+from gateway.policy.loader import parse_policy, read_policy
+from gateway.settings import Settings, load_settings
+from gateway.store import SqliteStore, open_store
+from tests.deploy.kustomize import DEPLOY, KUBERNETES, load
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def load(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+REPO = DEPLOY.parent
+DEPLOYMENT = KUBERNETES / "base" / "deployment.yaml"
+SERVICE_MONITOR = KUBERNETES / "monitoring" / "servicemonitor.yaml"
 
 
 def test_every_yaml_file_parses() -> None:
@@ -40,25 +43,19 @@ def test_prometheus_scrapes_the_gateway_under_the_job_the_alerts_use() -> None:
     config = load(DEPLOY / "prometheus" / "prometheus.yml")
     [job] = config["scrape_configs"]
     assert job["job_name"] == "agent-gateway" and job["metrics_path"] == "/metrics"
-    monitor = load(DEPLOY / "kubernetes" / "servicemonitor.yaml")
+    monitor = load(SERVICE_MONITOR)
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "agent-gateway"
 
 
-def test_kustomization_lists_files_that_exist() -> None:
-    kustomization = load(DEPLOY / "kubernetes" / "kustomization.yaml")
-    for resource in kustomization["resources"]:
-        assert (DEPLOY / "kubernetes" / resource).exists(), resource
-
-
 def test_the_configmap_policy_loads() -> None:
-    configmap = load(DEPLOY / "kubernetes" / "configmap-policy.yaml")
+    configmap = load(KUBERNETES / "base" / "configmap-policy.yaml")
     policy = parse_policy(configmap["data"]["policy.yaml"], "configmap-policy.yaml")
     assert policy.file.defaults.limits.max_turns == 1000
 
 
 def test_probes_use_the_health_endpoint() -> None:
-    deployment = load(DEPLOY / "kubernetes" / "deployment.yaml")
+    deployment = load(DEPLOYMENT)
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/gateway/health"
     env = {item["name"]: item.get("value") for item in container["env"]}
@@ -83,17 +80,17 @@ def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrape
 
 
 def test_kubernetes_takes_the_admin_token_from_a_secret_the_monitor_scrapes_with() -> None:
-    deployment = load(DEPLOY / "kubernetes" / "deployment.yaml")
+    deployment = load(DEPLOYMENT)
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     env = {item["name"]: item for item in container["env"]}
     ref = env["GATEWAY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert env["GATEWAY_METRICS_AUTH"]["value"] == "true"
-    monitor = load(DEPLOY / "kubernetes" / "servicemonitor.yaml")
+    monitor = load(SERVICE_MONITOR)
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["authorization"] == {"type": "Bearer", "credentials": ref}
-    # The Secret is made by hand (never committed); the manifests say how.
-    for path in ("deployment.yaml", "kustomization.yaml"):
-        text = (DEPLOY / "kubernetes" / path).read_text()
+    # The Secret is made by hand (never committed); the manifests and the README say how.
+    for path in (DEPLOYMENT, KUBERNETES / "base" / "kustomization.yaml", REPO / "README.md"):
+        text = path.read_text()
         assert f"create secret generic {ref['name']}" in text
         assert f"--from-literal={ref['key']}=" in text
     values = {name: item.get("value") for name, item in env.items() if "value" in item}
@@ -102,7 +99,188 @@ def test_kubernetes_takes_the_admin_token_from_a_secret_the_monitor_scrapes_with
     assert serving_problem(load_settings(env=values)) is not None
 
 
-def test_the_image_listens_publicly_but_bakes_in_no_token() -> None:
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "GATEWAY_HOST=0.0.0.0" in dockerfile and "GATEWAY_METRICS_AUTH=true" in dockerfile
-    assert "GATEWAY_ADMIN_TOKEN=" not in dockerfile.replace('GATEWAY_ADMIN_TOKEN="$(', "")
+# -- the image, its user, and where the gateway writes -----------------------------------------
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions in order, as (INSTRUCTION, arguments): continuation
+    lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    current = ""
+    for raw in (DEPLOY / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        instruction, _, arguments = (current + line).partition(" ")
+        instructions.append((instruction.upper(), arguments.strip()))
+        current = ""
+    return instructions
+
+
+def image_env() -> dict[str, str]:
+    words = [w for name, args in dockerfile() if name == "ENV" for w in shlex.split(args)]
+    return dict(word.split("=", 1) for word in words)
+
+
+def image_user() -> tuple[int, int]:
+    """The image's run-time user as numbers (the last USER, which must be numeric: the kubelet
+    can check ``runAsNonRoot`` only against a numeric uid)."""
+    users = [args for name, args in dockerfile() if name == "USER"]
+    assert users, "the image runs as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"USER {users[-1]}: use numbers, uid:gid"
+    return int(uid), int(gid)
+
+
+def writes(settings: Settings) -> set[PurePosixPath]:
+    """The directories the gateway writes with these settings: the SQLite store's (with its
+    -wal and -shm files), the audit log's, and /tmp for SQLite's temporary files."""
+    store = open_store(settings.store)
+    assert isinstance(store, SqliteStore), "a container's sessions belong on a volume"
+    places = {PurePosixPath(store.path).parent, PurePosixPath("/tmp")}
+    if settings.audit_log is not None:
+        places.add(PurePosixPath(settings.audit_log).parent)
+    assert all(place.is_absolute() for place in places), places
+    return places
+
+
+def test_the_image_runs_as_a_non_root_uid_that_owns_only_the_store_directory() -> None:
+    uid, gid = image_user()
+    assert uid > 0 and gid > 0
+    instructions = [name for name, _ in dockerfile()]
+    last_user = len(instructions) - 1 - instructions[::-1].index("USER")
+    # Everything is built (and so owned) by root: the code is not writable by the gateway.
+    assert "RUN" not in instructions[last_user:] and "COPY" not in instructions[last_user:]
+    settings = load_settings(env={**image_env(), "GATEWAY_ADMIN_TOKEN": "t"})
+    [store_dir] = writes(settings) - {PurePosixPath("/tmp")}
+    volumes = [args for name, args in dockerfile() if name == "VOLUME"]
+    assert volumes == [str(store_dir)]
+    commands = [
+        " ".join(command.split())
+        for name, args in dockerfile()
+        if name == "RUN"
+        for command in args.split("&&")
+    ]
+    assert f"chown {uid}:{gid} {store_dir}" in commands, "the store's directory is the user's"
+
+
+def test_the_image_listens_publicly_but_bakes_in_no_secret() -> None:
+    env = image_env()
+    settings = load_settings(env=env)
+    assert settings.host == "0.0.0.0" and settings.metrics_auth
+    # Without a token given at run time the gateway refuses to serve on 0.0.0.0.
+    assert serving_problem(settings) is not None
+    assert serving_problem(load_settings(env={**env, "GATEWAY_ADMIN_TOKEN": "t"})) is None
+    names = [
+        word.split("=", 1)[0]
+        for name, args in dockerfile()
+        if name in ("ENV", "ARG")
+        for word in shlex.split(args)
+    ]
+    assert not [name for name in names if SECRET_NAME.search(name)]
+    for name, args in dockerfile():
+        if name == "COPY":
+            *sources, _ = args.split()
+            for source in sources:
+                assert (REPO / source).exists(), source
+                assert not SECRET_NAME.search(source) and ".env" not in source, source
+
+
+def test_the_pod_runs_as_the_images_user_on_a_read_only_root_filesystem() -> None:
+    uid, gid = image_user()
+    pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": gid,
+        "fsGroup": gid,  # the volume is made the user's
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    [container] = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_kubernetes_mounts_writable_volumes_exactly_where_the_gateway_writes() -> None:
+    pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    settings = load_settings(env={**image_env(), **env, "GATEWAY_ADMIN_TOKEN": "t"})
+    mounts = {PurePosixPath(m["mountPath"]): m for m in container["volumeMounts"]}
+    writable = {path for path, mount in mounts.items() if not mount.get("readOnly")}
+    assert writable == writes(settings)
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    [store_dir] = writes(settings) - {PurePosixPath("/tmp")}
+    assert "persistentVolumeClaim" in volumes[mounts[store_dir]["name"]]
+    # The policy: a read-only mount of the ConfigMap, whose key is the file the gateway reads.
+    assert settings.policy is not None
+    policy = PurePosixPath(settings.policy)
+    mount = mounts[policy.parent]
+    assert mount["readOnly"] is True
+    configmap = load(KUBERNETES / "base" / "configmap-policy.yaml")
+    assert configmap["metadata"]["name"] == volumes[mount["name"]]["configMap"]["name"]
+    assert policy.name in configmap["data"]
+
+
+def test_kubernetes_runs_one_replica_on_a_persistent_volume_from_a_local_image() -> None:
+    deployment = load(DEPLOYMENT)
+    # SQLite is one process's: never two pods on one file, not even during a rollout.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    claim = load(KUBERNETES / "base" / "persistentvolumeclaim.yaml")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    # Without it a `:latest` image is always pulled, and one built locally is never found.
+    assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def compose_mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath, bool]]:
+    """(source, target, read-only) of each short-syntax volume."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        mounts.append((source, PurePosixPath(target), mode == ["ro"]))
+    return mounts
+
+
+def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesystem() -> None:
+    uid, gid = image_user()
+    compose = load(DEPLOY / "compose.yaml")
+    gateway = compose["services"]["gateway"]
+    assert gateway["user"] == f"{uid}:{gid}"
+    assert gateway["read_only"] is True
+    assert gateway["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in gateway["security_opt"]
+    env = {**image_env(), **gateway["environment"], "GATEWAY_ADMIN_TOKEN": "t"}
+    settings = load_settings(env=env)
+    mounts = compose_mounts(gateway)
+    named = {target for source, target, _ in mounts if source in compose["volumes"]}
+    tmpfs = {PurePosixPath(path) for path in gateway["tmpfs"]}
+    assert named | tmpfs == writes(settings)
+    binds = [(source, ro) for source, _, ro in mounts if source not in compose["volumes"]]
+    assert binds and all(ro for _, ro in binds), "bind mounts are read-only"
+
+
+def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
+    gateway = load(DEPLOY / "compose.yaml")["services"]["gateway"]
+    settings = load_settings(env={**gateway["environment"], "GATEWAY_ADMIN_TOKEN": "t"})
+    assert settings.policy is not None
+    policy = PurePosixPath(settings.policy)
+    [(source, target)] = [
+        (source, target) for source, target, _ in compose_mounts(gateway) if target == policy.parent
+    ]
+    # A folder, not the file: an editor saving by rename would leave a file mount on the old one.
+    folder = (DEPLOY / source).resolve()
+    assert folder == REPO / "policies" and folder.is_dir()
+    on_the_host = folder / policy.relative_to(target)
+    assert read_policy(on_the_host).file.version == 1
+    # The gateway polls the file, so an edit reloads without a restart.
+    assert settings.policy_poll_interval <= 5

@@ -170,12 +170,41 @@ async def test_token_warning_past_warn_at(make_gateway: MakeGateway) -> None:
     assert first.ok and first.headers.get_list("x-gateway-warning") == []
     left = int(first.headers["x-gateway-tokens-remaining"])
     assert 0 < left < 1000
+    used = (await gw.record("warn-tokens")).tokens.total_tokens
     second = await call(gw, "chat", headers, max_tokens=500)
     assert second.ok
-    [warning] = second.headers.get_list("x-gateway-warning")
-    assert warning.startswith("tokens ") and warning.endswith(" of 1000")
+    # The figure is what the stop checks: the limit less the tokens used and those calls in
+    # flight hold, this call's own reservation (its input estimate and max_tokens) included.
+    held = 1000 - int(second.headers["x-gateway-tokens-remaining"])
+    assert 500 <= held - used < 600
+    assert second.headers.get_list("x-gateway-warning") == [f"tokens {held} of 1000 used or held"]
     record = await gw.record("warn-tokens")
     assert record.warnings and record.warnings[-1]["key"] == "tokens"
+
+    # Grants count, as they do for the stop: 1000 more, and the session is under warn_at again.
+    await gw.grant("warn-tokens", tokens=1000)
+    used = (await gw.record("warn-tokens")).tokens.total_tokens
+    third = await call(gw, "chat", headers, max_tokens=500)
+    assert third.ok and third.headers.get_list("x-gateway-warning") == []
+    assert 500 <= 2000 - int(third.headers["x-gateway-tokens-remaining"]) - used < 600
+
+
+async def test_remaining_figures_on_every_answer_as_the_readme_says(
+    make_gateway: MakeGateway,
+) -> None:
+    """The README's worked example: the demo's curl body under the packaged policy. Below
+    warn_at, with no warning, the answer still says what is left, its own hold subtracted."""
+    gw = await make_gateway(None)
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    auth = {"Authorization": "Bearer sk-any", "X-Gateway-Session": "demo"}
+    status, headers, _ = await gw.post("/v1/chat/completions", body, auth)
+    assert status == 200 and "X-Gateway-Warning" not in headers
+    assert headers["X-Gateway-Turns-Remaining"] == "999"
+    assert headers["X-Gateway-Tokens-Remaining"] == str(20_000_000 - len(body) // 3 - 4096)
+    assert headers["X-Gateway-Tokens-Remaining"] == "19995882"
+    # Ended, the hold is gone and the usage counts instead.
+    record = await gw.record("demo")
+    assert record.reserved_tokens == 0 and record.tokens.total_tokens > 0
 
 
 MODELS_POLICY = """
@@ -302,8 +331,9 @@ async def test_an_ended_session_is_refused(make_gateway: MakeGateway, api: Api) 
         refused = await call(gw, api, headers, text=text)
         assert refused.status == 400
         assert_provider_shape(api, refused.body, "gateway_policy_session_ended")
-        assert "ended by an operator" in refused.message
-        assert session in refused.message
+        # Who ended it and why, said once (not "ended by an operator (by bob)").
+        assert f"Session {session} was ended by bob: runaway. Start a new" in refused.message
+        assert refused.message.count(" by ") == 1
     assert gw.upstream_calls() == before
     [line] = await gw.audit_events("session_end", lambda e: e.get("session") == session)
     assert line["by"] == "bob" and line["reason"] == "runaway"
@@ -351,7 +381,7 @@ async def test_idle_timeout_does_not_reopen_a_session_an_operator_ended(
     await gw.admin_post("/gateway/sessions/ended-idle/end", {"by": "bob"})
     await asyncio.sleep(0.2)
     refused = await call(gw, "chat", headers)
-    assert refused.status == 400 and "ended by an operator" in refused.message
+    assert refused.status == 400 and "was ended by bob." in refused.message
 
 
 @pytest.mark.parametrize(

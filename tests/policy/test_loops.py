@@ -5,12 +5,17 @@ request from a real loop."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import aiohttp
 import openai
 import pytest
 
 from gateway.fake_provider import FakeProviderConfig, ToolCallSpec
+from gateway.loops import COUNT_BOUND, Detection, Signature, identical_run, signatures
+from gateway.policy import Caller, parse_policy
+from gateway.policy.decide import Decision, loop_verdict
+from gateway.store import Limits
 from tests.conftest import load_fixture
 from tests.harness import MakeGateway, session_headers
 from tests.policy.apis import APIS, AgentLoop, Api, call
@@ -70,6 +75,114 @@ async def test_a_grant_lets_a_refused_loop_go_on(make_gateway: MakeGateway) -> N
     assert (await loop.turn()).ok
     assert (await loop.turn()).ok
     assert (await loop.turn()).status == 400  # the grant's turns are used up
+
+
+@pytest.mark.usefixtures("looping_model")
+async def test_the_stop_names_the_real_run_not_the_threshold(make_gateway: MakeGateway) -> None:
+    """Past the threshold the run is counted on: a stop after a grant says how many
+    identical calls the history really holds."""
+    gw = await make_gateway(LOOPS.format(action="reject"))
+    loop = AgentLoop(gw, "chat", session_headers("loop-count"), "Fix it.")
+    assert await loop.until_refused() == 4
+    assert "read_file 4 times in a row" in loop.refusal.message  # type: ignore[union-attr]
+    await gw.grant("loop-count", turns=3)
+    for _ in range(3):
+        assert (await loop.turn()).ok
+    refused = await loop.turn()
+    assert refused.status == 400
+    # Turns 5, 6 and 7 each added one more identical call to the history.
+    assert "the same tool call read_file 7 times in a row" in refused.message
+    assert "(loops.identical_tool_calls = 4 from the defaults)" in refused.message
+    detections = (await gw.session("loop-count"))["detections"]
+    assert detections[-1]["count"] == 7 and detections[-1]["at_least"] is False
+
+
+async def test_a_huge_run_is_counted_up_to_a_bound(make_gateway: MakeGateway) -> None:
+    """A history of 150 identical calls: the count stops at COUNT_BOUND, and says so."""
+    gw = await make_gateway(LOOPS.format(action="reject"))
+    history: list[dict[str, object]] = [{"role": "user", "content": "Fix it."}]
+    for index in range(150):
+        call_id = f"call_{index}"
+        function = {"name": "read_file", "arguments": '{"path": "src/app.py"}'}
+        history.append(
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+            }
+        )
+        history.append({"role": "tool", "tool_call_id": call_id, "content": "same contents"})
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gw.openai.chat.completions.create(
+            model="gpt-4o",
+            messages=history,  # type: ignore[arg-type]
+            tools=[{"type": "function", "function": {"name": "read_file", "parameters": {}}}],
+            extra_headers=session_headers("loop-huge"),
+        )
+    assert caught.value.code == "gateway_policy_loop_identical_tool_calls"
+    assert f"read_file at least {COUNT_BOUND} times in a row" in caught.value.message
+    [detection] = (await gw.session("loop-huge"))["detections"]
+    assert detection["count"] == COUNT_BOUND and detection["at_least"] is True
+    assert gw.upstream_calls() == 0
+
+
+def turns_of(*calls: str) -> list[Signature]:
+    """Assistant turns, newest first, each one call of ``read_file`` with these arguments."""
+    return [signatures([("read_file", arguments)]) for arguments in calls]
+
+
+def test_identical_run_counts_to_the_first_different_turn() -> None:
+    same = '{"path": "a"}'
+    turns = turns_of(same, '{ "path" : "a" }', same, '{"path": "b"}', same)
+    assert identical_run(iter(turns))[::2] == (3, False)  # reformatted arguments are the same
+    assert identical_run(iter(turns_of(same, same)), bound=2)[::2] == (2, False)
+    assert identical_run(iter(turns_of(same, same, same)), bound=2)[::2] == (2, True)
+    assert identical_run(iter([]))[::2] == (0, False)
+
+
+def test_identical_run_reads_no_further_than_its_bound() -> None:
+    read = 0
+
+    def endless() -> Iterator[Signature]:
+        nonlocal read
+        while True:
+            read += 1
+            yield signatures([("read_file", '{"path": "a"}')])
+
+    assert identical_run(endless(), bound=50)[::2] == (50, True)
+    assert read == 51
+
+
+@pytest.mark.parametrize(
+    ("detection", "said"),
+    [
+        (
+            Detection("identical_tool_calls", 29, 8, "read_file"),
+            "the same tool call read_file 29 times in a row",
+        ),
+        (
+            Detection("identical_tool_calls", 100, 8, "read_file", at_least=True),
+            "the same tool call read_file at least 100 times in a row",
+        ),
+        (Detection("repeated_requests", 7, 6), "the same request 7 times in a row"),
+        (
+            Detection("turn_rate", 240.4, 40.0),
+            "240 turns a minute, over the 40 a minute its own norm allows",
+        ),
+    ],
+    ids=["identical", "bounded", "repeated", "rate"],
+)
+def test_each_detector_says_what_it_saw(detection: Detection, said: str) -> None:
+    assert detection.describe() == said
+
+
+def test_a_turn_rate_stop_names_the_factor_it_was_set_to() -> None:
+    policy = parse_policy("version: 1\ndefaults:\n  loops: {turn_rate_factor: 5}\n", "p")
+    effective = policy.resolve(Caller())
+    decision = Decision(effective, Limits(), detections=[Detection("turn_rate", 150.0, 25.0)])
+    verdict = loop_verdict(decision, "s", None)
+    assert verdict is not None and verdict.limit == "loop_turn_rate"
+    assert "150 turns a minute, over the 25 a minute its own norm allows" in verdict.message
+    assert "(loops.turn_rate_factor = 5 from the defaults)" in verdict.message
 
 
 @pytest.mark.usefixtures("looping_model")
@@ -241,6 +354,8 @@ async def test_recorded_codex_loop_is_refused_by_the_packaged_policy(
     assert error["code"] == "gateway_policy_loop_identical_tool_calls"
     assert "runaway loop" in error["message"]
     assert f"gateway sessions grant {session}" in error["message"]
+    # The recorded history holds 267 identical calls, not the threshold's 8 (or 9).
+    assert "exec_command at least 100 times in a row" in error["message"]
     detections = (await gw.session(session))["detections"]
     assert detections and detections[0]["detector"] == "identical_tool_calls"
-    assert detections[0]["count"] >= 8  # the packaged policy's threshold
+    assert detections[0]["count"] == 100 and detections[0]["at_least"] is True

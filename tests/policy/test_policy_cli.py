@@ -91,6 +91,83 @@ def test_a_broken_file_names_file_line_path_and_problem(
     assert message in err
 
 
+def test_every_error_shows_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors of the file's schema and errors inside rules (checked only merged over the
+    defaults) together, in the file's order: not one round of fixes per stage."""
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        "version: 1\n"  # 1
+        "defaults:\n"
+        "  limits: {max_turns: 0}\n"  # 3: the file's schema
+        "rules:\n"
+        "  - name: typo\n"  # 5
+        "    limits: {max_trns: 5}\n"  # 6: inside a rule
+        "  - name: shape\n"
+        "    match: {agnt: codex}\n"  # 8: the file's schema
+        "    loops: {action: explode}\n"  # 9: inside a rule
+        "keys: {abc: {team: x}}\n"  # 10: the file's schema
+    )
+    assert main(["policy", "check", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1:3] for line in lines] == [
+        ["line 3", "defaults.limits.max_turns"],
+        ["line 6", "rules[0].limits.max_trns"],
+        ["line 8", "rules[1].match.agnt"],
+        ["line 9", "rules[1].loops.action"],
+        ["line 10", "keys.abc.name"],
+    ], lines
+
+
+def test_a_rule_is_not_blamed_for_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  limits: {max_turns: 0}\n  extra: 1\n"
+        "rules:\n  - {name: fine, limits: {warn_at: 0.5}}\n"
+        "  - {name: mends-it, limits: {max_turns: 5}, budgets: [7]}\n"
+    )
+    assert main(["policy", "check", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "defaults.limits.max_turns",
+        "defaults.extra",
+        "rules[1].budgets[0]",  # once, though both checks see it
+    ], lines
+
+
+def test_every_bad_rule_of_an_otherwise_valid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: a, limits: {warn_at: 2}}\n"
+        "  - {name: b}\n"
+        "  - {name: c, context: {target: 0.9}}\n"
+    )
+    assert main(["policy", "check", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1:3] for line in lines] == [
+        ["line 3", "rules[0].limits.warn_at"],
+        ["line 5", "rules[2].context"],
+    ], lines
+    assert "context.target must be below context.compact_at" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("count", "said"), [(0, "0 rules: none"), (1, "1 rule: r0"), (2, "2 rules: r0, r1")]
+)
+def test_check_counts_rules_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], count: int, said: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    listed = ", ".join(f"{{name: r{i}}}" for i in range(count))
+    path.write_text(f"version: 1\nrules: [{listed}]\n")
+    assert main(["policy", "check", str(path)]) == 0
+    assert f"; {said})" in capsys.readouterr().out
+
+
 def test_not_yaml_is_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("version: 1\ndefaults:\n  limits: {max_turns: 3\nrules: []\n")
@@ -119,6 +196,23 @@ def test_explain_shows_each_setting_and_the_rule_that_set_it(
     ), out
     assert re.search(r"^limits\.models\.deny\s+\[\*-preview\*\]\s+defaults$", out, re.M), out
     assert re.search(r"^loops\.action\s+pause\s+" + marked, out, re.M), out
+
+
+def test_explain_shows_budgets_as_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(EXPLAIN) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^budgets\s+1 \(below\)\s+support-is-small$", out, re.M), out
+    assert out.endswith(
+        "\nbudgets:\n  per   window  max tokens  max cost\n  team  hour    2,000,000   -\n"
+    ), out
+    assert "{" not in out  # no Python repr anywhere
+
+
+def test_explain_without_budgets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "explain"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^budgets\s+none\s+defaults$", out, re.M), out
+    assert "\nbudgets:" not in out
 
 
 def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,12 +277,33 @@ async def test_sessions_grant_and_end_against_a_running_gateway(
     code = await run_cli("sessions", "--url", url, "--json", "end", "cli-s", "--by", "dana")
     assert code == 0
     ended = json.loads(capsys.readouterr().out)
-    assert ended["status"] == "ended" and "dana" in ended["status_reason"]
-    await gw.grant("cli-s", turns=5)  # a grant does not reopen an ended session
+    assert ended["status"] == "ended" and ended["status_reason"] == "ended by dana"
+
+    # Ended is final: a grant is refused, with the session's status, and changes nothing.
+    with pytest.raises(SystemExit) as caught:
+        await run_cli("sessions", "--url", url, "grant", "cli-s", "--turns", "5", "--by", "dana")
+    message = str(caught.value.code)
+    assert message.startswith("gateway: ") and "409" in message
+    assert "session cli-s is ended (ended by dana)" in message
+    assert "a grant cannot re-open it" in message
+    shown = await gw.session("cli-s")
+    assert shown["granted_turns"] == 5 and len(shown["grants"]) == 1
     refused = await call(gw, "chat", headers)
-    assert refused.status == 400 and "ended by an operator" in refused.message
+    assert refused.status == 400 and "Session cli-s was ended by dana." in refused.message
     [audited] = await gw.audit_events("session_end")
     assert audited["session"] == "cli-s" and audited["by"] == "dana"
+    assert len(await gw.audit_events("grant")) == 1  # the refused grant changed nothing
+
+
+async def test_ending_prints_who_ended_it_and_why(
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = await make_gateway("version: 1\n")
+    url = gw.url("").rstrip("/")
+    assert (await call(gw, "chat", session_headers("said-once"))).ok
+    argv = ("sessions", "--url", url, "end", "said-once", "--by", "erin", "--reason", "done")
+    assert await run_cli(*argv) == 0
+    assert capsys.readouterr().out == "session said-once ended by erin: done\n"
 
 
 async def test_granting_an_unknown_session_fails_clearly(make_gateway: MakeGateway) -> None:

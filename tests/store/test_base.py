@@ -11,9 +11,11 @@ import pytest
 from gateway.dialects import Usage
 from gateway.identity import Identity
 from gateway.store import (
+    Grant,
     LimitExceeded,
     Limits,
     MemoryStore,
+    SessionEnded,
     SessionQuery,
     SessionRecord,
     SqliteStore,
@@ -99,6 +101,20 @@ def test_max_session_tokens_counts_reservations() -> None:
         check_and_reserve(rec, start(reserve=1), limits)
 
 
+def test_the_ticket_says_what_is_left_with_grants_and_reservations() -> None:
+    rec = record()
+    rec.granted_tokens = 500
+    limits = Limits(max_turns=10, max_session_tokens=1000)
+    first = check_and_reserve(rec, start(reserve=300), limits)
+    settle(rec, first, end(Usage(input_tokens=80, output_tokens=20)))
+    check_and_reserve(rec, start(reserve=200), limits)  # still in flight
+    ticket = check_and_reserve(rec, start(reserve=100), limits)
+    assert ticket.tokens_allowed == 1500  # the limit plus grants
+    # Less what is used (100) and what calls in flight hold, this one's 100 included.
+    assert ticket.tokens_left == 1500 - 100 - 200 - 100
+    assert ticket.turns_left == 10 - 3
+
+
 def test_settle_adds_usage_per_model() -> None:
     rec = record()
     t1 = check_and_reserve(rec, start(reserve=10), Limits())
@@ -157,6 +173,28 @@ async def test_begin_and_end_turn(store: Store) -> None:
     assert rec.tokens.total_tokens == 100
     assert rec.models["gpt-5"].turns == 1
     assert (rec.first_seen, rec.last_seen) == (1000.0, 1001.0)
+
+
+async def test_an_ended_session_takes_no_grant(store: Store) -> None:
+    await store.end_turn(await store.begin_turn(start(), Limits()), end(None))
+    await store.set_status("s1", "ended", "ended by bob")
+    with pytest.raises(SessionEnded) as caught:
+        await store.grant("s1", Grant(turns=5, tokens=10, by="alice"))
+    assert (caught.value.session_id, caught.value.status) == ("s1", "ended")
+    assert caught.value.reason == "ended by bob"
+    rec = await store.get("s1")
+    assert rec is not None
+    assert (rec.granted_turns, rec.granted_tokens, rec.grants) == (0, 0, [])
+    assert (rec.status, rec.status_reason) == ("ended", "ended by bob")
+
+
+async def test_a_grant_lets_a_paused_session_go_on(store: Store) -> None:
+    await store.end_turn(await store.begin_turn(start(), Limits()), end(None))
+    await store.set_status("s1", "paused", "paused by the loop rule: ...")
+    granted = await store.grant("s1", Grant(turns=5, by="alice"))
+    assert granted is not None
+    assert (granted.status, granted.status_reason) == ("active", "granted by alice")
+    assert granted.granted_turns == 5
 
 
 async def test_limit_exceeded_records_nothing(store: Store) -> None:

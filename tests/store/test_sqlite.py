@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway.dialects import Usage
-from gateway.store import LimitExceeded, Limits, SessionQuery, SqliteStore
+from gateway.store import INTERNAL_FIELDS, Grant, LimitExceeded, Limits, SessionQuery, SqliteStore
 
 from .test_base import end, start
 
@@ -45,6 +46,29 @@ async def test_counts_resume_after_reopen(tmp_path: Path) -> None:
         assert ticket.turn == 4
         with pytest.raises(LimitExceeded):
             await second.begin_turn(start("s1", at=201.0), Limits(max_turns=4))
+    finally:
+        await second.close()
+
+
+async def test_what_the_gateway_keeps_for_itself_survives_a_restart(tmp_path: Path) -> None:
+    """The admin API hides these (``INTERNAL_FIELDS``); the store must not drop them."""
+    path = tmp_path / "gateway.db"
+    first = await _reopen(path)
+    for i in range(3):
+        ticket = await first.begin_turn(start("s1", at=100.0 + i), Limits())
+        await first.end_turn(ticket, replace(end(None, at=100.5 + i), body_hash=42))
+    await first.grant("s1", Grant(turns=2))
+    kept = (await first.get("s1")).to_json()  # type: ignore[union-attr]
+    await first.close()
+    second = await _reopen(path)
+    try:
+        rec = await second.get("s1")
+        assert rec is not None
+        assert {name: rec.to_json()[name] for name in INTERNAL_FIELDS} == {
+            name: kept[name] for name in INTERNAL_FIELDS
+        }
+        assert (rec.last_body_hash, rec.body_repeats, rec.loops_allowed_until) == (42, 3, 5)
+        assert rec.rate_fast > 0
     finally:
         await second.close()
 
