@@ -16,8 +16,6 @@ from gateway.policy.prices import cost as cost_of
 from gateway.store import Limits, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
-_CUT = frozenset({"client_gone", "upstream_cut"})
-
 
 def turn_start(ex: Exchange) -> TurnStart:
     assert ex.identity is not None
@@ -52,7 +50,7 @@ async def end_turn(
     model = ex.response_facts.model if ex.response_facts and ex.response_facts.model else None
     if model is None and ex.facts is not None:
         model = ex.facts.model
-    status = ex.status or (499 if ex.outcome == "client_gone" else 502)
+    status = ex.final_status
     price = ex.decision.price if ex.decision is not None else None
     if usage is not None and price is not None:
         ex.cost = cost_of(price, usage)
@@ -95,7 +93,7 @@ def calibrate(
 
 def final_usage(ex: Exchange, tokens: TokenCounter) -> Usage | None:
     reported = ex.response_facts.usage if ex.response_facts else None
-    cut = ex.outcome in _CUT
+    cut = ex.cut
     if reported is not None and not cut:
         return reported
     if ex.facts is None or (ex.status >= 400 and reported is None):

@@ -79,3 +79,35 @@ class Exchange:
     """The model's context window, once compaction has looked it up."""
     trace: RequestTrace | None = None
     """The request's spans, when tracing is on."""
+
+    # -- facts derived from the above, computed here only (steps and telemetry read them) --
+    @property
+    def final_status(self) -> int:
+        """The status the client got: 499 when it went away before an answer, 502 when no
+        answer could be made (the upstream failed before one began)."""
+        return self.status or (499 if self.outcome == "client_gone" else 502)
+
+    @property
+    def cut(self) -> bool:
+        """The exchange ended mid-way: the upstream broke its stream or the client left."""
+        return self.outcome in _CUT
+
+    @property
+    def decision_label(self) -> str:
+        """What the gateway did with the call: allowed, compacted, rejected (none: not an
+        LLM call)."""
+        if self.rejection is not None:
+            return "rejected"
+        if self.compaction is not None and self.compaction.items is not None:
+            return "compacted"
+        return "allowed" if self.decision is not None else "none"
+
+    @property
+    def helper_call(self) -> bool:
+        """An agent's own side call (a title, its compaction, a review): it carries no tools,
+        so it is not a loop turn. ``x-openai-subagent`` alone is only a claim: a call with
+        tools is checked."""
+        return not (self.facts and self.facts.tools)
+
+
+_CUT = frozenset({"upstream_cut", "client_gone"})

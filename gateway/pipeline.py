@@ -187,7 +187,7 @@ async def decide_policy(ex: Exchange) -> None:
             len(ex.raw),
             record,
             app[TOKENS],
-            is_helper_call(ex),
+            ex.helper_call,
             time.time(),
             ex.body_hash,
         )
@@ -247,12 +247,6 @@ async def reject(ex: Exchange, verdict: decide.Verdict) -> NoReturn:
     raise PolicyRejection(
         verdict.message, limit=verdict.limit, rule=verdict.rule, retry_after=verdict.retry_after
     )
-
-
-def is_helper_call(ex: Exchange) -> bool:
-    """An agent's own side calls (titles, its compaction, reviews) are not loop turns: they
-    carry no tools. ``x-openai-subagent`` is only a claim, so a call with tools is checked."""
-    return not (ex.facts and ex.facts.tools)
 
 
 async def forward(ex: Exchange) -> None:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.caps import cap_optional
-from gateway.telemetry.metrics import decision_of
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -187,7 +186,7 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
         "model": cap_optional(facts.model) if facts else None,
         "stream": facts.stream if facts else None,
         "turn": ex.turn,
-        "decision": decision_of(ex),
+        "decision": ex.decision_label,
         "input_tokens": usage.input_tokens if usage else None,
         "output_tokens": usage.output_tokens if usage else None,
         "usage_estimated": usage.estimated if usage else None,

@@ -531,11 +531,11 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     identity, facts, usage = ex.identity, ex.facts, ex.response_facts
     agent = metrics.agent(identity.agent if identity else None)
     source = _source(ex)
-    status = ex.status or (499 if ex.outcome == "client_gone" else 502)
+    status = ex.final_status
     # A model the provider (or the policy) refused may be made up: it takes no label of its own.
     model = metrics.model(facts.model if facts else None, status < 400)
     status_class = f"{status // 100}xx"
-    decision = decision_of(ex)
+    decision = ex.decision_label
     metrics.requests.inc((route, provider, model, agent, status_class, source, decision))
     metrics.request_duration.observe((route, provider), end - ex.started, trace_id)
     if ex.upstream_at is not None:
@@ -624,15 +624,6 @@ def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
             failed = (failure.split(":", 1)[0], "failed")
             metrics.compactions.inc(failed)
             metrics.compaction_duration.observe(failed, ex.compaction_seconds)
-
-
-def decision_of(ex: Exchange) -> str:
-    """What the gateway did with a call: allowed, compacted, rejected (none: not an LLM call)."""
-    if ex.rejection is not None:
-        return "rejected"
-    if ex.compaction is not None and ex.compaction.items is not None:
-        return "compacted"
-    return "allowed" if ex.decision is not None else "none"
 
 
 def _source(ex: Exchange) -> str:

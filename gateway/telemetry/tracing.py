@@ -101,7 +101,6 @@ DEFAULT_CONTENT_LIMIT = 16384
 SERVICE_NAME = "agent-gateway"
 _CAPTURE_VALUES = frozenset({"true", "span_only", "span_and_event"})
 _API_TYPES = {"openai.chat": "chat_completions", "openai.responses": "responses"}
-_CUT = frozenset({"upstream_cut", "client_gone"})
 
 _CALL: ContextVar[Context | None] = ContextVar("gateway_tracing_call", default=None)
 """The context of the gateway's own call in progress (the summary call), for ``inject``."""
@@ -439,7 +438,7 @@ def _end_client(ex: Exchange, span: Span, started: float, exc: BaseException | N
         error = _error_type(exc)
     elif ex.status >= 400:
         error = str(ex.status)
-    elif ex.outcome in _CUT:
+    elif ex.cut:
         error = ex.outcome
     elif facts is not None and facts.error:
         error = facts.error
@@ -587,16 +586,15 @@ def _end_server(ex: Exchange, span: Span) -> None:
         attributes["gateway.session.source"] = ex.identity.source
     if ex.facts is not None and ex.facts.model:
         attributes[GEN_AI_REQUEST_MODEL] = cap(ex.facts.model)
-    headers = response.headers if response is not None else {}
-    turn = headers.get("X-Gateway-Turn")
-    if turn is not None and turn.isdigit():
-        attributes["gateway.turn"] = int(turn)
+    if ex.turn is not None:
+        attributes["gateway.turn"] = ex.turn
     if ex.outcome == "rejected":
+        limit, rule = ex.rejection or ("", "")
         span.add_event(
             "gateway.policy.rejection",
             {
-                "gateway.policy.limit": headers.get("X-Gateway-Policy-Limit", ""),
-                "gateway.policy.rule": headers.get("X-Gateway-Policy-Rule", ""),
+                "gateway.policy.limit": limit,
+                "gateway.policy.rule": rule,
                 HTTP_RESPONSE_STATUS_CODE: status,
             },
         )
@@ -604,5 +602,5 @@ def _end_server(ex: Exchange, span: Span) -> None:
         attributes[ERROR_TYPE] = ex.outcome
     span.set_attributes(attributes)
     # As for HTTP servers: the caller's errors (a rejection, a 4xx) are not the span's.
-    if status >= 500 or ex.outcome in _CUT:
+    if status >= 500 or ex.cut:
         span.set_status(Status(StatusCode.ERROR, ex.outcome))
