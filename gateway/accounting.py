@@ -1,5 +1,8 @@
 """Turns and tokens of a session: begin a turn (atomically, against limits), end it with usage.
 
+``begin_turn`` is the pipeline's step; a counted limit that stops the call is refused, and one
+near is warned of, in the policy's words and through its step (``policy.step``).
+
 Usage is the provider's own figure. Where it has none (no usage reported, a stream cut), the
 gateway estimates with tiktoken and flags the turn as estimated.
 """
@@ -8,16 +11,22 @@ from __future__ import annotations
 
 import time
 
+from gateway.appkeys import STORE
 from gateway.caps import cap
 from gateway.compaction import Calibration
 from gateway.dialects import RequestFacts, Usage, prompt_parts
 from gateway.exchange import Exchange
+from gateway.identity import qualified
 from gateway.policy.prices import cost as cost_of
-from gateway.store import Limits, Store, TurnEnd, TurnStart
+from gateway.policy.step import reject, warn
+from gateway.policy.verdicts import limit_verdict, warnings
+from gateway.store import LimitExceeded, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
 
 def turn_start(ex: Exchange) -> TurnStart:
+    """What the store needs to begin a turn: whose, which model, what it holds while in flight
+    (the store's other records take only the caller's identity and a time)."""
     assert ex.identity is not None
     facts, decision = ex.facts, ex.decision
     return TurnStart(
@@ -30,10 +39,22 @@ def turn_start(ex: Exchange) -> TurnStart:
     )
 
 
-async def begin_turn(ex: Exchange, store: Store) -> None:
-    """Raises the store's ``LimitExceeded`` when a counted limit stops the call."""
-    limits = ex.decision.limits if ex.decision else Limits()
-    ex.ticket = await store.begin_turn(turn_start(ex), limits)
+async def begin_turn(ex: Exchange) -> None:
+    """The store's atomic check of the counted limits (turns, session tokens, budgets), and
+    the turn recorded: ``ex.ticket`` and ``ex.turn``."""
+    assert ex.identity is not None and ex.decision is not None
+    decision = ex.decision
+    try:
+        ticket = await ex.app[STORE].begin_turn(turn_start(ex), decision.limits)
+    except LimitExceeded as exc:
+        await reject(ex, limit_verdict(exc.hit, decision.effective))
+    ex.ticket = ticket
+    if ticket.session_id != ex.identity.session_id:
+        ex.identity = qualified(ex.identity)  # another key started the id since it was looked up
+    ex.turn = ticket.turn
+    near = warnings(decision, ticket)
+    if near:
+        await warn(ex, near)
 
 
 async def end_turn(
@@ -59,15 +80,17 @@ async def end_turn(
     end = TurnEnd(model, usage, status, time.time(), cost=ex.cost, body_hash=ex.body_hash)
     await store.end_turn(ticket, end)
     if ex.unpriced:
-        await store.note(turn_start(ex), "warnings", unpriced_warning(ex.facts, model))
+        assert ex.identity is not None  # a turn began: the call was identified
+        at = time.time()
+        await store.note(ex.identity, at, "warnings", unpriced_warning(ex.facts, model, at))
 
 
-def unpriced_warning(facts: RequestFacts | None, model: str | None) -> dict[str, object]:
+def unpriced_warning(facts: RequestFacts | None, model: str | None, at: float) -> dict[str, object]:
     """The session's note of a call whose cost could not be counted."""
     requested = cap((facts.model if facts else None) or model or "unknown")
     return {
         "key": f"unpriced:{requested}",
-        "at": time.time(),
+        "at": at,
         "model": requested,
         "warnings": [
             f"model {requested} has no price: its calls' cost is not counted (give it one in "

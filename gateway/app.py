@@ -18,6 +18,7 @@ from gateway.appkeys import (
     HTTP,
     METRICS,
     POLICY,
+    REQUEST_LOG,
     SETTINGS,
     STARTED_AT,
     STORE,
@@ -30,7 +31,10 @@ from gateway.compaction import Compactor
 from gateway.policy import LivePolicy, prices
 from gateway.settings import Settings
 from gateway.store import Store, open_store
-from gateway.telemetry.metrics import Metrics, metrics_endpoint, watch_loop_lag
+from gateway.telemetry.logs import RequestLog
+from gateway.telemetry.loop_lag import watch_loop_lag
+from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.scrape import metrics_endpoint
 from gateway.telemetry.tracing import Tracing
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams, client_session
@@ -74,7 +78,9 @@ def create_app(
     app[METRICS].watch_policy(app[POLICY])
     app[METRICS].watch_store(app[STORE])
     app[TRACING] = Tracing(tracer_provider)
+    app[REQUEST_LOG] = RequestLog()
     # Opened in this order, closed in reverse.
+    app.cleanup_ctx.append(_request_log)
     app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policy)
@@ -146,6 +152,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = client_session(app[SETTINGS])
     yield
     await app[HTTP].close()
+
+
+async def _request_log(app: web.Application) -> AsyncIterator[None]:
+    """Request lines straight to the log writer thread when one runs (``gateway serve``)."""
+    app[REQUEST_LOG].attach()
+    yield
+    app[REQUEST_LOG].detach()
 
 
 async def _loop_lag(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from gateway.compaction import Compactor
 from gateway.policy.live import LivePolicy
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.telemetry.logs import RequestLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
 from gateway.tokens import TokenCounter
@@ -26,3 +27,4 @@ AUDIT = web.AppKey("audit", AuditLog)
 COMPACTOR = web.AppKey("compactor", Compactor)
 METRICS = web.AppKey("metrics", Metrics)
 TRACING = web.AppKey("tracing", Tracing)
+REQUEST_LOG = web.AppKey("request_log", RequestLog)

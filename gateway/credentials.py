@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.errors import BadRequest
+from gateway.errors import TwoCredentials
 
 AUTHORIZATION = "authorization"
 X_API_KEY = "x-api-key"
@@ -33,14 +33,6 @@ class Credential:
 
 
 NO_CREDENTIAL = Credential(None)
-
-
-class TwoCredentials(BadRequest):
-    def __init__(self) -> None:
-        super().__init__(
-            "The request carries two different credentials (Authorization and x-api-key); "
-            "send one of them."
-        )
 
 
 def credential(headers: Mapping[str, str], provider: str) -> Credential:

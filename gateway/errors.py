@@ -6,7 +6,9 @@ Hierarchy::
     ├── InternalError         a bug in the gateway (500)
     ├── BadRequest            malformed JSON, unreadable body, a refused path spelling (400)
     │   ├── BodyTimeout       the body did not arrive within timeouts.client_body (408)
-    │   └── UnsupportedEncoding  a Content-Encoding the gateway cannot read (415)
+    │   ├── UnsupportedEncoding  a Content-Encoding the gateway cannot read (415)
+    │   ├── TwoCredentials    Authorization and x-api-key carry two different keys (400)
+    │   └── SessionTaken      the session id and its qualified form belong to other keys (400)
     ├── ClientDisconnected    the client went away before its request was read (499, logged)
     ├── MethodNotAllowed      not POST on an LLM route (405)
     ├── NotFound              a path the gateway does not serve (404)
@@ -56,6 +58,23 @@ class BodyTimeout(BadRequest):
 class UnsupportedEncoding(BadRequest):
     status = 415
     code = "unsupported_content_encoding"
+
+
+class TwoCredentials(BadRequest):
+    def __init__(self) -> None:
+        super().__init__(
+            "The request carries two different credentials (Authorization and x-api-key); "
+            "send one of them."
+        )
+
+
+class SessionTaken(BadRequest):
+    """The id and its qualified form both belong to other keys (a key-hash collision)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"Session {session_id} belongs to another API key; send another session id."
+        )
 
 
 class ClientDisconnected(GatewayError):

@@ -24,7 +24,7 @@ import orjson
 
 from gateway.credentials import NO_CREDENTIAL, Credential
 from gateway.dialects.base import RequestFacts, as_dict
-from gateway.errors import BadRequest
+from gateway.errors import SessionTaken
 
 if TYPE_CHECKING:
     from gateway.store.records import SessionRecord
@@ -86,15 +86,6 @@ class Identity:
     """A short, non-reversible tag of the credential that goes upstream (``credentials``)."""
     drop_header: str | None = None
     """The credential header that does not go upstream."""
-
-
-class SessionTaken(BadRequest):
-    """The id and its qualified form both belong to other keys (a key-hash collision)."""
-
-    def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"Session {session_id} belongs to another API key; send another session id."
-        )
 
 
 def agent_name(headers: Mapping[str, str]) -> str:

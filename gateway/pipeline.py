@@ -2,26 +2,27 @@
 
 ``handle`` is the table of contents for LLM calls: each step is a function in the module that
 holds its concern, sharing one ``Exchange``. A step that answers early raises a
-``GatewayError``, which is answered in the provider's own error shape.
+``GatewayError``, which ``answered`` (the tail every handler shares) answers in the provider's
+own error shape. The route table is at the end: ``dispatch`` picks the handler.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import NoReturn
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from xxhash import xxh3_64_intdigest
 
-from gateway import accounting
+from gateway.accounting import begin_turn, end_turn
 from gateway.appkeys import (
     COMPACTOR,
     HTTP,
     METRICS,
-    POLICY,
+    REQUEST_LOG,
     SETTINGS,
     STORE,
     TOKENS,
@@ -44,77 +45,101 @@ from gateway.errors import (
     PolicyRejection,
 )
 from gateway.exchange import Exchange
-from gateway.identity import identify, own_session, qualified
+from gateway.identity import identify, own_session
 from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
-from gateway.policy import decide
+from gateway.policy.step import decide_policy
 from gateway.relay import relay
-from gateway.store import LimitExceeded
 from gateway.telemetry import tracing
 from gateway.telemetry.logs import log_request
-from gateway.telemetry.metrics import observe
+from gateway.telemetry.observe import observe
 from gateway.upstream import request_headers, send
 
 log = logging.getLogger("gateway.pipeline")
 
 SESSION_PREFIX = "/s/{gateway_session}"
+Steps = Callable[[Exchange], Awaitable[None]]
+"""A handler's steps, in order; ``answered`` runs them and answers what they raise."""
 
 
-async def handle(ex: Exchange) -> web.StreamResponse:
-    """An LLM call: read, identify, decide, begin the turn, forward, relay, account."""
-    app = ex.app
-    store, tokens, calibration = app[STORE], app[TOKENS], app[COMPACTOR].calibration
-    metrics = app[METRICS]
-    assert ex.dialect is not None
-    in_flight = metrics.in_flight
-    in_flight.inc((ex.dialect.name,))
+async def handle(ex: Exchange) -> None:
+    """An LLM call, a turn of its session. Its steps, each in the module of its concern:
+
+    1. ``read_request`` (here): the body, bounded and decoded (``body``), and the dialect's
+       ``RequestFacts``.
+    2. ``identify_session`` (here): the one credential, and the caller's own session
+       (``credentials``, ``identity``).
+    3. ``decide_policy`` (``policy/step.py``): the decision before anything is counted; loops
+       noted, and a session paused if the policy says so.
+    4. ``compact_context`` (``compaction/step.py``): near the model's window, the conversation
+       rewritten.
+    5. ``begin_turn`` (``accounting.py``): the store's atomic check of the counted limits, the
+       turn recorded, warnings past ``warn_at``.
+    6. ``forward`` (here): the upstream call (``upstream``) and the answer relayed (``relay``).
+
+    A step that refuses the call does it through ``policy.step.reject``. ``answered`` runs
+    these steps, answers what they raise, and then, whatever happened, ends the turn
+    (``accounting.end_turn``) and reports the request (metrics, log line).
+    """
+    await read_request(ex)
+    await identify_session(ex)
+    await decide_policy(ex)
+    await compact_context(ex)
+    await begin_turn(ex)
+    await forward(ex)
+
+
+async def handle_aux(ex: Exchange) -> None:
+    """A call that belongs to a session but is not a turn (``count_tokens``)."""
+    await read_request(ex, strict=False)
+    await identify_session(ex)
+    assert ex.identity is not None
+    await ex.app[STORE].record_aux(ex.identity, time.time())
+    await forward(ex)
+
+
+async def handle_passthrough(ex: Exchange) -> None:
+    """Anything else under /v1 (models, files, embeddings, ...): forwarded untouched."""
+    await read_body(ex)
+    ex.upstream_body = ex.raw
+    await forward(ex)
+
+
+async def answered(
+    ex: Exchange, steps: Steps, route: str, *, turn: bool = False
+) -> web.StreamResponse:
+    """The tail every handler shares: its ``steps`` run, and whatever they raise is answered
+    here (a ``GatewayError`` in the provider's own shape, anything else as a 500). Then,
+    whatever happened (cancelled too), a turn that began is ended (``accounting.end_turn``:
+    its reservations freed, its usage counted) and the request is reported under ``route``."""
+    app, labels = ex.app, (route,)
+    in_flight = app[METRICS].in_flight
+    if turn:  # an LLM call: its gauge while in flight
+        in_flight.inc(labels)
     try:
-        await read_request(ex)
-        await identify_session(ex)
-        await decide_policy(ex)
-        await compact_context(ex)
-        await begin_turn(ex)
-        await forward(ex)
+        await steps(ex)
     except GatewayError as error:
         answer_error(ex, error)
     except Exception:
         failed(ex)
     finally:
-        await accounting.end_turn(ex, store, tokens, calibration)
-        in_flight.dec((ex.dialect.name,))
-        report(ex, ex.dialect.name)
+        if turn:
+            await end_turn(ex, app[STORE], app[TOKENS], app[COMPACTOR].calibration)
+            in_flight.dec(labels)
+        report(ex, route)
     assert ex.response is not None
     return ex.response
 
 
-async def handle_aux(ex: Exchange) -> web.StreamResponse:
-    """A call that belongs to a session but is not a turn (``count_tokens``)."""
-    try:
-        await read_request(ex, strict=False)
-        await identify_session(ex)
-        await ex.app[STORE].record_aux(accounting.turn_start(ex))
-        await forward(ex)
-    except GatewayError as error:
-        answer_error(ex, error)
-    except Exception:
-        failed(ex)
-    report(ex, "anthropic.count_tokens")
-    assert ex.response is not None
-    return ex.response
+def llm_call(ex: Exchange) -> Awaitable[web.StreamResponse]:
+    """``handle``, answered: what the route runs inside its SERVER span. A plain function that
+    hands back ``answered``'s coroutine, so it costs no frame of its own."""
+    assert ex.dialect is not None
+    return answered(ex, handle, ex.dialect.name, turn=True)
 
 
-async def handle_passthrough(ex: Exchange) -> web.StreamResponse:
-    """Anything else under /v1 (models, files, embeddings, ...): forwarded untouched."""
-    try:
-        await read_body(ex)
-        ex.upstream_body = ex.raw
-        await forward(ex)
-    except GatewayError as error:
-        answer_error(ex, error)
-    except Exception:
-        failed(ex)
-    report(ex, "passthrough")
-    assert ex.response is not None
-    return ex.response
+def aux_call(ex: Exchange) -> Awaitable[web.StreamResponse]:
+    """``handle_aux``, answered (as ``llm_call``)."""
+    return answered(ex, handle_aux, "anthropic.count_tokens")
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -122,7 +147,7 @@ def report(ex: Exchange, route: str) -> None:
     """The finished request's metrics and its log line, tied to its trace."""
     trace = tracing.trace_id(ex)
     observe(ex.app[METRICS], ex, route, trace)
-    log_request(ex, route, trace)
+    log_request(ex.app[REQUEST_LOG], ex, route, trace)
 
 
 async def read_body(ex: Exchange) -> None:
@@ -161,95 +186,9 @@ async def identify_session(ex: Exchange) -> None:
     ex.identity, ex.record = identity, record
 
 
-async def decide_policy(ex: Exchange) -> None:
-    """The policy's verdict before anything is counted: size, model, loops."""
-    assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
-    app, session = ex.app, ex.identity.session_id
-    policy = app[POLICY].policy
-    proxies = app[SETTINGS].trusted_proxies
-    who = decide.caller(
-        policy,
-        ex.identity,
-        ex.facts.model,
-        ex.request.headers,
-        ex.request.remote if proxies else None,  # only a trusted proxy's peer matters
-        proxies,
-    )
-    ex.team = who.team
-    record = ex.record
-    try:
-        ex.decision = decide.decide(
-            policy,
-            who,
-            ex.identity,
-            ex.dialect,
-            ex.facts,
-            len(ex.raw),
-            record,
-            app[TOKENS],
-            ex.helper_call,
-            time.time(),
-            ex.body_hash,
-        )
-    except decide.PolicyStop as stop:
-        await reject(ex, stop.verdict)
-    if ex.decision.detections:
-        for detection in ex.decision.detections:
-            event = {
-                "key": f"{detection.detector}:{detection.tool}",
-                "at": time.time(),
-                **detection.evidence(),
-            }
-            await app[STORE].note(accounting.turn_start(ex), "detections", event)
-        verdict = decide.loop_verdict(ex.decision, session, record)
-        if verdict is not None:
-            if ex.decision.effective.settings.loops.action == "pause":
-                detection = ex.decision.detections[0]
-                reason = f"paused by the loop rule: {detection.describe()}"
-                await app[STORE].set_status(session, "paused", reason)
-            await reject(ex, verdict)
-
-
-async def begin_turn(ex: Exchange) -> None:
-    """The store's atomic check of the counted limits, and the turn recorded."""
-    assert ex.identity is not None and ex.decision is not None
-    store = ex.app[STORE]
-    try:
-        await accounting.begin_turn(ex, store)
-    except LimitExceeded as exc:
-        await reject(
-            ex,
-            decide.limit_verdict(
-                exc.limit,
-                exc.allowed,
-                exc.used,
-                ex.identity.session_id,
-                ex.decision.effective,
-                exc.retry_after,
-                exc.budget,
-                exc.reason,
-            ),
-        )
-    assert ex.ticket is not None
-    if ex.ticket.session_id != ex.identity.session_id:
-        ex.identity = qualified(ex.identity)  # another key started the id since it was looked up
-    ex.turn = ex.ticket.turn
-    ex.decision.warnings = decide.warnings(ex.decision, ex.ticket)
-    if ex.decision.warnings:
-        kinds = ",".join(w.split(" ", 1)[0] for w in ex.decision.warnings)
-        event = {"key": kinds, "at": time.time(), "warnings": ex.decision.warnings}
-        await store.note(accounting.turn_start(ex), "warnings", event)
-
-
-async def reject(ex: Exchange, verdict: decide.Verdict) -> NoReturn:
-    event = {"key": verdict.limit, "at": time.time(), "limit": verdict.limit, "rule": verdict.rule}
-    await ex.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
-    raise PolicyRejection(
-        verdict.message, limit=verdict.limit, rule=verdict.rule, retry_after=verdict.retry_after
-    )
-
-
 async def forward(ex: Exchange) -> None:
+    """The call upstream (``upstream.send``: pooled, connect retries) inside its CLIENT span,
+    and its answer relayed to the client (``relay``)."""
     app = ex.app
     settings = app[SETTINGS]
     if ex.identity is not None:
@@ -350,13 +289,17 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         ex = _exchange(request, dialect, path, where.session)
         if request.method != "POST":
             return refuse(ex, _post_only(request.method, path), dialect.name)
-        return await ex.app[TRACING].serve(ex, handle)
+        # Tracing wraps the answered handler in the call's SERVER span (``Tracing.serve``; off,
+        # it calls straight through): the steps themselves are ``handle``'s.
+        return await ex.app[TRACING].serve(ex, llm_call)
     if path == COUNT_TOKENS:
         ex = _exchange(request, ANTHROPIC_MESSAGES, path, where.session)
         if request.method != "POST":
             return refuse(ex, _post_only(request.method, path), "anthropic.count_tokens")
-        return await ex.app[TRACING].serve(ex, handle_aux, "count_tokens")
-    return await handle_passthrough(_exchange(request, None, path, where.session))
+        return await ex.app[TRACING].serve(ex, aux_call, "count_tokens")  # as above: handle_aux
+    # No SERVER span: not an LLM call, and nothing here is read or decided.
+    ex = _exchange(request, None, path, where.session)
+    return await answered(ex, handle_passthrough, "passthrough")
 
 
 def refuse(ex: Exchange, error: GatewayError, route: str) -> web.StreamResponse:
@@ -396,8 +339,13 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
+    """The route table. Every path below ``/v1`` goes to ``dispatch``, which checks the raw
+    path itself and picks the handler: an LLM call runs ``llm_call`` (``handle``'s steps in
+    ``answered``) inside its SERVER span, ``Tracing.serve`` being the only wrapper between
+    the route and the pipeline; ``count_tokens`` likewise (``aux_call``); anything else
+    ``handle_passthrough``."""
     # The LLM paths as plain routes first: aiohttp finds those by a dictionary lookup, before
-    # trying the patterns. All of them go to ``dispatch``, which checks the raw path itself.
+    # trying the patterns.
     for path in sorted(LLM_PATHS):
         app.router.add_route("*", path, dispatch)
     for prefix in ("/v1/", SESSION_PREFIX + "/v1/"):

@@ -45,6 +45,7 @@ import tiktoken
 from xxhash import xxh3_64_intdigest
 
 from gateway.dialects.envelope import load_json
+from gateway.dialects.text import count_texts
 
 O200K = "o200k_base"
 CL100K = "cl100k_base"
@@ -223,34 +224,5 @@ class TokenCounter:
 def _text_of(item: Any) -> tuple[str, int]:
     """The text a model reads from a message, plus tokens for inline images and documents."""
     parts: list[str] = []
-    extra = _collect(item, parts)
+    extra = count_texts(item, parts)
     return "\n".join(parts), extra
-
-
-_SKIP_KEYS = frozenset(
-    {"type", "id", "call_id", "tool_use_id", "tool_call_id", "cache_control", "signature", "status"}
-)
-# A base64 image or document is billed by its pixels or pages, not its characters; this is the
-# providers' typical figure for one image.
-INLINE_MEDIA_TOKENS = 1600
-_MEDIA_KEYS = frozenset({"data", "image_url", "file_data"})
-
-
-def _collect(value: Any, parts: list[str]) -> int:
-    extra = 0
-    if isinstance(value, str):
-        parts.append(value)
-    elif isinstance(value, dict):
-        for key, child in value.items():
-            if key in _SKIP_KEYS:
-                continue
-            if key in _MEDIA_KEYS and isinstance(child, str) and len(child) > 1024:
-                extra += INLINE_MEDIA_TOKENS
-                continue
-            extra += _collect(child, parts)
-    elif isinstance(value, list):
-        for child in value:
-            extra += _collect(child, parts)
-    elif value is not None and not isinstance(value, bool):
-        parts.append(str(value))
-    return extra

@@ -7,7 +7,8 @@ import re
 import pytest
 from multidict import CIMultiDict
 
-from gateway.credentials import Credential, TwoCredentials, credential, peer_trusted
+from gateway.credentials import Credential, credential, peer_trusted
+from gateway.errors import TwoCredentials
 from tests.harness import key_hash
 
 

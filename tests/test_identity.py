@@ -10,9 +10,9 @@ from multidict import CIMultiDict
 
 from gateway.credentials import credential
 from gateway.dialects import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, RequestFacts
+from gateway.errors import SessionTaken
 from gateway.identity import (
     Identity,
-    SessionTaken,
     agent_name,
     fingerprint,
     identify,

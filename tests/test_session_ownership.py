@@ -121,7 +121,7 @@ async def test_the_store_qualifies_a_key_that_lost_the_race() -> None:
     first = await store.begin_turn(TurnStart(a, "m", True, 1.0), Limits(max_turns=1))
     second = await store.begin_turn(TurnStart(b, "m", True, 1.0), Limits(max_turns=1))
     assert (first.session_id, second.session_id) == ("fresh", "fresh~bbbbbbbbbbbb")
-    await store.note(TurnStart(b, "m", True, 2.0), "warnings", {"key": "w"})
+    await store.note(b, 2.0, "warnings", {"key": "w"})
     owned = await store.get("fresh")
     assert owned is not None and owned.turns == 1 and owned.warnings == []
     theirs = await store.get("fresh~bbbbbbbbbbbb")

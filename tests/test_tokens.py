@@ -15,9 +15,9 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
+from gateway.dialects.text import INLINE_MEDIA_TOKENS
 from gateway.tokens import (
     CL100K,
-    INLINE_MEDIA_TOKENS,
     MESSAGE_OVERHEAD,
     MIN_RATIO,
     O200K,

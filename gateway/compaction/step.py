@@ -7,11 +7,9 @@ exchange's body and headers); the package's other modules only see values.
 from __future__ import annotations
 
 import time
-from typing import NoReturn
 
 import msgspec
 
-from gateway import accounting
 from gateway.appkeys import COMPACTOR, HTTP, POLICY, SETTINGS, STORE
 from gateway.compaction import summary
 from gateway.compaction.compactor import Call, Outcome, Overflow
@@ -20,9 +18,10 @@ from gateway.compaction.job import Summarizer, Summary
 from gateway.compaction.windows import window_of
 from gateway.dialects.base import raw_elements
 from gateway.dialects.envelope import Items, replace_array
-from gateway.errors import ContextOverflow
 from gateway.exchange import Exchange
 from gateway.policy import prices
+from gateway.policy.step import reject
+from gateway.policy.verdicts import Verdict
 from gateway.store import CompactionNote
 from gateway.telemetry import tracing
 
@@ -49,7 +48,8 @@ async def compact(ex: Exchange) -> None:
     saved = ex.record is not None and bool(ex.record.context_rewrites)
     if not saved and not app[COMPACTOR].may_reach(facts.model, len(ex.raw), window, settings):
         return
-    session = ex.identity.session_id
+    identity = ex.identity
+    session = identity.session_id
     summary_model = settings.summary_model or facts.model or ""
     summary_window = window
     if summary_model != facts.model:
@@ -64,7 +64,7 @@ async def compact(ex: Exchange) -> None:
         return [Rewrite.from_json(r) for r in record.context_rewrites] if record else []
 
     async def keep(outcome: Outcome) -> None:
-        await app[STORE].record_compaction(accounting.turn_start(ex), compaction_note(ex, outcome))
+        await app[STORE].record_compaction(identity, time.time(), compaction_note(ex, outcome))
 
     call = Call(
         session_id=session,
@@ -79,13 +79,13 @@ async def compact(ex: Exchange) -> None:
         rewrites=rewrites,
         keep=keep,
         summary_chars=summary_chars,
-        helper=not facts.tools,
+        helper=ex.helper_call,
     )
     started = time.perf_counter()
     try:
         outcome = await app[COMPACTOR].compact(call)
     except Overflow as overflow:
-        await reject(ex, overflow)
+        await reject(ex, overflow_verdict(ex, overflow))
     ex.compaction_seconds = time.perf_counter() - started
     if outcome is None:
         return
@@ -98,7 +98,7 @@ async def compact(ex: Exchange) -> None:
     ex.upstream_body = replace_array(ex.upstream_body, history.field, outcome.items)
     ex.facts.items = Items([msgspec.Raw(item) for item in outcome.items])
     if outcome.reused and not outcome.failures:  # (a failure was kept by the compactor)
-        await app[STORE].record_compaction(accounting.turn_start(ex), compaction_note(ex, outcome))
+        await app[STORE].record_compaction(identity, time.time(), compaction_note(ex, outcome))
 
 
 def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> Summarizer:
@@ -155,7 +155,10 @@ def compaction_note(ex: Exchange, outcome: Outcome) -> CompactionNote:
     return CompactionNote(outcome.saved, event, rewrite, summary.usage if summary else None, cost)
 
 
-async def reject(ex: Exchange, overflow: Overflow) -> NoReturn:
+def overflow_verdict(ex: Exchange, overflow: Overflow) -> Verdict:
+    """Still over the window (or ``prompt``): refused as the provider's own overflow error, in
+    its words, with the gateway's reason and what lifts it (refused by ``policy.step.reject``,
+    as every refusal is)."""
     assert ex.dialect is not None and ex.decision is not None
     policy = ex.app[POLICY].policy
     rule = ex.decision.effective.source("context.strategies")
@@ -164,6 +167,4 @@ async def reject(ex: Exchange, overflow: Overflow) -> NoReturn:
         f"[gateway: {overflow.reason}; context policy from {rule}. To lift it, change "
         f"context.strategies or context.compact_at in the policy file ({policy.source}).]"
     )
-    event = {"key": "context_window", "at": time.time(), "limit": "context_window", "rule": rule}
-    await ex.app[STORE].note(accounting.turn_start(ex), "rejections", event, rejected=True)
-    raise ContextOverflow(message, rule=rule)
+    return Verdict("context_window", rule, message, overflow=True)

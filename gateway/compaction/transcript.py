@@ -1,16 +1,17 @@
 """A conversation as plain text, for the summary call: roles, text, tool calls and results.
 
 Dialect-neutral on purpose: every API's items are JSON with roles, types and text, and the
-summarizing model needs the words, not the structure. Long tool outputs are clipped in the
-middle; reasoning and signed thinking (opaque, or not the model's to share) are left out.
+summarizing model needs the words, not the structure: each item's text is read as prose
+(``gateway/dialects/text.py``). Long tool outputs are clipped in the middle; reasoning and signed
+thinking (opaque, or not the model's to share) are left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import orjson
+from gateway.dialects.text import REASONING_BLOCKS, as_text, texts
 
 INSTRUCTIONS = (
     "You compress the history of a conversation between a user and an AI agent that uses "
@@ -22,21 +23,6 @@ INSTRUCTIONS = (
 )
 CLIP_CHARS = 4000
 """A tool output longer than this keeps its start and end."""
-_SKIPPED_TYPES = frozenset({"reasoning", "thinking", "redacted_thinking"})
-_SKIPPED_KEYS = frozenset(
-    {
-        "id",
-        "call_id",
-        "tool_use_id",
-        "tool_call_id",
-        "signature",
-        "encrypted_content",
-        "cache_control",
-        "status",
-        "type",
-        "role",
-    }
-)
 
 
 def transcript(items: Iterable[Any], max_chars: int, earlier: Sequence[str] = ()) -> str:
@@ -59,43 +45,14 @@ def _render(item: Any) -> str:
     if not isinstance(item, dict):
         return _clip(str(item))
     kind = item.get("type", "message")
-    if kind in _SKIPPED_TYPES:
+    if kind in REASONING_BLOCKS:
         return ""
     label = item.get("role") or kind
     if kind in ("function_call", "custom_tool_call"):
-        arguments = _clip(_text(item.get("arguments") or item.get("input")))
+        arguments = _clip(as_text(item.get("arguments") or item.get("input")))
         return f"[{label}] {item.get('name')}({arguments})"
-    body = _clip("\n".join(_texts(item)))
+    body = _clip("\n".join(texts(item)))
     return f"[{label}]\n{body}" if body else ""
-
-
-def _texts(node: Any) -> Iterator[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, list):
-        for child in node:
-            yield from _texts(child)
-    elif isinstance(node, dict):
-        kind = node.get("type")
-        if kind in _SKIPPED_TYPES:
-            return
-        if kind == "tool_use":
-            yield f"(calls {node.get('name')} with {_text(node.get('input'))})"
-            return
-        if kind in ("image", "image_url", "input_image", "document", "input_file"):
-            yield f"({kind} omitted)"
-            return
-        if "function" in node and isinstance(node["function"], dict):
-            function = node["function"]
-            yield f"(calls {function.get('name')} with {_text(function.get('arguments'))})"
-            return
-        for key, child in node.items():
-            if key not in _SKIPPED_KEYS and key != "function":
-                yield from _texts(child)
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
 def _clip(text: str) -> str:

@@ -3,6 +3,10 @@
 "bytes" mode is len(JSON of the prompt parts) // 4 and never touches tiktoken, so the fake stays
 fast as a benchmark upstream; "tiktoken" mode counts the text parts of the prompt with o200k_base,
 loaded lazily from the rank tables bundled in ``gateway/data/tiktoken``.
+
+Which text a prompt holds (``_texts``) is decided here on purpose, not with the gateway's
+``gateway/dialects/text.py``: the fake is the independent oracle the gateway's token figures are
+checked against, so a mistake in the gateway's reading cannot hide by being made twice.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The policy file: schema (``model``), loading (``loader``), the compiled form the hot path
-reads (``compiled``), the decision step (``decide``) and the live, reloading holder (``live``).
+reads (``compiled``), the decision on values (``decide``), the pipeline's policy step
+(``step``) and the live, reloading holder (``live``).
 """
 
 from __future__ import annotations

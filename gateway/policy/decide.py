@@ -1,16 +1,16 @@
-"""The policy step: the effective settings of one request, and allow, warn or reject.
+"""The policy's decision: the effective settings of one request, and allow, warn or reject.
 
-Checks that need no state run first (body size, model, input size, identical tool calls);
-then the store's atomic ``begin_turn`` enforces the counted limits (turns, session tokens,
-budgets) against what is recorded plus what calls in flight hold.
+Values in, values out: the pipeline's policy step (``policy.step``) hands in a ``Call`` and
+records what comes back. Checks that need no state run first (body size, model, input size,
+identical tool calls); then the store's atomic ``begin_turn`` enforces the counted limits
+(turns, session tokens, budgets) against what is recorded plus what calls in flight hold, and
+``limit_verdict`` words the store's ``LimitHit``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from multidict import CIMultiDictProxy
@@ -19,10 +19,12 @@ from gateway.credentials import peer_trusted
 from gateway.dialects import Dialect, RequestFacts, prompt_parts
 from gateway.identity import Identity
 from gateway.loops import COUNT_BOUND, Detection, identical_run, rate_detection, tool_name
+from gateway.policy import verdicts
+from gateway.policy.budgets import budget_limit
 from gateway.policy.compiled import Caller, CompiledPolicy, Effective
-from gateway.policy.model import Budget
 from gateway.policy.prices import ModelPrice, hold
-from gateway.store import BudgetLimit, Limits, SessionRecord, TurnTicket
+from gateway.policy.verdicts import Verdict
+from gateway.store import Limits, SessionRecord
 from gateway.tokens import TokenCounter
 
 DEFAULT_OUTPUT_RESERVE = 4096
@@ -30,17 +32,6 @@ DEFAULT_OUTPUT_RESERVE = 4096
 BYTES_PER_TOKEN = 3
 """English runs about four bytes a token and code about three; JSON keys only add bytes."""
 _HEADLESS_HINTS = ("codex_exec/", "(external, sdk-cli)", "(external, sdk-py)", "(external, sdk-ts)")
-
-
-@dataclass(slots=True)
-class Verdict:
-    """A stop: which limit, which rule set it, and what the operator can do about it."""
-
-    limit: str
-    rule: str
-    message: str
-    retry_after: float | None = None
-    """Set for window budgets, which reset: answered 429 instead of 400."""
 
 
 class PolicyStop(Exception):
@@ -98,76 +89,62 @@ def caller(
     )
 
 
-def decide(
-    policy: CompiledPolicy,
-    who: Caller,
-    identity: Identity,
-    dialect: Dialect,
-    facts: RequestFacts,
-    body_size: int,
-    record: SessionRecord | None,
-    tokens: TokenCounter,
-    helper_call: bool,
-    now: float,
-    body_hash: int | None = None,
-) -> Decision:
+@dataclass(slots=True)
+class Call:
+    """One request as the policy needs it (``decide``), built by the policy step and never
+    changed. Not ``frozen``: a frozen dataclass sets each field through ``object.__setattr__``,
+    which on every call cost more than the rest of building it."""
+
+    who: Caller
+    """What rules match on."""
+    dialect: Dialect
+    facts: RequestFacts
+    """What the request says."""
+    record: SessionRecord | None
+    """The session as it was when the call arrived (None for a new session)."""
+    now: float
+    body_size: int
+    body_hash: int | None = None
+    """The raw body's hash: the same bytes again feed the repeated-requests detector."""
+    helper_call: bool = False
+    """An agent's own side call (``Exchange.helper_call``): not a loop turn."""
+
+
+def decide(policy: CompiledPolicy, call: Call, tokens: TokenCounter) -> Decision:
     """Everything but the counted limits; raises ``PolicyStop`` on a hard stop."""
+    who, facts, body_size = call.who, call.facts, call.body_size
     effective = policy.resolve(who)
     settings = effective.settings
     limits = settings.limits
-    # The policy's version, never its path: a file path on disk is no business of a client.
-    lift = f"Change it in the policy (version {policy.version})."
-
     if limits.max_body_bytes is not None and body_size > limits.max_body_bytes:
-        raise PolicyStop(
-            Verdict(
-                "max_body_bytes",
-                effective.source("limits.max_body_bytes"),
-                f"The request body has {body_size} bytes, over limits.max_body_bytes "
-                f"({limits.max_body_bytes}) {_by(effective, 'limits.max_body_bytes')}. {lift}",
-            )
-        )
+        raise PolicyStop(verdicts.body_too_large(effective, body_size, policy.version))
 
     model = facts.model or ""
     if not effective.model_allowed(model):
-        raise PolicyStop(
-            Verdict(
-                "models",
-                effective.source("limits.models"),
-                f"Model '{model}' is not allowed for agent {who.agent} "
-                f"{_by(effective, 'limits.models')} (allow: {', '.join(limits.models.allow)}; "
-                f"deny: {', '.join(limits.models.deny) or 'none'}). {lift}",
-            )
-        )
+        raise PolicyStop(verdicts.model_refused(effective, model, who.agent, policy.version))
 
-    decision = Decision(effective, Limits(), price=policy.price(facts.model, now))
+    decision = Decision(effective, Limits(), price=policy.price(facts.model, call.now))
     if decision.price is None and any(b.max_cost is not None for b in settings.budgets):
-        raise PolicyStop(_unpriced(effective, model, policy.version))
+        raise PolicyStop(verdicts.unpriced(effective, model, policy.version))
     if (
         limits.max_request_input_tokens is not None
         or limits.max_session_tokens is not None
         or settings.budgets
     ):
-        _hold_tokens(decision, facts, body_size, record, tokens)
+        _hold_tokens(decision, facts, body_size, call.record, tokens)
     cap = limits.max_request_input_tokens
     if cap is not None and decision.input_estimate is not None and decision.input_estimate > cap:
         raise PolicyStop(
-            Verdict(
-                "max_request_input_tokens",
-                effective.source("limits.max_request_input_tokens"),
-                f"The request has about {decision.input_estimate} input tokens, over "
-                f"limits.max_request_input_tokens ({cap}) "
-                f"{_by(effective, 'limits.max_request_input_tokens')}. {lift}",
-            )
+            verdicts.input_too_large(effective, decision.input_estimate, policy.version)
         )
 
-    if not helper_call:
-        _detect_loops(decision, dialect, facts, record, body_hash)
+    if not call.helper_call:
+        _detect_loops(decision, call.dialect, facts, call.record, call.body_hash)
 
     decision.limits = Limits(
         max_turns=limits.max_turns,
         max_session_tokens=limits.max_session_tokens,
-        budgets=tuple(budget_limit(b, who, effective, now) for b in settings.budgets),
+        budgets=tuple(budget_limit(b, who, effective, call.now) for b in settings.budgets),
         idle_timeout=limits.idle_timeout,
     )
     return decision
@@ -216,7 +193,7 @@ def _detect_loops(
     # COUNT_BOUND) so that its message names the real run. A flagged loop's every call is
     # past the threshold, and counting on costs about 4 us a turn: it says "at least".
     bound = loops.identical_tool_calls
-    if _stops_loops(loops.action, record):
+    if verdicts.stops_loops(loops.action, record):
         bound = max(COUNT_BOUND, bound)
     count, signature, more = identical_run(dialect.tool_call_turns(facts), bound)
     if signature and count >= loops.identical_tool_calls:
@@ -245,162 +222,3 @@ def _detect_loops(
         )
         if rate is not None:
             decision.detections.append(rate)
-
-
-def _stops_loops(action: str, record: SessionRecord | None) -> bool:
-    """Whether a loop detected now stops the call: not when the policy only flags loops, nor
-    while a grant lifts loop stops."""
-    if action == "flag":
-        return False
-    return record is None or record.turns >= record.loops_allowed_until
-
-
-def loop_verdict(decision: Decision, session: str, record: SessionRecord | None) -> Verdict | None:
-    """The stop a detected loop calls for, unless the policy only flags it or a grant lifts it."""
-    loops = decision.effective.settings.loops
-    if not decision.detections or not _stops_loops(loops.action, record):
-        return None
-    detection = decision.detections[0]
-    paused = (
-        " The session is paused until an operator grants more." if loops.action == "pause" else ""
-    )
-    setting = _setting_of(detection)
-    # The setting's own value: a turn_rate detection's threshold is a rate, not the factor.
-    value: float = getattr(loops, setting)
-    return Verdict(
-        f"loop_{detection.detector}",
-        decision.effective.source(f"loops.{setting}"),
-        f"Session {session} looks like a runaway loop: {detection.describe()} "
-        f"(loops.{setting} = {value:g} {_by(decision.effective, 'loops.' + setting)}).{paused} "
-        f"To let it go on: gateway sessions grant {session} --turns 20.",
-    )
-
-
-def limit_verdict(
-    limit: str,
-    allowed: float,
-    used: float,
-    session: str,
-    effective: Effective,
-    retry_after: float | None,
-    budget: BudgetLimit | None,
-    reason: str = "",
-) -> Verdict:
-    """The words for a stop by the store's counted limits."""
-    grant = f"gateway sessions grant {session}"
-    if limit == "max_turns":
-        return Verdict(
-            limit,
-            effective.source("limits.max_turns"),
-            f"Session {session} has used all {int(allowed)} turns allowed "
-            f"(limits.max_turns {_by(effective, 'limits.max_turns')}). "
-            f"To allow more: {grant} --turns 50.",
-        )
-    if limit == "max_session_tokens":
-        return Verdict(
-            limit,
-            effective.source("limits.max_session_tokens"),
-            f"Session {session} would go over its token limit: {int(used)} of {int(allowed)} "
-            f"tokens used or held (limits.max_session_tokens "
-            f"{_by(effective, 'limits.max_session_tokens')}). "
-            f"To allow more: {grant} --tokens 1000000.",
-        )
-    if budget is not None:
-        what = "tokens" if limit == "budget_tokens" else "cost"
-        resets = datetime.fromtimestamp(budget.window_end, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        return Verdict(
-            limit,
-            budget.rule,
-            f"The {budget.key.split(':')[0]} budget {budget.key} is spent: {used} of "
-            f"{allowed} {what} (budgets, rule '{budget.rule}'). It resets at {resets}: "
-            f"try again in {max(1, round(retry_after or 0))}s, or raise the budget in the "
-            f"policy file.",
-            retry_after=retry_after,
-        )
-    if limit == "session_paused":
-        return Verdict(
-            limit,
-            "operator",
-            f"Session {session} was {_status_change('paused', reason)}. Its calls are refused "
-            f"until an operator lets it go on: {grant} --turns 20.",
-        )
-    return Verdict(
-        limit,
-        "operator",
-        f"Session {session} was {_status_change('ended', reason)}. Start a new session to go on.",
-    )
-
-
-def _status_change(status: str, reason: str) -> str:
-    """The store's ``status_reason`` says who changed the status and why, starting with the
-    status (``ended by bob: runaway``, ``paused by the loop rule: ...``): shown as it is. A
-    reason in another form (records from older versions: ``by bob``) is put in brackets."""
-    if reason.startswith(status):
-        return reason
-    return f"{status} ({reason})" if reason else status
-
-
-def warnings(decision: Decision, ticket: TurnTicket) -> list[str]:
-    """Past ``warn_at`` of a limit, say so (answer headers, and kept with the session).
-
-    Limits count with their grants, as the stop does. Tokens count what calls in flight
-    hold too (this one's reservation included), as the stop does: "used or held"."""
-    warn_at = decision.effective.settings.limits.warn_at
-    found = []
-    if ticket.turns_left is not None:
-        allowed = ticket.turn + ticket.turns_left
-        if ticket.turn >= math.ceil(warn_at * allowed):
-            found.append(f"turns {ticket.turn} of {allowed}")
-    if ticket.tokens_left is not None and ticket.tokens_allowed:
-        held = ticket.tokens_allowed - ticket.tokens_left
-        if held >= warn_at * ticket.tokens_allowed:
-            found.append(f"tokens {held} of {ticket.tokens_allowed} used or held")
-    return found
-
-
-def budget_limit(budget: Budget, who: Caller, effective: Effective, now: float) -> BudgetLimit:
-    owner = (who.team or "unassigned") if budget.per == "team" else (who.key_hash or "no-key")
-    period, end = window(budget.window, now)
-    return BudgetLimit(
-        key=f"{budget.per}:{owner}:{budget.window}:{period}",
-        window_end=end,
-        max_tokens=budget.max_tokens,
-        max_cost=budget.max_cost,
-        rule=effective.source("budgets"),
-    )
-
-
-def window(kind: str, now: float) -> tuple[str, float]:
-    """The calendar period (UTC) ``now`` falls in, and when it ends."""
-    at = datetime.fromtimestamp(now, UTC)
-    if kind == "hour":
-        start = at.replace(minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%dT%H"), (start + timedelta(hours=1)).timestamp()
-    if kind == "day":
-        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%d"), (start + timedelta(days=1)).timestamp()
-    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    following = (start + timedelta(days=32)).replace(day=1)
-    return start.strftime("%Y-%m"), following.timestamp()
-
-
-def _unpriced(effective: Effective, model: str, version: str) -> Verdict:
-    """A cost budget cannot count a call it has no price for: refused, not let through free."""
-    return Verdict(
-        "unpriced_model",
-        effective.source("budgets"),
-        f"Model '{model}' has no price, and a cost budget applies to this call "
-        f"(budgets {_by(effective, 'budgets')}), so its cost could not be counted. Give it a "
-        f"price in the policy's prices (per million tokens, e.g. prices: {{'{model}': "
-        f"{{input: 3, output: 15}}}}), or a default price for every unpriced model with the "
-        f"glob '*' (policy version {version}).",
-    )
-
-
-def _by(effective: Effective, path: str) -> str:
-    source = effective.source(path)
-    return "from the defaults" if source == "defaults" else f"set by rule '{source}'"
-
-
-def _setting_of(detection: Detection) -> str:
-    return "turn_rate_factor" if detection.detector == "turn_rate" else detection.detector

@@ -4,7 +4,7 @@ Exceptions::
 
     LimitExceeded     a turn would break a hard limit; nothing was recorded
     SessionEnded      a grant for a session that has ended; nothing was granted
-    SessionTaken      (``gateway.identity``) a session id another key owns, qualified too
+    SessionTaken      (``gateway.errors``) a session id another key owns, qualified too
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
-from gateway.identity import SessionTaken, own_session
+from gateway.errors import SessionTaken
+from gateway.identity import Identity, own_session
 from gateway.store.records import (
     REWRITES_KEPT,
     BudgetCounter,
     BudgetLimit,
     CompactionNote,
     Grant,
+    LimitHit,
     Limits,
     ModelTotals,
     SessionQuery,
@@ -35,25 +37,11 @@ _FAST, _SLOW = 0.3, 0.02
 
 
 class LimitExceeded(Exception):
-    def __init__(
-        self,
-        limit: str,
-        allowed: float,
-        used: float,
-        session_id: str,
-        *,
-        retry_after: float | None = None,
-        budget: BudgetLimit | None = None,
-        reason: str = "",
-    ) -> None:
-        super().__init__(f"session {session_id}: {limit} {used} of {allowed}")
-        self.limit = limit
-        self.allowed = allowed
-        self.used = used
-        self.session_id = session_id
-        self.retry_after = retry_after
-        self.budget = budget
-        self.reason = reason
+    """Carries the ``LimitHit`` whole: the policy words the refusal from it."""
+
+    def __init__(self, hit: LimitHit) -> None:
+        super().__init__(f"session {hit.session_id}: {hit.limit} {hit.used} of {hit.allowed}")
+        self.hit = hit
 
 
 class SessionEnded(Exception):
@@ -75,6 +63,9 @@ class Store(Protocol):
     backend shared by replicas (Redis) must keep that atomicity across processes.
     """
 
+    errors: dict[str, int]
+    """Backend failures by operation (``load``, ``write``): ``gateway_store_errors_total``."""
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -87,17 +78,25 @@ class Store(Protocol):
         """Release the reservations and add the call's real usage. Must not be skipped."""
         ...
 
-    async def record_aux(self, start: TurnStart) -> None:
+    # The calls below record something about a session, not a turn: they take only whose
+    # call it is and when (the session is made if new, under the caller's own id).
+    async def record_aux(self, identity: Identity, at: float) -> None:
         """A call that belongs to a session but is not a turn (token counting)."""
         ...
 
     async def note(
-        self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
+        self,
+        identity: Identity,
+        at: float,
+        kind: str,
+        event: dict[str, Any],
+        *,
+        rejected: bool = False,
     ) -> None:
         """Keep a warning or detection with the session; count a rejected call."""
         ...
 
-    async def record_compaction(self, start: TurnStart, note: CompactionNote) -> None:
+    async def record_compaction(self, identity: Identity, at: float, note: CompactionNote) -> None:
         """A call went compacted: count it, keep its rewrite, bill its summary call."""
         ...
 
@@ -157,23 +156,22 @@ class SessionTable:
                 self.sessions[session_id] = record
         return record
 
-    async def _session_for(self, start: TurnStart) -> tuple[SessionRecord, TurnStart]:
+    async def _session_for(self, ident: Identity, at: float) -> tuple[SessionRecord, Identity]:
         """The caller's own record, made if new. Another key may have started the id since
         the pipeline looked (``identity.own_session``): the caller then goes on under its
         qualified id, decided here with no await before the caller's change."""
-        ident = start.identity
         record = self.sessions.get(ident.session_id)
         if record is None or record.key_hash != ident.key_hash:  # else the usual: the caller's
             ident, record = await own_session(ident, self._session)
-        if ident is not start.identity:
-            start = replace(start, identity=ident)
         if record is None:
-            record = self.sessions[ident.session_id] = new_record(start)
-        return record, start
+            record = self.sessions[ident.session_id] = new_record(ident, at)
+        return record, ident
 
     # -- the store interface ------------------------------------------------------------------
     async def begin_turn(self, start: TurnStart, limits: Limits) -> TurnTicket:
-        record, start = await self._session_for(start)
+        record, ident = await self._session_for(start.identity, start.at)
+        if ident is not start.identity:
+            start = replace(start, identity=ident)
         counters = [self._budget(limit) for limit in limits.budgets]
         ticket = check_and_reserve(record, start, limits, counters)
         self._changed(record)
@@ -196,24 +194,30 @@ class SessionTable:
                 counter.cost += end.cost
                 self._budget_changed(counter)
 
-    async def record_aux(self, start: TurnStart) -> None:
-        record, start = await self._session_for(start)
-        touch(record, start)
+    async def record_aux(self, identity: Identity, at: float) -> None:
+        record, identity = await self._session_for(identity, at)
+        touch(record, identity, at)
         record.aux_requests += 1
         self._changed(record)
 
     async def note(
-        self, start: TurnStart, kind: str, event: dict[str, Any], *, rejected: bool = False
+        self,
+        identity: Identity,
+        at: float,
+        kind: str,
+        event: dict[str, Any],
+        *,
+        rejected: bool = False,
     ) -> None:
-        record, start = await self._session_for(start)
-        touch(record, start)
+        record, identity = await self._session_for(identity, at)
+        touch(record, identity, at)
         record.note(kind, event)
         if rejected:
             record.rejected += 1
         self._changed(record)
 
-    async def record_compaction(self, start: TurnStart, note: CompactionNote) -> None:
-        record, _ = await self._session_for(start)
+    async def record_compaction(self, identity: Identity, at: float, note: CompactionNote) -> None:
+        record, _ = await self._session_for(identity, at)
         record.compacted_calls += 1
         record.tokens_saved += note.saved_tokens
         if note.event is not None:
@@ -280,22 +284,20 @@ class SessionTable:
 
 
 # -- the rules, on plain records --------------------------------------------------------------
-def new_record(start: TurnStart) -> SessionRecord:
-    ident = start.identity
+def new_record(ident: Identity, at: float) -> SessionRecord:
     return SessionRecord(
         id=ident.session_id,
         source=ident.source,
         agent=ident.agent,
         name=ident.name,
         key_hash=ident.key_hash,
-        first_seen=start.at,
-        last_seen=start.at,
+        first_seen=at,
+        last_seen=at,
     )
 
 
-def touch(record: SessionRecord, start: TurnStart) -> None:
-    ident = start.identity
-    record.last_seen = max(record.last_seen, start.at)
+def touch(record: SessionRecord, ident: Identity, at: float) -> None:
+    record.last_seen = max(record.last_seen, at)
     if ident.name:
         record.name = ident.name
     if record.agent == "unknown":
@@ -308,7 +310,7 @@ def restart_if_idle(record: SessionRecord, start: TurnStart, idle_timeout: float
         return
     if record.status == "ended" and record.status_reason != "idle":
         return  # ended by an operator: stays ended
-    fresh = new_record(start)
+    fresh = new_record(start.identity, start.at)
     fresh.first_seen = record.first_seen
     fresh.restarts = record.restarts + 1
     for f in fields(fresh):
@@ -327,25 +329,25 @@ def check_and_reserve(
     restart_if_idle(record, start, limits.idle_timeout)
     if record.status != "active":
         raise LimitExceeded(
-            f"session_{record.status}", 0, 0, record.id, reason=record.status_reason or ""
+            LimitHit(f"session_{record.status}", 0, 0, record.id, reason=record.status_reason or "")
         )
     turns_left = tokens_left = tokens_allowed = None
     if limits.max_turns is not None:
         allowed = limits.max_turns + record.granted_turns
         if record.turns >= allowed:
-            raise LimitExceeded("max_turns", allowed, record.turns, record.id)
+            raise LimitExceeded(LimitHit("max_turns", allowed, record.turns, record.id))
         turns_left = allowed - record.turns - 1
     if limits.max_session_tokens is not None:
         allowed = limits.max_session_tokens + record.granted_tokens
         used = record.tokens.total_tokens + record.reserved_tokens
         if used + start.reserve_tokens > allowed:
-            raise LimitExceeded("max_session_tokens", allowed, used, record.id)
+            raise LimitExceeded(LimitHit("max_session_tokens", allowed, used, record.id))
         tokens_left = allowed - used - start.reserve_tokens
         tokens_allowed = allowed
     for limit, counter in zip(limits.budgets, budgets, strict=True):
         _check_budget(limit, counter, start, record.id)
     _update_rate(record, start.at)
-    touch(record, start)
+    touch(record, start.identity, start.at)
     record.turns += 1
     if start.user_turn:
         record.user_turns += 1
@@ -374,23 +376,27 @@ def _check_budget(
         used = counter.tokens + counter.reserved_tokens
         if used + start.reserve_tokens > limit.max_tokens:
             raise LimitExceeded(
-                "budget_tokens",
-                limit.max_tokens,
-                used,
-                session_id,
-                retry_after=retry_after,
-                budget=limit,
+                LimitHit(
+                    "budget_tokens",
+                    limit.max_tokens,
+                    used,
+                    session_id,
+                    retry_after=retry_after,
+                    budget=limit,
+                )
             )
     if limit.max_cost is not None:
         spent = counter.cost + counter.reserved_cost
         if spent + start.reserve_cost > limit.max_cost:
             raise LimitExceeded(
-                "budget_cost",
-                limit.max_cost,
-                round(spent, 6),
-                session_id,
-                retry_after=retry_after,
-                budget=limit,
+                LimitHit(
+                    "budget_cost",
+                    limit.max_cost,
+                    round(spent, 6),
+                    session_id,
+                    retry_after=retry_after,
+                    budget=limit,
+                )
             )
 
 

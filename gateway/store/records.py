@@ -189,6 +189,24 @@ class TurnStart:
 
 
 @dataclass(slots=True, frozen=True)
+class LimitHit:
+    """A counted limit that stops a turn, as the store found it: everything the policy needs
+    to word the refusal (``policy.verdicts.limit_verdict``), and nothing it would have to ask
+    the store again."""
+
+    limit: str
+    """max_turns, max_session_tokens, budget_tokens, budget_cost, session_paused, ..."""
+    allowed: float
+    used: float
+    session_id: str
+    retry_after: float | None = None
+    """Set for window budgets, which reset."""
+    budget: BudgetLimit | None = None
+    reason: str = ""
+    """Who paused or ended the session, and why (``status_reason``)."""
+
+
+@dataclass(slots=True, frozen=True)
 class TurnTicket:
     session_id: str
     turn: int

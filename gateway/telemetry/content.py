@@ -1,7 +1,9 @@
 """Message content for spans, in the GenAI conventions' shape; only when the operator opts in.
 
 ``gen_ai.input.messages``, ``gen_ai.output.messages`` and ``gen_ai.system_instructions`` as JSON
-strings of role and parts, bounded: the newest messages first, long texts clipped.
+strings of role and parts, bounded: the newest messages first, long texts clipped. Which
+blocks are text, and the text of a tool result, are read as ``gateway/dialects/text.py`` reads
+prose; the role-and-parts shape is the conventions', and stays here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from gateway.dialects.base import as_dict, as_list
+from gateway.dialects.text import TEXT_BLOCKS, texts
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -122,7 +125,7 @@ def _parts(content: Any, limit: int) -> list[dict[str, Any]]:
             continue
         block = as_dict(block)
         kind = block.get("type")
-        if kind in ("text", "input_text", "output_text"):
+        if kind in TEXT_BLOCKS:
             parts.append(_text(block.get("text"), limit))
         elif kind == "tool_use":
             parts.append(_tool_call(block.get("id"), block.get("name"), block.get("input")))
@@ -145,7 +148,7 @@ def _tool_call(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
 
 def _tool_response(call_id: Any, content: Any, limit: int) -> dict[str, Any]:
     if not isinstance(content, str):
-        content = " ".join(str(p.get("content", "")) for p in _parts(content, limit))
+        content = " ".join(texts(content))
     return {"type": "tool_call_response", "id": call_id, "response": _clip(content, limit)}
 
 

@@ -5,11 +5,15 @@ The event loop never writes to stderr itself: records go through a queue to a wr
 outcomes only; never prompt content, never a key (sessions are named by id, keys by hash);
 what a client names freely (model, agent) is capped in length (``gateway.caps``).
 
-Request lines skip ``logging``'s records: once ``configure`` has started the writer, a line is
-queued as its fields and formatted on the writer thread. Through a ``LogRecord`` (caller
-lookup, thread and process names, handler locks) a request line cost 167,000 instructions,
-queued as fields 50,000 (callgrind, the whole process). Without the writer (the app embedded,
-or under test) they go through the ``gateway.requests`` logger.
+Request lines skip ``logging``'s records: once ``configure`` has started the writer, the app's
+``RequestLog`` (``app[REQUEST_LOG]``, attached to the writer's queue when the app starts) queues
+a line as its fields, formatted on the writer thread. Through a ``LogRecord`` (caller lookup,
+thread and process names, handler locks) a request line cost 167,000 instructions, queued as
+fields 50,000 (callgrind, the whole process). Without the writer (the app embedded, or under
+test) they go through the ``gateway.requests`` logger.
+
+No state lives in this module: the writer is ``configure``'s (the process's logging, as the
+root logger's handler), the request log the app's.
 """
 
 from __future__ import annotations
@@ -80,13 +84,17 @@ class TextFormatter(logging.Formatter):
 RequestLine = tuple[float, dict[str, Any]]
 """A request's line as queued: when it was made, and its fields."""
 Formatter = JSONFormatter | TextFormatter
-_lines: queue.SimpleQueue[logging.LogRecord | RequestLine] | None = None
-"""The writer's queue once ``configure`` started it."""
+Queue = queue.SimpleQueue[logging.LogRecord | RequestLine]
+"""What the writer thread reads: ``logging``'s records, and request lines as their fields."""
 
 
 class _Enqueue(logging.handlers.QueueHandler):
     """Hands records to the writer thread as they are: formatting happens there, not on the
     event loop (the standard handler formats before queueing)."""
+
+    def __init__(self, records: Queue) -> None:
+        super().__init__(records)
+        self.records = records
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
@@ -105,7 +113,7 @@ class LogWriter:
 
     def __init__(
         self,
-        records: queue.SimpleQueue[logging.LogRecord | RequestLine],
+        records: Queue,
         formatter: Formatter,
     ) -> None:
         self.records, self.formatter = records, formatter
@@ -117,9 +125,6 @@ class LogWriter:
         self.thread.start()
 
     def stop(self) -> None:
-        global _lines
-        if _lines is self.records:
-            _lines = None
         self._stopping.set()
         self.thread.join()
 
@@ -153,20 +158,41 @@ class LogWriter:
 
 def configure(level: str, fmt: str) -> LogWriter:
     """Route every log record through a queue to the writer thread; returns it (stop it at exit
-    to write what is left)."""
-    global _lines
+    to write what is left). An app started after this queues its request lines to the same
+    writer (``RequestLog.attach``)."""
     formatter: Formatter = JSONFormatter() if fmt == "json" else TextFormatter()
-    records: queue.SimpleQueue[logging.LogRecord | RequestLine] = queue.SimpleQueue()
+    records: Queue = queue.SimpleQueue()
     root = logging.getLogger()
     root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
     writer = LogWriter(records, formatter)
     writer.start()
-    _lines = records
     return writer
 
 
-def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
+class RequestLog:
+    """One app's request lines (``app[REQUEST_LOG]``): queued as their fields to the writer
+    thread ``configure`` started, or, without one, logged through ``gateway.requests``."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: Queue | None = None) -> None:
+        self.lines = lines
+        """The writer's queue while the app runs, if a writer was started."""
+
+    def attach(self) -> None:
+        """Queue to the writer ``configure`` installed as the root logger's handler, if any
+        (the app's cleanup context, at start-up)."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, _Enqueue):
+                self.lines = handler.records
+                return
+
+    def detach(self) -> None:
+        self.lines = None
+
+
+def log_request(requests: RequestLog, ex: Exchange, route: str, trace_id: str | None) -> None:
     """The request's line: who, what, how it ended, how long it took, what it cost."""
     if not REQUESTS.isEnabledFor(logging.INFO):
         return
@@ -198,8 +224,9 @@ def log_request(ex: Exchange, route: str, trace_id: str | None) -> None:
         fields["limit"], fields["rule"] = ex.rejection
     if ex.compaction is not None:
         fields["compacted"] = ex.compaction.header()
-    if _lines is not None:
-        _lines.put((time.time(), fields))
+    lines = requests.lines
+    if lines is not None:
+        lines.put((time.time(), fields))
     else:
         REQUESTS.info("request", extra=fields)
 

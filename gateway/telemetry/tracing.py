@@ -16,6 +16,9 @@ Headers are never recorded (so neither are API keys). Message content is recorde
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``, as the conventions'
 ``gen_ai.input.messages`` / ``gen_ai.output.messages`` JSON, the newest messages first up to
 ``GATEWAY_OTEL_CONTENT_MAX_CHARS`` (16384 by default).
+
+This module makes the spans; the names they carry are in ``conventions``, the reading of the
+``OTEL_*`` variables in ``otel_env``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,151 +45,67 @@ from gateway.compaction.job import SummaryFailed
 from gateway.dialects.base import Usage
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.telemetry.content import input_messages, output_messages, system_instructions
+from gateway.telemetry.conventions import (
+    ERROR_TYPE,
+    GEN_AI_AGENT_NAME,
+    GEN_AI_CONVERSATION_COMPACTED,
+    GEN_AI_CONVERSATION_ID,
+    GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_OUTPUT_MESSAGES,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_CHOICE_COUNT,
+    GEN_AI_REQUEST_FREQUENCY_PENALTY,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_PRESENCE_PENALTY,
+    GEN_AI_REQUEST_PREVIOUS_RESPONSE_ID,
+    GEN_AI_REQUEST_SEED,
+    GEN_AI_REQUEST_STOP_SEQUENCES,
+    GEN_AI_REQUEST_STREAM,
+    GEN_AI_REQUEST_TEMPERATURE,
+    GEN_AI_REQUEST_TOP_K,
+    GEN_AI_REQUEST_TOP_P,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
+    GEN_AI_SYSTEM_INSTRUCTIONS,
+    GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+    GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+    GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+    OPENAI_API_TYPE,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    URL_PATH,
+)
+from gateway.telemetry.otel_env import (
+    capture_from_env,
+    content_limit_from_env,
+    exporters_wanted,
+    provider_from_env,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
 
     from gateway.compaction.job import Summarizer, Summary
     from gateway.exchange import Exchange
 
 log = logging.getLogger("gateway.telemetry.tracing")
 
-# -- names: the GenAI conventions (semantic-conventions 1.41 and semantic-conventions-genai) --
-GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
-GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
-GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
-GEN_AI_CONVERSATION_COMPACTED = "gen_ai.conversation.compacted"
-GEN_AI_AGENT_NAME = "gen_ai.agent.name"
-GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
-GEN_AI_REQUEST_STREAM = "gen_ai.request.stream"
-GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
-GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
-GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
-GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
-GEN_AI_REQUEST_FREQUENCY_PENALTY = "gen_ai.request.frequency_penalty"
-GEN_AI_REQUEST_PRESENCE_PENALTY = "gen_ai.request.presence_penalty"
-GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
-GEN_AI_REQUEST_STOP_SEQUENCES = "gen_ai.request.stop_sequences"
-GEN_AI_REQUEST_CHOICE_COUNT = "gen_ai.request.choice.count"
-GEN_AI_REQUEST_PREVIOUS_RESPONSE_ID = "gen_ai.request.previous_response.id"
-GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
-GEN_AI_RESPONSE_ID = "gen_ai.response.id"
-GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
-GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
-GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
-GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
-GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
-GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
-"""The name in semantic-conventions 1.41 (the last release that defines the GenAI names)."""
-GEN_AI_USAGE_CACHE_WRITE_INPUT_TOKENS = "gen_ai.usage.cache_write.input_tokens"
-"""The same count under its newer name in semantic-conventions-genai; both are recorded."""
-GEN_AI_USAGE_REASONING_OUTPUT_TOKENS = "gen_ai.usage.reasoning.output_tokens"
-GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
-GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
-GEN_AI_SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
-OPENAI_API_TYPE = "openai.api.type"
-SERVER_ADDRESS = "server.address"
-SERVER_PORT = "server.port"
-ERROR_TYPE = "error.type"
-HTTP_REQUEST_METHOD = "http.request.method"
-HTTP_ROUTE = "http.route"
-HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
-URL_PATH = "url.path"
-
-CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-CONTENT_LIMIT_ENV = "GATEWAY_OTEL_CONTENT_MAX_CHARS"
-DEFAULT_CONTENT_LIMIT = 16384
-SERVICE_NAME = "agent-gateway"
-_CAPTURE_VALUES = frozenset({"true", "span_only", "span_and_event"})
 _API_TYPES = {"openai.chat": "chat_completions", "openai.responses": "responses"}
 
 _CALL: ContextVar[Context | None] = ContextVar("gateway_tracing_call", default=None)
 """The context of the gateway's own call in progress (the summary call), for ``inject``."""
 
 Handler = Callable[["Exchange"], Awaitable[web.StreamResponse]]
-
-
-# -- configuration -----------------------------------------------------------------------------
-def capture_from_env(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return env.get(CAPTURE_ENV, "").strip().lower() in _CAPTURE_VALUES
-
-
-def content_limit_from_env(env: Mapping[str, str] | None = None) -> int:
-    env = os.environ if env is None else env
-    try:
-        return max(256, int(env.get(CONTENT_LIMIT_ENV, DEFAULT_CONTENT_LIMIT)))
-    except ValueError:
-        return DEFAULT_CONTENT_LIMIT
-
-
-def exporters_wanted(env: Mapping[str, str] | None = None) -> list[str]:
-    """The exporters the ``OTEL_*`` variables ask for (``otlp``, ``console``), or none.
-
-    Unlike the SDK's own default, nothing is exported unless asked: an OTLP endpoint, or
-    ``OTEL_TRACES_EXPORTER``. ``OTEL_SDK_DISABLED=true`` and ``OTEL_TRACES_EXPORTER=none`` turn
-    tracing off."""
-    env = os.environ if env is None else env
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return []
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
-    names = [n for n in names if n]
-    if not names:
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        return ["otlp"] if endpoint else []
-    return [] if "none" in names else names
-
-
-def provider_from_env(env: Mapping[str, str] | None = None) -> SdkTracerProvider | None:
-    """A TracerProvider exporting as the ``OTEL_*`` variables say, or None when they configure
-    no exporter. Blocking (it imports exporters and reads resource detectors): run it in a
-    thread. The exporters read their own variables (endpoint, headers, timeout, compression),
-    the provider its sampler and limits, the batch processor its ``OTEL_BSP_*``."""
-    env = os.environ if env is None else env
-    exporters: list[SpanExporter] = []
-    for name in exporters_wanted(env):
-        if name == "otlp":
-            exporters.append(_otlp_exporter(env))
-        elif name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            exporters.append(ConsoleSpanExporter())
-        else:
-            log.warning("OTEL_TRACES_EXPORTER=%s is not supported here; ignored", name)
-    if not exporters:
-        return None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    named = "OTEL_SERVICE_NAME" in env or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    resource = Resource.create({} if named else {"service.name": SERVICE_NAME})
-    provider = TracerProvider(resource=resource)
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
-
-
-def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter()
-    if protocol != "http/protobuf":
-        log.warning("OTLP protocol %r is not supported here; using http/protobuf", protocol)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter()
 
 
 # -- one app's tracing -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ are files the agent read (about 1,500 bytes each, different every time).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from gateway.dialects.base import History
 from gateway.policy.model import Context
 from gateway.tokens import TokenCounter
 
-COUNTER = TokenCounter()
+# Exact counts: these tests check compaction's arithmetic, and on a loaded machine the
+# per-loop-turn budget (tests/test_tokens.py tests it) would turn some counts into estimates.
+COUNTER = TokenCounter(budget=math.inf)
 COUNTER.count_text("", "gpt-4o")  # loads o200k here, not on the event loop (tests use no other)
 count = COUNTER.count_item
 

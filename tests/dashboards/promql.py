@@ -45,7 +45,8 @@ class Query:
 
 
 def load_build() -> ModuleType:
-    """``dashboards/build.py`` as a module (the folder is not a package)."""
+    """``dashboards/build.py`` as a module (the folder is not a package). What it writes is
+    built by ``boards``, the package beside it, which it imports: ``load_build().boards``."""
     spec = importlib.util.spec_from_file_location("dashboards_build", DASHBOARDS / "build.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

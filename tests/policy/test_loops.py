@@ -14,7 +14,8 @@ import pytest
 from gateway.fake_provider import FakeProviderConfig, ToolCallSpec
 from gateway.loops import COUNT_BOUND, Detection, Signature, identical_run, signatures
 from gateway.policy import Caller, parse_policy
-from gateway.policy.decide import Decision, loop_verdict
+from gateway.policy.decide import Decision
+from gateway.policy.verdicts import loop_verdict
 from gateway.store import Limits
 from tests.conftest import load_fixture
 from tests.harness import MakeGateway, session_headers

@@ -78,8 +78,9 @@ def test_max_turns_raises_and_records_nothing() -> None:
     before = (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens, rec.last_seen)
     with pytest.raises(LimitExceeded) as caught:
         check_and_reserve(rec, start(at=2000.0, reserve=5), Limits(max_turns=3))
-    assert (caught.value.limit, caught.value.allowed, caught.value.used) == ("max_turns", 3, 3)
-    assert caught.value.session_id == "s1"
+    hit = caught.value.hit
+    assert (hit.limit, hit.allowed, hit.used) == ("max_turns", 3, 3)
+    assert hit.session_id == "s1"
     assert (rec.turns, rec.user_turns, rec.in_flight, rec.reserved_tokens, rec.last_seen) == before
 
 
@@ -89,8 +90,8 @@ def test_max_session_tokens_counts_reservations() -> None:
     ticket = check_and_reserve(rec, start(reserve=600), limits)
     with pytest.raises(LimitExceeded) as caught:
         check_and_reserve(rec, start(reserve=500), limits)
-    assert caught.value.limit == "max_session_tokens"
-    assert (caught.value.allowed, caught.value.used) == (1000, 600)
+    assert caught.value.hit.limit == "max_session_tokens"
+    assert (caught.value.hit.allowed, caught.value.hit.used) == (1000, 600)
     assert (rec.turns, rec.reserved_tokens, rec.in_flight) == (1, 600, 1)
     # The call ends having used less than it reserved: the reservation goes, usage stays.
     settle(rec, ticket, end(Usage(input_tokens=350, output_tokens=50)))
@@ -209,8 +210,8 @@ async def test_limit_exceeded_records_nothing(store: Store) -> None:
 
 
 async def test_record_aux_is_not_a_turn(store: Store) -> None:
-    await store.record_aux(start("aux", at=10.0))
-    await store.record_aux(start("aux", at=20.0))
+    await store.record_aux(start("aux").identity, 10.0)
+    await store.record_aux(start("aux").identity, 20.0)
     rec = await store.get("aux")
     assert rec is not None
     assert (rec.aux_requests, rec.turns, rec.in_flight) == (2, 0, 0)

@@ -58,7 +58,7 @@ async def test_a_session_with_a_call_in_flight_is_never_evicted() -> None:
         await store.begin_turn(start("busy", at=1102.0), limits)
         raise AssertionError("a third turn of two went through")
     except LimitExceeded as exc:
-        assert exc.limit == "max_turns"
+        assert exc.hit.limit == "max_turns"
 
 
 async def test_what_a_session_costs() -> None:
@@ -74,7 +74,9 @@ async def test_what_a_session_costs() -> None:
             await finished_turn(store, f"session-{i:08d}", at=1000.0 + i)
             await finished_turn(store, f"session-{i:08d}", at=1002.0 + i)
             await finished_turn(store, f"session-{i:08d}", at=1004.0 + i, model="gpt-5-mini")
-            await store.note(start(f"session-{i:08d}", at=1005.0 + i), "warnings", {"w": ["80%"]})
+            await store.note(
+                start(f"session-{i:08d}").identity, 1005.0 + i, "warnings", {"w": ["80%"]}
+            )
         gc.collect()
         per_session = (tracemalloc.get_traced_memory()[0] - before) / sessions
     finally:

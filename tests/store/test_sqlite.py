@@ -29,7 +29,7 @@ async def test_counts_resume_after_reopen(tmp_path: Path) -> None:
         ticket = await first.begin_turn(start("s1", at=100.0 + i, user_turn=i == 0), Limits())
         usage = Usage(input_tokens=100, output_tokens=10, cache_read_tokens=50)
         await first.end_turn(ticket, end(usage, at=100.5 + i))
-    await first.record_aux(start("s1", at=110.0))
+    await first.record_aux(start("s1").identity, 110.0)
     await first.close()
 
     second = await _reopen(path)

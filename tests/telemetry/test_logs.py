@@ -141,3 +141,25 @@ async def test_a_huge_model_name_makes_a_short_line(
     fields = json.loads(line)
     assert len(fields["model"]) == 128 and fields["model"].endswith("\u2026")
     assert len(fields["agent"]) <= 128
+
+
+def test_the_request_log_joins_the_configured_writers_queue() -> None:
+    """The app's ``RequestLog`` holds the writer's queue (no module-level state): found on the
+    root logger at start-up, dropped at cleanup; without a writer, lines go through logging."""
+    from gateway.telemetry import logs
+
+    requests = logs.RequestLog()
+    requests.attach()
+    assert requests.lines is None  # no writer: the gateway.requests logger
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    writer = logs.configure("info", "json")
+    try:
+        requests.attach()
+        assert requests.lines is writer.records
+        requests.detach()
+        assert requests.lines is None
+    finally:
+        writer.stop()
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -162,7 +162,7 @@ async def test_without_proc_the_process_families_are_left_out(
         def __init__(self, registry: None) -> None:
             super().__init__(proc="/nonexistent", registry=registry)
 
-    monkeypatch.setattr("gateway.telemetry.metrics.ProcessCollector", NoProc)
+    monkeypatch.setattr("gateway.telemetry.collectors.ProcessCollector", NoProc)
     gw = await make_gateway(None)
     found = await samples(gw)
     assert not [name for name, _ in found if name.startswith("process_")]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -20,7 +20,7 @@ from gateway.appkeys import TRACING
 from gateway.compaction.transcript import INSTRUCTIONS
 from gateway.fake_provider import CONFIG, RECEIVED
 from gateway.fake_provider.config import DEFAULT_REPLY
-from gateway.telemetry import content, tracing
+from gateway.telemetry import content, otel_env
 from tests.compaction.test_sessions import POLICY as COMPACTION_POLICY
 from tests.compaction.test_sessions import WINDOW, file_contents
 from tests.conftest import ANTHROPIC_MODEL
@@ -455,7 +455,7 @@ async def test_content_is_recorded_when_opted_in(
     api: Api,
     stream: bool,
 ) -> None:
-    monkeypatch.setenv(tracing.CAPTURE_ENV, "true")
+    monkeypatch.setenv(otel_env.CAPTURE_ENV, "true")
     gw = await traced(make_gateway, provider)
     assert gw.server.app[TRACING].capture_content
     await sdk_call(gw, api, stream, session_headers("open"))
@@ -518,42 +518,7 @@ def test_tool_calls_and_results_take_the_conventions_shapes() -> None:
         assert result == {"type": "tool_call_response", "id": "c1", "response": "42"}
 
 
-# -- configuration -----------------------------------------------------------------------------
-def test_nothing_is_exported_unless_the_environment_asks() -> None:
-    assert tracing.exporters_wanted({}) == []
-    assert tracing.exporters_wanted({"OTEL_SERVICE_NAME": "gw"}) == []
-    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
-    assert tracing.exporters_wanted(endpoint) == ["otlp"]
-    assert tracing.exporters_wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "x"}) == ["otlp"]
-    assert tracing.exporters_wanted({"OTEL_TRACES_EXPORTER": "console"}) == ["console"]
-    assert tracing.exporters_wanted({**endpoint, "OTEL_TRACES_EXPORTER": "none"}) == []
-    assert tracing.exporters_wanted({**endpoint, "OTEL_SDK_DISABLED": "true"}) == []
-    assert tracing.provider_from_env({}) is None
-
-
-@pytest.mark.parametrize(
-    ("protocol", "module"),
-    [
-        (None, "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
-        ("http/protobuf", "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
-        ("grpc", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"),
-    ],
-)
-def test_the_otlp_protocol_picks_the_exporter(protocol: str | None, module: str) -> None:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_SERVICE_NAME": "gw-test"}
-    if protocol is not None:
-        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = protocol
-    provider = tracing.provider_from_env(env)
-    assert provider is not None
-    try:
-        processors = provider._active_span_processor._span_processors
-        (processor,) = processors
-        assert isinstance(processor, BatchSpanProcessor)
-        assert type(processor._batch_processor._exporter).__module__ == module
-    finally:
-        provider.shutdown()
-
-
+# -- configuration from the environment (the variables themselves: test_otel_env.py) ------
 async def test_the_environment_configures_an_apps_tracing(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:

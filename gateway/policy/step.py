@@ -1,0 +1,97 @@
+"""The policy step of the pipeline: from an exchange to a ``Decision``, and the one way a call
+is refused.
+
+Everything web-shaped about the policy is here (the app's store, policy and settings, the
+exchange's headers); ``decide`` only sees values. Every step that refuses a call (this one,
+compaction's overflow, the counted limits of ``accounting.begin_turn``) does it through
+``reject``, so a refusal is noted with the session once, in one shape.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NoReturn
+
+from gateway.appkeys import POLICY, SETTINGS, STORE, TOKENS
+from gateway.errors import ContextOverflow, PolicyRejection
+from gateway.exchange import Exchange
+from gateway.policy import decide
+from gateway.policy.decide import Decision, PolicyStop
+from gateway.policy.verdicts import Verdict, loop_verdict
+
+
+async def decide_policy(ex: Exchange) -> None:
+    """The policy's verdict before anything is counted: size, model, input size, loops."""
+    assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
+    app, facts = ex.app, ex.facts
+    policy = app[POLICY].policy
+    proxies = app[SETTINGS].trusted_proxies
+    who = decide.caller(
+        policy,
+        ex.identity,
+        facts.model,
+        ex.request.headers,
+        ex.request.remote if proxies else None,  # only a trusted proxy's peer matters
+        proxies,
+    )
+    ex.team = who.team
+    call = decide.Call(
+        who,
+        ex.dialect,
+        facts,
+        ex.record,
+        time.time(),
+        len(ex.raw),
+        ex.body_hash,
+        ex.helper_call,
+    )
+    try:
+        ex.decision = decide.decide(policy, call, app[TOKENS])
+    except PolicyStop as stop:
+        await reject(ex, stop.verdict)
+    if ex.decision.detections:
+        await detected(ex, ex.decision)
+
+
+async def detected(ex: Exchange, decision: Decision) -> None:
+    """Loops were found: each is kept with the session, and the stop they call for (pausing the
+    session first, if the policy says so) is made, unless the policy only flags them."""
+    assert ex.identity is not None
+    store, identity = ex.app[STORE], ex.identity
+    for detection in decision.detections:
+        at = time.time()
+        event = {"key": f"{detection.detector}:{detection.tool}", "at": at, **detection.evidence()}
+        await store.note(identity, at, "detections", event)
+    verdict = loop_verdict(decision, identity.session_id, ex.record)
+    if verdict is None:
+        return
+    if decision.effective.settings.loops.action == "pause":
+        reason = f"paused by the loop rule: {decision.detections[0].describe()}"
+        await store.set_status(identity.session_id, "paused", reason)
+    await reject(ex, verdict)
+
+
+async def warn(ex: Exchange, warnings: list[str]) -> None:
+    """Past ``warn_at`` of a limit: the answer's headers say so (``decision.warnings``), and the
+    session keeps it. Called only when there is something to say (no coroutine otherwise)."""
+    assert ex.identity is not None and ex.decision is not None
+    ex.decision.warnings = warnings
+    at = time.time()
+    kinds = ",".join(w.split(" ", 1)[0] for w in warnings)
+    await ex.app[STORE].note(
+        ex.identity, at, "warnings", {"key": kinds, "at": at, "warnings": warnings}
+    )
+
+
+async def reject(ex: Exchange, verdict: Verdict) -> NoReturn:
+    """The one place a call is refused: noted with its session (a rejected call, not a turn)
+    and answered as the verdict says, an overflow as the provider's own error."""
+    assert ex.identity is not None
+    at = time.time()
+    event = {"key": verdict.limit, "at": at, "limit": verdict.limit, "rule": verdict.rule}
+    await ex.app[STORE].note(ex.identity, at, "rejections", event, rejected=True)
+    if verdict.overflow:
+        raise ContextOverflow(verdict.message, rule=verdict.rule)
+    raise PolicyRejection(
+        verdict.message, limit=verdict.limit, rule=verdict.rule, retry_after=verdict.retry_after
+    )
