@@ -144,6 +144,8 @@ class GatewayServer(web.Server):
         self.refused = 0
         self.drain: Drain | None = None
         """Set by ``shutdown``."""
+        self.hurry = asyncio.Event()
+        """Set by a second stop signal: the drain ends now, what is in flight is cut."""
         self._busy = _busy_answer(max_connections)
 
     def in_flight(self) -> list[RequestHandler]:
@@ -170,7 +172,7 @@ class GatewayServer(web.Server):
         request a callback."""
         waiting = self.in_flight()
         drain = self.drain = Drain(in_flight=len(waiting))
-        waiting = await _until_ended(waiting, timeout)
+        waiting = await _until_ended(waiting, timeout, self.hurry)
         drain.cut = len(waiting)
         drain.finished = drain.in_flight - drain.cut
         for handler in waiting:
@@ -202,13 +204,15 @@ class GatewayServer(web.Server):
 
 
 async def _until_ended(
-    handlers: list[RequestHandler], seconds: float | None
+    handlers: list[RequestHandler], seconds: float | None, hurry: asyncio.Event | None = None
 ) -> list[RequestHandler]:
-    """Wait up to ``seconds`` (None: for ever) for these connections' requests to end; the
-    ones still running."""
+    """Wait up to ``seconds`` (None: for ever), or until ``hurry`` is set, for these
+    connections' requests to end; the ones still running."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (seconds or 0.0)
     while handlers and (seconds is None or loop.time() < deadline):
+        if hurry is not None and hurry.is_set():
+            break
         await asyncio.sleep(DRAIN_POLL)
         handlers = [handler for handler in handlers if handler._request_in_progress]
     return handlers
@@ -241,6 +245,11 @@ async def serve(app: web.Application, host: str, port: int) -> None:
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig)
+        if stop.is_set() and isinstance(server, GatewayServer):
+            # A second signal while draining (an impatient Ctrl-C): cut what is in flight now,
+            # but still close the app (the store's last writes, the turns' accounting).
+            log.warning("%s again: cutting the drain short", sig.name)
+            server.hurry.set()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -258,10 +267,12 @@ async def serve(app: web.Application, host: str, port: int) -> None:
             extra={"in_flight": in_flight, "drain_timeout": drain_timeout},
         )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         started = loop.time()
-        await runner.cleanup()
+        try:
+            await runner.cleanup()  # the drain: the handlers stay, for a second signal
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     drain = server.drain if isinstance(server, GatewayServer) else None
     drain = drain or Drain()
     log.info(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -251,3 +253,44 @@ def test_the_cli_starts_without_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert shown.strip() == "[]"
+
+
+def test_the_admin_token_never_follows_a_redirect(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """urllib follows a redirect with every header it was given: the admin token would go to
+    whatever host a redirect names. The admin API never redirects, so one is an error."""
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"sessions": []}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(Elsewhere):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{other.server_port}/gateway/sessions")
+            self.end_headers()
+
+    first = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (first, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "supersecret-admin")
+        url = f"http://127.0.0.1:{first.server_port}"
+        with pytest.raises(SystemExit) as refused:
+            main(["sessions", "--url", url, "list"])
+        assert "302" in str(refused.value) and "supersecret" not in str(refused.value)
+        assert seen == []
+    finally:
+        for server in (first, other):
+            server.shutdown()
+            server.server_close()

@@ -193,6 +193,15 @@ async def test_a_cost_budget_refuses_an_unpriced_model(make_gateway: MakeGateway
     assert counter["cost"] > 0
 
 
+async def test_the_refusal_of_a_huge_unpriced_name_echoes_it_capped(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(COST_BUDGET)
+    refused = await call(gw, "chat", session_headers("huge"), model="z" * 1_000_000)
+    assert refused.status == 400 and refused.code("chat") == "gateway_policy_unpriced_model"
+    assert len(refused.message) < 1_000
+
+
 async def test_a_default_price_lets_an_unpriced_model_through_a_cost_budget(
     make_gateway: MakeGateway,
 ) -> None:

@@ -142,11 +142,15 @@ class Served:
         self.process, self.port = process, port
         self.url = f"http://127.0.0.1:{port}"
 
-    async def stop(self) -> tuple[float, list[dict[str, Any]]]:
-        """SIGTERM; the seconds until the process exited, and the ``gateway.server`` lines."""
+    async def stop(self, again_after: float | None = None) -> tuple[float, list[dict[str, Any]]]:
+        """SIGTERM (and, ``again_after`` seconds later, SIGINT: an impatient operator); the
+        seconds until the process exited, and the ``gateway.server`` lines."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         self.process.send_signal(signal.SIGTERM)
+        if again_after is not None:
+            await asyncio.sleep(again_after)
+            self.process.send_signal(signal.SIGINT)
         _, stderr = await asyncio.wait_for(self.process.communicate(), 30)
         took = loop.time() - sent
         assert self.process.returncode == 0, stderr.decode()
@@ -258,4 +262,24 @@ async def test_a_call_past_the_drain_timeout_is_cut(
     assert took < 3.0
     begin, end = stop_lines(lines)
     assert begin["drain_timeout"] == 0.3
+    assert (end["in_flight"], end["finished"], end["cut"]) == (1, 0, 1)
+
+
+async def test_a_second_signal_cuts_the_drain_short_and_still_closes_cleanly(
+    serve_process: Callable[..., Any], fake_provider: TestServer
+) -> None:
+    """Ctrl-C during a drain used to kill the process with a traceback, before the store's
+    last writes and the stop's end line."""
+    fake_provider.app[CONFIG].chunk_delay = 1.0  # a stream of about 15 s
+    served = await serve_process(GATEWAY_OPENAI_UPSTREAM=str(fake_provider.make_url("/v1")))
+    url, body, headers = streamed_chat(served)
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as resp:
+        await resp.content.readline()
+        stopping = asyncio.ensure_future(served.stop(again_after=0.3))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.content.read()
+    took, lines = await stopping  # exit status 0, checked by stop()
+    assert took < 3.0, f"the drain (25 s) went on after the second signal: {took:.2f}s"
+    assert any(line["message"] == "SIGINT again: cutting the drain short" for line in lines)
+    _, end = stop_lines(lines)
     assert (end["in_flight"], end["finished"], end["cut"]) == (1, 0, 1)

@@ -129,12 +129,23 @@ def _admin(
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with _NO_REDIRECTS.open(request, timeout=10) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"gateway: {_refusal(exc, sent_token=bool(token))}") from exc
     except urllib.error.URLError as exc:
         raise SystemExit(f"gateway: cannot reach {base}: {exc.reason}") from exc
+
+
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """The admin API never redirects; urllib would follow one with the admin token to any
+    host, so a redirect is answered as the error it is."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
 
 
 def _refusal(exc: urllib.error.HTTPError, *, sent_token: bool) -> str:

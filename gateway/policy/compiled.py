@@ -23,6 +23,8 @@ from gateway.policy.prices import DAY, ModelPrice, builtin, from_policy
 
 _BLOCKS = ("limits", "loops", "context")
 _CACHE_SIZE = 4096
+MAX_MODEL_NAME = 256
+"""Longer model names are not priced by name (only the policy's ``*`` default applies)."""
 
 
 class RuleError(Exception):
@@ -279,6 +281,10 @@ class CompiledPolicy:
         default (``*``); None: unpriced. Resolved once per model and UTC day (a price can
         change on a date), then a dictionary look-up."""
         if not model:
+            return self.default_price
+        if len(model) > MAX_MODEL_NAME:
+            # No model is named like this: not looked up (genai-prices scans the name, 0.14 s
+            # a megabyte, on the event loop) and not cached (it would hold the name).
             return self.default_price
         key = (model, int((time.time() if now is None else now) // DAY))
         if key in self._price_cache:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from gateway.caps import cap
 from gateway.loops import Detection
 from gateway.policy.compiled import Effective
 from gateway.store import LimitHit, SessionRecord, TurnTicket
@@ -42,7 +43,7 @@ def body_too_large(effective: Effective, size: int, version: str) -> Verdict:
 
 
 def model_refused(effective: Effective, model: str, agent: str, version: str) -> Verdict:
-    models = effective.settings.limits.models
+    models, model = effective.settings.limits.models, cap(model)  # the client's, echoed
     return Verdict(
         "models",
         effective.source("limits.models"),
@@ -65,6 +66,7 @@ def input_too_large(effective: Effective, estimate: int, version: str) -> Verdic
 
 def unpriced(effective: Effective, model: str, version: str) -> Verdict:
     """A cost budget cannot count a call it has no price for: refused, not let through free."""
+    model = cap(model)  # the client's, echoed
     return Verdict(
         "unpriced_model",
         effective.source("budgets"),

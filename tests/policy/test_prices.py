@@ -12,6 +12,7 @@ import pytest
 
 from gateway.dialects.base import Usage
 from gateway.policy import PolicyError, parse_policy
+from gateway.policy import compiled as compiled_module
 from gateway.policy.loader import packaged_default
 from gateway.policy.prices import ModelPrice, Rates, builtin, cost, data_version, hold
 
@@ -87,6 +88,22 @@ def test_the_star_glob_is_the_default_for_models_nothing_else_prices() -> None:
     assert default.rates.input == 5.0
     # The default does not replace the built-in table.
     assert price_of(text, "gpt-4o") == builtin("gpt-4o", DAY)
+
+
+def test_a_name_no_model_has_is_not_looked_up_or_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's model name can be megabytes: the table scans it (0.14 s a megabyte, on the
+    event loop) and a cache would keep it. Past MAX_MODEL_NAME only the '*' default applies."""
+    text = "version: 1\nprices:\n  '*': {input: 5, output: 20}\n"
+    policy = parse_policy(text, "test.yaml")
+    looked_up: list[str] = []
+    monkeypatch.setattr(compiled_module, "builtin", lambda model, day: looked_up.append(model))
+    huge = "gpt-4o" + "x" * compiled_module.MAX_MODEL_NAME
+    found = policy.price(huge)
+    assert found is not None and found.source == "policy '*'"
+    assert looked_up == [] and not any(huge in key for key in policy._price_cache)
+    assert (
+        parse_policy("version: 1\n", "test.yaml").price(huge) is None
+    )  # unpriced, as any unknown name
 
 
 @pytest.mark.parametrize(
