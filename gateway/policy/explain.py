@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.cli.formatting import table
 from gateway.policy.claims import claims_of
 from gateway.policy.compiled import CompiledPolicy, Effective
 from gateway.policy.model import Budget
@@ -47,10 +48,7 @@ def budget_table(budgets: list[Budget]) -> list[str]:
     names = list(Budget.model_fields)
     rows = [[name.replace("_", " ") for name in names]]
     rows += [[_cell(getattr(budget, name)) for name in names] for budget in budgets]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(names))]
-    return [
-        "  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
+    return ["  " + line for line in table(rows[0], rows[1:]).splitlines()]
 
 
 def claim_marks(policy: CompiledPolicy, effective: Effective) -> dict[str, list[str]]:
