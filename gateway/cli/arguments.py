@@ -28,6 +28,13 @@ def command(
     return parser
 
 
+def subcommands(group: argparse.ArgumentParser, title: str) -> Any:
+    """The commands of a group (``gateway policy check``): one of them is required."""
+    commands = group.add_subparsers(title=title, metavar="COMMAND")
+    commands.required = True
+    return commands
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.arguments import command
+from gateway.cli.arguments import command, subcommands
 from gateway.cli.formatting import plural
 
 
 def add_commands(commands: Any) -> None:
     """The ``policy`` group, then the ``config`` group."""
     policy = command(commands, "policy", "check, explain and document policy files")
-    policy_commands = policy.add_subparsers(title="policy commands", metavar="COMMAND")
-    policy_commands.required = True
+    policy_commands = subcommands(policy, "policy commands")
 
     check = command(
         policy_commands,
@@ -69,8 +68,7 @@ def add_commands(commands: Any) -> None:
     reference.set_defaults(run=_policy_reference)
 
     config = command(commands, "config", "the gateway's own settings")
-    config_commands = config.add_subparsers(title="config commands", metavar="COMMAND")
-    config_commands.required = True
+    config_commands = subcommands(config, "config commands")
     config_reference = command(
         config_commands,
         "reference",

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from gateway.cli.arguments import command, not_negative, positive
+from gateway.cli.arguments import command, not_negative, positive, subcommands
 from gateway.cli.formatting import ago, count, plural, table, when
 
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -37,8 +37,7 @@ def add_commands(commands: Any) -> None:
         f"With an admin token set on the gateway, set {TOKEN_VARIABLE} here too (or pass --token).",
     )
     _connection_options(sessions, copy=False)
-    session_commands = sessions.add_subparsers(title="session commands", metavar="COMMAND")
-    session_commands.required = True
+    session_commands = subcommands(sessions, "session commands")
 
     listing = command(session_commands, "list", "sessions, newest first")
     listing.add_argument("--agent", help="only this agent's (claude-code, codex, opencode, ...)")
