@@ -22,12 +22,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,16 +241,9 @@ class Ports:
         }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def ports() -> Ports:
-    return Ports(free_port(), free_port())
+def ports(unused_tcp_port_factory: Callable[[], int]) -> Ports:
+    return Ports(unused_tcp_port_factory(), unused_tcp_port_factory())
 
 
 @pytest.fixture
