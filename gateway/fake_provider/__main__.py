@@ -9,6 +9,7 @@ import json
 
 from .app import serve
 from .config import FakeProviderConfig, ToolCallSpec
+from .faults import Fault, FaultError, parse_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Responses, Anthropic Messages, strict like the real APIs, deterministic answers.\n"
             "Aim the gateway at it with GATEWAY_OPENAI_UPSTREAM=http://HOST:PORT/v1 and\n"
             "GATEWAY_ANTHROPIC_UPSTREAM=http://HOST:PORT. A request's x-fake-scenario header\n"
-            "changes one answer (errors, cut streams, delays)."
+            "changes one answer (errors, cut streams, delays); --fault rules, or POST\n"
+            "/_fake/faults, break every request for a while (outages the client does not ask for)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,7 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKENS",
         help="refuse a request with more input tokens, with the API's real overflow error",
     )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        type=_fault,
+        default=[],
+        metavar="SPEC",
+        help=(
+            "start with this fault rule (repeatable, applied in order to every API request): "
+            "KIND[:VALUE][:NAME=VALUE...], e.g. status:503:count=3:retry_after=1, reset:count=1, "
+            "delay:2, hang, cut_stream:2, status:529:path=/v1/messages; change them at run "
+            "time with POST/GET/DELETE /_fake/faults"
+        ),
+    )
     return parser
+
+
+def _fault(spec: str) -> Fault:
+    try:
+        return parse_spec(spec)
+    except FaultError as exc:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {exc}") from exc
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderConfig]:
@@ -83,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, int, FakeProviderCon
         chunk_delay=args.chunk_delay,
         record=not args.no_record,
         context_window=args.context_window,
+        faults=tuple(args.fault),
     )
     if args.reply_text is not None:
         config.reply_text = args.reply_text

@@ -1,14 +1,20 @@
 """The fake provider's web app: routes, the request path, ``create_app`` and ``serve``.
 
-Every API request follows the same steps, in order: record it, check the key, read the
+Every API request follows the same steps, in order: record it, apply the app's fault rules
+(``faults.py``: an error, a reset, a delay, a hang, or a stream to cut), check the key, read the
 ``x-fake-scenario`` header, wait (``slow``), fail on purpose (``error``), parse the JSON once,
 validate strictly, count the prompt against the context window, decide the ``Turn``, then
 answer as JSON or as SSE.
+
+Faults come before the key check so that an outage looks like one whatever the client sends,
+and after recording so that tests still see every attempt that arrived. ``/_fake/faults`` is
+the fault rules' control endpoint; it is not an API route and goes through none of the steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -30,6 +36,7 @@ from .errors import (
     invalid_request,
     unknown_model,
 )
+from .faults import CONTROL_PATH, FAULTS, Faults, clear_faults, inject, set_faults, show_faults
 from .ids import new_id
 from .messages import MESSAGES, validate_count_tokens
 from .messages import prompt_parts as anthropic_prompt_parts
@@ -75,17 +82,21 @@ RECEIVED: Final[web.AppKey[deque[ReceivedRequest]]] = web.AppKey("fake_provider_
 
 
 async def _admit(request: web.Request, flavor: Flavor) -> tuple[bytes, Scenario]:
-    """Record, authenticate, read the scenario, then apply ``slow`` and ``error``."""
+    """Record, apply the fault rules, authenticate, read the scenario, then apply ``slow`` and
+    ``error``. A fault rule's ``cut_stream`` overrides the header's."""
     body = await request.read()
     if request.app[CONFIG].record:
         request.app[RECEIVED].append(
             ReceivedRequest(request.method, request.path_qs, dict(request.headers), body)
         )
+    cut_after = await inject(request, lambda: _asks_for_stream(body))
     _authenticate(request.headers, flavor)
     try:
         scenario = parse_scenario(request.headers.getall(HEADER, []))
     except ScenarioError as exc:
         raise invalid_request(f"{HEADER}: {exc}") from exc
+    if cut_after is not None:
+        scenario = dataclasses.replace(scenario, cut_after=cut_after)
     if scenario.delay:
         await asyncio.sleep(scenario.delay)
     if scenario.error_status is not None:
@@ -93,6 +104,15 @@ async def _admit(request: web.Request, flavor: Flavor) -> tuple[bytes, Scenario]
     if request.app[CONFIG].usage_mode == "tiktoken":
         await load_encoding()
     return body, scenario
+
+
+def _asks_for_stream(body: bytes) -> bool:
+    """Whether the body asks for a stream; parsed only when a ``cut_stream`` rule could apply."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and payload.get("stream") is True
 
 
 def _authenticate(headers: Mapping[str, str], flavor: Flavor) -> None:
@@ -259,18 +279,30 @@ async def _warm_up(app: web.Application) -> None:
         await load_encoding()
 
 
+async def _release_held(app: web.Application) -> None:
+    """Requests a ``hang`` holds would otherwise keep the server from stopping."""
+    app[FAULTS].close()
+
+
 def create_app(config: FakeProviderConfig | None = None) -> web.Application:
-    """A fresh fake provider; ``app[CONFIG]`` and ``app[RECEIVED]`` are read per request."""
+    """A fresh fake provider; ``app[CONFIG]``, ``app[RECEIVED]`` and ``app[FAULTS]`` are read
+    per request."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[CONFIG] = config or FakeProviderConfig()
     app[RECEIVED] = deque(maxlen=RECEIVED_LIMIT)
+    app[FAULTS] = Faults()
+    app[FAULTS].add(*app[CONFIG].faults)
     app.on_startup.append(_warm_up)
+    app.on_shutdown.append(_release_held)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/embeddings", create_embeddings)
+    app.router.add_get(CONTROL_PATH, show_faults)
+    app.router.add_post(CONTROL_PATH, set_faults)
+    app.router.add_delete(CONTROL_PATH, clear_faults)
     return app
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .faults import Fault
+
 UsageMode = Literal["bytes", "tiktoken"]
 
 DEFAULT_REPLY = "Hello! This is a deterministic reply from the gateway's fake provider."
@@ -34,6 +36,8 @@ class FakeProviderConfig:
     - ``context_window``: when set, a chat, responses or messages request whose input tokens
       (counted as for the reported usage, ``token_factor`` included) exceed it is refused with
       the API's real context-overflow 400, before anything is generated.
+    - ``faults``: fault rules (``faults.py``) the app starts with, as ``--fault`` gives them;
+      at run time they live in ``app[FAULTS]``.
     """
 
     tool_loop: ToolCallSpec | None = None
@@ -43,3 +47,4 @@ class FakeProviderConfig:
     chunk_delay: float = 0.0
     record: bool = True
     context_window: int | None = None
+    faults: tuple[Fault, ...] = ()

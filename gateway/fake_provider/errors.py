@@ -5,6 +5,9 @@ flavor with ``error_response``:
 
 - OpenAI: ``{"error": {"message", "type", "param", "code"}}``
 - Anthropic: ``{"type": "error", "error": {"type", "message"}, "request_id": "req_…"}``
+
+A status with no entry below takes ``server_error``/``api_error`` (5xx, e.g. 502, 503) or
+``invalid_request_error`` (4xx) and the message ``HTTP <status>``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ _ANTHROPIC: dict[int, tuple[str, str]] = {
         "Your API key does not have permission to use the specified resource.",
     ),
     404: ("not_found_error", "The requested resource could not be found."),
+    # Not in Anthropic's documented list (a proxy's answer); typed like its 504.
+    408: ("timeout_error", "Request timed out"),
     413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
     429: (
         "rate_limit_error",
@@ -82,6 +87,8 @@ class FakeError(Exception):
         type_: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
+        retry_after_ms: int | None = None,
     ) -> None:
         super().__init__(message or f"HTTP {status}")
         self.status = status
@@ -89,6 +96,8 @@ class FakeError(Exception):
         self.type_ = type_
         self.param = param
         self.code = code
+        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
 
 
 def invalid_request(
@@ -148,7 +157,11 @@ def anthropic_body(error: FakeError, request_id: str) -> dict[str, object]:
 
 
 def error_response(error: FakeError, flavor: Flavor) -> web.Response:
-    """The whole HTTP answer: status, JSON body, request id and (for 429/529) retry-after."""
+    """The whole HTTP answer: status, JSON body, request id and retry hints.
+
+    ``retry-after`` is the error's own when set, else one second for 429 and 529 (what the real
+    APIs send); ``retry-after-ms`` (read by both official SDKs) only when the error sets it.
+    """
     headers: dict[str, str] = {}
     if flavor == "anthropic":
         request_id = new_id("req_011C", 20)
@@ -157,14 +170,23 @@ def error_response(error: FakeError, flavor: Flavor) -> web.Response:
     else:
         body = openai_body(error)
         headers["x-request-id"] = new_id("req_", 32)
-    if error.status in (429, 529):
+    if error.retry_after is not None:
+        headers["retry-after"] = _seconds(error.retry_after)
+    elif error.status in (429, 529):
         headers["retry-after"] = RETRY_AFTER_SECONDS
+    if error.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(error.retry_after_ms)
     return web.Response(
         status=error.status,
         body=orjson.dumps(body),
         content_type="application/json",
         headers=headers,
     )
+
+
+def _seconds(value: float) -> str:
+    """HTTP's delta-seconds is an integer; a fractional value is kept (the SDKs parse floats)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 UNKNOWN_MODEL_PREFIX = "no-such-"

@@ -9,6 +9,9 @@ Values (several may be joined with ``;``):
 - ``slow:<seconds>``: sleep before answering;
 - ``token_factor:<f>``: override the configured token factor;
 - ``context_window:<n>``: override the configured context window (input tokens).
+
+The header reaches only requests the test sends itself; for faults in every request, the
+gateway's own retries included, see the fault rules in ``faults.py``.
 """
 
 from __future__ import annotations

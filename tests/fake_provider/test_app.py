@@ -56,8 +56,11 @@ def test_public_api_is_exported() -> None:
     assert sorted(fake_provider.__all__) == sorted(
         [
             "CONFIG",
+            "FAULTS",
             "RECEIVED",
+            "Fault",
             "FakeProviderConfig",
+            "Faults",
             "ReceivedRequest",
             "ToolCallSpec",
             "create_app",
