@@ -9,7 +9,9 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -22,6 +24,7 @@ from gateway.fake_provider.__main__ import build_parser as fake_provider_parser
 from gateway.settings import Settings
 from gateway.store import INTERNAL_FIELDS, records
 from tests.conftest import GatewayTestServer
+from tests.policy.hostile import HOSTILE
 from tests.test_sessions import chat
 
 
@@ -294,3 +297,161 @@ def test_the_admin_token_never_follows_a_redirect(
         for server in (first, other):
             server.shutdown()
             server.server_close()
+
+
+# ``gateway config check FILE``: the config as ``serve --config`` reads it, every problem at
+# its line, as ``policy check`` says a policy's.
+
+GOOD_CONFIG = """\
+port: 9000
+upstreams:
+  anthropic:
+    retry: {attempts: 4}
+    fallback: {upstream: anthropic-backup}
+  anthropic-backup:
+    url: https://backup.example
+    provider: anthropic
+    pass_client_credentials: true
+drain_timeout: 45
+"""
+BAD_CONFIG = """\
+port: 9000
+upstreams:
+  openai:
+    url: https://api.openai.com/v1
+    fallback: {upstream: spare}
+  anthropic:
+    fallback: {upstream: nowhere}
+  spare: {url: "https://spare.example/v1", provider: openai}
+  local: http://localhost:8000/v1
+"""
+
+
+def config_check(
+    tmp_path: Path, content: str | bytes, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    path = tmp_path / "gateway.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    code = main(["config", "check", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_check_a_valid_file_says_ok_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = config_check(tmp_path, GOOD_CONFIG, capsys)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"{tmp_path / 'gateway.yaml'}: ok (upstreams: openai, anthropic, anthropic-backup;"
+        " fallbacks: anthropic -> anthropic-backup; drain 45 s)\n"
+    )
+
+
+def test_config_check_an_empty_file_is_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = config_check(tmp_path, "", capsys)
+    assert code == 0 and "upstreams: openai, anthropic; fallbacks: none; drain 30 s" in out
+
+
+def test_config_check_says_every_upstream_mistake_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = config_check(tmp_path, BAD_CONFIG, capsys)
+    assert (code, out) == (1, "")
+    path = tmp_path / "gateway.yaml"
+    lines = err.splitlines()
+    assert all(line.startswith(f"{path}: line ") for line in lines), err
+    assert lines[0] == (
+        f"{path}: line 5: upstreams.openai.fallback.upstream: spare is on another host"
+        " (spare.example), and a fallback call carries the client's own credential there."
+        " Write pass_client_credentials: true on upstreams.spare if that host may receive it."
+    )
+    assert lines[1] == (
+        f"{path}: line 7: upstreams.anthropic.fallback.upstream: no upstream named 'nowhere'"
+        " (there are: anthropic, local, openai, spare)"
+    )
+    assert lines[2] == (
+        f"{path}: line 9: upstreams.local: say which API it speaks: provider: openai or anthropic"
+    )
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "upstreams:\n  openai:\n    url: https://x.io\n    fallback: {upstream: anthropic}\n",
+            "line 4: upstreams.openai.fallback.upstream: anthropic speaks the anthropic API,"
+            " openai the openai API",
+        ),
+        (
+            "upstreams:\n  anthropic:\n    concurrency:\n      min: 10\n      max: 5\n",
+            "line 3: upstreams.anthropic.concurrency: ",
+        ),
+        ("port: high\n", "line 1: port: Input should be a valid integer"),
+        ("timeouts:\n  connect: 5\n  total: 9\n", "line 3: timeouts.total: Extra inputs"),
+        ("upstreams:\n  openai: ftp://x\n", "line 2: upstreams.openai.url: "),
+        ("- a\n- b\n", "line 1: expected a mapping of settings"),
+        ("port: [unclosed\n", "line 2: not valid YAML"),
+    ],
+)
+def test_config_check_errors_name_the_line(
+    tmp_path: Path, content: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = config_check(tmp_path, content, capsys)
+    assert (code, out) == (1, "")
+    assert f"{tmp_path / 'gateway.yaml'}: {expected}" in err, err
+    assert "Traceback" not in err
+
+
+def test_config_check_the_floor_above_the_ceiling_says_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    content = "upstreams:\n  anthropic:\n    concurrency: {min: 10, max: 5}\n"
+    _, _, err = config_check(tmp_path, content, capsys)
+    assert "concurrency.min (10) is above concurrency.max (5)" in err
+
+
+@pytest.mark.parametrize("name", [n for n in HOSTILE if n != "too-many-rules"])
+def test_config_check_hostile_files_are_refused_quickly_and_plainly(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    content, where, message = HOSTILE[name]
+    started = time.monotonic()
+    code, out, err = config_check(tmp_path, content, capsys)
+    assert time.monotonic() - started < 5
+    assert (code, out) == (1, "")
+    assert message in err and where in err, err
+    assert "Traceback" not in err and len(err) < 2000
+
+
+def test_config_check_a_file_that_cannot_be_read_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "check", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read the file" in capsys.readouterr().err
+    assert main(["config", "check", str(tmp_path)]) == 2  # a directory
+    assert "cannot read the file" in capsys.readouterr().err
+
+
+def test_config_check_reads_the_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a variable would change is not the file's problem: the file is checked as written."""
+    monkeypatch.setenv("GATEWAY_PORT", "not-a-port")
+    monkeypatch.setenv("GATEWAY_ANTHROPIC_UPSTREAM", "https://elsewhere.example")
+    code, out, _ = config_check(tmp_path, GOOD_CONFIG, capsys)
+    assert code == 0 and "ok" in out
+
+
+def test_config_check_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["config", "check", "--help"])
+    assert caught.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: gateway config check") and "exit 2" in shown

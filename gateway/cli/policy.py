@@ -1,10 +1,10 @@
-"""``gateway policy check/explain/reference`` and ``gateway config reference``: files and
+"""``gateway policy check/explain/reference`` and ``gateway config check/reference``: files and
 references, no running gateway needed. The policy modules (pydantic, YAML) are imported when a
 command runs.
 
-The ``config`` group lives here while its one command, like ``policy reference``, prints a
-reference generated from a schema; the ``config`` commands to come take it to a module of its
-own.
+The ``config`` group lives here because its commands are the ``policy`` ones' twins: ``config
+check`` reads a file with the policy files' reader (``parse_yaml``: the same limits, errors at
+their lines), ``config reference`` is generated from a schema as ``policy reference`` is.
 """
 
 from __future__ import annotations
@@ -75,6 +75,16 @@ def add_commands(commands: Any) -> None:
         "print every config key, its default and its GATEWAY_* variable (docs/config-reference.md)",
     )
     config_reference.set_defaults(run=_config_reference)
+    config_check = command(
+        config_commands,
+        "check",
+        "validate a gateway config file",
+        "Validate a config file as 'gateway serve --config' reads it: ok with a summary (exit\n"
+        "0), every error with its line (exit 1), or a file that cannot be read (exit 2). The\n"
+        "file alone: GATEWAY_* variables are not applied.",
+    )
+    config_check.add_argument("file", type=Path, metavar="FILE", help="the config file (YAML)")
+    config_check.set_defaults(run=_config_check)
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -148,4 +158,58 @@ def _config_reference(args: argparse.Namespace) -> int:
     from gateway.settings_reference import render
 
     print(render(), end="")
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from gateway.policy import PolicyError
+    from gateway.policy.loader import MAX_POLICY_BYTES, decode_utf8, locate, parse_yaml
+    from gateway.settings import load_settings
+
+    source = str(args.file)
+    try:
+        with args.file.open("rb") as file:
+            raw = file.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        print(f"{source}: cannot read the file: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if len(raw) > MAX_POLICY_BYTES:
+        limit = MAX_POLICY_BYTES // 1024
+        print(f"{source}: larger than {limit} KiB, the most a config file may be", file=sys.stderr)
+        return 1
+    try:
+        # The policy files' reader: its limits (depth, aliases, expansion) and its lines.
+        data, node = parse_yaml(decode_utf8(raw, source), source)
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if data is not None and not isinstance(data, dict):
+        print(
+            f"{source}: line 1: expected a mapping of settings (host: ..., port: ...)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        # What ``gateway serve --config`` does with it, reading the file again: within the
+        # limits above it is safe to.
+        settings = load_settings(args.file, env={})
+    except ValidationError as exc:
+        for problem in locate(exc.errors(), node):
+            print(f"{source}: {problem}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # whatever a hostile file finds: said, not a traceback
+        print(f"{source}: cannot be validated: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    upstreams = ", ".join(settings.upstreams)
+    fallbacks = ", ".join(
+        f"{name} -> {upstream.fallback.upstream}"
+        for name, upstream in settings.upstreams.items()
+        if upstream.fallback is not None
+    )
+    print(
+        f"{source}: ok (upstreams: {upstreams}; fallbacks: {fallbacks or 'none'};"
+        f" drain {settings.drain_timeout:g} s)"
+    )
     return 0

@@ -1,8 +1,10 @@
 """The policy in force: loaded at start, reloaded when its file changes or on SIGHUP.
 
-A valid new file takes effect for the next request. An invalid one is refused: the old policy
-stays, and the error is kept for ``GET /gateway/policy``, counted (``failures``, a metric) and
-written to the logs and the audit log. Whatever a file holds, no reload raises: the watcher
+A valid new file takes effect for the next request, once its ``policy_loaded`` line is in the
+audit log (a line that cannot be written refuses the file: no unaudited policy). An invalid
+one is refused: the old policy stays, and the error is kept for ``GET /gateway/policy``,
+counted (``failures``, a metric) and written to the logs and the audit log
+(``policy_refused``). Whatever a file holds, no reload raises: the watcher
 keeps watching, and a SIGHUP task never ends in an exception nobody retrieves.
 """
 
@@ -13,9 +15,15 @@ import logging
 import time
 from pathlib import Path
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditError, AuditLog
 from gateway.policy.compiled import CompiledPolicy
-from gateway.policy.loader import PolicyError, packaged_default, parse_policy, read_policy
+from gateway.policy.loader import (
+    PolicyError,
+    PolicyProblem,
+    packaged_default,
+    parse_policy,
+    read_policy,
+)
 
 log = logging.getLogger("gateway.policy")
 Stamp = tuple[int, int, int]
@@ -59,26 +67,51 @@ class LivePolicy:
                 else:
                     log.exception("policy load failed unexpectedly (%s)", reason)
                     error = f"{self.path}: cannot be loaded: {type(exc).__name__}"
-                self._refused(error, reason, stamp)
+                await self._refused(error, reason, stamp)
                 if strict:
                     raise
+                return False
+            previous = self.current.version if self.current is not None else None
+            try:
+                # On disk before the policy is in force: a policy that took effect always
+                # has its line, and one whose line cannot be written does not take effect.
+                await self.audit.commit(
+                    "policy_loaded",
+                    actor="system",
+                    reason=reason,
+                    source=policy.source,
+                    version=policy.version,
+                    previous=previous,
+                )
+            except AuditError as exc:
+                problem = PolicyProblem(None, "", f"not loaded: {exc}")
+                await self._refused(f"{policy.source}: {problem}", reason, stamp)
+                if strict:  # at start: said as a refused policy is, not as a traceback
+                    raise PolicyError(policy.source, [problem]) from exc
                 return False
             self.current, self._stamp = policy, stamp
             self.loaded_at, self.last_error = time.time(), None
             self.reloads += 1
             log.info("policy %s loaded from %s (%s)", policy.version, policy.source, reason)
-            self.audit.record(
-                "policy_loaded", source=policy.source, version=policy.version, reason=reason
-            )
             return True
 
-    def _refused(self, error: str, reason: str, stamp: Stamp | None) -> None:
+    async def _refused(self, error: str, reason: str, stamp: Stamp | None) -> None:
         self.failures += 1
         self.last_error, self.last_error_at = error, time.time()
         # The file as it was refused: the watcher waits for it to change again.
         self._stamp = stamp
         log.error("policy refused (%s), keeping the one in force:\n%s", reason, error)
-        self.audit.record("policy_refused", source=str(self.path), reason=reason, error=error)
+        try:
+            await self.audit.commit(
+                "policy_refused",
+                actor="system",
+                reason=reason,
+                source=str(self.path) if self.path is not None else None,
+                kept=self.current.version if self.current is not None else None,
+                error=error,
+            )
+        except AuditError as exc:  # a refusal changes nothing: said in the log, not stopped
+            log.error("policy refusal not audited: %s", exc)
 
     def _read(self) -> CompiledPolicy:
         if self.path is None:

@@ -76,14 +76,18 @@ def read_policy(path: Path) -> CompiledPolicy:
         raise _error(source, None, f"cannot read the file: {exc.strerror or exc}") from exc
     if len(raw) > MAX_POLICY_BYTES:
         raise _error(source, None, _too_big())
+    return parse_policy(decode_utf8(raw, source), source)
+
+
+def decode_utf8(raw: bytes, source: str) -> str:
+    """A file's bytes as text; not UTF-8 is a ``PolicyError`` naming the line and column."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at column {column}"
         raise _error(source, line, message) from exc
-    return parse_policy(text, source)
 
 
 def parse_policy(text: str, source: str) -> CompiledPolicy:
@@ -91,23 +95,7 @@ def parse_policy(text: str, source: str) -> CompiledPolicy:
     encoded = text.encode("utf-8", errors="surrogatepass")
     if len(encoded) > MAX_POLICY_BYTES:
         raise _error(source, None, _too_big())
-    try:
-        _check_shape(text)
-        loader = _LOADER(text)
-        try:
-            node = loader.get_single_node()
-            # Built from the composed node: the file is parsed once, not once per use.
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except _Limit as exc:
-        raise _error(source, exc.line, exc.message) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise _error(source, line, f"not valid YAML: {exc}") from None
-    except (RecursionError, ValueError, TypeError) as exc:
-        raise _error(source, None, f"cannot be read as YAML: {exc}") from None
+    data, node = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise _error(source, 1, "expected a mapping with `version`")
     rules = data.get("rules")
@@ -136,6 +124,36 @@ def parse_policy(text: str, source: str) -> CompiledPolicy:
         raise PolicyError(source, problems) from None
     except RecursionError:
         raise _error(source, None, "nested too deeply to validate") from None
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """YAML text to its data and its node tree (for ``locate``), within the limits above
+    (depth, aliases, expansion); a ``PolicyError`` otherwise. Also reads the gateway's config
+    file for ``gateway config check``: one reader of hostile YAML, not two."""
+    try:
+        _check_shape(text)
+        loader = _LOADER(text)
+        try:
+            node = loader.get_single_node()
+            # Built from the composed node: the file is parsed once, not once per use.
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except _Limit as exc:
+        raise _error(source, exc.line, exc.message) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise _error(source, line, f"not valid YAML: {exc}") from None
+    except (RecursionError, ValueError, TypeError) as exc:
+        raise _error(source, None, f"cannot be read as YAML: {exc}") from None
+    return data, node
+
+
+def locate(errors: list[ErrorDetails], root: yaml.Node | None) -> list[PolicyProblem]:
+    """pydantic's errors for a document read by ``parse_yaml``, each at its line, in the
+    file's order."""
+    return _by_line(_problems(errors, root, ()))
 
 
 class _Limit(Exception):
