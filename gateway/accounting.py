@@ -1,7 +1,9 @@
 """Turns and tokens of a session: begin a turn (atomically, against limits), end it with usage.
 
 ``begin_turn`` is the pipeline's step; a counted limit that stops the call is refused, and one
-near is warned of, in the policy's words and through its step (``policy.step``).
+near is warned of, in the policy's words and through its step (``policy.step``). While the
+store is failing, the policy's ``store_outage`` decides: ``open`` counts in memory (the
+store merges it later), ``closed`` refuses the call (``StoreUnavailable``).
 
 Usage is the provider's own figure. Where it has none (no usage reported, a stream cut), the
 gateway estimates with tiktoken and flags the turn as estimated.
@@ -15,12 +17,13 @@ from gateway.appkeys import STORE
 from gateway.caps import cap
 from gateway.compaction import Calibration
 from gateway.dialects import RequestFacts, Usage, prompt_parts
+from gateway.errors import StoreUnavailable
 from gateway.exchange import Exchange
 from gateway.identity import qualified
 from gateway.policy.prices import cost as cost_of
 from gateway.policy.step import reject, warn
 from gateway.policy.verdicts import limit_verdict, warnings
-from gateway.store import LimitExceeded, Store, TurnEnd, TurnStart
+from gateway.store import LimitExceeded, LoadFailed, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
 
@@ -36,6 +39,7 @@ def turn_start(ex: Exchange) -> TurnStart:
         at=time.time(),
         reserve_tokens=decision.reserve_tokens if decision else 0,
         reserve_cost=decision.reserve_cost if decision else 0.0,
+        fail_open=decision is None or decision.effective.settings.store_outage == "open",
     )
 
 
@@ -43,11 +47,16 @@ async def begin_turn(ex: Exchange) -> None:
     """The store's atomic check of the counted limits (turns, session tokens, budgets), and
     the turn recorded: ``ex.ticket`` and ``ex.turn``."""
     assert ex.identity is not None and ex.decision is not None
-    decision = ex.decision
+    decision, store = ex.decision, ex.app[STORE]
+    start = turn_start(ex)
+    if not start.fail_open and store.trouble is not None:
+        raise StoreUnavailable(decision.effective.source("store_outage"))
     try:
-        ticket = await ex.app[STORE].begin_turn(turn_start(ex), decision.limits)
+        ticket = await store.begin_turn(start, decision.limits)
     except LimitExceeded as exc:
         await reject(ex, limit_verdict(exc.hit, decision.effective))
+    except LoadFailed:  # only when failing closed: the session could not be read
+        raise StoreUnavailable(decision.effective.source("store_outage")) from None
     ex.ticket = ticket
     if ticket.session_id != ex.identity.session_id:
         ex.identity = qualified(ex.identity)  # another key started the id since it was looked up
@@ -77,7 +86,9 @@ async def end_turn(
         ex.cost = cost_of(price, usage)
     # Tokens without a price are counted as such (metric, session warning), never as free.
     ex.unpriced = usage is not None and price is None and usage.total_tokens > 0
-    end = TurnEnd(model, usage, status, time.time(), cost=ex.cost, body_hash=ex.body_hash)
+    end = TurnEnd(
+        model, usage, status, time.time(), cost=ex.cost, body_hash=ex.body_hash, retries=ex.retries
+    )
     await store.end_turn(ticket, end)
     if ex.unpriced:
         assert ex.identity is not None  # a turn began: the call was identified

@@ -73,8 +73,10 @@ def loosening(file: PolicyFile) -> list[ClaimWarning]:
     warnings: list[ClaimWarning] = []
     # Setting path -> the values seen so far, each with where it came from.
     seen: dict[str, list[tuple[Any, str]]] = {}
-    for path, value in _settings(file.defaults.model_dump()):
+    defaults = file.defaults.model_dump()
+    for path, value in _settings(defaults):
         seen[path] = [(value, "the defaults")]
+    seen["store_outage"] = [(defaults["store_outage"], "the defaults")]
     for index, rule in enumerate(file.rules):
         name = rule.name or f"rules[{index}]"
         changes = list(_rule_settings(rule))
@@ -96,7 +98,9 @@ def _settings(data: dict[str, Any]) -> Iterator[tuple[str, Any]]:
 def _rule_settings(rule: Rule) -> Iterator[tuple[str, Any]]:
     """What a rule sets of the compared settings (rules name only what they change)."""
     budgets = None if rule.budgets is None else _budgets(rule.budgets)
-    return _compared(rule.limits or {}, rule.loops or {}, rule.context or {}, budgets)
+    yield from _compared(rule.limits or {}, rule.loops or {}, rule.context or {}, budgets)
+    if rule.store_outage is not None:
+        yield "store_outage", rule.store_outage
 
 
 def _compared(
@@ -182,6 +186,11 @@ def _weaker_action(new: Any, old: Any) -> bool:
     return _ACTION_STRENGTH.get(new, 0) < _ACTION_STRENGTH.get(old, 0)
 
 
+def _fail_open(new: Any, old: Any) -> bool:
+    """``open`` serves from memory what ``closed`` refuses while the store is down."""
+    return bool(new == "open" and old == "closed")
+
+
 def _fewer_strategies(new: Any, old: Any) -> bool:
     return any(strategy not in new for strategy in old)
 
@@ -192,6 +201,7 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "budgets": _weaker_budgets,
     "loops.action": _weaker_action,
     "context.strategies": _fewer_strategies,
+    "store_outage": _fail_open,
 }
 
 

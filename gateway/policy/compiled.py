@@ -153,6 +153,8 @@ def raw_rule_errors(data: Mapping[str, Any]) -> list[tuple[int, list[ErrorDetail
                 merge(merged[block], change, block, {}, "rule")
         if isinstance(rule.get("budgets"), list):
             merged["budgets"] = copy.deepcopy(rule["budgets"])
+        if rule.get("store_outage") is not None:
+            merged["store_outage"] = rule["store_outage"]
         try:
             PolicySettings.model_validate(merged)
         except ValidationError as exc:
@@ -266,6 +268,9 @@ class CompiledPolicy:
             if rule.budgets is not None:
                 data["budgets"] = copy.deepcopy(rule.budgets)
                 sources["budgets"] = compiled.name
+            if rule.store_outage is not None:
+                data["store_outage"] = rule.store_outage
+                sources["store_outage"] = compiled.name
         settings = PolicySettings.model_validate(data)
         return Effective(
             settings,

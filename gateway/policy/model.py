@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Strategy = Literal["elide_tool_output", "summarize", "truncate", "clear", "prompt"]
 LoopAction = Literal["reject", "flag", "pause"]
 Window = Literal["hour", "day", "month"]
+StoreOutage = Literal["open", "closed"]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -143,6 +144,13 @@ class PolicySettings(_Block):
     """Runaway-loop detection and what to do about it."""
     context: Context = Context()
     """Context compaction near the model's window."""
+    store_outage: StoreOutage = "open"
+    """What a call meets while the session store is failing or behind (the gateway is
+    degraded for ``store``): ``open`` serves it, with the limits checked against what this
+    process holds in memory (a session the store cannot read starts from zero, and its
+    figures are added to the stored ones when the store is back; no turn is lost);
+    ``closed`` refuses it before it goes upstream with a 503 and ``Retry-After``, which
+    agents retry later, so no limit is ever checked against part of the figures."""
 
 
 class Match(_Block):
@@ -178,6 +186,8 @@ class Rule(_Block):
     """Any ``loops`` settings; merged over what came before."""
     context: dict[str, Any] | None = None
     """Any ``context`` settings; merged over what came before."""
+    store_outage: StoreOutage | None = None
+    """Replaces ``store_outage`` for the calls the rule matches."""
 
 
 class KeyInfo(_Block):

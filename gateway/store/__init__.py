@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from gateway.store.base import LimitExceeded, SessionEnded, Store
+from gateway.store.base import LimitExceeded, LoadFailed, SessionEnded, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
     INTERNAL_FIELDS,
+    Backlog,
     BudgetCounter,
     BudgetLimit,
     CompactionNote,
@@ -40,6 +41,7 @@ def open_store(url: str) -> Store:
 
 __all__ = [
     "INTERNAL_FIELDS",
+    "Backlog",
     "BudgetCounter",
     "BudgetLimit",
     "CompactionNote",
@@ -47,6 +49,7 @@ __all__ = [
     "LimitExceeded",
     "LimitHit",
     "Limits",
+    "LoadFailed",
     "MemoryStore",
     "ModelTotals",
     "SessionEnded",

@@ -5,19 +5,27 @@ Exceptions::
     LimitExceeded     a turn would break a hard limit; nothing was recorded
     SessionEnded      a grant for a session that has ended; nothing was granted
     SessionTaken      (``gateway.errors``) a session id another key owns, qualified too
+    LoadFailed        the backend could not read a session (the store is degraded)
+
+While the backend fails, the table goes on from memory: a session it could not read is begun
+afresh in memory (``unloaded``) and folded into its stored record once the backend reads
+again (``absorb``); a backend that falls behind says so through ``watch`` (``trouble``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any, Protocol
 
 from gateway.errors import SessionTaken
-from gateway.identity import Identity, own_session
+from gateway.identity import QUALIFIER, Identity, own_session, qualified
 from gateway.store.records import (
+    EVENTS_KEPT,
     REWRITES_KEPT,
+    Backlog,
     BudgetCounter,
     BudgetLimit,
     CompactionNote,
@@ -27,10 +35,13 @@ from gateway.store.records import (
     ModelTotals,
     SessionQuery,
     SessionRecord,
+    TokenTotals,
     TurnEnd,
     TurnStart,
     TurnTicket,
 )
+
+log = logging.getLogger("gateway.store")
 
 _FAST, _SLOW = 0.3, 0.02
 """Smoothing of the turn rate: over about three turns, and over about fifty."""
@@ -55,6 +66,16 @@ class SessionEnded(Exception):
         self.reason = record.status_reason or ""
 
 
+class LoadFailed(Exception):
+    """The backend could not read a session: what it has counted is unknown for now. The
+    table answers with a record begun in memory (fail open) unless the turn asked it not to
+    (``TurnStart.fail_open``), when this reaches ``accounting.begin_turn``."""
+
+    def __init__(self, session_id: str, cause: BaseException) -> None:
+        super().__init__(f"session {session_id} could not be read: {type(cause).__name__}")
+        self.session_id = session_id
+
+
 class Store(Protocol):
     """Sessions, budgets and their accounting.
 
@@ -65,6 +86,20 @@ class Store(Protocol):
 
     errors: dict[str, int]
     """Backend failures by operation (``load``, ``write``): ``gateway_store_errors_total``."""
+
+    trouble: str | None
+    """Why the backend is behind or failing now (writes failing, changes waiting past the
+    lag bound, reads failing), or None: the store is then degraded, and a policy with
+    ``store_outage: closed`` refuses calls."""
+
+    def watch(self, on_trouble: Callable[[str | None], None], lag_bound: float) -> None:
+        """Call ``on_trouble(detail)`` when the store falls behind, ``on_trouble(None)`` when
+        it has caught up; changes waiting longer than ``lag_bound`` seconds count as behind."""
+        ...
+
+    def backlog(self) -> Backlog:
+        """What is held in memory and not yet written (health, metrics)."""
+        ...
 
     async def open(self) -> None: ...
 
@@ -122,7 +157,8 @@ class SessionTable:
     """Sessions and budgets in memory, and every rule for changing them.
 
     A backend with a disk or a server behind it overrides ``_fetch`` (load a session this
-    process has not seen) and ``_changed`` (remember what to write).
+    process has not seen; ``LoadFailed`` when it cannot), ``_changed`` (remember what to
+    write) and ``backlog``, and reports its health with ``_set_trouble``.
     """
 
     def __init__(self) -> None:
@@ -130,6 +166,14 @@ class SessionTable:
         self.budget_counters: dict[str, BudgetCounter] = {}
         self.errors = {"load": 0, "write": 0}
         """Failures of the backend behind the table, by operation (metrics read them)."""
+        self.unloaded: set[str] = set()
+        """Sessions begun in memory because the backend could not read them: never written
+        as they are (that would overwrite the stored counts), folded into the stored record
+        first (``_absorb_stored``)."""
+        self.trouble: str | None = None
+        self.lag_bound = 5.0
+        self._troubles: dict[str, str] = {}
+        self._on_trouble: Callable[[str | None], None] | None = None
 
     async def open(self) -> None:
         return None
@@ -137,10 +181,42 @@ class SessionTable:
     async def close(self) -> None:
         return None
 
+    def watch(self, on_trouble: Callable[[str | None], None], lag_bound: float) -> None:
+        self._on_trouble, self.lag_bound = on_trouble, lag_bound
+        if self.trouble is not None:
+            on_trouble(self.trouble)
+
+    def backlog(self) -> Backlog:
+        return Backlog()
+
+    def _set_trouble(self, cause: str, detail: str | None) -> None:
+        """One cause (``write``, ``lag``, ``load``) set or cleared; the watcher hears only
+        when the store as a whole goes from fine to behind or back."""
+        if detail is None:
+            if self._troubles.pop(cause, None) is None:
+                return
+        elif cause in self._troubles:
+            return
+        else:
+            self._troubles[cause] = detail
+        was = self.trouble
+        self.trouble = "; ".join(self._troubles.values()) or None
+        if (was is None) != (self.trouble is None):
+            if self.trouble is not None:
+                log.warning("store degraded: %s", self.trouble)
+            else:
+                log.warning("store recovered: caught up with its backlog")
+            if self._on_trouble is not None:
+                self._on_trouble(self.trouble)
+
     async def _fetch(self, session_id: str) -> SessionRecord | None:
         return None
 
     def _changed(self, record: SessionRecord) -> None:
+        return None
+
+    def _forget(self, session_id: str) -> None:
+        """A session left the table before it was written (moved under another id)."""
         return None
 
     def _budget_changed(self, counter: BudgetCounter) -> None:
@@ -156,20 +232,73 @@ class SessionTable:
                 self.sessions[session_id] = record
         return record
 
-    async def _session_for(self, ident: Identity, at: float) -> tuple[SessionRecord, Identity]:
+    async def _session_for(
+        self, ident: Identity, at: float, fail_open: bool = True
+    ) -> tuple[SessionRecord, Identity]:
         """The caller's own record, made if new. Another key may have started the id since
         the pipeline looked (``identity.own_session``): the caller then goes on under its
-        qualified id, decided here with no await before the caller's change."""
+        qualified id, decided here with no await before the caller's change. A session the
+        backend cannot read is begun in memory (``unloaded``) unless not ``fail_open``."""
         record = self.sessions.get(ident.session_id)
         if record is None or record.key_hash != ident.key_hash:  # else the usual: the caller's
-            ident, record = await own_session(ident, self._session)
+            try:
+                ident, record = await own_session(ident, self._session)
+            except LoadFailed as failed:
+                if not fail_open:
+                    raise
+                if failed.session_id != ident.session_id:  # the id was another key's
+                    ident = qualified(ident)
+                record = self.sessions.get(ident.session_id)  # begun meanwhile by another call
+                if record is None:
+                    record = self.sessions[ident.session_id] = new_record(ident, at)
+                    self.unloaded.add(ident.session_id)
         if record is None:
             record = self.sessions[ident.session_id] = new_record(ident, at)
         return record, ident
 
+    def _absorb_stored(self, session_id: str, stored: SessionRecord | None) -> None:
+        """The backend read a session that was begun in memory: the stored figures are
+        folded in, and the session is written as usual from now on. If the stored id turns
+        out to be another key's, the caller's figures move to its qualified id (once no call
+        of it is in flight: tickets name the id), as ``own_session`` would have placed them."""
+        record = self.sessions.get(session_id)
+        if record is None or session_id not in self.unloaded:
+            self.unloaded.discard(session_id)
+            return
+        if stored is None or stored.key_hash == record.key_hash:
+            if stored is not None:
+                absorb(record, stored)
+            self.unloaded.discard(session_id)
+            self._changed(record)
+            return
+        if record.in_flight:
+            return  # tried again at the next write
+        del self.sessions[session_id]
+        self.unloaded.discard(session_id)
+        self._forget(session_id)
+        owner = record.key_hash or "nokey"
+        if session_id.endswith(f"{QUALIFIER}{owner}"):
+            lost(record, "its id and its qualified id belong to other keys")
+            return
+        record.id = f"{session_id}{QUALIFIER}{owner}"
+        known = self.sessions.get(record.id)
+        if known is None:
+            self.sessions[record.id] = record
+            self.unloaded.add(record.id)  # the qualified id may be stored too
+            self._changed(record)
+        elif known.key_hash == record.key_hash:
+            absorb(known, record)
+            self._changed(known)
+        else:
+            lost(record, "its qualified id belongs to another key")
+
     # -- the store interface ------------------------------------------------------------------
     async def begin_turn(self, start: TurnStart, limits: Limits) -> TurnTicket:
-        record, ident = await self._session_for(start.identity, start.at)
+        record, ident = await self._session_for(start.identity, start.at, start.fail_open)
+        if not start.fail_open and record.id in self.unloaded:
+            # Begun in memory by an earlier call (or a note): its limits would be checked
+            # against part of the figures.
+            raise LoadFailed(record.id, RuntimeError("not read yet"))
         if ident is not start.identity:
             start = replace(start, identity=ident)
         counters = [self._budget(limit) for limit in limits.budgets]
@@ -180,7 +309,12 @@ class SessionTable:
         return ticket
 
     async def end_turn(self, ticket: TurnTicket, end: TurnEnd) -> None:
-        record = self.sessions.get(ticket.session_id) or await self._session(ticket.session_id)
+        record = self.sessions.get(ticket.session_id)
+        if record is None:  # not reached: a session with a call in flight stays in memory
+            try:
+                record = await self._session(ticket.session_id)
+            except LoadFailed:
+                log.error("store: turn %d of a session could not be settled", ticket.turn)
         if record is not None:
             settle(record, ticket, end)
             self._changed(record)
@@ -263,8 +397,16 @@ class SessionTable:
         return record
 
     async def get(self, session_id: str) -> SessionRecord | None:
+        """None for a session the backend cannot read now: the request path then goes on
+        as for a new one (``begin_turn`` decides, by the policy's ``store_outage``)."""
         # Read on every call: a session in the table costs no second coroutine.
-        return self.sessions.get(session_id) or await self._session(session_id)
+        record = self.sessions.get(session_id)
+        if record is not None:
+            return record
+        try:
+            return await self._session(session_id)
+        except LoadFailed:
+            return None
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
         found = [r for r in self.sessions.values() if matches(r, query)]
@@ -416,6 +558,7 @@ def settle(record: SessionRecord, ticket: TurnTicket, end: TurnEnd) -> None:
     record.in_flight = max(0, record.in_flight - 1)
     record.reserved_tokens = max(0, record.reserved_tokens - ticket.reserved_tokens)
     record.last_seen = max(record.last_seen, end.at)
+    record.upstream_retries += end.retries
     if end.status >= 400:
         record.upstream_errors += 1
     elif end.body_hash is not None:
@@ -435,6 +578,71 @@ def settle(record: SessionRecord, ticket: TurnTicket, end: TurnEnd) -> None:
         per_model.add(end.usage)
         if end.usage.estimated:
             record.estimated_turns += 1
+
+
+_SUMMED = (
+    "turns",
+    "user_turns",
+    "aux_requests",
+    "upstream_errors",
+    "upstream_retries",
+    "rejected",
+    "estimated_turns",
+    "cost",
+    "granted_turns",
+    "granted_tokens",
+    "restarts",
+    "compacted_calls",
+    "tokens_saved",
+    "summary_calls",
+)
+_EVENTS = ("grants", "warnings", "detections", "rejections", "compactions")
+_STRICTNESS = {"active": 0, "paused": 1, "ended": 2}
+
+
+def absorb(record: SessionRecord, stored: SessionRecord) -> None:
+    """Fold ``stored`` (what the backend had) into ``record`` (what this process counted
+    without it): counts, tokens and cost added, so neither side's are lost; events of both
+    kept, stored first, to the usual caps; the stricter status kept (an operator's end or a
+    pause stands). ``record`` stays the object calls in flight settle on."""
+    for name in _SUMMED:
+        setattr(record, name, getattr(stored, name) + getattr(record, name))
+    _add_totals(record.tokens, stored.tokens)
+    for model, totals in stored.models.items():
+        _add_totals(record.models.setdefault(model, ModelTotals()), totals)
+    for kind in _EVENTS:
+        setattr(record, kind, [*getattr(stored, kind), *getattr(record, kind)][-EVENTS_KEPT:])
+    record.context_rewrites = [*stored.context_rewrites, *record.context_rewrites][-REWRITES_KEPT:]
+    # A grant's turn number counted on this process's turns: after the stored ones now.
+    shifted = record.loops_allowed_until + stored.turns if record.loops_allowed_until else 0
+    record.loops_allowed_until = max(stored.loops_allowed_until, shifted)
+    record.first_seen = min(record.first_seen, stored.first_seen)
+    record.last_seen = max(record.last_seen, stored.last_seen)
+    record.source = stored.source
+    record.name = record.name or stored.name
+    if record.agent == "unknown":
+        record.agent = stored.agent
+    if _STRICTNESS.get(stored.status, 0) > _STRICTNESS.get(record.status, 0):
+        record.status, record.status_reason = stored.status, stored.status_reason
+    if record.last_body_hash is None:
+        record.last_body_hash, record.body_repeats = stored.last_body_hash, stored.body_repeats
+    record.rate_slow = stored.rate_slow or record.rate_slow  # the longer norm
+    record.rate_fast = record.rate_fast or stored.rate_fast
+
+
+def _add_totals(into: TokenTotals, other: TokenTotals) -> None:
+    for f in fields(other):
+        setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
+
+
+def lost(record: SessionRecord, why: str) -> None:
+    """Figures the store gives up on: logged with their size (never content)."""
+    log.error(
+        "store: %d turns and %d tokens counted in memory could not be merged: %s",
+        record.turns,
+        record.tokens.total_tokens,
+        why,
+    )
 
 
 def matches(record: SessionRecord, query: SessionQuery) -> bool:

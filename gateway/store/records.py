@@ -56,6 +56,8 @@ class SessionRecord:
     aux_requests: int = 0
     """Calls that are not turns (token counting): attributed, not counted as LLM calls."""
     upstream_errors: int = 0
+    upstream_retries: int = 0
+    """Attempts the gateway made again after an upstream failure (not turns)."""
     rejected: int = 0
     """Calls the policy stopped before they reached the upstream (not turns)."""
     estimated_turns: int = 0
@@ -186,6 +188,25 @@ class TurnStart:
     """Tokens the call may use (input estimate plus its output cap), held until it ends."""
     reserve_cost: float = 0.0
     body_hash: int | None = None
+    fail_open: bool = True
+    """The policy's ``store_outage``: while the backend cannot read the session, go on from a
+    record begun in memory (``open``, merged into the stored one later) or raise
+    ``LoadFailed`` (``closed``: no limit is ever checked against half the figures)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Backlog:
+    """What a backend holds in memory that is not yet on its disk (``Store.backlog``)."""
+
+    sessions: int = 0
+    """Sessions changed since their last write (those begun in memory included)."""
+    budgets: int = 0
+    """Budget counters changed since their last write."""
+    age: float = 0.0
+    """Seconds the oldest unwritten change has waited (0 with nothing waiting)."""
+    unloaded: int = 0
+    """Sessions begun in memory because the backend could not read them: merged into their
+    stored records once it can."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,6 +253,8 @@ class TurnEnd:
     at: float
     cost: float = 0.0
     body_hash: int | None = None
+    retries: int = 0
+    """Upstream attempts after the first (``gateway.upstream.send``)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -5,24 +5,35 @@ reserves atomically: one event loop, no await in between. Disk work runs on one 
 thread: a session unknown in memory is loaded from there once, and changed sessions and
 budgets are written behind in batches every ``flush_interval`` seconds and at shutdown. A
 crash loses at most that interval of counts.
+
+When the disk fails, nothing waits for it: a failed write keeps its changes to write again
+(they are never evicted), a session that cannot be read is begun in memory and merged into
+its stored record later (``SessionTable.unloaded``), and the store reports itself behind
+(``trouble``: writes failing, changes waiting past ``lag_bound``, reads failing) until it
+has written its backlog. At shutdown a failing write is tried again for ``close_timeout``
+seconds; what still could not be written is logged by count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from gateway.private import FILE_MODE, create_private_file
-from gateway.store.base import SessionTable
-from gateway.store.records import BudgetCounter, SessionQuery, SessionRecord
+from gateway.store.base import LoadFailed, SessionTable
+from gateway.store.records import Backlog, BudgetCounter, SessionQuery, SessionRecord
+
+log = logging.getLogger("gateway.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -56,14 +67,31 @@ BudgetRow = tuple[str, float, int, float]
 
 class SqliteStore(SessionTable):
     def __init__(
-        self, path: str | Path, flush_interval: float = 0.25, max_cached: int = 50_000
+        self,
+        path: str | Path,
+        flush_interval: float = 0.25,
+        max_cached: int = 50_000,
+        close_timeout: float = 5.0,
+        load_timeout: float = 1.0,
     ) -> None:
         super().__init__()
         self.path = Path(path)
         self.flush_interval = flush_interval
         self.max_cached = max_cached
-        self._dirty: set[str] = set()
-        self._dirty_budgets: set[str] = set()
+        self.close_timeout = close_timeout
+        """At shutdown, how long a failing write is tried again before what it held is
+        given up (and logged)."""
+        self.load_timeout = load_timeout
+        """How long a call waits to read its session (behind a write that hangs, say)
+        before it goes on without it, as when the read fails."""
+        # Changed since written, with when (time.monotonic) each first changed.
+        self._dirty: dict[str, float] = {}
+        self._dirty_budgets: dict[str, float] = {}
+        self._writing: dict[str, float] = {}
+        """The sessions of the write on its way: neither evicted nor counted as written."""
+        self._writing_budgets: dict[str, float] = {}
+        self._oldest: float | None = None
+        """When the oldest change not yet written was made (None: all written)."""
         self._loading: dict[str, asyncio.Future[SessionRecord | None]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
         self._db: sqlite3.Connection | None = None
@@ -85,9 +113,41 @@ class SqliteStore(SessionTable):
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
-        await self.flush()
-        await self._run(self._disconnect)
-        self._executor.shutdown(wait=False)  # idle: its last job has been awaited
+        await self._final_flush()
+        # Behind a write that hangs on a disk that will not answer, this waits in the queue:
+        # given up after a while, the connection goes with the process.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._run(self._disconnect), 1.0)
+        self._executor.shutdown(wait=False)  # idle, or stuck on that disk
+
+    async def _final_flush(self) -> None:
+        """Write what is left, trying a failing disk again until ``close_timeout``; what
+        could not be written is logged by count (sessions, budgets, turns), never dropped
+        in silence."""
+        deadline = time.monotonic() + self.close_timeout
+        while True:
+            try:
+                left = max(deadline - time.monotonic(), self.flush_interval)
+                await asyncio.wait_for(self.flush(), left)
+                return
+            except Exception as exc:  # a timeout too
+                failure = exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(self.flush_interval, left))
+        pending = set(self._dirty) | self.unloaded
+        turns = sum(r.turns for i in pending if (r := self.sessions.get(i)) is not None)
+        log.error(
+            "store: %d sessions (%d turns in all, %d of them begun in memory) and %d budgets"
+            " could not be written before shutdown (%s): their changes since the last write"
+            " are lost",
+            len(pending),
+            turns,
+            len(self.unloaded),
+            len(self._dirty_budgets),
+            _describe(failure),
+        )
 
     def _connect(self) -> None:
         # The store keeps summaries of conversations: created 0600 before SQLite opens it
@@ -116,28 +176,70 @@ class SqliteStore(SessionTable):
         pending = asyncio.get_running_loop().create_future()
         self._loading[session_id] = pending
         try:
-            data: bytes | None = await self._run(self._select_one, session_id)
+            read = self._run(self._select_one, session_id)
+            data: bytes | None = await asyncio.wait_for(read, self.load_timeout)
             record = SessionRecord.from_json(orjson.loads(data)) if data else None
         except Exception as exc:
-            self.errors["load"] += 1
-            pending.set_exception(exc)
+            failed = LoadFailed(session_id, exc)
+            self._load_failed(exc)
+            pending.set_exception(failed)
             pending.exception()  # retrieved: waiters re-raise it, nobody else must log it
-            raise
+            raise failed from exc
         finally:
             del self._loading[session_id]
         pending.set_result(record)
+        self._set_trouble("load", None)
         self._evict()
         return record
 
+    def _load_failed(self, exc: BaseException) -> None:
+        self.errors["load"] += 1
+        self._set_trouble("load", f"session reads failing ({_describe(exc)})")
+
     def _changed(self, record: SessionRecord) -> None:
-        self._dirty.add(record.id)
+        if record.id not in self._dirty:
+            self._dirty[record.id] = self._noted()
+
+    def _forget(self, session_id: str) -> None:
+        self._dirty.pop(session_id, None)
 
     def _budget_changed(self, counter: BudgetCounter) -> None:
-        self._dirty_budgets.add(counter.key)
+        if counter.key not in self._dirty_budgets:
+            self._dirty_budgets[counter.key] = self._noted()
+
+    def _noted(self) -> float:
+        """The time of a change now waiting to be written; a backlog waiting too long puts
+        the store behind (checked here, so a write that hangs is noticed too)."""
+        now = time.monotonic()
+        if self._oldest is None:
+            self._oldest = now
+        elif now - self._oldest > self.lag_bound:
+            self._check_lag(now)
+        return now
+
+    def _check_lag(self, now: float) -> None:
+        age = 0.0 if self._oldest is None else now - self._oldest
+        if age > self.lag_bound:
+            self._set_trouble("lag", f"changes waiting {age:.0f}s to be written")
+        else:
+            self._set_trouble("lag", None)
+
+    def backlog(self) -> Backlog:
+        now = time.monotonic()
+        return Backlog(
+            sessions=len(self._dirty.keys() | self._writing.keys() | self.unloaded),
+            budgets=len(self._dirty_budgets.keys() | self._writing_budgets.keys()),
+            age=0.0 if self._oldest is None else now - self._oldest,
+            unloaded=len(self.unloaded),
+        )
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
-        await self.flush()
-        rows: list[bytes] = await self._run(self._select, query)
+        try:
+            await self.flush()
+            rows: list[bytes] = await self._run(self._select, query)
+        except (sqlite3.Error, LoadFailed):
+            # The disk is failing: what this process holds is what can be shown.
+            return await super().find(query)
         return [SessionRecord.from_json(orjson.loads(data)) for data in rows]
 
     # -- disk ------------------------------------------------------------------------------------
@@ -167,6 +269,9 @@ class SqliteStore(SessionTable):
         sql = "SELECT key, window_end, tokens, cost FROM budgets WHERE window_end > ?"
         return list(self._db.execute(sql, (now,)))
 
+    def _select_each(self, session_ids: list[str]) -> list[bytes | None]:
+        return [self._select_one(session_id) for session_id in session_ids]
+
     def _write(self, sessions: list[SessionRow], budgets: list[BudgetRow]) -> None:
         assert self._db is not None
         with self._db:
@@ -174,45 +279,112 @@ class SqliteStore(SessionTable):
             self._db.executemany(_UPSERT_BUDGET, budgets)
 
     async def flush(self) -> None:
+        """Write what changed; raises what the disk raised (the changes stay to write)."""
         async with self._flush_lock:
-            if not self._dirty and not self._dirty_budgets:
-                return
-            dirty, self._dirty = self._dirty, set()
-            dirty_budgets, self._dirty_budgets = self._dirty_budgets, set()
-            sessions: list[SessionRow] = [
-                (r.id, r.agent, r.status, r.first_seen, r.last_seen, orjson.dumps(r.to_json()))
-                for session_id in dirty
-                if (r := self.sessions.get(session_id)) is not None
-            ]
-            budgets: list[BudgetRow] = [
-                (c.key, c.window_end, c.tokens, c.cost)
-                for key in dirty_budgets
-                if (c := self.budget_counters.get(key)) is not None
-            ]
-            try:
-                await self._run(self._write, sessions, budgets)
-            except Exception:
+            failure: BaseException | None = None
+            if self.unloaded:
+                try:
+                    await self._merge_unloaded()
+                except LoadFailed as exc:
+                    failure = exc  # the others are written all the same
+            if self._dirty or self._dirty_budgets:
+                await self._write_dirty()
+            elif self._oldest is not None:  # what waited left the table unwritten (moved)
+                self._oldest = None
+                self._check_lag(time.monotonic())
+            if failure is not None:
+                raise failure
+
+    async def _merge_unloaded(self) -> None:
+        """Read the sessions begun in memory while the disk could not be read, and fold
+        their stored figures in (``SessionTable._absorb_stored``) before they are written."""
+        ids = sorted(self.unloaded)
+        try:
+            rows: list[bytes | None] = await self._run(self._select_each, ids)
+            stored = [SessionRecord.from_json(orjson.loads(row)) if row else None for row in rows]
+        except Exception as exc:
+            self._load_failed(exc)
+            raise LoadFailed(ids[0], exc) from exc
+        self._set_trouble("load", None)
+        for session_id, record in zip(ids, stored, strict=True):
+            self._absorb_stored(session_id, record)
+
+    async def _write_dirty(self) -> None:
+        held = self.unloaded  # not written until merged: they would overwrite stored counts
+        if held:
+            dirty = {k: t for k, t in self._dirty.items() if k not in held}
+            self._dirty = {k: t for k, t in self._dirty.items() if k in held}
+        else:
+            dirty, self._dirty = self._dirty, {}
+        dirty_budgets, self._dirty_budgets = self._dirty_budgets, {}
+        self._writing, self._writing_budgets = dirty, dirty_budgets
+        sessions: list[SessionRow] = [
+            (r.id, r.agent, r.status, r.first_seen, r.last_seen, orjson.dumps(r.to_json()))
+            for session_id in dirty
+            if (r := self.sessions.get(session_id)) is not None
+        ]
+        budgets: list[BudgetRow] = [
+            (c.key, c.window_end, c.tokens, c.cost)
+            for key in dirty_budgets
+            if (c := self.budget_counters.get(key)) is not None
+        ]
+        try:
+            await self._run(self._write, sessions, budgets)
+        except BaseException as exc:  # cancelled too (a close that gave up): kept to write
+            for key, at in dirty.items():
+                self._dirty.setdefault(key, at)
+            for key, at in dirty_budgets.items():
+                self._dirty_budgets.setdefault(key, at)
+            if isinstance(exc, Exception):
                 self.errors["write"] += 1
-                self._dirty |= dirty  # try again next time
-                self._dirty_budgets |= dirty_budgets
-                raise
+                self._set_trouble("write", f"writes failing ({_describe(exc)})")
+            raise
+        finally:
+            self._writing, self._writing_budgets = {}, {}
+        self._set_trouble("write", None)
+        self._oldest = min(chain(self._dirty.values(), self._dirty_budgets.values()), default=None)
+        self._check_lag(time.monotonic())
 
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
             try:
                 await self.flush()
-            except sqlite3.Error:
+                if "load" in self._troubles and not self.unloaded:
+                    await self._probe()
+            except Exception as exc:
+                if not isinstance(exc, sqlite3.Error | LoadFailed):
+                    log.error("store: write failed: %s", _describe(exc))
+                self._check_lag(time.monotonic())
                 await asyncio.sleep(self.flush_interval)
 
+    async def _probe(self) -> None:
+        """Reads failed and nothing since read: a read of no session says when they work."""
+        try:
+            await self._run(self._select_one, "")
+        except Exception as exc:
+            self._load_failed(exc)
+            raise LoadFailed("", exc) from exc
+        self._set_trouble("load", None)
+
     def _evict(self) -> None:
-        """Forget the least recently seen sessions that are idle and written to disk."""
+        """Forget the least recently seen sessions that are idle and written to disk (never
+        one waiting to be written, or begun in memory: its figures exist nowhere else)."""
         excess = len(self.sessions) - self.max_cached
         if excess <= 0:
             return
+        keep = self._dirty.keys() | self._writing.keys() | self.unloaded
         idle = sorted(
-            (r for r in self.sessions.values() if r.in_flight == 0 and r.id not in self._dirty),
+            (r for r in self.sessions.values() if r.in_flight == 0 and r.id not in keep),
             key=lambda r: r.last_seen,
         )
         for record in idle[: max(excess, self.max_cached // 10)]:
             del self.sessions[record.id]
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log and the degraded detail: its type and SQLite's few words (they
+    name no session and no content), capped."""
+    cause = exc.__cause__ if isinstance(exc, LoadFailed) and exc.__cause__ else exc
+    text = str(cause)
+    return (f"{type(cause).__name__}: {text}" if text else type(cause).__name__)[:200]

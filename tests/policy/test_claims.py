@@ -32,7 +32,7 @@ LOOSER_DEFAULTS = (
     " max_body_bytes: 1000, models: {allow: ['gpt-4o-mini*'], deny: ['*-preview*']}},"
     " budgets: [{per: key, window: day, max_tokens: 1000}],"
     " loops: {action: reject, identical_tool_calls: 5},"
-    " context: {strategies: [elide_tool_output, truncate]}}"
+    " context: {strategies: [elide_tool_output, truncate]}, store_outage: closed}"
 )
 
 
@@ -53,6 +53,7 @@ LOOSER_DEFAULTS = (
         ("loops: {identical_tool_calls: 9}", "loops.identical_tool_calls"),
         ("loops: {turn_rate_factor: 50}", "loops.turn_rate_factor"),
         ("context: {strategies: [truncate]}", "context.strategies"),
+        ("store_outage: open", "store_outage"),
     ],
 )
 @pytest.mark.parametrize(
@@ -74,6 +75,7 @@ def test_a_claim_only_rule_that_loosens_is_warned_about(
         "loops: {action: pause, identical_tool_calls: 3}",
         "context: {strategies: [elide_tool_output, summarize, truncate]}",
         "limits: {warn_at: 0.9, idle_timeout: 60}",
+        "store_outage: closed",
     ],
 )
 def test_a_claim_rule_that_tightens_is_fine(change: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ import pytest
 from gateway.dialects import Usage
 from gateway.identity import Identity
 from gateway.store import (
+    Backlog,
     Grant,
     LimitExceeded,
     Limits,
+    LoadFailed,
     MemoryStore,
     SessionEnded,
     SessionQuery,
@@ -23,7 +26,7 @@ from gateway.store import (
     TurnEnd,
     TurnStart,
 )
-from gateway.store.base import check_and_reserve, settle
+from gateway.store.base import absorb, check_and_reserve, settle
 
 
 def start(
@@ -282,3 +285,81 @@ async def test_concurrent_token_reservations(store: Store) -> None:
     rec = await store.get("budget")
     assert rec is not None
     assert rec.reserved_tokens == 900
+
+
+# -- absorb: figures counted in memory while the backend could not read the session -------------
+def test_absorb_adds_counts_and_keeps_the_stricter_status() -> None:
+    stored = record()
+    stored.turns, stored.user_turns, stored.cost, stored.granted_turns = 3, 2, 1.5, 4
+    stored.tokens.input_tokens, stored.tokens.output_tokens = 300, 30
+    stored.first_seen, stored.last_seen = 10.0, 20.0
+    stored.status, stored.status_reason = "paused", "paused by the loop rule"
+    stored.warnings = [{"key": f"w{i}", "at": i} for i in range(15)]
+    stored.loops_allowed_until = 2
+    fresh = record()
+    fresh.first_seen, fresh.last_seen = 30.0, 40.0
+    ticket = check_and_reserve(fresh, start(at=30.0), Limits())
+    settle(fresh, ticket, end(Usage(input_tokens=100, output_tokens=10), at=40.0))
+    fresh.warnings = [{"key": f"new{i}", "at": 100 + i} for i in range(10)]
+    fresh.loops_allowed_until = 1  # a grant during the outage, on this process's turn 1
+
+    absorb(fresh, stored)
+
+    assert (fresh.turns, fresh.user_turns, fresh.granted_turns) == (4, 3, 4)
+    assert fresh.cost == 1.5
+    assert (fresh.tokens.input_tokens, fresh.tokens.output_tokens) == (400, 40)
+    assert fresh.models["gpt-5"].turns == 1
+    assert (fresh.first_seen, fresh.last_seen) == (10.0, 40.0)
+    assert (fresh.status, fresh.status_reason) == ("paused", "paused by the loop rule")
+    assert len(fresh.warnings) == 20  # capped, the newest kept, stored first
+    assert [w["key"] for w in fresh.warnings[-10:]] == [f"new{i}" for i in range(10)]
+    assert fresh.warnings[0]["key"] == "w5"
+    assert fresh.loops_allowed_until == 4  # turn 1 of this process is turn 4 of the session
+
+
+async def test_a_session_the_backend_cannot_read_begins_in_memory() -> None:
+    class Failing(MemoryStore):
+        async def _fetch(self, session_id: str) -> SessionRecord | None:
+            raise LoadFailed(session_id, OSError("disk"))
+
+    store = Failing()
+    assert await store.get("s1") is None  # the request path goes on as for a new session
+    ticket = await store.begin_turn(start("s1"), Limits())
+    assert ticket.turn == 1 and store.unloaded == {"s1"}
+    with pytest.raises(LoadFailed):  # failing closed: not counted against half the figures
+        await store.begin_turn(replace(start("s1"), fail_open=False), Limits())
+    with pytest.raises(LoadFailed):
+        await store.begin_turn(replace(start("s2"), fail_open=False), Limits())
+    assert "s2" not in store.sessions
+
+
+async def test_absorbing_an_id_another_key_owns_moves_the_figures_to_the_qualified_id() -> None:
+    class Failing(MemoryStore):
+        async def _fetch(self, session_id: str) -> SessionRecord | None:
+            raise LoadFailed(session_id, OSError("disk"))
+
+    store = Failing()
+    theirs = Identity("s1", "explicit", "codex", None, "0123456789ab")
+    ticket = await store.begin_turn(replace(start("s1"), identity=theirs), Limits())
+    stored = record("s1")  # what the disk had: the id is another key's
+    stored.turns = 7
+    store._absorb_stored("s1", stored)
+    assert "s1" in store.unloaded  # a call still in flight names the id: moved later
+    await store.end_turn(ticket, end(None))
+    store._absorb_stored("s1", stored)
+    moved = store.sessions["s1~0123456789ab"]
+    assert moved.turns == 1 and moved.key_hash == "0123456789ab"
+    assert "s1" not in store.sessions  # the owner's record is read from its backend again
+    assert store.unloaded == {"s1~0123456789ab"}  # the qualified id may be stored too
+    assert stored.turns == 7
+
+
+async def test_the_memory_store_is_never_behind() -> None:
+    store = MemoryStore()
+    heard: list[str | None] = []
+    store.watch(heard.append, 0.01)
+    for i in range(5):
+        await store.end_turn(await store.begin_turn(start(f"s{i}"), Limits()), end(None))
+    await asyncio.sleep(0.02)
+    assert (store.trouble, heard, store.unloaded) == (None, [], set())
+    assert store.backlog() == Backlog()

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import stat
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +249,159 @@ async def test_the_database_its_wal_and_new_directories_are_private(
         "gateway": 0o700,
         "state": 0o700,
     }
+
+
+# -- a failing disk: nothing lost, the store says it is behind ----------------------------------
+def _disk_error(*args: object) -> None:
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+async def _wait(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5.0
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_failed_writes_are_kept_never_evicted_and_written_on_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path, flush_interval=0.01, max_cached=2)
+    heard: list[str | None] = []
+    store.watch(heard.append, 60.0)
+    await store.open()
+    try:
+        monkeypatch.setattr(store, "_write", _disk_error)
+        for i in range(5):
+            await store.end_turn(await store.begin_turn(start(f"s{i}"), Limits()), end(None))
+        await _wait(lambda: store.errors["write"] >= 2)
+        assert heard and heard[0] is not None and "disk I/O error" in heard[0]
+        assert store.trouble is not None
+        await store.get("unknown")  # a load past max_cached evicts: never what is unwritten
+        assert {f"s{i}" for i in range(5)} <= set(store.sessions)
+        backlog = store.backlog()
+        assert (backlog.sessions, backlog.unloaded) == (5, 0)
+        assert backlog.age > 0
+        monkeypatch.undo()
+        await _wait(lambda: store.trouble is None)
+        assert heard[-1] is None and store.backlog().sessions == 0
+    finally:
+        await store.close()
+    reader = await _reopen(path)
+    try:
+        for i in range(5):
+            rec = await reader.get(f"s{i}")
+            assert rec is not None and rec.turns == 1
+    finally:
+        await reader.close()
+
+
+async def test_a_write_that_hangs_puts_the_store_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(tmp_path / "gateway.db", flush_interval=0.01)
+    store.watch(lambda detail: None, 0.1)
+    await store.open()
+    release = threading.Event()
+    write = store._write
+
+    def stalled(*args: Any) -> None:
+        release.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(store, "_write", stalled)
+    try:
+        await store.begin_turn(start("s1"), Limits())
+        await asyncio.sleep(0.2)
+        await store.begin_turn(start("s1"), Limits())  # a change checks how long others wait
+        assert store.trouble is not None and "waiting" in store.trouble
+        assert store.backlog().sessions == 1
+        # A session to read waits behind the write, and goes on without it after a while.
+        store.load_timeout = 0.05
+        ticket = await store.begin_turn(start("s2"), Limits())
+        assert ticket.turn == 1 and store.unloaded == {"s2"}
+        release.set()
+        monkeypatch.undo()
+        await _wait(lambda: store.trouble is None)
+    finally:
+        release.set()
+        await store.close()
+
+
+async def test_a_session_that_cannot_be_read_is_merged_when_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    first = await _reopen(path)
+    for i in range(3):
+        ticket = await first.begin_turn(start("s1", at=100.0 + i), Limits())
+        await first.end_turn(ticket, end(Usage(input_tokens=100, output_tokens=10), at=101.0 + i))
+    await first.close()
+
+    store = SqliteStore(path, flush_interval=0.01)
+    await store.open()
+    try:
+        monkeypatch.setattr(store, "_select_one", _disk_error)
+        # Fail open: limits from what this process holds (the stored three turns unknown).
+        ticket = await store.begin_turn(start("s1", at=200.0), Limits(max_turns=4))
+        await store.end_turn(ticket, end(Usage(input_tokens=50, output_tokens=5), at=201.0))
+        ticket = await store.begin_turn(start("s1", at=202.0), Limits(max_turns=4))
+        await store.end_turn(ticket, end(None, at=203.0))
+        assert store.unloaded == {"s1"} and store.trouble is not None
+        assert store.errors["load"] >= 1
+        await asyncio.sleep(0.05)  # flushes pass: begun in memory, never written as it is
+        monkeypatch.undo()
+        await _wait(lambda: not store.unloaded and store.trouble is None)
+        rec = await store.get("s1")
+        assert rec is not None
+        assert (rec.turns, rec.tokens.total_tokens, rec.first_seen) == (5, 385, 100.0)
+        with pytest.raises(LimitExceeded):  # the merged figures count from now on
+            await store.begin_turn(start("s1", at=300.0), Limits(max_turns=5))
+    finally:
+        await store.close()
+    reader = await _reopen(path)
+    try:
+        rec = await reader.get("s1")
+        assert rec is not None and (rec.turns, rec.tokens.total_tokens) == (5, 385)
+    finally:
+        await reader.close()
+
+
+async def test_close_tries_a_failing_disk_again_then_logs_what_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path, flush_interval=0.01, close_timeout=0.2)
+    await store.open()
+    monkeypatch.setattr(store, "_write", _disk_error)
+    for session in ("a", "b"):
+        await store.end_turn(await store.begin_turn(start(session), Limits()), end(None))
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="gateway.store"):
+        await store.close()
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert store.errors["write"] >= 3  # tried again until close_timeout
+    lost = [r.getMessage() for r in caplog.records if "before shutdown" in r.getMessage()]
+    assert len(lost) == 1
+    assert lost[0].startswith("store: 2 sessions (2 turns in all, 0 of them begun in memory)")
+    assert "disk I/O error" in lost[0]
+
+
+async def test_close_writes_once_the_disk_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path, flush_interval=0.01, close_timeout=5.0)
+    await store.open()
+    monkeypatch.setattr(store, "_write", _disk_error)
+    await store.end_turn(await store.begin_turn(start("a"), Limits()), end(None))
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, monkeypatch.undo)
+    await store.close()
+    reader = await _reopen(path)
+    try:
+        rec = await reader.get("a")
+        assert rec is not None and rec.turns == 1
+    finally:
+        await reader.close()
