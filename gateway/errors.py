@@ -15,8 +15,11 @@ Hierarchy::
     ├── BodyTooLarge          over the gateway's body cap (413)
     ├── PolicyRejection       the policy stops the call (400; 429 for a window budget)
     ├── ContextOverflow       over the context window after compaction, or ``prompt`` (400)
+    ├── Shed                  the upstream's concurrency limit and queue are full (429)
+    ├── StoreUnavailable      the session store is failing and the policy fails closed (503)
     └── UpstreamUnavailable   upstream unreachable (502)
-        └── UpstreamTimeout   no answer within the first-byte timeout (504)
+        ├── UpstreamTimeout   no answer within the first-byte timeout (504)
+        └── BreakerOpen       the upstream's circuit breaker is open (Anthropic 529, OpenAI 503)
 """
 
 from __future__ import annotations
@@ -147,3 +150,66 @@ class UpstreamUnavailable(GatewayError):
 class UpstreamTimeout(UpstreamUnavailable):
     status = 504
     outcome = "upstream_timeout"
+
+
+class BreakerOpen(UpstreamUnavailable):
+    """The provider's own overload error, which the SDKs and agents retry after
+    ``Retry-After``: the gateway answers for an upstream it knows to be unwell, without
+    sending it the call."""
+
+    kind = ErrorKind.OVERLOADED
+    code = "upstream_unavailable"
+    outcome = "breaker_open"
+
+    def __init__(self, upstream: str, retry_after: float) -> None:
+        wait = max(1, round(retry_after))
+        super().__init__(
+            f"The upstream {upstream} is failing and the gateway's circuit breaker for it is"
+            f" open (upstreams.{upstream}.breaker): calls are not sent there for now. Try"
+            f" again in {wait}s; it closes once a probe call succeeds.",
+            headers={"Retry-After": str(wait), "X-Gateway-Shed": "breaker_open"},
+        )
+
+
+class Shed(GatewayError):
+    """Too many calls for the upstream right now: a 429 with ``Retry-After``, which agents
+    wait out and retry (Codex reads the seconds from the message)."""
+
+    kind = ErrorKind.RATE_LIMIT
+    code = "rate_limit_exceeded"
+    outcome = "shed"
+
+    def __init__(self, upstream: str, reason: str, retry_after: float, limit: int) -> None:
+        wait = max(1, round(retry_after))
+        why = {
+            "queue_full": "its queue of waiting calls is full",
+            "queue_timeout": "this call waited its longest for a slot",
+            "session_share": "this session holds its share of the slots and the queue is full",
+        }.get(reason, reason)
+        super().__init__(
+            f"The gateway is at its concurrency limit for upstream {upstream} ({limit} calls in"
+            f" flight) and {why} (upstreams.{upstream}.concurrency). Please try again in"
+            f" {wait}s.",
+            headers={"Retry-After": str(wait), "X-Gateway-Shed": reason},
+        )
+
+
+class StoreUnavailable(GatewayError):
+    """The session store is failing or behind, and the caller's policy says
+    ``store_outage: closed``: refused before it goes upstream, as the provider's own
+    overload error with ``Retry-After`` (agents retry a 503 later)."""
+
+    kind = ErrorKind.OVERLOADED
+    status = 503
+    code = "gateway_store_unavailable"
+    outcome = "store_unavailable"
+
+    def __init__(self, rule: str, retry_after: float = 5.0) -> None:
+        wait = max(1, round(retry_after))
+        super().__init__(
+            "The gateway's session store is failing, and the policy refuses calls while it"
+            f" is (store_outage: closed, set by {rule}). Try again in {wait}s. An operator"
+            " lifts this by fixing the store, or with store_outage: open (limits then checked"
+            " against what the gateway holds in memory).",
+            headers={"Retry-After": str(wait), "X-Gateway-Policy-Rule": rule},
+        )

@@ -57,7 +57,8 @@ class Exchange:
     response_facts: ResponseFacts | None = None
     response: web.StreamResponse | None = None
     outcome: str = "ok"
-    """ok, bad_request, rejected, upstream_unavailable, upstream_cut, client_gone, ..."""
+    """ok, bad_request, rejected, upstream_unavailable, upstream_cut, client_gone, drain_cut
+    (a stop's deadline), ..."""
     first_byte_at: float | None = None
     upstream_at: float | None = None
     """``perf_counter()`` when the call to the upstream began; ``upstream_done_at`` when its
@@ -78,18 +79,43 @@ class Exchange:
     window: int | None = None
     """The model's context window, once compaction has looked it up."""
     trace: RequestTrace | None = None
+    retries: int = 0
+    """Upstream attempts after the first (``upstream.send``): counted, never as turns."""
+    retry_reasons: tuple[str, ...] = ()
+    """What failed before each retry (``connect_error``, ``reset``, ``timeout``, ``http_...``)."""
+    budget_spent: bool = False
+    """A retry was wanted, but the upstream's retry budget was spent."""
+    breaker_moves: tuple[str, ...] = ()
+    """Breaker transitions this call caused (``openai: closed -> open``): span events."""
+    shed: str | None = None
+    """Why the call got no upstream attempt: ``breaker_open``, ``queue_full``, ..."""
+    slot_owner: str | None = None
+    """Whose slot of the upstream's concurrency limit the call holds (``admission``)."""
+    probing: bool = False
+    """The call is its upstream's half-open breaker's probe."""
+    queued_seconds: float | None = None
+    """How long the call waited for a slot of the upstream's limit (None: it did not wait)."""
+    fallback_from: str | None = None
+    """The upstream whose open breaker sent this call to ``upstream``, its fallback."""
     """The request's spans, when tracing is on."""
 
     # -- facts derived from the above, computed here only (steps and telemetry read them) --
     @property
     def final_status(self) -> int:
-        """The status the client got: 499 when it went away before an answer, 502 when no
-        answer could be made (the upstream failed before one began)."""
-        return self.status or (499 if self.outcome == "client_gone" else 502)
+        """The status the client got: 499 when it went away before an answer, 503 when a
+        stop cut the call before one, 502 when no answer could be made (the upstream failed
+        before one began)."""
+        return self.status or _UNANSWERED.get(self.outcome, 502)
+
+    def client_gone(self) -> bool:
+        """The client's connection is closed or closing: nothing more is worth doing for it."""
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
 
     @property
     def cut(self) -> bool:
-        """The exchange ended mid-way: the upstream broke its stream or the client left."""
+        """The exchange ended mid-way: the upstream broke its stream, the client left, or a
+        stop's drain deadline cut it."""
         return self.outcome in _CUT
 
     @property
@@ -110,4 +136,5 @@ class Exchange:
         return not (self.facts and self.facts.tools)
 
 
-_CUT = frozenset({"upstream_cut", "client_gone"})
+_CUT = frozenset({"upstream_cut", "client_gone", "drain_cut"})
+_UNANSWERED = {"client_gone": 499, "drain_cut": 503}

@@ -8,6 +8,7 @@ own error shape. The route table is at the end: ``dispatch`` picks the handler.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from xxhash import xxh3_64_intdigest
 from gateway.accounting import begin_turn, end_turn
 from gateway.appkeys import (
     COMPACTOR,
+    DRAINING,
     HTTP,
     METRICS,
     REQUEST_LOG,
@@ -49,6 +51,7 @@ from gateway.identity import identify, own_session
 from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
 from gateway.policy.step import decide_policy
 from gateway.relay import relay
+from gateway.resilience.admission import admit, release
 from gateway.telemetry import tracing
 from gateway.telemetry.logs import log_request
 from gateway.telemetry.observe import observe
@@ -70,11 +73,14 @@ async def handle(ex: Exchange) -> None:
        (``credentials``, ``identity``).
     3. ``decide_policy`` (``policy/step.py``): the decision before anything is counted; loops
        noted, and a session paused if the policy says so.
-    4. ``compact_context`` (``compaction/step.py``): near the model's window, the conversation
+    4. ``admit`` (``resilience/admission.py``): the upstream's breaker (or its fallback) and a
+       slot of its concurrency limit; a call answered here (529/503, 429) is no turn.
+    5. ``compact_context`` (``compaction/step.py``): near the model's window, the conversation
        rewritten.
-    5. ``begin_turn`` (``accounting.py``): the store's atomic check of the counted limits, the
+    6. ``begin_turn`` (``accounting.py``): the store's atomic check of the counted limits, the
        turn recorded, warnings past ``warn_at``.
-    6. ``forward`` (here): the upstream call (``upstream``) and the answer relayed (``relay``).
+    7. ``forward`` (here): the upstream call (``upstream``: retried within the upstream's
+       budget) and the answer relayed (``relay``).
 
     A step that refuses the call does it through ``policy.step.reject``. ``answered`` runs
     these steps, answers what they raise, and then, whatever happened, ends the turn
@@ -83,6 +89,8 @@ async def handle(ex: Exchange) -> None:
     await read_request(ex)
     await identify_session(ex)
     await decide_policy(ex)
+    if (waiting := admit(ex)) is not None:  # a plain call unless the call must queue
+        await waiting
     await compact_context(ex)
     await begin_turn(ex)
     await forward(ex)
@@ -94,6 +102,8 @@ async def handle_aux(ex: Exchange) -> None:
     await identify_session(ex)
     assert ex.identity is not None
     await ex.app[STORE].record_aux(ex.identity, time.time())
+    if (waiting := admit(ex)) is not None:
+        await waiting
     await forward(ex)
 
 
@@ -101,6 +111,8 @@ async def handle_passthrough(ex: Exchange) -> None:
     """Anything else under /v1 (models, files, embeddings, ...): forwarded untouched."""
     await read_body(ex)
     ex.upstream_body = ex.raw
+    if (waiting := admit(ex)) is not None:
+        await waiting
     await forward(ex)
 
 
@@ -121,7 +133,15 @@ async def answered(
         answer_error(ex, error)
     except Exception:
         failed(ex)
+    except asyncio.CancelledError:
+        # A stop cut the call at its drain deadline (``server.py``): ended below with what
+        # was seen, as the stop's doing, not the upstream's.
+        if app[DRAINING].is_set() and ex.outcome == "ok":
+            ex.outcome = "drain_cut"
+        raise
     finally:
+        if ex.slot_owner is not None or ex.probing:
+            release(ex)
         if turn:
             await end_turn(ex, app[STORE], app[TOKENS], app[COMPACTOR].calibration)
             in_flight.dec(labels)
@@ -187,33 +207,37 @@ async def identify_session(ex: Exchange) -> None:
 
 
 async def forward(ex: Exchange) -> None:
-    """The call upstream (``upstream.send``: pooled, connect retries) inside its CLIENT span,
-    and its answer relayed to the client (``relay``)."""
+    """The call upstream (``upstream.send``: pooled, retried within the upstream's budget)
+    inside its CLIENT span, and its answer relayed to the client (``relay``)."""
     app = ex.app
-    settings = app[SETTINGS]
+    upstream = ex.upstream
     if ex.identity is not None:
         drop = ex.identity.drop_header
     else:  # passthrough: the credential of the upstream it goes to
-        drop = credential(ex.request.headers, ex.upstream.provider).drop
+        drop = credential(ex.request.headers, upstream.provider).drop
     headers = request_headers(ex.request.headers, drop=drop)
-    url = ex.upstream.url(ex.path, ex.request.rel_url.raw_query_string)
+    url = upstream.url(ex.path, ex.request.rel_url.raw_query_string)
     ex.upstream_at = time.perf_counter()
     with tracing.upstream_call(ex, url, headers):
-        upstream = await send(
+        response = await send(
             app[HTTP],
             ex.request.method,
             url,
             headers,
             ex.upstream_body,
-            settings,
-            app[METRICS].retried(ex.upstream.provider),
+            app[SETTINGS].timeouts,
+            upstream,
+            ex,
         )
-        await relay(ex, upstream, gateway_headers(ex))
+        await relay(ex, response, gateway_headers(ex))
+    if ex.outcome == "upstream_cut":
+        upstream.breaker.failure("cut")
 
 
 def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
     """What the gateway tells the client about the call (its own headers only)."""
     extra: CIMultiDict[str] = CIMultiDict()
+    extra["X-Gateway-Upstream"] = ex.upstream.name
     if ex.identity is not None:
         extra["X-Gateway-Session-Id"] = ex.identity.session_id
     if ex.decision is not None:

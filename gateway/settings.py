@@ -4,22 +4,145 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+UPSTREAM_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+BUILT_IN_UPSTREAMS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+}
+"""The two upstreams every gateway has; each implies its provider API."""
 
 
-class Upstreams(BaseModel):
+class RetrySettings(BaseModel):
+    """Retries of a call the upstream failed before anything reached the client."""
+
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    openai: str = "https://api.openai.com/v1"
-    """Where the OpenAI routes go. Any OpenAI-compatible server (vLLM, Ollama, ...) works
-    here; include its /v1."""
-    anthropic: str = "https://api.anthropic.com"
-    """Where the Anthropic routes go (without /v1)."""
+    attempts: int = Field(3, ge=1, le=10)
+    """Attempts in all, the first included (1: never retried). Defaults to
+    ``upstream_retries`` + 1."""
+    backoff_base: float = Field(0.2, gt=0)
+    """Seconds: the n-th retry waits a random time up to ``backoff_base * 2**(n-1)``."""
+    backoff_max: float = Field(5.0, gt=0)
+    """Seconds: the longest wait before a retry (an upstream's ``Retry-After`` may ask for
+    more, up to what is left of ``timeouts.first_byte``)."""
+    budget_ratio: float = Field(0.2, ge=0, le=1)
+    """Retries may add at most this fraction of the upstream's recent request rate (the last
+    10 s), so an outage is not multiplied by the gateway."""
+
+
+class BreakerSettings(BaseModel):
+    """The circuit breaker: opens when the upstream itself is unwell (5xx, 529, timeouts,
+    resets; never 429 or another 4xx)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    enabled: bool = True
+    """Off: calls go to the upstream however it fares."""
+    failures: int = Field(5, ge=1)
+    """Consecutive failures that open it."""
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    """Or this share of failures among the calls of the last ``window`` seconds ..."""
+    window: float = Field(30.0, gt=0)
+    """Seconds of calls the failure ratio is taken over."""
+    min_calls: int = Field(20, ge=1)
+    """... once the window holds at least this many calls."""
+    open: float = Field(30.0, gt=0)
+    """Seconds it stays open, answering at once, before it lets one probe through."""
+
+
+class ConcurrencySettings(BaseModel):
+    """Calls in flight to the upstream, and the queue of calls waiting for a slot."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max: int = Field(256, ge=1)
+    """The ceiling of the limit (and the limit itself when not adaptive)."""
+    min: int = Field(8, ge=1)
+    """The floor an adaptive limit never goes below."""
+    adaptive: bool = True
+    """Lower the limit when the upstream's time to first byte grows or it answers overloaded
+    (429 aside, 503, 529), raise it again while it answers quickly."""
+    queue: int = Field(1024, ge=0)
+    """Calls that may wait for a slot; past it a call is answered 429 with ``Retry-After``."""
+    queue_timeout: float = Field(30.0, gt=0)
+    """Seconds a call may wait for a slot before it is answered 429."""
+    session_share: float = Field(0.25, gt=0, le=1)
+    """The share of the limit one session (or, without a session, one key) may hold, so a
+    runaway agent cannot starve the others. Never below one slot."""
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> ConcurrencySettings:
+        if self.min > self.max:
+            raise ValueError(f"concurrency.min ({self.min}) is above concurrency.max ({self.max})")
+        return self
+
+
+class FallbackSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    upstream: str
+    """Another upstream of the same provider API that takes this one's calls while its
+    breaker is open."""
+    models: dict[str, str] = {}
+    """Model names rewritten for the fallback (``{"gpt-4o": "gpt-4o-2024-11-20"}``); a model
+    not named keeps its name."""
+
+
+class UpstreamSettings(BaseModel):
+    """One upstream. A plain URL stands for ``{url: ...}`` with every default."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str
+    """Its base URL: OpenAI-compatible ones include their /v1, Anthropic's has none."""
+    provider: Literal["openai", "anthropic"] | None = None
+    """The API it speaks; ``openai`` and ``anthropic`` imply theirs, any other name must say."""
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
+    fallback: FallbackSettings | None = None
+    pass_client_credentials: bool = False
+    """Calls that reach this upstream as another's fallback carry the client's own
+    credential here. Needed for a fallback on another host than the upstream it stands in
+    for: without it such a config is refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if parsed.query or parsed.fragment or parsed.username or parsed.password:
+            raise ValueError(f"{value!r}: no query, fragment or credentials in an upstream URL")
+        return value
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = urlsplit(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
 class Timeouts(BaseModel):
@@ -36,9 +159,19 @@ class Timeouts(BaseModel):
     client_body: float = Field(30.0, gt=0)
     """To receive a client's whole request body; a slower client is answered 408 and its
     connection closed, so slow or stalled uploads cannot hold connections for ever."""
-    drain: float = Field(25.0, gt=0)
-    """On SIGTERM or SIGINT, how long the requests in flight may run on to their end before
-    they are cut (Kubernetes sends SIGKILL 30 s after SIGTERM by default)."""
+
+
+class DegradedSettings(BaseModel):
+    """When the gateway degrades by itself: bounds on what falls behind, in seconds."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    loop_lag: float = Field(1.0, gt=0)
+    """Event-loop lag (how late a timer runs) that, held over two samples in a row (1 s),
+    puts the gateway in degraded mode (``loop_lag``); it leaves after 5 s under half of it."""
+    store_lag: float = Field(5.0, gt=0)
+    """The state store's writes erroring or lagging this long put the gateway in degraded
+    mode (``store``): accounting is kept in memory and written when the store is back."""
 
 
 class Settings(BaseModel):
@@ -57,13 +190,28 @@ class Settings(BaseModel):
     policy_poll_interval: float = Field(1.0, gt=0)
     """How often the policy file is checked for changes (SIGHUP reloads at once)."""
     audit_log: Path | None = None
-    """JSON lines: policy loads and refusals, grants, session ends (created 0600)."""
-    upstreams: Upstreams = Upstreams()
+    """JSON lines, only ever appended (created 0600): every control-plane change (policy loads
+    and refusals, grants, session ends, degraded mode, breaker transitions), who made it and
+    why; a change asked for is on disk before it takes effect."""
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict, validate_default=True)
+    """Where calls go, by name. ``openai`` and ``anthropic`` are always there (defaults:
+    the providers' own APIs); other names are fallbacks and need ``provider``."""
+    drain_timeout: float = Field(30.0, gt=0)
+    """On SIGTERM or SIGINT, how long the requests in flight may run on to their end before
+    they are cut and accounted as far as they got (match Kubernetes'
+    ``terminationGracePeriodSeconds``, leaving it a few seconds more)."""
+    egress_proxy_from_env: bool = False
+    """Outbound calls honour ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (egress through a
+    proxy)."""
     timeouts: Timeouts = Timeouts()
+    degraded: DegradedSettings = DegradedSettings()
+    """When the gateway enters degraded mode by itself (it also can by hand:
+    ``gateway degrade on``)."""
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """The largest request body read; larger is answered 413."""
-    upstream_retries: int = Field(2, ge=0)
-    """Retries of a call whose connection to the upstream could not be opened (nothing sent)."""
+    upstream_retries: int = Field(2, ge=0, le=9)
+    """Retries after the first attempt, for every upstream that does not set
+    ``retry.attempts`` itself."""
     upstream_connections: int = Field(256, ge=1)
     """Open connections to the upstreams, all of them together; more calls wait for one."""
     max_client_connections: int = Field(4096, ge=1)
@@ -86,6 +234,88 @@ class Settings(BaseModel):
     log_format: Literal["json", "text"] = "json"
     """``json``: one object per line (with one line per request); ``text`` for a terminal."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, value: Any) -> Any:
+        # ``timeouts.drain`` was the drain's name before ``drain_timeout``.
+        if isinstance(value, dict) and isinstance(value.get("timeouts"), dict):
+            timeouts = dict(value["timeouts"])
+            drain = timeouts.pop("drain", None)
+            value = {**value, "timeouts": timeouts}
+            if drain is not None:
+                value.setdefault("drain_timeout", drain)
+        return value
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _built_in_upstreams(cls, value: Any) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            return value  # pydantic says what is wrong
+        merged: dict[str, Any] = {name: {"url": url} for name, url in BUILT_IN_UPSTREAMS.items()}
+        for name, given in value.items():
+            if name in BUILT_IN_UPSTREAMS and isinstance(given, Mapping) and "url" not in given:
+                given = {**merged[name], **given}  # tuning a built-in keeps its own URL
+            merged[name] = given
+        return merged
+
+    @model_validator(mode="after")
+    def _upstreams_agree(self) -> Settings:
+        # Every problem at its own place (``gateway config check`` shows each at its line),
+        # all in one pass rather than one per run.
+        problems: list[tuple[tuple[str, ...], str]] = []
+        for name, upstream in self.upstreams.items():
+            at: tuple[str, ...] = ("upstreams", name)
+            if not re.match(UPSTREAM_NAME, name):
+                problems.append((at, "not a name (a-z, 0-9, '.', '_', '-')"))
+            implied = name if name in BUILT_IN_UPSTREAMS else None
+            if implied and upstream.provider not in (None, implied):
+                problems.append(((*at, "provider"), f"{name} speaks the {implied} API"))
+            elif upstream.provider is None and implied is None:
+                problems.append((at, "say which API it speaks: provider: openai or anthropic"))
+            elif upstream.provider is None:
+                upstream.provider = implied  # type: ignore[assignment]
+            if "attempts" not in upstream.retry.model_fields_set:
+                upstream.retry.attempts = self.upstream_retries + 1
+        for name, upstream in self.upstreams.items():
+            at = ("upstreams", name, "fallback", "upstream")
+            problems.extend((at, problem) for problem in self._fallback_problems(name, upstream))
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("upstreams", "{message}", {"message": message}),
+                        loc=loc,
+                        input=None,
+                    )
+                    for loc, message in problems
+                ],
+            )
+        return self
+
+    def _fallback_problems(self, name: str, upstream: UpstreamSettings) -> list[str]:
+        if upstream.fallback is None:
+            return []
+        other = upstream.fallback.upstream
+        target = self.upstreams.get(other)
+        if target is None:
+            return [f"no upstream named {other!r} (there are: {', '.join(sorted(self.upstreams))})"]
+        if other == name:
+            return ["an upstream cannot be its own fallback"]
+        if None in (target.provider, upstream.provider):
+            return []  # said above: which API one of them speaks is missing
+        if target.provider != upstream.provider:
+            return [f"{other} speaks the {target.provider} API, {name} the {upstream.provider} API"]
+        if _origin(target.url) != _origin(upstream.url) and not target.pass_client_credentials:
+            return [
+                f"{other} is on another host ({urlsplit(target.url).hostname}), and a fallback"
+                " call carries the client's own credential there. Write"
+                f" pass_client_credentials: true on upstreams.{other} if that host may receive it."
+            ]
+        return []
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: Any) -> Any:
@@ -106,8 +336,8 @@ class Settings(BaseModel):
 
 
 _ENV: dict[str, tuple[str, ...]] = {
-    "GATEWAY_OPENAI_UPSTREAM": ("upstreams", "openai"),
-    "GATEWAY_ANTHROPIC_UPSTREAM": ("upstreams", "anthropic"),
+    "GATEWAY_OPENAI_UPSTREAM": ("upstreams", "openai", "url"),
+    "GATEWAY_ANTHROPIC_UPSTREAM": ("upstreams", "anthropic", "url"),
     "GATEWAY_STORE": ("store",),
     "GATEWAY_ADMIN_TOKEN": ("admin_token",),
     "GATEWAY_LOG_LEVEL": ("log_level",),
@@ -120,7 +350,8 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_TRUSTED_PROXIES": ("trusted_proxies",),
     "GATEWAY_METRICS_AUTH": ("metrics_auth",),
     "GATEWAY_CLIENT_BODY_TIMEOUT": ("timeouts", "client_body"),
-    "GATEWAY_DRAIN_TIMEOUT": ("timeouts", "drain"),
+    "GATEWAY_DRAIN_TIMEOUT": ("drain_timeout",),
+    "GATEWAY_EGRESS_PROXY_FROM_ENV": ("egress_proxy_from_env",),
 }
 
 
@@ -135,7 +366,15 @@ def load_settings(
     """
     data: dict[str, Any] = {}
     if config is not None:
-        loaded = yaml.safe_load(config.read_text()) or {}
+        # The policy files' reader: a hostile config is bounded in size, depth and aliases.
+        from gateway.policy.loader import MAX_POLICY_BYTES, decode_utf8, parse_yaml
+
+        with config.open("rb") as file:
+            raw = file.read(MAX_POLICY_BYTES + 1)
+        if len(raw) > MAX_POLICY_BYTES:
+            raise ValueError(f"{config}: larger than {MAX_POLICY_BYTES // 1024} KiB")
+        loaded, _node = parse_yaml(decode_utf8(raw, str(config)), str(config))
+        loaded = loaded or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config}: expected a mapping at the top level")
         data = loaded
@@ -145,8 +384,10 @@ def load_settings(
         if value:
             target = data
             for part in path[:-1]:
-                if not isinstance(target.get(part), dict):
-                    target[part] = {}
+                inner = target.get(part)
+                if isinstance(inner, str):  # a plain upstream URL: the mapping it stands for
+                    inner = {"url": inner}
+                target[part] = dict(inner) if isinstance(inner, dict) else {}
                 target = target[part]
             target[path[-1]] = value
     data.update({key: value for key, value in overrides.items() if value is not None})

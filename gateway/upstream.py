@@ -1,25 +1,32 @@
-"""Talking to the providers: where a path goes, which headers cross, and the call itself."""
+"""Talking to the providers: where a path goes, which headers cross, and the call itself,
+retried within its upstream's budget and judged by its breaker and limiter."""
 
 from __future__ import annotations
 
+import asyncio
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_result
 from yarl import URL
 
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.settings import Settings
+from gateway.errors import ClientDisconnected, UpstreamTimeout, UpstreamUnavailable
+from gateway.resilience.breaker import CLOSED, Breaker, Transition
+from gateway.resilience.limiter import Limiter
+from gateway.resilience.retry import (
+    OVERLOAD_STATUSES,
+    RETRYABLE_STATUSES,
+    UNWELL_STATUSES,
+    RetryBudget,
+    backoff,
+    retry_after,
+)
+from gateway.settings import Settings, Timeouts, UpstreamSettings
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself.
 _HOP_BY_HOP = frozenset(
@@ -48,12 +55,21 @@ _LARGE_BODY = 1024 * 1024
 _NO_AUTO_HEADERS = ("User-Agent", "Content-Type")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, eq=False)
 class Upstream:
+    """One upstream: where its calls go, and what guards it (breaker, retry budget, limit)."""
+
+    name: str
     provider: str
     base_url: str
     strip_prefix: str
     """The part of the client's path the base URL already holds (OpenAI's ``/v1``)."""
+    settings: UpstreamSettings
+    breaker: Breaker
+    budget: RetryBudget
+    limiter: Limiter
+    fallback: Upstream | None = None
+    """Takes this upstream's calls while its breaker is open (``fallback.upstream``)."""
 
     def url(self, path: str, query_string: str) -> str:
         """``path`` is a checked provider path (``gateway.paths``: no dot segment, no encoded
@@ -63,18 +79,49 @@ class Upstream:
         url = self.base_url.rstrip("/") + tail
         return f"{url}?{query_string}" if query_string else url
 
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        settings: UpstreamSettings,
+        on_breaker: Callable[[Transition], None] | None = None,
+    ) -> Upstream:
+        provider = settings.provider or name
+        return cls(
+            name=name,
+            provider=provider,
+            base_url=settings.url,
+            strip_prefix="/v1" if provider == "openai" else "",
+            settings=settings,
+            breaker=Breaker(name, settings.breaker, on_breaker),
+            budget=RetryBudget(settings.retry.budget_ratio),
+            limiter=Limiter(settings.concurrency),
+        )
+
+    def fallback_model(self, model: str) -> str | None:
+        """The model name the fallback is asked for, when the map renames it."""
+        fallback = self.settings.fallback
+        return fallback.models.get(model) if fallback is not None else None
+
 
 @dataclass(slots=True, frozen=True)
 class Upstreams:
     openai: Upstream
     anthropic: Upstream
+    by_name: dict[str, Upstream]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Upstreams:
-        return cls(
-            openai=Upstream("openai", settings.upstreams.openai, "/v1"),
-            anthropic=Upstream("anthropic", settings.upstreams.anthropic, ""),
-        )
+    def from_settings(
+        cls, settings: Settings, on_breaker: Callable[[Transition], None] | None = None
+    ) -> Upstreams:
+        by_name = {
+            name: Upstream.build(name, configured, on_breaker)
+            for name, configured in settings.upstreams.items()
+        }
+        for name, configured in settings.upstreams.items():
+            if configured.fallback is not None:
+                by_name[name].fallback = by_name[configured.fallback.upstream]
+        return cls(openai=by_name["openai"], anthropic=by_name["anthropic"], by_name=by_name)
 
     def for_provider(self, provider: str) -> Upstream:
         return self.anthropic if provider == "anthropic" else self.openai
@@ -122,7 +169,34 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
         # One session serves every client: a cookie an upstream sets for one client must not
         # travel with another's calls. Set-Cookie reaches the client; its Cookie goes upstream.
         cookie_jar=aiohttp.DummyCookieJar(),
+        # HTTPS_PROXY / NO_PROXY only when the operator says so: a stray variable must not
+        # send every prompt through a proxy.
+        trust_env=settings.egress_proxy_from_env,
     )
+
+
+class Call(Protocol):
+    """What ``send`` tells the call about its retries (``Exchange`` is one)."""
+
+    retries: int
+    retry_reasons: tuple[str, ...]
+    budget_spent: bool
+    breaker_moves: tuple[str, ...]
+
+    def client_gone(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Attempts:
+    """A ``Call`` of the gateway's own (a summary call): its retries, no client to lose."""
+
+    retries: int = 0
+    retry_reasons: tuple[str, ...] = ()
+    budget_spent: bool = False
+    breaker_moves: tuple[str, ...] = ()
+
+    def client_gone(self) -> bool:
+        return False
 
 
 async def send(
@@ -131,13 +205,14 @@ async def send(
     url: str,
     headers: CIMultiDict[str],
     body: bytes,
-    settings: Settings,
-    on_retry: Callable[[], None] | None = None,
+    timeouts: Timeouts,
+    upstream: Upstream,
+    call: Call,
 ) -> aiohttp.ClientResponse:
-    """Send one call and wait for the response headers (``on_retry`` hears of each retry).
-
-    Only failures to open a connection are retried: nothing reached the upstream, so nothing
-    can be billed twice.
+    """Send one call and wait for the response headers, retrying as the providers' SDKs do
+    while nothing has reached the client (``resilience.retry``); each attempt's answer goes
+    to the upstream's breaker and limiter. A failure not retried is passed on as it is: an
+    answer as the upstream gave it, an error as ``UpstreamUnavailable``/``UpstreamTimeout``.
     """
     # aiohttp warns on large bytes bodies; a file-like one is written out in chunks.
     data: bytes | io.BytesIO | None = body or None
@@ -152,54 +227,174 @@ async def send(
 
     # Already encoded: yarl would otherwise re-quote the path and resolve dot segments.
     target = URL(url, encoded=True)
-    timeouts = settings.timeouts
-    # aiohttp's read timeout runs from the request sent to the response headers, then between
-    # chunks: first_byte until the headers, idle after them (``_between_chunks``).
-    timeout = _first_byte(timeouts.connect, timeouts.first_byte)
+    loop = asyncio.get_running_loop()
 
-    async def attempt() -> aiohttp.ClientResponse:
+    async def attempt(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:  # noqa: ASYNC109
         if isinstance(data, io.BytesIO):
             data.seek(0)
-        response = await session.request(
-            method,
-            target,
-            data=data,
-            headers=headers,
-            allow_redirects=False,
-            skip_auto_headers=skip,
-            timeout=timeout,
-        )
+        sent = loop.time()
+        breaker = upstream.breaker
+        before = breaker.state
+        try:
+            response = await session.request(
+                method,
+                target,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                skip_auto_headers=skip,
+                timeout=timeout,
+            )
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            _failed(upstream, _reason(exc), overload=isinstance(exc, TimeoutError))
+            if breaker.state is not before:
+                call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
+            raise
+        status = response.status
+        if status in UNWELL_STATUSES:
+            _failed(upstream, _http_reason(status), overload=status in OVERLOAD_STATUSES)
+        else:
+            answered = loop.time()
+            breaker.success(answered)
+            upstream.limiter.answered(answered - sent)
+        if breaker.state is not before:
+            call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
         _between_chunks(response, timeouts.idle)
         return response
 
+    started = loop.time()
+    upstream.budget.request(started)
     try:
+        # The common path: one attempt, no retry state built.
+        first: aiohttp.ClientResponse | BaseException
         try:
-            return await attempt()
-        except aiohttp.ClientConnectorError:
-            if not settings.upstream_retries:
-                raise
-
-        # Tenacity only once the first try failed: the common path builds no retry state.
-        def before(_state: RetryCallState) -> None:
-            if on_retry is not None:
-                on_retry()
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(aiohttp.ClientConnectorError),
-            stop=stop_after_attempt(settings.upstream_retries),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            reraise=True,
-            before=before,
+            first = await attempt(_first_byte(timeouts.connect, timeouts.first_byte))
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            first = exc
+        else:
+            if first.status not in RETRYABLE_STATUSES:
+                return first
+        return await _retried(
+            first, attempt, upstream, call, timeouts, started + timeouts.first_byte
         )
-        return await retrying(attempt)
     except TimeoutError as exc:
         raise UpstreamTimeout(
-            f"The upstream did not answer within {settings.timeouts.first_byte:g}s."
+            f"The upstream did not answer within {timeouts.first_byte:g}s."
         ) from exc
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(
             f"The gateway could not reach the upstream ({type(exc).__name__})."
         ) from exc
+
+
+async def _retried(
+    first: aiohttp.ClientResponse | BaseException,
+    attempt: Callable[[aiohttp.ClientTimeout], Awaitable[aiohttp.ClientResponse]],
+    upstream: Upstream,
+    call: Call,
+    timeouts: Timeouts,
+    deadline: float,
+) -> aiohttp.ClientResponse:
+    """The first attempt failed in a way the SDKs retry: tenacity takes over, replaying that
+    first outcome as its attempt 1. Every attempt shares the first-byte deadline; each wait
+    is full-jitter backoff, or the upstream's ``Retry-After`` when it fits in what is left of
+    the deadline (else its answer is passed on). A retry needs the upstream's budget, a
+    closed breaker and a client still there."""
+    loop = asyncio.get_running_loop()
+    policy = upstream.settings.retry
+    pending: list[aiohttp.ClientResponse | BaseException] = [first]
+
+    async def again() -> aiohttp.ClientResponse:
+        if pending:
+            outcome = pending.pop()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        if call.client_gone():  # it left while the gateway waited to retry
+            raise ClientDisconnected("The client went away before the call was retried.")
+        remaining = max(0.001, deadline - loop.time())
+        return await attempt(_until(timeouts.connect, remaining))
+
+    def wait(state: RetryCallState) -> float:
+        """The upstream's ``Retry-After`` if it gave one, else full-jitter backoff (tenacity
+        asks this before ``give_up``, which sees it as ``upcoming_sleep``)."""
+        outcome = state.outcome
+        if outcome is not None and not outcome.failed:
+            asked = retry_after(outcome.result().headers)
+            if asked is not None:
+                return asked
+        return backoff(state.attempt_number, policy.backoff_base, policy.backoff_max)
+
+    def give_up(state: RetryCallState) -> bool:
+        if state.attempt_number >= policy.attempts or call.client_gone():
+            return True
+        if upstream.breaker.state != CLOSED:
+            return True  # the breaker answers from now on; this answer goes as it is
+        if state.upcoming_sleep >= deadline - loop.time():
+            return True  # no time left to wait for, or a Retry-After past the deadline
+        if not upstream.budget.try_spend():
+            call.budget_spent = True
+            return True
+        return False
+
+    def before_sleep(state: RetryCallState) -> None:
+        outcome = state.outcome
+        assert outcome is not None
+        if outcome.failed:
+            reason = _reason(outcome.exception())
+        else:
+            response = outcome.result()
+            reason = _http_reason(response.status)
+            response.release()  # its body is not wanted: the connection goes back to the pool
+        call.retries += 1
+        call.retry_reasons += (reason,)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type((aiohttp.ClientConnectionError, TimeoutError))
+        | retry_if_result(_retryable),
+        stop=give_up,
+        wait=wait,
+        before_sleep=before_sleep,
+        retry_error_callback=_last_outcome,
+    )
+    response: aiohttp.ClientResponse = await retrying(again)
+    return response
+
+
+def _retryable(response: aiohttp.ClientResponse) -> bool:
+    return response.status in RETRYABLE_STATUSES
+
+
+def _last_outcome(state: RetryCallState) -> aiohttp.ClientResponse:
+    """Not retried again: the last answer as it is (or its error raised)."""
+    assert state.outcome is not None
+    response: aiohttp.ClientResponse = state.outcome.result()
+    return response
+
+
+def _failed(upstream: Upstream, reason: str, *, overload: bool) -> None:
+    upstream.breaker.failure(reason)
+    if overload:
+        upstream.limiter.overloaded()
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_error"
+    return "reset"
+
+
+def _http_reason(status: int) -> str:
+    return f"http_{status}" if status in (408, 429, 529) else "http_5xx"
+
+
+def _until(connect: float, remaining: float) -> aiohttp.ClientTimeout:
+    """A retry's timeouts: what is left of the first-byte deadline."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=remaining, sock_connect=min(connect, remaining), sock_read=remaining
+    )
 
 
 @lru_cache(maxsize=16)

@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.fake_provider import RECEIVED, FakeProviderConfig, ReceivedRequest
 from gateway.fake_provider import create_app as create_fake_app
 from gateway.server import GatewayRunner
-from gateway.settings import Settings, Upstreams
+from gateway.settings import Settings
 
 # Recorded agent requests, kept in the repository (copied from the team's shared fixtures).
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"
@@ -51,7 +51,7 @@ def received(fake_provider: TestServer) -> list[ReceivedRequest]:
 def settings(fake_provider: TestServer) -> Settings:
     return Settings(
         store="memory://",
-        upstreams=Upstreams(
+        upstreams=dict(
             openai=str(fake_provider.make_url("/v1")),
             anthropic=str(fake_provider.make_url("")).rstrip("/"),
         ),

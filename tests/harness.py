@@ -144,8 +144,9 @@ async def make_gateway(
             policy_path = tmp_path / f"policy-{index}.yaml"
             await asyncio.to_thread(write_text, policy_path, policy)
         audit_path = tmp_path / f"audit-{index}.jsonl"
-        configured = settings.model_copy(
-            update={"policy": policy_path, "audit_log": audit_path, **updates}
+        # Validated again (not model_copy): plain upstream URLs become their mappings.
+        configured = Settings.model_validate(
+            {**settings.model_dump(), "policy": policy_path, "audit_log": audit_path, **updates}
         )
         server: TestServer = await aiohttp_server(
             create_app(configured, tracer_provider=tracer_provider)

@@ -15,7 +15,6 @@ from aiohttp.test_utils import TestServer
 
 from gateway.dialects.base import Usage
 from gateway.policy.prices import builtin, cost
-from gateway.settings import Upstreams
 from tests.harness import MakeGateway, session_headers
 from tests.policy.apis import APIS, Api, call
 from tests.telemetry.test_metrics import samples, value
@@ -123,7 +122,7 @@ async def caching_upstream(aiohttp_server: Any) -> TestServer:
 async def test_cache_reads_and_writes_are_priced_as_the_provider_prices_them(
     make_gateway: MakeGateway, caching_upstream: TestServer
 ) -> None:
-    upstreams = Upstreams(
+    upstreams = dict(
         openai=str(caching_upstream.make_url("/v1")),
         anthropic=str(caching_upstream.make_url("")).rstrip("/"),
     )

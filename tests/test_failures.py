@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import create_app
 from gateway.appkeys import STORE
 from gateway.fake_provider import FakeProviderConfig
-from gateway.settings import Settings, Timeouts, Upstreams
+from gateway.settings import Settings, Timeouts
 from tests.conftest import ANTHROPIC_MODEL, received
 from tests.harness import MakeGateway
 
@@ -34,7 +34,7 @@ async def gateway_over(aiohttp_server: Any, messages: Any, host: str = "") -> Te
         url = url.with_host(host)
     settings = Settings(
         store="memory://",
-        upstreams=Upstreams(anthropic=str(url).rstrip("/")),
+        upstreams=dict(anthropic=str(url).rstrip("/")),
     )
     gateway: TestServer = await aiohttp_server(create_app(settings))
     return gateway
@@ -71,9 +71,7 @@ async def test_upstream_down_is_a_provider_shaped_502(unused_tcp_port: int) -> N
     settings = Settings(
         store="memory://",
         upstream_retries=1,
-        upstreams=Upstreams(
-            openai=f"http://127.0.0.1:{port}/v1", anthropic=f"http://127.0.0.1:{port}"
-        ),
+        upstreams=dict(openai=f"http://127.0.0.1:{port}/v1", anthropic=f"http://127.0.0.1:{port}"),
     )
     server = TestServer(create_app(settings))
     await server.start_server()

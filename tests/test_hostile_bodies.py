@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gateway.app import create_app
 from gateway.fake_provider import RECEIVED, FakeProviderConfig
 from gateway.fake_provider import create_app as create_fake_app
-from gateway.settings import Settings, Upstreams
+from gateway.settings import Settings
 from tests.conftest import received
 
 ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
@@ -291,7 +291,7 @@ class Running:
         configured = Settings(
             store="memory://",
             policy=policy,
-            upstreams=Upstreams(
+            upstreams=dict(
                 openai=str(fake.make_url("/v1")),
                 anthropic=str(fake.make_url("")).rstrip("/"),
             ),

@@ -17,7 +17,7 @@ from yarl import URL
 
 from gateway.app import create_app
 from gateway.paths import LLM_PATHS, PathRefused, provider_path
-from gateway.settings import Settings, Upstreams
+from gateway.settings import Settings, UpstreamSettings
 from gateway.upstream import Upstream
 from tests.conftest import received
 
@@ -113,7 +113,7 @@ def test_an_accepted_path_stays_below_the_base_and_is_no_llm_route_in_disguise(
     except PathRefused:
         return
     base = "http://upstream.test/tenant-a/openai/v1"
-    url = URL(Upstream("openai", base, "/v1").url(where.path, ""))
+    url = URL(Upstream.build("openai", UpstreamSettings(url=base)).url(where.path, ""))
     # However a server decodes and normalises it, the path stays below the base path...
     resolved = URL(str(url)).path  # yarl resolves dot segments and decodes, as servers do
     assert resolved.startswith("/tenant-a/openai/v1/")
@@ -216,7 +216,7 @@ async def test_a_path_cannot_climb_out_of_the_upstream_base(
 ) -> None:
     openai_base = str(recorder.make_url("/tenant-a/openai/v1"))
     anthropic_base = str(recorder.make_url("/tenant-a/anthropic"))
-    upstreams = Upstreams(openai=openai_base, anthropic=anthropic_base)
+    upstreams = dict(openai=openai_base, anthropic=anthropic_base)
     app = create_app(Settings(store="memory://", upstreams=upstreams))
     gateway = await aiohttp_server(app)
     for climb in (

@@ -16,9 +16,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from asyncio import Event
+
     from gateway.policy.live import LivePolicy
+    from gateway.resilience.degraded import Degradation
     from gateway.store import BudgetCounter
     from gateway.telemetry.labels import LabelCap
+    from gateway.upstream import Upstreams
 
 ACTIVE_WINDOW = 300.0
 """A session counts as active for this long after its last call."""
@@ -107,7 +111,9 @@ class StoreFailures(Protocol):
 
 
 class StoreStatus(Collector):
-    """``gateway_store_errors_total`` by operation (load, write), read from the store."""
+    """``gateway_store_errors_total`` by operation (load, write), and the backlog of changes
+    not yet written (``gateway_store_backlog``, ``gateway_store_backlog_age_seconds``), read
+    from the store."""
 
     def __init__(self, store: StoreFailures) -> None:
         self.store = store
@@ -123,6 +129,24 @@ class StoreStatus(Collector):
         for operation in ("load", "write"):
             errors.add_metric([operation], counts.get(operation, 0))
         yield errors
+        # Read when the store has one (a bare stand-in in a test may not).
+        backlog = getattr(self.store, "backlog", None)
+        if backlog is not None:
+            held = backlog()
+            waiting = GaugeMetricFamily(
+                "gateway_store_backlog",
+                "Changes held in memory and not yet written by the session store, by kind"
+                " (sessions, budgets); they grow while its disk fails.",
+                labels=["kind"],
+            )
+            waiting.add_metric(["sessions"], held.sessions)
+            waiting.add_metric(["budgets"], held.budgets)
+            age = GaugeMetricFamily(
+                "gateway_store_backlog_age_seconds",
+                "How long the oldest change not yet written has waited (0: all written).",
+            )
+            age.add_metric([], held.age)
+            yield from (waiting, age)
 
 
 class BudgetStatus(Collector):
@@ -168,3 +192,57 @@ def _window_seconds(window: str, counter: BudgetCounter) -> float:
         return 86400.0
     end = datetime.fromtimestamp(counter.window_end - 1, UTC)
     return end.day * 86400.0  # the month's last day is its length in days
+
+
+class ResilienceStatus(Collector):
+    """Each upstream's breaker state, concurrency limit, calls in flight and queued; the
+    degraded mode by reason; readiness (0 while a stop drains)."""
+
+    def __init__(self, upstreams: Upstreams, degraded: Degradation, draining: Event) -> None:
+        self.upstreams = upstreams
+        self.degraded = degraded
+        self.draining = draining
+
+    def collect(self) -> Iterable[Metric]:
+        from gateway.resilience.breaker import STATES
+        from gateway.resilience.degraded import REASONS
+
+        state = GaugeMetricFamily(
+            "gateway_upstream_breaker_state",
+            "The upstream's circuit breaker: 1 for the state it is in (closed, half_open, open).",
+            labels=["upstream", "state"],
+        )
+        limit = GaugeMetricFamily(
+            "gateway_upstream_concurrency_limit",
+            "Calls the upstream may have in flight now (adaptive between concurrency.min and"
+            " .max).",
+            labels=["upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_upstream_in_flight", "Calls holding a slot of the upstream's limit.",
+            labels=["upstream"],
+        )  # fmt: skip
+        queued = GaugeMetricFamily(
+            "gateway_upstream_queued", "Calls waiting for a slot of the upstream's limit.",
+            labels=["upstream"],
+        )  # fmt: skip
+        for upstream in self.upstreams.by_name.values():
+            name = upstream.name
+            for each in STATES:
+                state.add_metric([name, each], 1.0 if upstream.breaker.state == each else 0.0)
+            limit.add_metric([name], int(upstream.limiter.limit))
+            in_flight.add_metric([name], upstream.limiter.in_flight)
+            queued.add_metric([name], upstream.limiter.queued)
+        degraded = GaugeMetricFamily(
+            "gateway_degraded",
+            "1 while the gateway runs degraded for this reason (manual, store, span_exporter,"
+            " summarizer, loop_lag): the core path serves, optional work is paused.",
+            labels=["reason"],
+        )
+        for reason in REASONS:
+            degraded.add_metric([reason], 1.0 if self.degraded.holds(reason) else 0.0)
+        ready = GaugeMetricFamily(
+            "gateway_ready", "1 while the gateway takes new calls; 0 once a stop drains."
+        )
+        ready.add_metric([], 0.0 if self.draining.is_set() else 1.0)
+        yield from (state, limit, in_flight, queued, degraded, ready)

@@ -13,8 +13,7 @@ families read when scraped are in ``collectors``, the scrape itself in ``scrape`
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
-from functools import partial
+from asyncio import Event
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ from gateway.telemetry.collectors import (
     BudgetStatus,
     PolicyStatus,
     ProcessStatus,
+    ResilienceStatus,
     StoreFailures,
     StoreStatus,
 )
@@ -34,6 +34,8 @@ from gateway.telemetry.labels import AGENT_NAMES, LabelCap, Names, policy_names
 
 if TYPE_CHECKING:
     from gateway.policy.live import LivePolicy
+    from gateway.resilience.degraded import Degradation
+    from gateway.upstream import Upstreams
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)  # fmt: skip
@@ -51,6 +53,18 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 COMPACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                       30, 60)  # fmt: skip
 """From replaying a saved rewrite (milliseconds) to a summary call (tens of seconds)."""
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BREAKER_STATES = ("closed", "half_open", "open")
+RETRY_REASONS = (
+    "connect_error",
+    "reset",
+    "timeout",
+    "http_408",
+    "http_429",
+    "http_5xx",
+    "http_529",
+)
+SHED_REASONS = ("breaker_open", "queue_full", "queue_timeout", "session_share")
 DETECTORS = ("identical_tool_calls", "repeated_requests", "turn_rate")
 
 
@@ -184,7 +198,8 @@ class Metrics:
         )
         self.compactions = Counter(
             "gateway_compactions",
-            "Compacted calls by strategy and outcome (applied, reused, failed).",
+            "Compacted calls by strategy and outcome (applied, reused, failed; skipped: not"
+            " tried in degraded mode, the next strategy stood in).",
             ["strategy", "outcome"],
         )
         self.tokens_saved = Counter(
@@ -208,8 +223,39 @@ class Metrics:
         )
         self.upstream_retries = Counter(
             "gateway_upstream_retries",
-            "Calls retried because a connection to the upstream could not be opened.",
-            ["provider", "reason"],
+            "Upstream attempts made again after a failure, before anything reached the client,"
+            " by upstream and what failed (connect_error, reset, timeout, http_<status>).",
+            ["provider", "upstream", "reason"],
+        )
+        self.retry_budget_exhausted = Counter(
+            "gateway_upstream_retry_budget_exhausted",
+            "Retries not made because the upstream's retry budget (retry.budget_ratio of its"
+            " recent calls) was spent: the failure was passed on as it was.",
+            ["upstream"],
+        )
+        self.breaker_transitions = Counter(
+            "gateway_upstream_breaker_transitions",
+            "Circuit breaker state changes, by upstream and the state entered"
+            " (closed, half_open, open).",
+            ["upstream", "to"],
+        )
+        self.shed = Counter(
+            "gateway_shed_requests",
+            "Calls answered without an upstream attempt: breaker_open (503/529), queue_full,"
+            " queue_timeout, session_share (429 with Retry-After).",
+            ["upstream", "reason"],
+        )
+        self.fallbacks = Counter(
+            "gateway_upstream_fallbacks",
+            "Calls sent to a fallback upstream while their own upstream's breaker was open.",
+            ["upstream", "fallback"],
+        )
+        self.queue_wait = Histogram(
+            "gateway_upstream_queue_wait_seconds",
+            "How long calls that found the upstream's concurrency limit reached waited for a"
+            " slot (admitted or not).",
+            ["upstream"],
+            buckets=QUEUE_BUCKETS,
         )
         self.build_info = Gauge(
             "gateway_build_info", "The gateway's version (value 1).", ["version", "python"],
@@ -230,7 +276,6 @@ class Metrics:
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
                 self.upstream_errors.touch((provider, reason))
-            self.upstream_retries.touch((provider, "connect_error"))
 
     def agent_seen(self, agent: str) -> None:
         """A new agent's loop-detection series start at 0, so the alert on ``increase()`` sees
@@ -258,9 +303,21 @@ class Metrics:
             )
         return self._known[1:]
 
-    def retried(self, provider: str) -> Callable[[], None]:
-        """What ``upstream.send`` calls on each retry of a failed connect."""
-        return partial(self.upstream_retries.inc, (provider, "connect_error"))
+    def watch_upstreams(self, upstreams: Upstreams, degraded: Degradation, draining: Event) -> None:
+        """The upstreams' breakers, limits and queues, the degraded mode and readiness, read
+        when scraped; the counters of every upstream start at 0."""
+        self.registry.register(ResilienceStatus(upstreams, degraded, draining))
+        for upstream in upstreams.by_name.values():
+            name = upstream.name
+            for reason in RETRY_REASONS:
+                self.upstream_retries.touch((upstream.provider, name, reason))
+            self.retry_budget_exhausted.touch((name,))
+            for state in BREAKER_STATES:
+                self.breaker_transitions.touch((name, state))
+            for reason in SHED_REASONS:
+                self.shed.touch((name, reason))
+            if upstream.fallback is not None:
+                self.fallbacks.touch((name, upstream.fallback.name))
 
     def watch_store(self, store: StoreFailures) -> None:
         self.registry.register(StoreStatus(store))

@@ -41,6 +41,8 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
         metrics.upstream_errors.inc((provider, reason))
     elif ex.outcome in _UPSTREAM_FAILURES:
         metrics.upstream_errors.inc((provider, _UPSTREAM_FAILURES[ex.outcome]))
+    if ex.retry_reasons or ex.shed or ex.budget_spent or ex.fallback_from or ex.queued_seconds:
+        _observe_resilience(metrics, ex)
     if ex.dialect is None or facts is None:
         return
     genai = (ex.dialect.operation, provider, model)
@@ -64,6 +66,21 @@ def observe(metrics: Metrics, ex: Exchange, route: str, trace_id: str | None) ->
     _observe_policy(metrics, ex, agent)
     if usage is not None and usage.usage is not None:
         _observe_usage(metrics, ex, genai, model, agent, usage.usage)
+
+
+def _observe_resilience(metrics: Metrics, ex: Exchange) -> None:
+    """Retries, a spent retry budget, a call shed or sent to a fallback, a wait for a slot."""
+    upstream = ex.upstream
+    for reason in ex.retry_reasons:
+        metrics.upstream_retries.inc((upstream.provider, upstream.name, reason))
+    if ex.budget_spent:
+        metrics.retry_budget_exhausted.inc((upstream.name,))
+    if ex.shed is not None:
+        metrics.shed.inc((upstream.name, ex.shed))
+    if ex.fallback_from is not None:
+        metrics.fallbacks.inc((ex.fallback_from, upstream.name))
+    if ex.queued_seconds is not None:
+        metrics.queue_wait.observe((upstream.name,), ex.queued_seconds)
 
 
 def _observe_usage(
@@ -115,7 +132,9 @@ def _observe_policy(metrics: Metrics, ex: Exchange, agent: str) -> None:
             share = outcome.saved / len(outcome.strategies or [1])
             metrics.tokens_saved.inc((strategy,), share)
         for failure in outcome.failures:
-            failed = (failure.split(":", 1)[0], "failed")
+            # "summarize: skipped: ..." (degraded mode): the next strategy stood in for it.
+            strategy, _, why = failure.partition(":")
+            failed = (strategy, "skipped" if why.startswith(" skipped") else "failed")
             metrics.compactions.inc(failed)
             metrics.compaction_duration.observe(failed, ex.compaction_seconds)
 

@@ -17,6 +17,7 @@ from gateway.fake_provider import FakeProviderConfig, ToolCallSpec
 from gateway.identity import Identity
 from gateway.policy.step import reject
 from gateway.policy.verdicts import Verdict
+from gateway.settings import UpstreamSettings
 from gateway.store import MemoryStore, Store
 from gateway.upstream import Upstream
 from tests.compaction.test_overflow import send
@@ -33,7 +34,7 @@ def exchange(store: Store) -> Exchange:
     app = web.Application()
     app[STORE] = store
     request = make_mocked_request("POST", "/v1/chat/completions", app=app)
-    upstream = Upstream("openai", "http://upstream.invalid/v1", "/v1")
+    upstream = Upstream.build("openai", UpstreamSettings(url="http://upstream.invalid/v1"))
     ex = Exchange(request, app, upstream, "/v1/chat/completions")
     ex.identity = IDENTITY
     return ex

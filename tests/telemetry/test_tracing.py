@@ -315,10 +315,9 @@ async def test_a_cut_stream_is_an_error_on_the_client_span(
 async def test_an_unreachable_upstream_is_an_error_type(
     make_gateway: MakeGateway, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    from gateway.settings import Upstreams
 
     # Port 9 on loopback (discard): nothing listens, the connection is refused at once.
-    dead = Upstreams(openai="http://127.0.0.1:9/v1", anthropic="http://127.0.0.1:9")
+    dead = dict(openai="http://127.0.0.1:9/v1", anthropic="http://127.0.0.1:9")
     gw = await make_gateway(None, tracer_provider=provider, upstreams=dead, upstream_retries=0)
     outcome = await call(gw, "chat", session_headers("dead"))
     assert outcome.status == 502

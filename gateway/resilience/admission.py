@@ -1,0 +1,94 @@
+"""The admission step: may this call go to its upstream now, and to which?
+
+Before a turn begins (a call answered here is no turn): the upstream's breaker (open: its
+fallback takes the call, the model renamed as the fallback's map says, or the call is answered
+at once with the provider's own overload error), then a slot of the upstream's concurrency
+limit for the call's owner (its session, else its key), waiting in the bounded queue if need
+be (``Shed`` answers 429 with ``Retry-After``). ``release`` gives the slot back when the call
+ends, in ``pipeline.answered``'s ``finally``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+
+import orjson
+
+from gateway.credentials import credential
+from gateway.errors import BreakerOpen
+from gateway.errors import Shed as Overloaded
+from gateway.exchange import Exchange
+from gateway.resilience.breaker import HALF_OPEN
+from gateway.resilience.limiter import Shed
+from gateway.upstream import Upstream
+
+
+def admit(ex: Exchange) -> Awaitable[None] | None:
+    """Admitted at once (None: nothing to await, the common case), or the wait for a slot to
+    await; raises ``BreakerOpen`` when neither the upstream nor its fallback may be called."""
+    upstream = ex.upstream
+    breaker = upstream.breaker
+    if not breaker.allow():
+        upstream = fallback(ex, upstream)
+        breaker = upstream.breaker
+    probe = breaker.state == HALF_OPEN
+    if probe:  # this call's ``allow`` moved it: the open period is over
+        ex.breaker_moves += (f"{upstream.name}: open -> half_open",)
+    identity = ex.identity
+    if identity is not None:
+        owner = identity.session_id
+    else:  # passthrough: the key is the owner
+        owner = credential(ex.request.headers, upstream.provider).key_hash or "anonymous"
+    if upstream.limiter.try_acquire(owner):
+        ex.slot_owner, ex.probing = owner, probe
+        return None
+    return _queued(ex, upstream, owner, probe)
+
+
+async def _queued(ex: Exchange, upstream: Upstream, owner: str, probe: bool) -> None:
+    """The limit is reached: a place in its queue, then a slot (or ``Shed``: a 429)."""
+    queued = time.perf_counter()
+    try:
+        await upstream.limiter.wait(owner)
+    except Shed as shed:
+        if probe:
+            upstream.breaker.abandoned()
+        ex.shed = shed.reason
+        raise Overloaded(upstream.name, shed.reason, shed.retry_after, shed.limit) from None
+    finally:
+        ex.queued_seconds = time.perf_counter() - queued
+    ex.slot_owner, ex.probing = owner, probe
+
+
+def release(ex: Exchange) -> None:
+    """The call's slot back (it ended, however); a probe that got no verdict lets the next
+    call probe."""
+    upstream = ex.upstream
+    owner, ex.slot_owner = ex.slot_owner, None
+    if owner is not None:
+        upstream.limiter.release(owner)
+    if ex.probing:
+        upstream.breaker.abandoned()  # no-op once the probe's answer moved the breaker
+
+
+def fallback(ex: Exchange, upstream: Upstream) -> Upstream:
+    """The upstream's breaker is open: its fallback takes the call if its own breaker lets
+    it, else the call is answered now."""
+    spare = upstream.fallback
+    if spare is None or not spare.breaker.allow():
+        ex.shed = "breaker_open"
+        raise BreakerOpen(upstream.name, upstream.breaker.retry_after())
+    model = ex.facts.model if ex.facts is not None else None
+    renamed = upstream.fallback_model(model) if model else None
+    if renamed is not None and renamed != model:
+        ex.upstream_body = with_model(ex.upstream_body, renamed)
+    ex.fallback_from, ex.upstream = upstream.name, spare
+    return spare
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with another model name (a fallback's map; rare: a whole parse is fine)."""
+    parsed = orjson.loads(body)
+    parsed["model"] = model
+    return orjson.dumps(parsed)

@@ -1,0 +1,115 @@
+"""The adaptive concurrency limit, its bounded queue and each owner's share."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.resilience.limiter import Limiter, Shed
+from gateway.settings import ConcurrencySettings
+
+
+def limiter(**settings: object) -> Limiter:
+    return Limiter(ConcurrencySettings(**settings))  # type: ignore[arg-type]
+
+
+async def test_slots_up_to_the_limit_then_a_queue_then_shed() -> None:
+    lim = limiter(max=2, min=1, queue=1, queue_timeout=5, session_share=1.0)
+    assert lim.try_acquire("a")
+    assert lim.try_acquire("b")
+    assert not lim.try_acquire("c")
+    waiting = asyncio.get_running_loop().create_task(lim.wait("c"))
+    await asyncio.sleep(0)
+    assert lim.queued == 1
+    with pytest.raises(Shed) as shed:
+        await lim.wait("d")
+    assert shed.value.reason == "queue_full"
+    assert shed.value.retry_after >= 1
+    lim.release("a")
+    await waiting  # got a's slot
+    assert lim.in_flight == 2
+    assert lim.queued == 0
+
+
+async def test_a_wait_times_out_as_shed() -> None:
+    lim = limiter(max=1, min=1, queue=5, queue_timeout=0.05, session_share=1.0)
+    assert lim.try_acquire("a")
+    with pytest.raises(Shed) as shed:
+        await lim.wait("b")
+    assert shed.value.reason == "queue_timeout"
+    assert lim.queued == 0
+    assert lim.in_flight == 1
+
+
+async def test_one_owner_cannot_take_every_slot() -> None:
+    lim = limiter(max=8, min=1, queue=100, queue_timeout=5, session_share=0.25)
+    assert [lim.try_acquire("runaway") for _ in range(3)] == [True, True, False]
+    runaway = [asyncio.get_running_loop().create_task(lim.wait("runaway")) for _ in range(10)]
+    await asyncio.sleep(0)
+    # Others still get slots at once though the runaway's calls wait.
+    others = [asyncio.get_running_loop().create_task(lim.wait(f"o{i}")) for i in range(6)]
+    await asyncio.wait_for(asyncio.gather(*others), 1)
+    assert lim.in_flight == 8
+    assert lim.held["runaway"] == 2
+    lim.release("runaway")
+    await asyncio.sleep(0)
+    assert lim.held["runaway"] == 2  # its next waiter took its freed slot, no more
+    for task in runaway:
+        task.cancel()
+    await asyncio.gather(*runaway, return_exceptions=True)
+    assert lim.queued == 0
+
+
+async def test_a_cancelled_waiter_that_was_granted_gives_its_slot_back() -> None:
+    lim = limiter(max=1, min=1, queue=5, queue_timeout=5, session_share=1.0)
+    assert lim.try_acquire("a")
+    waiter = asyncio.get_running_loop().create_task(lim.wait("b"))
+    await asyncio.sleep(0)
+    lim.release("a")  # granted to b ...
+    waiter.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert lim.in_flight == 0
+    assert lim.held == {}
+
+
+def test_overload_shrinks_the_limit_to_its_floor_and_quick_answers_grow_it() -> None:
+    now = [0.0]
+    lim = Limiter(ConcurrencySettings(max=100, min=10), clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += 1.1
+        lim.overloaded()
+    assert lim.limit == 10
+    lim.in_flight = 10  # busy: the slots are used
+    for _ in range(500):
+        lim.answered(0.1)
+    assert lim.limit > 20
+
+
+def test_a_slower_first_byte_shrinks_the_limit() -> None:
+    now = [0.0]
+    lim = Limiter(ConcurrencySettings(max=100, min=10), clock=lambda: now[0])
+    for _ in range(50):
+        lim.answered(0.1)
+    before = lim.limit
+    for _ in range(20):
+        now[0] += 1.1
+        lim.answered(1.0)  # ten times slower
+    assert lim.limit < before
+
+
+def test_a_fixed_limit_does_not_move() -> None:
+    lim = limiter(max=50, min=5, adaptive=False)
+    lim.overloaded()
+    lim.answered(10.0)
+    assert lim.limit == 50
+
+
+def test_memory_stays_bounded_by_calls_in_flight() -> None:
+    lim = limiter(max=10_000, min=1, session_share=1.0)
+    for i in range(5000):
+        assert lim.try_acquire(f"s{i}")
+    for i in range(5000):
+        lim.release(f"s{i}")
+    assert lim.held == {}
