@@ -1,11 +1,11 @@
-"""The admin API under ``/gateway/``: health and sessions, as JSON.
+"""The admin API under ``/gateway/``: health, readiness, sessions and degraded mode, as JSON.
 
 Who may call it (``admin_token``, ``admitted``): with an admin token set, every route but
-health needs it as ``Authorization: Bearer <token>``. Without one, reads are open and writes
-(grant, end) are accepted only from a loopback peer, so only a process on this host can make
-them; ``serving_problem`` refuses to serve on another address without a token. Writes also
-need a JSON body and no foreign ``Origin``: a web page can send a form or text/plain POST to
-localhost without asking, but not a cross-site JSON one.
+health and ready needs it as ``Authorization: Bearer <token>``. Without one, reads are open
+and writes (grant, end, degrade) are accepted only from a loopback peer, so only a process on
+this host can make them; ``serving_problem`` refuses to serve on another address without a
+token. Writes also need a JSON body and no foreign ``Origin``: a web page can send a form or
+text/plain POST to localhost without asking, but not a cross-site JSON one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,19 @@ from aiohttp import web
 from yarl import URL
 
 from gateway import __version__
-from gateway.appkeys import AUDIT, COMPACTOR, POLICY, SETTINGS, STARTED_AT, STORE
+from gateway.appkeys import (
+    AUDIT,
+    COMPACTOR,
+    DEGRADED,
+    DRAINING,
+    POLICY,
+    SETTINGS,
+    STARTED_AT,
+    STORE,
+    SUMMARIZERS,
+    UPSTREAMS,
+)
+from gateway.audit import AuditError, token_actor
 from gateway.policy import prices
 from gateway.settings import Settings
 from gateway.store import INTERNAL_FIELDS, Grant, SessionEnded, SessionQuery, SessionRecord
@@ -51,8 +63,96 @@ def operator_view(record: SessionRecord, now: float) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    uptime = time.time() - request.config_dict[STARTED_AT]
-    return _json({"status": "ok", "version": __version__, "uptime_seconds": round(uptime, 3)})
+    """Liveness: 200 whenever the process serves, degraded or draining; says which and why,
+    and how each upstream's guards stand."""
+    app = request.config_dict
+    uptime = time.time() - app[STARTED_AT]
+    degraded = app[DEGRADED]
+    summarizers = app[SUMMARIZERS].by_name
+    upstreams = {
+        name: {
+            "breaker": upstream.breaker.state,
+            "limit": int(upstream.limiter.limit),
+            "in_flight": upstream.limiter.in_flight,
+            "queued": upstream.limiter.queued,
+            "summarizer_breaker": summarizers[name].breaker.state,
+        }
+        for name, upstream in app[UPSTREAMS].by_name.items()
+    }
+    return _json(
+        {
+            "status": "degraded" if degraded.active else "ok",
+            "reasons": _reasons(request),
+            "version": __version__,
+            "uptime_seconds": round(uptime, 3),
+            "upstreams": upstreams,
+        }
+    )
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 503 once a stop has begun (the load balancer sends no new calls while the
+    calls in flight drain); degraded still serves, so it stays ready."""
+    if request.config_dict[DRAINING].is_set():
+        return _json({"status": "draining"}, status=503)
+    return _json({"status": "ready"})
+
+
+MAX_DEGRADE_REASON = 500
+"""Characters of an operator's reason kept (health, the degrade answer, logs, audit)."""
+_DEGRADE_FIELDS = frozenset({"on", "reason"})
+
+
+async def degrade_status(request: web.Request) -> web.Response:
+    return _json(_degrade_view(request))
+
+
+async def degrade(request: web.Request) -> web.Response:
+    """``{"on": true, "reason": "store maintenance"}``: degraded mode by hand (``manual``), or
+    ``{"on": false}`` to leave it (what the gateway detected itself stays). Audited first."""
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    unknown = sorted(str(name)[:40] for name in body if name not in _DEGRADE_FIELDS)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return _json({"error": f"unknown field(s): {shown}; degrade takes on and reason"}, 400)
+    on = body.get("on")
+    if not isinstance(on, bool):
+        return _json({"error": "on must be true or false"}, status=400)
+    given = body.get("reason", "")
+    if not isinstance(given, str):
+        return _json({"error": "reason must be a string"}, status=400)
+    reason = _plain(given)
+    if on and not reason:
+        return _json({"error": "say why: a reason is needed to degrade by hand"}, status=400)
+    degraded = request.config_dict[DEGRADED]
+    changed = degraded.holds("manual") != on
+    if changed:
+        refused = await _audit_first(request, "degraded", on=on, reason="manual", detail=reason)
+        if refused:
+            return refused
+        degraded.set("manual", on, reason, actor=audit_actor(request))
+    return _json({**_degrade_view(request), "changed": changed})
+
+
+def _degrade_view(request: web.Request) -> dict[str, Any]:
+    degraded = request.config_dict[DEGRADED]
+    return {"status": "degraded" if degraded.active else "ok", "reasons": _reasons(request)}
+
+
+def _reasons(request: web.Request) -> list[dict[str, Any]]:
+    return [
+        {"reason": r.reason, "detail": r.detail, "since": round(r.since, 3), "actor": r.actor}
+        for r in request.config_dict[DEGRADED].reasons()
+    ]
+
+
+def _plain(text: str) -> str:
+    """An operator's text on one line, bounded: it reaches text logs and terminals, where a
+    control character could forge a line or move the cursor."""
+    cleaned = "".join(" " if not c.isprintable() else c for c in text[: MAX_DEGRADE_REASON * 2])
+    return " ".join(cleaned.split())[:MAX_DEGRADE_REASON]
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -98,8 +198,24 @@ async def grant(request: web.Request) -> web.Response:
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
     given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
+    store = request.config_dict[STORE]
     try:
-        record = await request.config_dict[STORE].grant(session_id, given)
+        # Refused before the audit line (nothing changes, nothing to audit); the store checks
+        # again when it grants, and a session ended in between is said in the log below.
+        current = await store.get(session_id)
+        if current is None:
+            return _json({"error": "no such session"}, status=404)
+        if current.status == "ended":
+            raise SessionEnded(current)
+        if refused := await _audit_first(
+            request, "grant", session=session_id, turns=turns, tokens=tokens, by=by, reason=reason
+        ):
+            return refused
+        try:
+            record = await store.grant(session_id, given)
+        except SessionEnded:
+            _audit_undone(request, "grant", session_id, "the session was ended meanwhile")
+            raise
     except SessionEnded as ended:
         # Ended is final: a grant would be recorded and let nothing through. 409 Conflict:
         # the request is fine, the session's state refuses it.
@@ -115,16 +231,8 @@ async def grant(request: web.Request) -> web.Response:
             status=409,
         )
     if record is None:
+        _audit_undone(request, "grant", session_id, "the session is gone")
         return _json({"error": "no such session"}, status=404)
-    request.config_dict[AUDIT].record(
-        "grant",
-        session=session_id,
-        turns=turns,
-        tokens=tokens,
-        by=by,
-        reason=reason,
-        **_caller(request),
-    )
     return _json(operator_view(record, time.time()))
 
 
@@ -136,12 +244,17 @@ async def end(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     # Said as it reads in a rejection and in ``sessions show``: "ended by bob: runaway".
     why = f"ended by {by}: {reason}" if reason else f"ended by {by}"
-    record = await request.config_dict[STORE].set_status(session_id, "ended", why)
-    if record is None:
+    store = request.config_dict[STORE]
+    if await store.get(session_id) is None:  # before the audit line: nothing to audit
         return _json({"error": "no such session"}, status=404)
-    request.config_dict[AUDIT].record(
-        "session_end", session=session_id, by=by, reason=reason, **_caller(request)
-    )
+    if refused := await _audit_first(
+        request, "session_end", session=session_id, by=by, reason=reason
+    ):
+        return refused
+    record = await store.set_status(session_id, "ended", why)
+    if record is None:
+        _audit_undone(request, "session_end", session_id, "the session is gone")
+        return _json({"error": "no such session"}, status=404)
     return _json(operator_view(record, time.time()))
 
 
@@ -191,6 +304,33 @@ def _operator(request: web.Request, body: dict[str, Any]) -> str:
 def _caller(request: web.Request) -> dict[str, str | None]:
     # ``remote`` is the TCP peer, never a header (``X-Forwarded-For`` is a claim).
     return {"peer": request.remote, "auth": request.get(ADMITTED)}
+
+
+def audit_actor(request: web.Request) -> str:
+    """Who made an admin change, as the audit log names it: ``token:<12 hex>`` (the hash of
+    the admin token it showed, never the token) or ``loopback`` (no token set, this host)."""
+    token = request.config_dict[SETTINGS].admin_token
+    if request.get(ADMITTED) == "token" and token is not None:
+        return token_actor(token.get_secret_value())  # the bearer shown equals this token
+    return request.get(ADMITTED) or "unknown"
+
+
+async def _audit_first(request: web.Request, event: str, **fields: Any) -> web.Response | None:
+    """The change's audit line, on disk before the change is made; a 503 (and no change)
+    when it cannot be written: no admin change goes unaudited."""
+    details: dict[str, Any] = {**fields, **_caller(request)}
+    try:
+        await request.config_dict[AUDIT].commit(event, actor=audit_actor(request), **details)
+    except AuditError as exc:
+        return _json({"error": f"not done: {exc}; the change was not made"}, status=503)
+    return None
+
+
+def _audit_undone(request: web.Request, event: str, session_id: str, why: str) -> None:
+    """An audited change the store then refused (the session changed in between)."""
+    request.config_dict[AUDIT].record(
+        f"{event}_undone", actor=audit_actor(request), session=session_id, reason=why
+    )
 
 
 async def calibration(request: web.Request) -> web.Response:
@@ -289,10 +429,13 @@ def serving_problem(settings: Settings) -> str | None:
 
 
 def admin_app() -> web.Application:
-    """The admin API, mounted at ``/gateway/``: every route but health (for liveness probes)
-    behind ``admin_token``."""
+    """The admin API, mounted at ``/gateway/``: every route but health and ready (for the
+    liveness and readiness probes) behind ``admin_token``."""
     app = web.Application()
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/degrade", admin_token(degrade_status))
+    app.router.add_post("/degrade", admin_token(degrade, write=True))
     app.router.add_get("/sessions", admin_token(list_sessions))
     app.router.add_get("/sessions/{session_id}", admin_token(get_session))
     app.router.add_post("/sessions/{session_id}/grant", admin_token(grant, write=True))

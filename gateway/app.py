@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from opentelemetry.trace import TracerProvider
@@ -15,6 +17,8 @@ from gateway import admin, pipeline
 from gateway.appkeys import (
     AUDIT,
     COMPACTOR,
+    DEGRADED,
+    DRAINING,
     HTTP,
     METRICS,
     POLICY,
@@ -22,22 +26,28 @@ from gateway.appkeys import (
     SETTINGS,
     STARTED_AT,
     STORE,
+    SUMMARIZERS,
     TOKENS,
     TRACING,
     UPSTREAMS,
 )
 from gateway.audit import AuditLog
 from gateway.compaction import Compactor
+from gateway.compaction.summary import Summarizers
 from gateway.policy import LivePolicy, prices
+from gateway.resilience.breaker import Transition
+from gateway.resilience.degraded import Change, Degradation
 from gateway.settings import Settings
 from gateway.store import Store, open_store
 from gateway.telemetry.logs import RequestLog
-from gateway.telemetry.loop_lag import watch_loop_lag
+from gateway.telemetry.loop_lag import LagWatch, watch_loop_lag
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.scrape import metrics_endpoint
-from gateway.telemetry.tracing import Tracing
+from gateway.telemetry.tracing import Tracing, export_watch
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams, client_session
+
+log = logging.getLogger("gateway.app")
 
 
 def create_app(
@@ -67,7 +77,6 @@ def create_app(
         },
     )
     app[SETTINGS] = settings
-    app[UPSTREAMS] = Upstreams.from_settings(settings)
     app[STARTED_AT] = time.time()
     app[TOKENS] = TokenCounter()
     app[COMPACTOR] = Compactor(app[TOKENS].count_item, app[TOKENS].count_items)
@@ -79,6 +88,14 @@ def create_app(
     app[METRICS].watch_store(app[STORE])
     app[TRACING] = Tracing(tracer_provider)
     app[REQUEST_LOG] = RequestLog()
+    # Degraded mode: each change logged and audited (the gauge reads it when scraped); while
+    # it holds, content capture and DEBUG records pause, summaries are skipped.
+    app[DEGRADED] = Degradation(partial(_degradation_changed, app))
+    app[TRACING].degraded = app[REQUEST_LOG].degraded = app[DEGRADED]
+    app[DRAINING] = asyncio.Event()
+    app[UPSTREAMS] = Upstreams.from_settings(settings, partial(_breaker_moved, app))
+    app[SUMMARIZERS] = Summarizers(app[UPSTREAMS], app[DEGRADED])
+    app[METRICS].watch_upstreams(app[UPSTREAMS], app[DEGRADED], app[DRAINING])
     # Opened in this order, closed in reverse.
     app.cleanup_ctx.append(_request_log)
     app.cleanup_ctx.append(_tracing)
@@ -89,10 +106,38 @@ def create_app(
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_loop_lag)
+    app.cleanup_ctx.append(_span_export)
     app.add_subapp("/gateway/", admin.admin_app())
     app.router.add_get("/metrics", metrics_endpoint)
     pipeline.add_routes(app)
     return app
+
+
+def _breaker_moved(app: web.Application, moved: Transition) -> None:
+    """A breaker changed state: counted, logged, audited (a control-plane change the
+    gateway made itself)."""
+    app[METRICS].breaker_transitions.inc((moved.breaker, moved.new))
+    level = logging.WARNING if moved.new == "open" else logging.INFO
+    log.log(level, "upstream %s breaker %s -> %s: %s", moved.breaker, moved.old, moved.new,
+            moved.reason)  # fmt: skip
+    app[AUDIT].record(
+        "breaker", actor="system", upstream=moved.breaker, old=moved.old, new=moved.new,
+        reason=moved.reason,
+    )  # fmt: skip
+
+
+def _degradation_changed(app: web.Application, change: Change) -> None:
+    """Degraded mode entered (a warning) or left for one reason, and audited; a change by hand
+    is audited by the admin API itself, with its caller, before it takes effect."""
+    if change.on:
+        log.warning("degraded (%s): %s", change.reason, change.detail)
+    else:
+        log.info("no longer degraded for %s: %s", change.reason, change.detail)
+    if change.reason != "manual":
+        app[AUDIT].record(
+            "degraded", on=change.on, reason=change.reason, detail=change.detail,
+            actor=change.actor,
+        )  # fmt: skip
 
 
 async def _tracing(app: web.Application) -> AsyncIterator[None]:
@@ -143,9 +188,16 @@ async def _prices(app: web.Application) -> AsyncIterator[None]:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
+    # The store says when it falls behind (writes failing or lagging, reads failing) and
+    # when it has caught up: the gateway is degraded for "store" in between.
+    store.watch(partial(_store_trouble, app), app[SETTINGS].degraded.store_lag)
     await store.open()
     yield
     await store.close()
+
+
+def _store_trouble(app: web.Application, detail: str | None) -> None:
+    app[DEGRADED].set("store", detail is not None, detail or "store caught up", "system")
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -162,7 +214,22 @@ async def _request_log(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _loop_lag(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.get_running_loop().create_task(watch_loop_lag(app[METRICS]))
+    """The lag histogram, and degraded mode (``loop_lag``) while the lag stays past its bound."""
+    watch = LagWatch(app[DEGRADED], app[SETTINGS].degraded.loop_lag)
+    task = asyncio.get_running_loop().create_task(watch_loop_lag(app[METRICS], watch))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _span_export(app: web.Application) -> AsyncIterator[None]:
+    """Degraded mode (``span_exporter``) while a span queue is full (tracing started before)."""
+    watch = export_watch(app[TRACING], app[DEGRADED])
+    if watch is None:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(watch.run())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
 from gateway.audit import AuditLog
 from gateway.compaction import Compactor
+from gateway.compaction.summary import Summarizers
 from gateway.policy.live import LivePolicy
+from gateway.resilience.degraded import Degradation
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.telemetry.logs import RequestLog
@@ -28,3 +32,8 @@ COMPACTOR = web.AppKey("compactor", Compactor)
 METRICS = web.AppKey("metrics", Metrics)
 TRACING = web.AppKey("tracing", Tracing)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
+DEGRADED = web.AppKey("degraded", Degradation)
+DRAINING = web.AppKey("draining", asyncio.Event)
+"""Set when a stop begins: ``/gateway/ready`` answers not-ready from then on."""
+SUMMARIZERS = web.AppKey("summarizers", Summarizers)
+"""The summary call's own breaker per upstream (open: summaries skipped, degraded)."""

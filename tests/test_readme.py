@@ -302,6 +302,11 @@ def runnable_blocks() -> Iterator[list[Command]]:
             yield runnable
 
 
+def talks_to_a_gateway(command: Command) -> bool:
+    """A command that calls a running gateway's admin API (``sessions``, ``degrade``)."""
+    return re.search(r"\bgateway (sessions|degrade)\b", command.text) is not None
+
+
 def starts_a_gateway(block: list[Command]) -> bool:
     return any(re.search(r"\bgateway serve\b", c.text) for c in block)
 
@@ -351,7 +356,7 @@ def background_gateway(ports: Ports, uv: str) -> Iterator[None]:
 def test_a_readme_block_runs_as_written(
     block: list[Command], ports: Ports, uv: str, request: pytest.FixtureRequest
 ) -> None:
-    if not starts_a_gateway(block) and any("gateway sessions" in c.text for c in block):
+    if not starts_a_gateway(block) and any(talks_to_a_gateway(c) for c in block):
         request.getfixturevalue("background_gateway")
     for ran in run_block(block, ports, ports.env()):
         where = f"README line {ran.command.line}: {ran.command.text}\n{ran.output}"
@@ -403,7 +408,9 @@ _PLACEHOLDERS = {
 def synopses(markdown: str) -> list[str]:
     """Inline code spans in the prose that are a ``gateway`` command line."""
     prose = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
-    spans = re.findall(r"`((?:uv run )?gateway (?:serve|sessions|policy|config)[^`]*)`", prose)
+    spans = re.findall(
+        r"`((?:uv run )?gateway (?:serve|sessions|degrade|policy|config)[^`]*)`", prose
+    )
     # A command line has options or placeholders; `gateway sessions` alone names the command.
     return sorted({s for s in spans if "--" in s or re.search(r"\b[A-Z]+\b", s)})
 

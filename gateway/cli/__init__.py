@@ -3,6 +3,7 @@ parsers (``add_commands``) and holding what they run:
 
 - ``serve``: ``serve`` and ``fake-provider``, the two that run a server;
 - ``sessions``: ``sessions list/show/grant/end``, calls to a running gateway's admin API;
+- ``degrade``: ``degrade on/off/status``, degraded mode by hand through the same API;
 - ``policy``: ``policy check/explain/reference`` and ``config reference``;
 - ``arguments`` (the help formatter, subcommands, number options) and ``formatting`` (tables,
   counts, times) are what they share.
@@ -22,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import policy, serve, sessions
+from gateway.cli import degrade, policy, serve, sessions
 from gateway.cli.arguments import HelpFormatter
 from gateway.cli.sessions import DEFAULT_URL, SESSION_STATUSES, TOKEN_VARIABLE, URL_VARIABLE
 
@@ -61,5 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     serve.add_commands(commands)  # serve, fake-provider
     sessions.add_commands(commands)  # sessions list/show/grant/end
+    degrade.add_commands(commands)  # degrade on/off/status
     policy.add_commands(commands)  # policy check/explain/reference, config reference
     return parser

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from gateway.compaction.calibration import Calibration
 from gateway.compaction.conversation import Buffer, Conversation, Rewrite, digest
-from gateway.compaction.job import Job, Summarizer, Summary, SummaryFailed
+from gateway.compaction.job import Job, Summarizer, Summary, SummaryFailed, SummarySkipped
 from gateway.compaction.strategies import STRATEGIES
 from gateway.dialects.base import History
 from gateway.policy.model import Context
@@ -62,6 +62,8 @@ class Call:
     keep: Callable[[Outcome], Awaitable[None]]
     """Saves what a compaction did with the session, while the session's lock is held."""
     summary_chars: int = 400_000
+    skip_summary: str | None = None
+    """Why ``summarize`` is skipped (degraded mode): the next strategy takes over."""
     helper: bool = False
     """A call without tools: most likely the agent's own compaction or title call, which
     ``prompt`` must let through (refusing it would leave the agent no way to compact)."""
@@ -190,6 +192,7 @@ class Compactor:
             settings,
             goal=int(settings.target * call.window / factor),
             summarize=self._guarded(call),
+            skip_summary=call.skip_summary,
             transcript_chars=call.summary_chars,
         )
         applied: list[str] = []
@@ -245,6 +248,8 @@ class Compactor:
         async def guarded(transcript: str) -> Summary:
             try:
                 summary = await summarize(transcript)
+            except SummarySkipped:
+                raise  # no call was made: nothing to hold against the session
             except SummaryFailed:
                 now = time.monotonic()
                 stale = [

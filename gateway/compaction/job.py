@@ -20,6 +20,11 @@ class SummaryFailed(Exception):
     """The summary call timed out, failed upstream, or came back empty (the reason says)."""
 
 
+class SummarySkipped(SummaryFailed):
+    """The summary call was not made: the summarizer's breaker is open. Not a failure of the
+    session's own summary: the next call of the session may summarize again at once."""
+
+
 Summarizer = Callable[[str], Awaitable[Summary]]
 """Asks the session's upstream to summarize a transcript; raises ``SummaryFailed``."""
 
@@ -30,6 +35,8 @@ class Job:
     goal: int
     """Tokens to get under, as the gateway counts them (before calibration)."""
     summarize: Summarizer | None = None
+    skip_summary: str | None = None
+    """Why ``summarize`` is skipped for this job (the gateway runs degraded), if it is."""
     transcript_chars: int = 400_000
     """The most transcript the summary model can read (its window, in characters, with room)."""
     summary: Summary | None = None

@@ -10,7 +10,7 @@ import time
 
 import msgspec
 
-from gateway.appkeys import COMPACTOR, HTTP, POLICY, SETTINGS, STORE
+from gateway.appkeys import COMPACTOR, DEGRADED, HTTP, POLICY, SETTINGS, STORE, SUMMARIZERS
 from gateway.compaction import summary
 from gateway.compaction.compactor import Call, Outcome, Overflow
 from gateway.compaction.conversation import Rewrite
@@ -79,6 +79,7 @@ async def compact(ex: Exchange) -> None:
         rewrites=rewrites,
         keep=keep,
         summary_chars=summary_chars,
+        skip_summary=skip_summary(ex),
         helper=ex.helper_call,
     )
     started = time.perf_counter()
@@ -101,11 +102,24 @@ async def compact(ex: Exchange) -> None:
         await app[STORE].record_compaction(identity, time.time(), compaction_note(ex, outcome))
 
 
+def skip_summary(ex: Exchange) -> str | None:
+    """Why no summary is made for this call, if the gateway runs degraded: summarize falls
+    back to the policy's next strategy, which needs no model. The ``summarizer`` reason alone
+    is left to the summarizers' breakers: each skips only its own upstream's summaries, and
+    the open one's probe is how it closes again."""
+    degraded = ex.app[DEGRADED]
+    if not degraded.active:  # the common case: one attribute read
+        return None
+    reasons = [r.reason for r in degraded.reasons() if r.reason != "summarizer"]
+    return f"the gateway runs degraded ({', '.join(reasons)})" if reasons else None
+
+
 def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> Summarizer:
     app = ex.app
     assert ex.dialect is not None
     dialect = ex.dialect
     url = ex.upstream.url(ex.path, "")
+    upstream = app[SUMMARIZERS].of(ex.upstream)
 
     async def summarize(transcript: str) -> Summary:
         drop = ex.identity.drop_header if ex.identity is not None else None
@@ -123,6 +137,7 @@ def summarizer(ex: Exchange, model: str, max_tokens: int, time_limit: float) -> 
                 max_tokens,
                 time_limit,
                 app[SETTINGS],
+                upstream,
             )
         finally:
             ex.summary_seconds += time.perf_counter() - started

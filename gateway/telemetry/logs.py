@@ -14,6 +14,10 @@ test) they go through the ``gateway.requests`` logger.
 
 No state lives in this module: the writer is ``configure``'s (the process's logging, as the
 root logger's handler), the request log the app's.
+
+While the app runs degraded, DEBUG records are dropped before they reach the queue
+(``PauseDebug``, installed by ``RequestLog.attach``): with ``log_level: debug`` they are most of
+the writer's work, and optional.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from gateway.caps import cap_optional
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
+    from gateway.resilience.degraded import Degradation
 
 REQUESTS = logging.getLogger("gateway.requests")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
@@ -170,26 +175,47 @@ def configure(level: str, fmt: str) -> LogWriter:
     return writer
 
 
+class PauseDebug(logging.Filter):
+    """Drops DEBUG records while ``degraded`` holds (one attribute read per DEBUG record)."""
+
+    def __init__(self, degraded: Degradation) -> None:
+        super().__init__()
+        self.degraded = degraded
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG or not self.degraded.active
+
+
 class RequestLog:
     """One app's request lines (``app[REQUEST_LOG]``): queued as their fields to the writer
     thread ``configure`` started, or, without one, logged through ``gateway.requests``."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("_handler", "_pause", "degraded", "lines")
 
     def __init__(self, lines: Queue | None = None) -> None:
         self.lines = lines
         """The writer's queue while the app runs, if a writer was started."""
+        self.degraded: Degradation | None = None
+        """The app's degraded mode (``create_app`` sets it): DEBUG records pause in it."""
+        self._handler: logging.Handler | None = None
+        self._pause: PauseDebug | None = None
 
     def attach(self) -> None:
         """Queue to the writer ``configure`` installed as the root logger's handler, if any
-        (the app's cleanup context, at start-up)."""
+        (the app's cleanup context, at start-up); its DEBUG records pause while degraded."""
         for handler in logging.getLogger().handlers:
             if isinstance(handler, _Enqueue):
                 self.lines = handler.records
+                if self.degraded is not None:
+                    self._handler, self._pause = handler, PauseDebug(self.degraded)
+                    handler.addFilter(self._pause)
                 return
 
     def detach(self) -> None:
         self.lines = None
+        if self._handler is not None and self._pause is not None:
+            self._handler.removeFilter(self._pause)
+        self._handler = self._pause = None
 
 
 def log_request(requests: RequestLog, ex: Exchange, route: str, trace_id: str | None) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
@@ -86,6 +87,30 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> SdkTracerProvider
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def span_queues(provider: Any) -> list[deque[Any]]:
+    """The queues of the provider's batch span processors, for the ``span_exporter`` reason
+    of degraded mode: a full queue drops every span that ends until the exporter catches up.
+
+    The SDK keeps them private (``BatchSpanProcessor._batch_processor._queue``, a bounded
+    ``deque``) and has no public count of drops: they are read defensively here, in the one
+    place that knows the SDK's processors. An SDK that moves them yields no queue, and the
+    reason is never set (a warning says so), rather than the gateway failing to start."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    active = getattr(provider, "_active_span_processor", None)
+    processors = getattr(active, "_span_processors", ())
+    found: list[deque[Any]] = []
+    for processor in processors if isinstance(processors, tuple | list) else ():
+        if not isinstance(processor, BatchSpanProcessor):
+            continue
+        queue = getattr(getattr(processor, "_batch_processor", None), "_queue", None)
+        if isinstance(queue, deque) and queue.maxlen:
+            found.append(queue)
+        else:
+            log.warning("this OpenTelemetry SDK hides its span queue: a full one goes unseen")
+    return found
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:

@@ -15,7 +15,10 @@ pipeline checks one attribute per call and no span object is ever made. Each app
 Headers are never recorded (so neither are API keys). Message content is recorded only with
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``, as the conventions'
 ``gen_ai.input.messages`` / ``gen_ai.output.messages`` JSON, the newest messages first up to
-``GATEWAY_OTEL_CONTENT_MAX_CHARS`` (16384 by default).
+``GATEWAY_OTEL_CONTENT_MAX_CHARS`` (16384 by default); never while the gateway runs degraded.
+
+A full span queue (the exporter falls behind, spans are dropped) puts the gateway in degraded
+mode for ``span_exporter`` (``ExportWatch``), until the queue has drained to half.
 
 This module makes the spans; the names they carry are in ``conventions``, the reading of the
 ``OTEL_*`` variables in ``otel_env``.
@@ -90,13 +93,17 @@ from gateway.telemetry.otel_env import (
     content_limit_from_env,
     exporters_wanted,
     provider_from_env,
+    span_queues,
 )
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
     from gateway.compaction.job import Summarizer, Summary
     from gateway.exchange import Exchange
+    from gateway.resilience.degraded import Degradation
 
 log = logging.getLogger("gateway.telemetry.tracing")
 
@@ -112,7 +119,7 @@ Handler = Callable[["Exchange"], Awaitable[web.StreamResponse]]
 class Tracing:
     """One app's tracer and what it records; off (no tracer) until given a provider."""
 
-    __slots__ = ("_owned", "capture_content", "content_limit", "provider", "tracer")
+    __slots__ = ("_owned", "capture_content", "content_limit", "degraded", "provider", "tracer")
 
     def __init__(
         self,
@@ -128,12 +135,20 @@ class Tracing:
         self._owned: SdkTracerProvider | None = None
         self.capture_content = capture_from_env() if capture_content is None else capture_content
         self.content_limit = content_limit_from_env() if content_limit is None else content_limit
+        self.degraded: Degradation | None = None
+        """The app's degraded mode (``create_app`` sets it): content capture pauses in it."""
         if provider is not None:
             self.use(provider)
 
     @property
     def enabled(self) -> bool:
         return self.tracer is not None
+
+    @property
+    def capturing(self) -> bool:
+        """Message content goes on spans now: opted in, and not degraded (content is the
+        bulk of a span: a struggling gateway or exporter is spared it first)."""
+        return self.capture_content and not (self.degraded is not None and self.degraded.active)
 
     def use(self, provider: trace_api.TracerProvider) -> None:
         self.provider = provider
@@ -198,6 +213,46 @@ class Tracing:
             except Exception:
                 log.exception("tracing: could not record the end of a request")
             span.end()
+
+
+class ExportWatch:
+    """The ``span_exporter`` reason of degraded mode: set when a batch processor's queue is
+    full (each span that ends then is dropped), cleared once every queue has drained to half
+    (so one slow export does not make it flap). ``check`` reads queue lengths only."""
+
+    INTERVAL = 1.0
+    """Seconds between checks (a queue holds 2048 spans by default: seconds of traffic)."""
+
+    __slots__ = ("degraded", "queues")
+
+    def __init__(self, degraded: Degradation, queues: list[deque[Any]]) -> None:
+        self.degraded = degraded
+        self.queues = queues
+
+    def check(self) -> None:
+        fullest = max(self.queues, key=lambda q: len(q) / (q.maxlen or 1), default=None)
+        if fullest is None or not fullest.maxlen:
+            return
+        held = len(fullest)
+        if held >= fullest.maxlen:
+            detail = f"span export queue full ({held} spans): spans are being dropped"
+            self.degraded.set("span_exporter", True, detail)
+        elif held <= fullest.maxlen // 2:
+            self.degraded.set("span_exporter", False, f"span export queue at {held} spans")
+
+    async def run(self) -> None:
+        """Check every ``INTERVAL`` until cancelled (a cleanup context's task)."""
+        while True:
+            await asyncio.sleep(self.INTERVAL)
+            self.check()
+
+
+def export_watch(tracing: Tracing, degraded: Degradation) -> ExportWatch | None:
+    """A watch over the queues of the tracing's provider, or None when nothing batches."""
+    if tracing.provider is None:
+        return None
+    queues = span_queues(tracing.provider)
+    return ExportWatch(degraded, queues) if queues else None
 
 
 @dataclass(slots=True)
@@ -267,7 +322,7 @@ def upstream_call(
         attributes[OPENAI_API_TYPE] = _API_TYPES[dialect.name]
     if ex.compaction is not None and ex.compaction.items is not None:
         attributes[GEN_AI_CONVERSATION_COMPACTED] = True
-    if trace.tracing.capture_content and facts is not None:
+    if trace.tracing.capturing and facts is not None:
         limit = trace.tracing.content_limit
         attributes[GEN_AI_INPUT_MESSAGES] = input_messages(facts.items, limit)
         if facts.preamble:
@@ -368,7 +423,7 @@ def _end_client(ex: Exchange, span: Span, started: float, exc: BaseException | N
     if finish_reasons:
         attributes[GEN_AI_RESPONSE_FINISH_REASONS] = finish_reasons
     trace = ex.trace
-    if trace is not None and trace.tracing.capture_content and ex.status < 400:
+    if trace is not None and trace.tracing.capturing and ex.status < 400:
         output = output_messages(ex, finish_reasons, trace.tracing.content_limit)
         if output is not None:
             attributes[GEN_AI_OUTPUT_MESSAGES] = output
@@ -489,6 +544,36 @@ def _note_gateway(ex: Exchange, trace: RequestTrace) -> None:
         span.add_event("gateway.compaction", event)
 
 
+def _note_resilience(ex: Exchange, span: Span) -> None:
+    """Retries, the breaker moves this call caused, a fallback, a shed call: span events."""
+    upstream = ex.upstream.name
+    if ex.retries:
+        event: dict[str, Any] = {
+            "gateway.upstream": upstream,
+            "gateway.upstream.retries": ex.retries,
+            "gateway.upstream.retry_reasons": list(ex.retry_reasons),
+        }
+        if ex.budget_spent:
+            event["gateway.upstream.retry_budget_spent"] = True
+        span.add_event("gateway.upstream.retry", event)
+    for move in ex.breaker_moves:
+        name, _, states = move.partition(": ")
+        old, _, new = states.partition(" -> ")
+        span.add_event(
+            "gateway.upstream.breaker",
+            {"gateway.upstream": name, "gateway.breaker.from": old, "gateway.breaker.to": new},
+        )
+    if ex.fallback_from is not None:
+        span.add_event(
+            "gateway.upstream.fallback",
+            {"gateway.upstream": upstream, "gateway.upstream.fallback_from": ex.fallback_from},
+        )
+    if ex.shed is not None:
+        span.add_event(
+            "gateway.upstream.shed", {"gateway.upstream": upstream, "gateway.shed.reason": ex.shed}
+        )
+
+
 def _end_server(ex: Exchange, span: Span) -> None:
     trace = ex.trace
     if trace is not None and not trace.noted:
@@ -516,6 +601,7 @@ def _end_server(ex: Exchange, span: Span) -> None:
                 HTTP_RESPONSE_STATUS_CODE: status,
             },
         )
+    _note_resilience(ex, span)
     if ex.outcome != "ok":
         attributes[ERROR_TYPE] = ex.outcome
     span.set_attributes(attributes)

@@ -3,7 +3,9 @@
 Everything but the system prompt, the first user message and the last ``keep_last`` exchanges
 goes to the summary call as a plain transcript; a summary already in that part (from an earlier
 compaction) is in the transcript too, so summaries build on each other. A failed call leaves the
-conversation as it was and says why in ``job.failures``: the next strategy takes over.
+conversation as it was and says why in ``job.failures``: the next strategy takes over. So does a
+skipped one (``summarize: skipped: ...``): the gateway runs degraded, or the summarizer's
+breaker is open; the transcript is then not even built.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ INTRO = (
 
 
 async def summarize(conversation: Conversation, job: Job) -> None:
+    if job.skip_summary is not None:
+        job.failures.append(f"summarize: skipped: {job.skip_summary}")
+        return
     if job.summarize is None:
         job.failures.append("summarize: no upstream to call")
         return
