@@ -8,12 +8,18 @@ answer here is one body that reads as either provider's error: Anthropic's
 
 ``GatewayRunner`` is ``web.AppRunner`` building a ``GatewayServer``; ``gateway serve`` and the
 tests' servers run on it. It subclasses aiohttp's server and protocol classes (their
-``_loop``, ``_kwargs``, ``_connections``, ``_request_count`` and ``_request_in_progress`` are
-read): ``tests/test_server.py`` fails if an aiohttp release changes them.
+``_loop``, ``_kwargs``, ``_connections``, ``_request_count``, ``_request_in_progress`` and
+``_task_handler`` are read): ``tests/test_server.py`` fails if an aiohttp release changes them.
 
-A stop (``serve``, on SIGTERM or SIGINT) is logged when it begins and when it ends: the server
-stops accepting connections, closes those with no request being handled, waits up to
-``timeouts.drain`` for the requests in flight, cuts what is left, then closes the app.
+A stop (``serve``, on SIGTERM or SIGINT) is logged when it begins and when it ends, and
+audited: ``app[DRAINING]`` is set first (``/gateway/ready`` answers not-ready from then on),
+then the server stops accepting connections, closes those with no request being handled and
+waits up to ``drain_timeout`` for the requests in flight. What is still running then is cut:
+its handler task is cancelled, so the pipeline's ``finally`` accounts the turn as far as it got
+(outcome ``drain_cut``, the output estimated) while the store is still open, and the client
+sees its connection close (never an answer that looks whole). Only then does the app close:
+the store's last writes, the spans and the audit log are flushed by its cleanup contexts.
+A second signal ends the wait at once.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.appkeys import SETTINGS
+from gateway.appkeys import AUDIT, DRAINING, SETTINGS
 
 log = logging.getLogger("gateway.server")
 
@@ -37,8 +43,8 @@ RETRY_AFTER = 1
 DRAIN_POLL = 0.02
 """How often a stop looks whether the requests in flight have ended (only while stopping)."""
 CUT_GRACE = 1.0
-"""How long a request cut at the drain deadline has to unwind (its turn is still accounted)
-before the app's resources close."""
+"""How long a request cut at the drain deadline has to unwind (its turn accounted, its request
+logged) before the app's resources close."""
 
 
 def error_body(kind: str, message: str, code: str) -> bytes:
@@ -164,19 +170,29 @@ class GatewayServer(web.Server):
                 handler.force_close()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
-        """Wait up to ``timeout`` for the requests in flight to end, then cut what is left:
-        its connection is closed, as when a client goes away (the pipeline cancels the
-        upstream call and accounts the turn), and it gets ``CUT_GRACE`` to unwind.
+        """Wait up to ``timeout`` for the requests in flight to end, then cut what is left and
+        give it ``CUT_GRACE`` to unwind.
+
+        A cut cancels the connection's task, which cancels the request's handler: the
+        pipeline's ``finally`` then ends the turn with what was seen (``drain_cut``) and the
+        connection is closed. Closing the connection alone left the handler running (aiohttp
+        does not cancel handlers when a connection closes), to be ended by the upstream
+        session's close or the loop's end, after the store had closed: its turn was lost.
 
         It polls: a stop happens once, and being told of each request's end would cost every
         request a callback."""
-        waiting = self.in_flight()
-        drain = self.drain = Drain(in_flight=len(waiting))
-        waiting = await _until_ended(waiting, timeout, self.hurry)
+        # The tasks now: a connection that closes during the wait forgets its own.
+        tasks = {handler: handler._task_handler for handler in self.in_flight()}
+        drain = self.drain = Drain(in_flight=len(tasks))
+        waiting = await _until_ended(list(tasks), timeout, self.hurry)
         drain.cut = len(waiting)
         drain.finished = drain.in_flight - drain.cut
         for handler in waiting:
-            handler.force_close()
+            task = tasks[handler]
+            if task is not None:
+                task.cancel("cut at the drain deadline")
+            else:
+                handler.force_close()
         await _until_ended(waiting, CUT_GRACE)
         await super().shutdown(CUT_GRACE)
 
@@ -221,6 +237,14 @@ async def _until_ended(
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` whose server is a ``GatewayServer`` set from the app's settings."""
 
+    async def cleanup(self) -> None:
+        """Stop: ``DRAINING`` first (``serve`` sets it on the signal already; a test server's
+        close comes here), then aiohttp's order: the listening sockets closed, idle
+        connections closed, ``on_shutdown``, the drain (``GatewayServer.shutdown``), and last
+        the app's cleanup contexts."""
+        self.app[DRAINING].set()
+        await super().cleanup()
+
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         settings = self.app[SETTINGS]
@@ -236,7 +260,7 @@ class GatewayRunner(web.AppRunner):
 
 async def serve(app: web.Application, host: str, port: int) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then drain and close it (``gateway serve``)."""
-    drain_timeout = app[SETTINGS].timeouts.drain
+    drain_timeout = app[SETTINGS].drain_timeout
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=drain_timeout)
     await runner.setup()
     received: list[signal.Signals] = []
@@ -250,6 +274,9 @@ async def serve(app: web.Application, host: str, port: int) -> None:
             # but still close the app (the store's last writes, the turns' accounting).
             log.warning("%s again: cutting the drain short", sig.name)
             server.hurry.set()
+        # Not ready from the first moment, before anything stops: /gateway/ready answers 503
+        # on the connections still open while the calls drain.
+        app[DRAINING].set()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -265,6 +292,13 @@ async def serve(app: web.Application, host: str, port: int) -> None:
             _requests(in_flight),
             drain_timeout,
             extra={"in_flight": in_flight, "drain_timeout": drain_timeout},
+        )
+        app[AUDIT].record(
+            "shutdown",
+            actor="system",
+            reason=f"{received[0].name} received",
+            in_flight=in_flight,
+            drain_timeout=drain_timeout,
         )
     finally:
         started = loop.time()

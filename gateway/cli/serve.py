@@ -18,8 +18,10 @@ def add_commands(commands: Any) -> None:
         commands,
         "serve",
         "run the gateway",
-        "Run the gateway in the foreground until SIGINT (Ctrl-C) or SIGTERM; it then stops\n"
-        "accepting connections and lets the calls in flight finish (timeouts.drain, 25 s).\n"
+        "Run the gateway in the foreground until SIGINT (Ctrl-C) or SIGTERM; it then turns\n"
+        "not-ready, stops accepting connections, lets the calls in flight finish\n"
+        "(drain_timeout, 30 s; a second signal cuts them at once), accounts what it cut,\n"
+        "writes the store, spans and audit log, and exits 0.\n"
         "Every setting is also read from the config file and GATEWAY_* variables\n"
         "('gateway config reference' lists them).",
     )
@@ -60,9 +62,15 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.settings import load_settings
     from gateway.telemetry import logs
 
-    settings = load_settings(
-        args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
-    )
+    try:
+        settings = load_settings(
+            args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
+        )
+    except Exception as exc:  # a bad file, variable or flag: said, not a traceback
+        print(f"gateway: the configuration is refused, not starting: {exc}", file=sys.stderr)
+        if args.config is not None:
+            print(f"  (gateway config check {args.config} says where)", file=sys.stderr)
+        return 2
     problem = serving_problem(settings)
     if problem is not None:
         print(f"gateway: {problem}", file=sys.stderr)
@@ -72,7 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     print(
         f"gateway on http://{settings.host}:{settings.port}"
-        f"  openai -> {settings.upstreams.openai}  anthropic -> {settings.upstreams.anthropic}"
+        f"  openai -> {settings.upstreams['openai'].url}"
+        f"  anthropic -> {settings.upstreams['anthropic'].url}"
         f"  store {settings.store}",
         flush=True,
     )

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from gateway.admin import serving_problem
+from gateway.app import create_app
 from gateway.policy.loader import parse_policy, read_policy
 from gateway.settings import Settings, load_settings
 from gateway.store import SqliteStore, open_store
@@ -39,6 +40,23 @@ def test_compose_mounts_files_that_exist() -> None:
     assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
 
 
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+
+
+def compose_environment(service: dict[str, Any], shell: dict[str, str]) -> dict[str, str]:
+    """A service's environment as compose hands it over when the shell sets only ``shell``:
+    ``${NAME:-default}`` is the default, ``${NAME:?message}`` must be set."""
+
+    def value(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        if name in shell:
+            return shell[name]
+        assert operator != "?", f"compose refuses to start without {name}"
+        return argument if operator == "-" else ""
+
+    return {name: _INTERPOLATION.sub(value, str(v)) for name, v in service["environment"].items()}
+
+
 def test_prometheus_scrapes_the_gateway_under_the_job_the_alerts_use() -> None:
     config = load(DEPLOY / "prometheus" / "prometheus.yml")
     [job] = config["scrape_configs"]
@@ -54,12 +72,97 @@ def test_the_configmap_policy_loads() -> None:
     assert policy.file.defaults.limits.max_turns == 1000
 
 
-def test_probes_use_the_health_endpoint() -> None:
-    deployment = load(DEPLOYMENT)
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/gateway/health"
+# -- probes and the stop: the paths are the app's, the grace period covers the drain -----------
+STOP_MARGIN = 5
+"""Seconds the grace period keeps beyond the drain (and the preStop sleep): the cut calls'
+unwinding (``server.CUT_GRACE``, 1 s) and the flush of the store, spans and audit log."""
+
+
+def gateway_container() -> dict[str, Any]:
+    [container] = load(DEPLOYMENT)["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def deployment_settings() -> Settings:
+    """The settings the Deployment's pod runs with (the image's environment, then its own)."""
+    values = {item["name"]: item["value"] for item in gateway_container()["env"] if "value" in item}
+    return load_settings(env={**image_env(), **values, "GATEWAY_ADMIN_TOKEN": "t"})
+
+
+async def probe(aiohttp_client: Any, path: str) -> int:
+    """The status a probe gets on ``path`` from a gateway as the pod runs it (an admin token
+    set; probes send none), on a store in memory and the packaged policy."""
+    settings = deployment_settings().model_copy(update={"store": "memory://", "policy": None})
+    client = await aiohttp_client(create_app(settings))
+    async with client.get(path) as answer:
+        return int(answer.status)
+
+
+async def test_readiness_asks_ready_and_liveness_health_both_routes_of_the_app(
+    aiohttp_client: Any,
+) -> None:
+    container = gateway_container()
+    ready = container["readinessProbe"]["httpGet"]
+    alive = container["livenessProbe"]["httpGet"]
+    # Readiness turns 503 while a stop drains (the pod takes no new calls); liveness stays 200
+    # while degraded (a restart would not mend a slow dependency).
+    assert ready["path"] == "/gateway/ready" and alive["path"] == "/gateway/health"
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port[ready["port"]] == port[alive["port"]] == deployment_settings().port
+    assert await probe(aiohttp_client, ready["path"]) == 200
+    assert await probe(aiohttp_client, alive["path"]) == 200
+    assert deployment_settings().host == "0.0.0.0"
+
+
+def pre_stop_seconds(container: dict[str, Any]) -> float:
+    """The preStop hook's sleep (0 without one)."""
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0.0
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return float(command[1])
+
+
+def test_the_grace_period_covers_the_pre_stop_sleep_the_drain_and_a_margin() -> None:
+    """Past ``terminationGracePeriodSeconds`` the kubelet sends SIGKILL: the drain would be cut
+    short and the store's last writes lost. It counts from the start of preStop."""
+    pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
+    container = gateway_container()
     env = {item["name"]: item.get("value") for item in container["env"]}
-    assert env["GATEWAY_HOST"] == "0.0.0.0"
+    assert "GATEWAY_DRAIN_TIMEOUT" in env, "the drain the grace period is counted from"
+    drain = deployment_settings().drain_timeout
+    pre_stop = pre_stop_seconds(container)
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= pre_stop + drain + STOP_MARGIN, (grace, pre_stop, drain)
+    # Not a padding that keeps a stuck pod for minutes.
+    assert grace <= pre_stop + drain + 4 * STOP_MARGIN
+    if pre_stop:
+        # `sleep` must be in the image: a Debian-based Python image has coreutils.
+        [base] = [args for name, args in dockerfile() if name == "FROM"]
+        assert base.startswith("python:") and base.endswith("-slim"), base
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as ``35s``, ``1m30s``."""
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert match and duration, duration
+    minutes, secs = match.groups()
+    return int(minutes or 0) * 60 + int(secs or 0)
+
+
+async def test_compose_waits_out_the_drain_and_checks_readiness(aiohttp_client: Any) -> None:
+    gateway = load(DEPLOY / "compose.yaml")["services"]["gateway"]
+    env = compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"})
+    settings = load_settings(env={**image_env(), **env})
+    # `docker compose stop` sends SIGKILL after stop_grace_period (10 s unless set).
+    assert seconds(gateway["stop_grace_period"]) >= settings.drain_timeout + STOP_MARGIN
+    check = gateway["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"]
+    [url] = re.findall(r"http://[^'\"]+", check[3])
+    assert url == f"http://127.0.0.1:{settings.port}/gateway/ready"
+    assert await probe(aiohttp_client, "/gateway/ready") == 200
 
 
 def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrapes_with_it() -> None:
@@ -75,7 +178,9 @@ def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrape
         "type": "Bearer",
         "credentials_file": "/run/secrets/gateway_admin_token",
     }
-    settings = load_settings(env={**env, "GATEWAY_ADMIN_TOKEN": "t", "GATEWAY_HOST": "0.0.0.0"})
+    shell = {"GATEWAY_ADMIN_TOKEN": "t"}
+    env = compose_environment(compose["services"]["gateway"], shell)
+    settings = load_settings(env={**env, "GATEWAY_HOST": "0.0.0.0"})
     assert settings.metrics_auth and serving_problem(settings) is None
 
 
@@ -259,7 +364,7 @@ def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesys
     assert gateway["read_only"] is True
     assert gateway["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in gateway["security_opt"]
-    env = {**image_env(), **gateway["environment"], "GATEWAY_ADMIN_TOKEN": "t"}
+    env = {**image_env(), **compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"})}
     settings = load_settings(env=env)
     mounts = compose_mounts(gateway)
     named = {target for source, target, _ in mounts if source in compose["volumes"]}
@@ -271,7 +376,7 @@ def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesys
 
 def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
     gateway = load(DEPLOY / "compose.yaml")["services"]["gateway"]
-    settings = load_settings(env={**gateway["environment"], "GATEWAY_ADMIN_TOKEN": "t"})
+    settings = load_settings(env=compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"}))
     assert settings.policy is not None
     policy = PurePosixPath(settings.policy)
     [(source, target)] = [
