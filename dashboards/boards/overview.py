@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from .panels import Board, annotation, heatmap, query_variable, stat, timeseries
+from .panels import Board, annotation, heatmap, query_variable, stat, state_timeline, timeseries
 from .queries import (
     ERROR_SLO,
     ERRORS,
+    HALF_OPEN,
     HTTP_429,
     JOB,
     LE_SLO,
     NOT_POLICY,
+    OPEN,
+    OPENED,
     OVERHEAD_SLO,
     RANGE,
     RATE,
     gateway_5xx,
     increase,
+    over_time,
     quantile,
     rate,
     sel,
@@ -27,8 +31,9 @@ def overview() -> Board:
     b = Board(
         "agent-gateway-overview",
         "Agent gateway / Overview",
-        "Is the gateway healthy? Traffic, errors by who made them, the overhead objective, "
-        "latency, saturation and the policy in force. For SREs.",
+        "Is the gateway healthy? Traffic, errors by who made them, the resilience guards "
+        "(degraded mode, breakers, retries, shedding), the overhead objective, latency, "
+        "saturation and the policy in force. For SREs.",
         ["agent-gateway", "llm"],
     )
     i = 'instance=~"$instance"'
@@ -53,6 +58,13 @@ def overview() -> Board:
             f"sum by (instance) (resets(gateway_requests_total{{{i}}}[$__interval])) > 0",
             "Gateway restarted",
             "orange",
+        ),
+        annotation(
+            "Breakers opened",
+            "sum by (instance, upstream) (changes("
+            f"{sel('gateway_upstream_breaker_transitions_total', OPENED, i)}[$__interval])) > 0",
+            "Breaker of {{upstream}} opened",
+            "red",
         ),
     ]
     requests = "gateway_requests_total"
@@ -209,23 +221,8 @@ def overview() -> Board:
         12,
         8,
     )
-    b.add(
-        timeseries(
-            "Upstream connect retries by provider",
-            "Calls retried per second because a connection to the provider could not be "
-            "opened (nothing had been sent, so nothing is billed twice). A steady rate means "
-            "the provider, or the network to it, is failing.",
-            "reqps",
-            targets(
-                (
-                    f"sum by (provider) ({rate('gateway_upstream_retries_total', i)})",
-                    "{{provider}}",
-                )
-            ),
-        ),
-        12,
-        8,
-    )
+
+    resilience(b, i)
 
     b.row("Latency and objectives")
     b.add(
@@ -414,6 +411,41 @@ def overview() -> Board:
         12,
         8,
     )
+    b.add(
+        timeseries(
+            "Store backlog by kind",
+            "Changes the session store holds in memory and has not yet written, summed over "
+            "replicas: sessions and budget counters. Near 0 normally (writes are batched); "
+            "while its disk or database fails the backlog grows, nothing is lost, and past "
+            "the lag bound the replica runs degraded (reason store).",
+            "none",
+            targets(
+                (
+                    f"sum by (kind) ({over_time('max', 'gateway_store_backlog', i)})",
+                    "{{kind}}",
+                )
+            ),
+        ),
+        12,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Store backlog age by replica",
+            "How long the oldest change not yet written has waited on each replica (0: all "
+            "written). Growing steadily: the store's writes fail or cannot keep up.",
+            "s",
+            targets(
+                (
+                    "max by (instance) "
+                    f"({over_time('max', 'gateway_store_backlog_age_seconds', i)})",
+                    "{{instance}}",
+                )
+            ),
+        ),
+        12,
+        8,
+    )
     # process_* names are every Prometheus client's: only the gateway's job is ours.
     b.add(
         timeseries(
@@ -543,3 +575,196 @@ def overview() -> Board:
         8,
     )
     return b
+
+
+def resilience(b: Board, i: str) -> None:
+    """The guards around the upstream calls (retries and their budget, breakers and
+    fallbacks, concurrency limits and their queues) and the gateway's own degraded mode and
+    readiness: issue 14's mechanisms, each with the question it answers."""
+    b.row("Resilience")
+    b.add(
+        state_timeline(
+            "Degraded mode by reason",
+            "Whether any replica runs degraded, for each reason: manual (an operator said so), "
+            "store (its writes fail or lag), span_exporter (its queue is full), summarizer "
+            "(its breaker is open), loop_lag (the event loop runs late). Degraded, the "
+            "gateway still forwards calls and enforces the hard limits; summaries, content "
+            "capture and debug logs pause. Red for 5 minutes: alert AgentGatewayDegraded.",
+            targets((f"max by (reason) ({over_time('max', 'gateway_degraded', i)})", "{{reason}}")),
+            [(0, "ok", "green"), (1, "degraded", "red")],
+        ),
+        8,
+        7,
+    )
+    b.add(
+        state_timeline(
+            "Readiness by replica",
+            "Whether each replica takes new calls (ready) or is stopping: from SIGTERM it "
+            "answers not-ready on /gateway/ready, so the load balancer sends it nothing new, "
+            "and lets the calls in flight finish up to the drain deadline.",
+            targets(
+                (f"min by (instance) ({over_time('min', 'gateway_ready', i)})", "{{instance}}")
+            ),
+            [(0, "draining", "orange"), (1, "ready", "green")],
+        ),
+        8,
+        7,
+    )
+    breaker = "gateway_upstream_breaker_state"
+    b.add(
+        state_timeline(
+            "Circuit breaker by upstream",
+            "Each upstream's breaker, the worst replica's: closed (calls go through), "
+            "half-open (one probe call tests the upstream), open (calls go to the fallback, "
+            "or are answered at once with the provider's overload error and Retry-After). "
+            "Not closed for a minute: alert AgentGatewayUpstreamBreakerOpen.",
+            targets(
+                (
+                    f"max by (upstream) (2 * {over_time('max', breaker, OPEN, i)}"
+                    f" or {over_time('max', breaker, HALF_OPEN, i)})",
+                    "{{upstream}}",
+                )
+            ),
+            [(0, "closed", "green"), (1, "half-open", "orange"), (2, "open", "red")],
+        ),
+        8,
+        7,
+    )
+    b.add(
+        timeseries(
+            "Shed calls by upstream and reason",
+            "Calls answered at once, without an upstream attempt, per second: breaker_open "
+            "(the breaker is open and no fallback took the call: 503, or 529 for Anthropic), "
+            "queue_full and queue_timeout (the upstream's concurrency limit was reached and "
+            "its queue was full, or the wait too long: 429 with Retry-After), session_share "
+            "(one session held its share of the slots: 429). Alert AgentGatewayShedding.",
+            "reqps",
+            targets(
+                (
+                    f"sum by (upstream, reason) ({rate('gateway_shed_requests_total', i)})",
+                    "{{upstream}} {{reason}}",
+                )
+            ),
+            stack=True,
+        ),
+        12,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Upstream retries by upstream and reason",
+            "Attempts made again per second, before anything reached the client, by what "
+            "failed: connect_error, reset, timeout, http_408, http_429, http_5xx, http_529. "
+            "Retries add load to an upstream that is already failing: the retry budget caps "
+            "them at a share of its calls.",
+            "reqps",
+            targets(
+                (
+                    f"sum by (upstream, reason) ({rate('gateway_upstream_retries_total', i)})",
+                    "{{upstream}} {{reason}}",
+                )
+            ),
+            stack=True,
+        ),
+        12,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Concurrency limit, in flight and queued by upstream",
+            "Per upstream, summed over replicas: the limit of calls in flight (adaptive "
+            "between concurrency.min and .max, lowered when the upstream slows or answers "
+            "overloaded), the most calls in flight and the most waiting for a slot within "
+            "each interval. In flight at the limit with a queue: calls wait, then are shed.",
+            "none",
+            targets(
+                (
+                    "sum by (upstream) "
+                    f"({over_time('max', 'gateway_upstream_concurrency_limit', i)})",
+                    "limit {{upstream}}",
+                ),
+                (
+                    f"sum by (upstream) ({over_time('max', 'gateway_upstream_in_flight', i)})",
+                    "in flight {{upstream}}",
+                ),
+                (
+                    f"sum by (upstream) ({over_time('max', 'gateway_upstream_queued', i)})",
+                    "queued {{upstream}}",
+                ),
+            ),
+        ),
+        12,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Queue wait p99 by upstream",
+            "99th percentile of the time calls that found the upstream's concurrency limit "
+            "reached waited for a slot (admitted or shed). Near concurrency.queue_timeout, "
+            "calls are being shed.",
+            "s",
+            targets(
+                (
+                    quantile(0.99, "gateway_upstream_queue_wait_seconds", "upstream", i),
+                    "{{upstream}}",
+                )
+            ),
+        ),
+        6,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Retries refused by the retry budget",
+            "Retries not made per second because the upstream's retry budget was spent "
+            "(retry.budget_ratio of its recent calls): the failure went to the client as it "
+            "was. Lasting 10 minutes: alert AgentGatewayRetryBudgetExhausted.",
+            "reqps",
+            targets(
+                (
+                    "sum by (upstream) "
+                    f"({rate('gateway_upstream_retry_budget_exhausted_total', i)})",
+                    "{{upstream}}",
+                )
+            ),
+        ),
+        6,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Calls sent to a fallback",
+            "Calls per second that an upstream's fallback answered while that upstream's "
+            "breaker was open (the response's X-Gateway-Upstream names it). No data: no "
+            "upstream has a fallback configured.",
+            "reqps",
+            targets(
+                (
+                    f"sum by (upstream, fallback) ({rate('gateway_upstream_fallbacks_total', i)})",
+                    "{{upstream}} to {{fallback}}",
+                )
+            ),
+            stack=True,
+        ),
+        12,
+        8,
+    )
+    b.add(
+        timeseries(
+            "Breaker transitions by upstream",
+            "Circuit breaker state changes per interval, by upstream and the state entered: "
+            "open (the upstream failed), half_open (a probe goes), closed (the probe "
+            "succeeded). Open and half_open again and again: the upstream has not recovered.",
+            "none",
+            targets(
+                (
+                    "sum by (upstream, to) ("
+                    f"{increase('gateway_upstream_breaker_transitions_total', i, window=RATE)})",
+                    "{{upstream}} to {{to}}",
+                )
+            ),
+            bars=True,
+        ),
+        12,
+        8,
+    )

@@ -1,5 +1,6 @@
-"""The shared panel builders (time series, stat, bar gauge, heatmap), the ``Board`` that lays
-panels out on Grafana's grid, and the template variables and annotations a board holds."""
+"""The shared panel builders (time series, stat, bar gauge, heatmap, state timeline), the
+``Board`` that lays panels out on Grafana's grid, and the template variables and annotations a
+board holds."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ def _panel(
     minimum: float | None = None,
     maximum: float | None = None,
     decimals: int | None = None,
+    mappings: list[dict[str, Any]] | None = None,
 ) -> Panel:
+    by_value = kind in ("stat", "bargauge", "state-timeline")
     defaults: dict[str, Any] = {
         "unit": unit,
         "thresholds": _thresholds(thresholds or [(None, "green")]),
-        "color": {"mode": "thresholds" if kind in ("stat", "bargauge") else "palette-classic"},
+        "color": {"mode": "thresholds" if by_value else "palette-classic"},
     }
+    if mappings is not None:
+        defaults["mappings"] = mappings
     if custom is not None:
         defaults["custom"] = custom
     if minimum is not None:
@@ -177,6 +182,39 @@ def heatmap(title: str, description: str, y_unit: str, bucket_expr: str) -> Pane
     )
     panel["fieldConfig"]["defaults"]["custom"] = {"scaleDistribution": {"type": "linear"}}
     return panel
+
+
+def state_timeline(
+    title: str,
+    description: str,
+    queries: list[dict[str, Any]],
+    states: list[tuple[int, str, str]],
+) -> Panel:
+    """One row per series, coloured by its state: ``states`` maps each value a query returns
+    (a small integer) to its text and colour, so the panel reads "closed, open" rather than
+    "0, 2"."""
+    options = {
+        str(value): {"text": text, "color": color, "index": i}
+        for i, (value, text, color) in enumerate(states)
+    }
+    return _panel(
+        "state-timeline",
+        title,
+        description,
+        "none",
+        queries,
+        thresholds=[(None, states[0][2])],
+        custom={"fillOpacity": 80, "lineWidth": 0},
+        mappings=[{"type": "value", "options": options}],
+        options={
+            "alignValue": "left",
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": False},
+            "mergeValues": True,
+            "rowHeight": 0.9,
+            "showValue": "auto",
+            "tooltip": {"mode": "single", "sort": "none"},
+        },
+    )
 
 
 class Board:

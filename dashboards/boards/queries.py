@@ -29,6 +29,8 @@ LE_SLO = 'le="0.01"'
 """The overhead bucket at the objective, as prometheus_client writes it."""
 LE_50, LE_100 = 'le="50.0"', 'le="100.0"'
 CACHE_READ, INPUT = 'type="cache_read"', 'type="input"'
+OPEN, HALF_OPEN = 'state="open"', 'state="half_open"'
+OPENED = 'to="open"'
 
 
 def sel(metric: str, *matchers: str) -> str:
@@ -43,6 +45,12 @@ def rate(metric: str, *matchers: str, window: str = RATE) -> str:
 
 def increase(metric: str, *matchers: str, window: str = RANGE) -> str:
     return f"increase({sel(metric, *matchers)}[{window}])"
+
+
+def over_time(func: str, metric: str, *matchers: str, window: str = RATE) -> str:
+    """``max_over_time(metric{...}[$__rate_interval])`` and its kin: a gauge's extreme within
+    each interval, so a value held between two points of the graph is not missed."""
+    return f"{func}_over_time({sel(metric, *matchers)}[{window}])"
 
 
 def quantile(q: float, metric: str, by: str, *matchers: str) -> str:

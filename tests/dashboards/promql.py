@@ -4,6 +4,7 @@ synchronous (async tests call ``load_all`` through ``asyncio.to_thread``)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -14,7 +15,11 @@ from typing import Any
 
 import yaml
 
+from gateway.resilience.degraded import Degradation
+from gateway.settings import Settings
+from gateway.store.records import Backlog
 from gateway.telemetry.metrics import Metrics
+from gateway.upstream import Upstreams
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
@@ -123,7 +128,8 @@ def exported_families() -> dict[str, set[str]]:
     ``_total``; histograms ``_bucket``, ``_sum``, ``_count``; gauges as named)."""
     metrics = Metrics()
     metrics.watch_policy(SimpleNamespace(reloads=0, failures=0, current=None))
-    metrics.watch_store(SimpleNamespace(errors={"load": 0, "write": 0}))
+    metrics.watch_store(SimpleNamespace(errors={"load": 0, "write": 0}, backlog=Backlog))
+    metrics.watch_upstreams(Upstreams.from_settings(Settings()), Degradation(), asyncio.Event())
     metrics.process.latest = metrics.process.sample()  # what a scrape does, off the loop
     families: dict[str, set[str]] = {}
     for family in metrics.registry.collect():

@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a test gateway after every kind of traffic the dashboards show
 (the three APIs, streams, an upstream error, compaction, a policy stop, a budget stop, a
-loop); every panel and variable query must return data, every annotation and alert
-expression must be valid, and every alert rule must evaluate."""
+loop, and the resilience guards at work: a queue, a shed call, a spent retry budget, an open
+breaker and its fallback, degraded mode); every panel and variable query must return data,
+every annotation and alert expression must be valid, and every alert rule must evaluate."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import contextlib
 import math
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from gateway.appkeys import DEGRADED, METRICS, UPSTREAMS
 from gateway.fake_provider import CONFIG, ToolCallSpec
+from gateway.fake_provider.faults import FAULTS, Fault
+from gateway.settings import Settings, UpstreamSettings
 from tests.compaction.test_sessions import run_session
 from tests.conftest import ANTHROPIC_MODEL
 from tests.dashboards.promql import ALERTS, Query, all_queries, concrete, label_values
@@ -32,7 +36,8 @@ MAY_BE_ZERO = {
     "gateway-overview.json: Error budget burn rates (B)": "no request took 10 ms of overhead",
     "gateway-overview.json: In-flight requests by route (A)": "scraped between requests",
     "gateway-overview.json: Store errors by operation (A)": "the store did not fail",
-    "gateway-overview.json: Upstream connect retries by provider (A)": "every connect succeeded",
+    "gateway-overview.json: Store backlog by kind (A)": "the store kept up",
+    "gateway-overview.json: Store backlog age by replica (A)": "the store kept up",
     "gateway-overview.json: Policy reloads in range by outcome (A)": "loaded once, at start",
     "sessions-and-agents.json: Calls past turn 100 in range (A)": "no session past 24 turns",
     "sessions-and-agents.json: Share of calls past turn 50 and 100 by agent (A)": "same",
@@ -67,6 +72,35 @@ rules:
 """No ``prices``: cost comes from the built-in table. The lab team has no cost budget, so its
 call to a model without a price goes through (and is counted as unpriced)."""
 UNPRICED_MODEL = "house-model-7"
+
+
+def guarded_upstreams(settings: Settings) -> dict[str, UpstreamSettings]:
+    """The fake behind every upstream, with guards a few calls can reach: openai's breaker
+    stays open once it opens, and openai-backup takes its calls; anthropic takes one call at
+    a time and queues one more."""
+    openai, anthropic = settings.upstreams["openai"].url, settings.upstreams["anthropic"].url
+    return Settings.model_validate(
+        {
+            "upstreams": {
+                "openai": {
+                    "url": openai,
+                    "breaker": {"open": 600},
+                    "fallback": {"upstream": "openai-backup"},
+                },
+                "openai-backup": {"url": openai, "provider": "openai"},
+                "anthropic": {
+                    "url": anthropic,
+                    "concurrency": {
+                        "max": 1,
+                        "min": 1,
+                        "adaptive": False,
+                        "queue": 1,
+                        "queue_timeout": 30,
+                    },
+                },
+            }
+        }
+    ).upstreams
 
 
 def prometheus_binary() -> str:
@@ -203,6 +237,70 @@ async def drive(gw: Gateway, round: int) -> None:
     gw.fake.app[CONFIG].tool_loop = None
 
 
+async def until(done: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def queue_and_shed(gw: Gateway, prom: Prometheus, round: int) -> None:
+    """anthropic's one slot held by a call the fake holds, a second call queued, a third
+    shed (429); Prometheus scrapes them so, then the held calls go on and are answered."""
+    faults = gw.fake.app[FAULTS]
+    limiter = gw.server.app[UPSTREAMS].anthropic.limiter
+    faults.add(Fault("hang", path="/v1/messages"))
+    try:
+        async with asyncio.TaskGroup() as calls:
+            held = calls.create_task(call(gw, "messages", session_headers(f"live-{round}-held")))
+            await until(lambda: limiter.in_flight == 1, "a call holding the slot")
+            waiting = calls.create_task(
+                call(gw, "messages", session_headers(f"live-{round}-waiting"))
+            )
+            await until(lambda: limiter.queued == 1, "a call waiting for the slot")
+            shed = await call(gw, "messages", session_headers(f"live-{round}-shed"))
+            assert shed.status == 429 and "retry-after" in shed.headers
+            await prom.wait_for(
+                'gateway_upstream_queued{upstream="anthropic"} == 1', "a queued call scraped"
+            )
+            faults.clear()
+    finally:
+        faults.clear()
+    assert held.result().ok and waiting.result().ok
+
+
+async def spend_the_retry_budget(gw: Gateway) -> None:
+    """anthropic answers 429 (retried, and no failure for its breaker) until its retry budget
+    refuses a retry. ``Retry-After: 0``: the fake's default second would make it slow."""
+    refused = gw.server.app[METRICS].retry_budget_exhausted.values
+    gw.fake.app[FAULTS].add(Fault("status", status=429, retry_after=0, path="/v1/messages"))
+    try:
+        for i in range(30):
+            outcome = await call(gw, "messages", session_headers(f"live-budget-{i}"))
+            assert outcome.status == 429
+            if refused.get(("anthropic",)):
+                break
+        assert refused.get(("anthropic",)), "the retry budget was never spent"
+    finally:
+        gw.fake.app[FAULTS].clear()
+
+
+async def open_the_breaker(gw: Gateway) -> None:
+    """openai answers 503 until its breaker opens; then its fallback answers."""
+    breaker = gw.server.app[UPSTREAMS].openai.breaker
+    gw.fake.app[FAULTS].add(Fault("status", status=503, path="/v1/chat/completions"))
+    try:
+        for i in range(20):
+            failed = await call(gw, "chat", session_headers(f"live-outage-{i}"))
+            assert failed.status == 503
+            if breaker.state == "open":
+                break
+        assert breaker.state == "open"
+    finally:
+        gw.fake.app[FAULTS].clear()
+    assert (await call(gw, "chat", session_headers("live-fallback"))).ok
+
+
 async def check(prom: Prometheus, query: Query) -> str | None:
     """What is wrong with one query (None when it is fine)."""
     if query.kind == "variable":
@@ -227,11 +325,13 @@ async def check(prom: Prometheus, query: Query) -> str | None:
 
 
 async def test_every_dashboard_and_alert_query_against_a_real_prometheus(
-    make_gateway: MakeGateway, tmp_path: Path
+    make_gateway: MakeGateway, settings: Settings, tmp_path: Path
 ) -> None:
     binary = prometheus_binary()
     # The team header is believed from trusted proxies only: the test client is one.
-    gw = await make_gateway(POLICY, trusted_proxies=["127.0.0.1/32"])
+    gw = await make_gateway(
+        POLICY, trusted_proxies=["127.0.0.1/32"], upstreams=guarded_upstreams(settings)
+    )
     job = 'up{job="agent-gateway"}'
     async with prometheus(binary, tmp_path, gw.server.port) as prom:
         # Scraped at least once before the traffic: counters born at 0 are seen at 0.
@@ -239,12 +339,18 @@ async def test_every_dashboard_and_alert_query_against_a_real_prometheus(
         # Two rounds with a scrape between: the second moves series that already exist, so
         # rates and quantiles have values (a series born at its final value has a rate of 0).
         await drive(gw, 1)
+        await queue_and_shed(gw, prom, 1)
         # The first loop of an agent (its series born at 1, which increase() cannot see)
         # fires the runaway-session alert.
         loop_alert = 'ALERTS{alertname="AgentGatewayRunawaySession", alertstate="firing"}'
         firing = await prom.wait_for(loop_alert, "the first loop alert firing")
         assert {a["metric"]["agent"] for a in firing} == {"openai-python"}
         await drive(gw, 2)
+        await queue_and_shed(gw, prom, 2)
+        # Counters and gauges that exist from the start: once is enough.
+        await spend_the_retry_budget(gw)
+        await open_the_breaker(gw)
+        gw.server.app[DEGRADED].set("manual", True, "the dashboards' live test")
         done = time.time()
         await prom.wait_for(
             f"timestamp({job}) > {done + SCRAPES_AFTER_TRAFFIC}", "scrapes after the traffic"

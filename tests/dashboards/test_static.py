@@ -45,6 +45,7 @@ HISTOGRAM_BUCKETS = {
     "gateway_context_fill_ratio": gateway_metrics.FILL_BUCKETS,
     "gateway_event_loop_lag_seconds": gateway_metrics.LAG_BUCKETS,
     "gateway_compaction_duration_seconds": gateway_metrics.COMPACTION_BUCKETS,
+    "gateway_upstream_queue_wait_seconds": gateway_metrics.QUEUE_BUCKETS,
 }
 SEVERITIES = {"critical", "warning", "info"}
 EXEMPLAR_HISTOGRAMS = (
