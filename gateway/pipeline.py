@@ -51,7 +51,7 @@ from gateway.identity import identify, own_session
 from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
 from gateway.policy.step import decide_policy
 from gateway.relay import relay
-from gateway.resilience.admission import admit, release
+from gateway.resilience.admission import admit
 from gateway.telemetry import tracing
 from gateway.telemetry.logs import log_request
 from gateway.telemetry.observe import observe
@@ -140,8 +140,11 @@ async def answered(
             ex.outcome = "drain_cut"
         raise
     finally:
-        if ex.slot_owner is not None or ex.probing:
-            release(ex)
+        owner = ex.slot_owner
+        if owner is not None:  # the slot ``admit`` took, back (here: it runs for every call)
+            ex.upstream.limiter.release(owner)
+            if ex.probing:
+                ex.upstream.breaker.abandoned()  # no-op once the probe's answer moved it
         if turn:
             await end_turn(ex, app[STORE], app[TOKENS], app[COMPACTOR].calibration)
             in_flight.dec(labels)

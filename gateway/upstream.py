@@ -229,10 +229,14 @@ async def send(
     target = URL(url, encoded=True)
     loop = asyncio.get_running_loop()
 
-    async def attempt(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:  # noqa: ASYNC109
+    async def attempt(
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's, per attempt)
+        sent: float | None = None,
+    ) -> aiohttp.ClientResponse:
         if isinstance(data, io.BytesIO):
             data.seek(0)
-        sent = loop.time()
+        if sent is None:
+            sent = loop.time()
         breaker = upstream.breaker
         before = breaker.state
         try:
@@ -268,7 +272,7 @@ async def send(
         # The common path: one attempt, no retry state built.
         first: aiohttp.ClientResponse | BaseException
         try:
-            first = await attempt(_first_byte(timeouts.connect, timeouts.first_byte))
+            first = await attempt(_first_byte(timeouts.connect, timeouts.first_byte), started)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             first = exc
         else:

@@ -4,8 +4,8 @@ Before a turn begins (a call answered here is no turn): the upstream's breaker (
 fallback takes the call, the model renamed as the fallback's map says, or the call is answered
 at once with the provider's own overload error), then a slot of the upstream's concurrency
 limit for the call's owner (its session, else its key), waiting in the bounded queue if need
-be (``Shed`` answers 429 with ``Retry-After``). ``release`` gives the slot back when the call
-ends, in ``pipeline.answered``'s ``finally``.
+be (``Shed`` answers 429 with ``Retry-After``). ``pipeline.answered``'s ``finally`` gives the
+slot back when the call ends, however (inline there: it runs for every call).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gateway.credentials import credential
 from gateway.errors import BreakerOpen
 from gateway.errors import Shed as Overloaded
 from gateway.exchange import Exchange
-from gateway.resilience.breaker import HALF_OPEN
+from gateway.resilience.breaker import CLOSED, HALF_OPEN
 from gateway.resilience.limiter import Shed
 from gateway.upstream import Upstream
 
@@ -29,10 +29,10 @@ def admit(ex: Exchange) -> Awaitable[None] | None:
     await; raises ``BreakerOpen`` when neither the upstream nor its fallback may be called."""
     upstream = ex.upstream
     breaker = upstream.breaker
-    if not breaker.allow():
+    if breaker.state is not CLOSED and not breaker.allow():  # closed: allow() says yes
         upstream = fallback(ex, upstream)
         breaker = upstream.breaker
-    probe = breaker.state == HALF_OPEN
+    probe = breaker.state is HALF_OPEN
     if probe:  # this call's ``allow`` moved it: the open period is over
         ex.breaker_moves += (f"{upstream.name}: open -> half_open",)
     identity = ex.identity
@@ -59,17 +59,6 @@ async def _queued(ex: Exchange, upstream: Upstream, owner: str, probe: bool) -> 
     finally:
         ex.queued_seconds = time.perf_counter() - queued
     ex.slot_owner, ex.probing = owner, probe
-
-
-def release(ex: Exchange) -> None:
-    """The call's slot back (it ended, however); a probe that got no verdict lets the next
-    call probe."""
-    upstream = ex.upstream
-    owner, ex.slot_owner = ex.slot_owner, None
-    if owner is not None:
-        upstream.limiter.release(owner)
-    if ex.probing:
-        upstream.breaker.abandoned()  # no-op once the probe's answer moved the breaker
 
 
 def fallback(ex: Exchange, upstream: Upstream) -> Upstream:

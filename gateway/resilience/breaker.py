@@ -9,11 +9,13 @@ seconds one probe goes through (half-open): a success closes it, a failure opens
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.resilience.window import Window
 from gateway.settings import BreakerSettings
 
 CLOSED: Final = "closed"
@@ -34,10 +36,13 @@ class Transition:
 
 class Breaker:
     __slots__ = (
-        "_buckets",
+        "_calls",
         "_clock",
+        "_failures",
         "_on_change",
         "_probing",
+        "_roll_at",
+        "_window",
         "consecutive",
         "name",
         "opened_at",
@@ -60,8 +65,10 @@ class Breaker:
         self._probing = False
         self._on_change = on_change
         self._clock = clock
-        # Calls and failures per whole second of the window: [second, calls, failures].
-        self._buckets: list[list[int]] = [[-1, 0, 0] for _ in range(_slots(settings.window))]
+        # Calls and failures ever, and their values once a second (``window``).
+        self._calls = self._failures = 0
+        self._window = Window(settings.window)
+        self._roll_at = -math.inf
 
     def allow(self) -> bool:
         """May a call go upstream now? Closed: yes. Open: no, until ``open`` seconds have
@@ -87,22 +94,33 @@ class Breaker:
         """The upstream answered (any status but a failure's, 429 and 4xx included).
         ``now``: the caller's monotonic clock reading, if it has one (saves reading it)."""
         self.consecutive = 0
-        self._count(False, now)
-        if self.state == HALF_OPEN:
+        if now is None:
+            now = self._clock()
+        if now >= self._roll_at:  # once a second
+            self._roll_at = self._window.roll(now, self._calls, self._failures)
+        self._calls += 1
+        if self.state is HALF_OPEN:
             self._probing = False
             self._move(CLOSED, "probe succeeded")
 
     def failure(self, reason: str, now: float | None = None) -> None:
         self.consecutive += 1
-        calls, failures = self._count(True, now)
-        if self.state == HALF_OPEN:
+        if now is None:
+            now = self._clock()
+        if now >= self._roll_at:
+            self._roll_at = self._window.roll(now, self._calls, self._failures)
+        self._calls += 1
+        self._failures += 1
+        if self.state is HALF_OPEN:
             self._probing = False
             self._open(f"probe failed ({reason})")
-        elif self.state == CLOSED and self.settings.enabled:
+        elif self.state is CLOSED and self.settings.enabled:
             settings = self.settings
             if self.consecutive >= settings.failures:
                 self._open(f"{self.consecutive} consecutive failures ({reason})")
-            elif calls >= settings.min_calls and failures >= settings.failure_ratio * calls:
+                return
+            calls, failures = self._window.since(now, self._calls, self._failures)
+            if calls >= settings.min_calls and failures >= settings.failure_ratio * calls:
                 self._open(f"{failures} of {calls} calls failed in {settings.window:g}s ({reason})")
 
     def abandoned(self) -> None:
@@ -113,6 +131,9 @@ class Breaker:
 
     def force(self, state: str, reason: str) -> None:
         """An operator's hand (or a test's): open or close it now."""
+        if state not in STATES:
+            raise ValueError(f"a breaker is {', '.join(STATES)}, not {state!r}")
+        state = STATES[STATES.index(state)]  # the constant itself: states are compared by `is`
         if state == OPEN:
             self._open(reason)
         else:
@@ -128,25 +149,3 @@ class Breaker:
         old, self.state = self.state, new
         if old != new and self._on_change is not None:
             self._on_change(Transition(self.name, old, new, reason, time.time()))
-
-    def _count(self, failed: bool, now: float | None) -> tuple[int, int]:
-        """This call in its second's bucket; with a failure, the window's totals."""
-        second = int(self._clock() if now is None else now)
-        bucket = self._buckets[second % len(self._buckets)]
-        if bucket[0] != second:
-            bucket[0], bucket[1], bucket[2] = second, 0, 0
-        bucket[1] += 1
-        if not failed:
-            return 0, 0
-        bucket[2] += 1
-        oldest = second - len(self._buckets)
-        calls = failures = 0
-        for stamp, n, f in self._buckets:
-            if stamp > oldest:
-                calls += n
-                failures += f
-        return calls, failures
-
-
-def _slots(window: float) -> int:
-    return max(1, int(window + 0.999))

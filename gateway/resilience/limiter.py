@@ -29,8 +29,10 @@ DECREASE = 0.9
 _COOLDOWN = 1.0
 _FAST_ALPHA = 0.2
 _SLOW_ALPHA = 0.02
-_WARM = 20
+_WARM = 10
 """First-byte samples before the latency gradient is trusted."""
+SAMPLE_EVERY = 4
+_NEVER = 1 << 62
 _TOLERANCE = 2.0
 
 
@@ -59,12 +61,14 @@ class Limiter:
         "_decreased_at",
         "_fast",
         "_samples",
+        "_skip",
         "_slow",
         "_waiting",
         "held",
         "in_flight",
         "limit",
         "settings",
+        "share_cap",
         "shed",
     )
 
@@ -73,6 +77,8 @@ class Limiter:
     ) -> None:
         self.settings = settings
         self.limit = float(settings.max)
+        self.share_cap = self.share()
+        """``share()`` for the limit now, kept so the fast path reads an attribute."""
         self.in_flight = 0
         self.held: dict[str, int] = {}
         """Slots per owner, only owners holding one (memory follows the calls in flight)."""
@@ -81,6 +87,7 @@ class Limiter:
         self._clock = clock
         self._fast = self._slow = 0.0
         self._samples = 0
+        self._skip = 1
         self._decreased_at = -math.inf
 
     @property
@@ -94,7 +101,7 @@ class Limiter:
     def try_acquire(self, owner: str) -> bool:
         """A slot for ``owner``'s call if one is free now: no await, no allocation."""
         held = self.held.get(owner, 0)
-        if self.in_flight < self.limit and not self._waiting and held < self.share():
+        if self.in_flight < self.limit and held < self.share_cap and not self._waiting:
             self.in_flight += 1
             self.held[owner] = held + 1
             return True
@@ -105,7 +112,7 @@ class Limiter:
         this owner; raises ``Shed`` when the queue is full or the wait times out."""
         if len(self._waiting) >= self.settings.queue:
             self.shed += 1
-            reason = "session_share" if self.held.get(owner, 0) >= self.share() else "queue_full"
+            reason = "session_share" if self.held.get(owner, 0) >= self.share_cap else "queue_full"
             raise Shed(reason, self._retry_after(), int(self.limit))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(owner, future)
@@ -140,7 +147,13 @@ class Limiter:
             self._wake()
 
     def answered(self, first_byte: float) -> None:
-        """The upstream's response headers came after ``first_byte`` seconds (not overloaded)."""
+        """The upstream's response headers came after ``first_byte`` seconds (not overloaded).
+        One answer in ``SAMPLE_EVERY`` is read (every call comes here; an average needs
+        fewer), and the limit grows by that many steps at once."""
+        self._skip -= 1
+        if self._skip > 0:
+            return
+        self._skip = SAMPLE_EVERY if self.settings.adaptive else _NEVER
         if not self.settings.adaptive:
             return
         self._samples += 1
@@ -152,7 +165,8 @@ class Limiter:
         if self._samples >= _WARM and self._fast > _TOLERANCE * self._slow:
             self._decrease()
         elif self.in_flight * 2 >= self.limit:  # grow only while the slots are used
-            self.limit = min(float(self.settings.max), self.limit + 1 / self.limit)
+            self.limit = min(float(self.settings.max), self.limit + SAMPLE_EVERY / self.limit)
+            self.share_cap = self.share()
 
     def overloaded(self) -> None:
         """The upstream said it is overloaded (503, 529) or did not answer in time."""
@@ -165,9 +179,10 @@ class Limiter:
             return
         self._decreased_at = now
         self.limit = max(float(self.settings.min), self.limit * DECREASE)
+        self.share_cap = self.share()
 
     def _wake(self) -> None:
-        share = self.share()
+        share = self.share_cap
         for waiter in self._waiting:
             if self.in_flight >= self.limit:
                 return

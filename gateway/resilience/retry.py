@@ -9,10 +9,13 @@ another 4xx, never once a response has begun.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Final
+
+from gateway.resilience.window import Window
 
 RETRYABLE_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529})
 UNWELL_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
@@ -64,7 +67,7 @@ class RetryBudget:
     seconds (Finagle's retry budget), plus ``reserve`` a second so a quiet gateway can still
     retry: during an outage the upstream sees at most ``1 + ratio`` times the clients' calls."""
 
-    __slots__ = ("_clock", "_requests", "_retries", "_stamps", "ratio", "reserve")
+    __slots__ = ("_clock", "_requests", "_retries", "_roll_at", "_window", "ratio", "reserve")
 
     def __init__(
         self, ratio: float, reserve: float = 1.0, clock: Callable[[], float] = time.monotonic
@@ -72,31 +75,25 @@ class RetryBudget:
         self.ratio = ratio
         self.reserve = reserve
         self._clock = clock
-        self._stamps = [-1] * BUDGET_WINDOW
-        self._requests = [0] * BUDGET_WINDOW
-        self._retries = [0] * BUDGET_WINDOW
+        self._requests = self._retries = 0
+        self._window = Window(BUDGET_WINDOW)
+        self._roll_at = -math.inf
 
     def request(self, now: float | None = None) -> None:
         """A client's call went upstream (its first attempt); ``now`` as ``Breaker.success``."""
-        self._requests[self._bucket(now)] += 1
+        if now is None:
+            now = self._clock()
+        if now >= self._roll_at:  # once a second
+            self._roll_at = self._window.roll(now, self._requests, self._retries)
+        self._requests += 1
 
     def try_spend(self) -> bool:
         """May one more retry go? If so, it is counted."""
-        oldest = int(self._clock()) - BUDGET_WINDOW
-        requests = retries = 0
-        for i, stamp in enumerate(self._stamps):
-            if stamp > oldest:
-                requests += self._requests[i]
-                retries += self._retries[i]
+        now = self._clock()
+        if now >= self._roll_at:
+            self._roll_at = self._window.roll(now, self._requests, self._retries)
+        requests, retries = self._window.since(now, self._requests, self._retries)
         if retries >= self.ratio * requests + self.reserve * BUDGET_WINDOW:
             return False
-        self._retries[self._bucket()] += 1
+        self._retries += 1
         return True
-
-    def _bucket(self, now: float | None = None) -> int:
-        second = int(self._clock() if now is None else now)
-        i = second % BUDGET_WINDOW
-        if self._stamps[i] != second:
-            self._stamps[i] = second
-            self._requests[i] = self._retries[i] = 0
-        return i

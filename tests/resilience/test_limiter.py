@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.resilience.limiter import Limiter, Shed
 from gateway.settings import ConcurrencySettings
@@ -113,3 +115,63 @@ def test_memory_stays_bounded_by_calls_in_flight() -> None:
     for i in range(5000):
         lim.release(f"s{i}")
     assert lim.held == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["call", "end", "cancel", "overload", "fast"]), st.integers(0, 5)
+        ),
+        max_size=60,
+    )
+)
+def test_any_sequence_keeps_the_counts_true_and_the_queue_bounded(
+    steps: list[tuple[str, int]],
+) -> None:
+    """Calls, ends, cancelled waits and the limit moving, in any order: slots held always add
+    up to the calls in flight, never past the limit's ceiling, and the queue stays in bound."""
+
+    async def run() -> None:
+        lim = Limiter(
+            ConcurrencySettings(max=4, min=1, queue=3, queue_timeout=5, session_share=0.5)
+        )
+        holding: list[str] = []
+        waiting: list[tuple[str, asyncio.Task[None]]] = []
+        for action, n in steps:
+            owner = f"o{n % 3}"
+            if action == "call":
+                if lim.try_acquire(owner):
+                    holding.append(owner)
+                else:
+                    task = asyncio.get_running_loop().create_task(lim.wait(owner))
+                    waiting.append((owner, task))
+            elif action == "end" and holding:
+                lim.release(holding.pop(n % len(holding)))
+            elif action == "cancel" and waiting:
+                _, task = waiting.pop(n % len(waiting))
+                task.cancel()
+            elif action == "overload":
+                lim.overloaded()
+            elif action == "fast":
+                lim.answered(0.01)
+            await asyncio.sleep(0)
+            for owner_, task in list(waiting):
+                if task.done():
+                    waiting.remove((owner_, task))
+                    if not task.cancelled() and task.exception() is None:
+                        holding.append(owner_)
+            assert lim.in_flight == len(holding) == sum(lim.held.values())
+            assert lim.in_flight <= 4
+            assert lim.queued <= 3
+            assert all(count > 0 for count in lim.held.values())
+        for _, task in waiting:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in waiting), return_exceptions=True)
+        for owner in holding:
+            lim.release(owner)
+        assert lim.in_flight == 0
+        assert lim.held == {}
+        assert lim.queued == 0
+
+    asyncio.run(run())
