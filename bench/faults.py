@@ -49,6 +49,10 @@ upstreams:
     concurrency: {{max: {limit}, min: {floor}, queue: {queue}, queue_timeout: {queue_timeout}}}
   anthropic: {fake}
 """
+FALLBACK = """    fallback: {upstream: spare}
+  spare: {url: "{spare}/v1", provider: openai, pass_client_credentials: true}
+"""
+"""Added to the formatted config: the fallback run's openai upstream and its spare."""
 
 
 RETRY_AFTER_CAP = 2.0
@@ -74,17 +78,24 @@ class Run:
 
 # -- servers -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def stack(workdir: Path, config: str) -> Iterator[tuple[Server, Server]]:
+def stack(workdir: Path, config: str, spare: bool = False) -> Iterator[tuple[Server, Server]]:
+    """A fake provider (and, with ``spare``, a second one: the fallback) and the gateway."""
     python = sys.executable
     servers: list[Server] = []
     try:
-        fport = free_port()
-        fake = start("fake", [python, "-m", "gateway", "fake-provider", "--port", str(fport)],
-                     fport, workdir, {})  # fmt: skip
-        servers.append(fake)
-        wait_ready(fake, tcp_open(fport))
+        fakes = []
+        for name in ("fake", "spare") if spare else ("fake",):
+            port = free_port()
+            argv = [python, "-m", "gateway", "fake-provider", "--port", str(port)]
+            fakes.append(start(name, argv, port, workdir, {}))
+            servers.append(fakes[-1])
+            wait_ready(fakes[-1], tcp_open(port))
+        fake = fakes[0]
         path = workdir / "gateway.yaml"
-        path.write_text(config.replace("{fake}", fake.url))
+        text = config.replace("{fake}", fake.url)
+        if spare:  # another port is another origin: pass_client_credentials says it may
+            text = text.replace("{spare}", fakes[1].url)
+        path.write_text(text)
         gport = free_port()
         # bench/policy.yaml refuses nothing: every call meets the resilience mechanisms.
         argv = [python, "-m", "gateway", "serve", "--config", str(path), "--port", str(gport),
@@ -130,7 +141,9 @@ async def call(
 
 
 # -- outage ------------------------------------------------------------------------------------
-async def outage(fake: Server, gateway: Server, args: argparse.Namespace) -> list[str]:
+async def outage(
+    fake: Server, gateway: Server, args: argparse.Namespace, fallback: bool = False
+) -> list[str]:
     run, url = Run(), f"{gateway.url}/v1/chat/completions"
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -160,7 +173,8 @@ async def outage(fake: Server, gateway: Server, args: argparse.Namespace) -> lis
     first_ok, steady = recovery(run, up_at)
     return [
         f"outage of {args.outage:g}s at {args.rate:g} calls/s (breaker opens after 5 failures,"
-        f" open {args.breaker_open:g}s; retries: 3 attempts, budget 20%)",
+        f" open {args.breaker_open:g}s; retries: 3 attempts, budget 20%)"
+        + (", with a fallback upstream" if fallback else ", no fallback"),
         f"  client calls during the outage        {len(during)}",
         f"  upstream attempts during the outage   {outage_attempts}"
         f"  ({outage_attempts / max(1, len(during)):.2f} per client call)",
@@ -250,7 +264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--rate", type=float, default=50.0, help="outage: client calls a second")
     parser.add_argument("--before", type=float, default=5.0)
-    parser.add_argument("--outage", type=float, default=10.0)
+    parser.add_argument("--outage", type=float, default=12.0)
     parser.add_argument("--after", type=float, default=10.0)
     parser.add_argument("--breaker-open", type=float, default=5.0)
     parser.add_argument("--limit", type=int, default=16, help="the upstream's concurrency max")
@@ -261,7 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--queue-timeout", type=float, default=1.0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.before, args.outage, args.after, args.overload_seconds = 2.0, 5.0, 8.0, 5.0
+        args.before, args.outage, args.after, args.overload_seconds = 2.0, 6.0, 8.0, 5.0
     return args
 
 
@@ -278,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-faults-") as tmp:
         with stack(Path(tmp), config) as (fake, gateway):
             lines = asyncio.run(outage(fake, gateway, args))
+        spared = config.replace("  anthropic:", FALLBACK + "  anthropic:")
+        with stack(Path(tmp), spared, spare=True) as (fake, gateway):
+            lines += asyncio.run(outage(fake, gateway, args, fallback=True))
         with stack(Path(tmp), config) as (fake, gateway):
             lines += asyncio.run(overload(fake, gateway, args))
     print("\n".join(lines))

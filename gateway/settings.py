@@ -310,7 +310,7 @@ class Settings(BaseModel):
             return [f"{other} speaks the {target.provider} API, {name} the {upstream.provider} API"]
         if _origin(target.url) != _origin(upstream.url) and not target.pass_client_credentials:
             return [
-                f"{other} is on another host ({urlsplit(target.url).hostname}), and a fallback"
+                f"{other} is on another host ({urlsplit(target.url).netloc}), and a fallback"
                 " call carries the client's own credential there. Write"
                 f" pass_client_credentials: true on upstreams.{other} if that host may receive it."
             ]
