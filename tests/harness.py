@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,18 @@ def write_text(path: Path, text: str, *, bump_mtime: float | None = None) -> Non
     if bump_mtime is not None:
         stat = path.stat()
         os.utime(path, (stat.st_atime + bump_mtime, stat.st_mtime + bump_mtime))
+
+
+def disk_error(*args: object) -> None:
+    """Stands in for a store's disk call: the disk fails."""
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

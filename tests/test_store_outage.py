@@ -4,11 +4,7 @@ lost once the disk is back. Faults are injected into the SQLite store's disk cal
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,7 @@ from gateway.appkeys import DEGRADED, STORE
 from gateway.settings import DegradedSettings, Settings
 from gateway.store import SqliteStore
 from tests.conftest import ANTHROPIC_MODEL, GatewayTestServer
-from tests.harness import Gateway, MakeGateway, session_headers
+from tests.harness import Gateway, MakeGateway, disk_error, session_headers, wait_until
 
 CLOSED = """
 version: 1
@@ -34,17 +30,6 @@ version: 1
 defaults:
   limits: {max_turns: 4}
 """
-
-
-def _disk_error(*args: object) -> None:
-    raise sqlite3.OperationalError("disk I/O error")
-
-
-async def _wait(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 5.0
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def _on_sqlite(make_gateway: MakeGateway, tmp_path: Path, policy: str | None) -> Gateway:
@@ -101,11 +86,11 @@ async def test_failing_writes_degrade_the_gateway_and_no_turn_is_lost(
     store = sqlite_store(gw)
     await chat(gw, "work")
 
-    monkeypatch.setattr(store, "_write", _disk_error)
+    monkeypatch.setattr(store, "_write", disk_error)
     for _ in range(3):  # fail open: the calls keep flowing, counted in memory
         await chat(gw, "work")
     await message(gw, "other")
-    await _wait(lambda: degraded(gw))
+    await wait_until(lambda: degraded(gw))
     health = await gw.admin_get("/gateway/health")
     assert health["status"] == "degraded"
     assert "store" in str(health["reasons"])
@@ -116,7 +101,7 @@ async def test_failing_writes_degrade_the_gateway_and_no_turn_is_lost(
     assert store.errors["write"] >= 1
 
     monkeypatch.undo()
-    await _wait(lambda: not degraded(gw))
+    await wait_until(lambda: not degraded(gw))
     assert store.backlog().sessions == 0
     path = tmp_path / "gateway.db"
     work, other = await on_disk(path, "work"), await on_disk(path, "other")
@@ -134,7 +119,7 @@ async def test_a_session_the_store_cannot_read_is_served_then_merged(
     await store.flush()
     del store.sessions["old"]  # as after eviction or a restart: only the disk knows it
 
-    monkeypatch.setattr(store, "_select_one", _disk_error)
+    monkeypatch.setattr(store, "_select_one", disk_error)
     # The stored three turns cannot be read: limits from the in-memory view (fail open).
     await chat(gw, "old")
     await chat(gw, "old")
@@ -142,7 +127,7 @@ async def test_a_session_the_store_cannot_read_is_served_then_merged(
     assert (await gw.record("old")).turns == 2
 
     monkeypatch.undo()
-    await _wait(lambda: not store.unloaded and not degraded(gw))
+    await wait_until(lambda: not store.unloaded and not degraded(gw))
     assert (await gw.record("old")).turns == 5  # added to the stored counts, not over them
     with pytest.raises(openai.BadRequestError) as caught:
         await chat(gw, "old")
@@ -160,7 +145,7 @@ async def test_failing_closed_refuses_with_a_503_before_the_upstream(
     await chat(gw, "known")
     sent = gw.upstream_calls()
 
-    monkeypatch.setattr(store, "_select_one", _disk_error)
+    monkeypatch.setattr(store, "_select_one", disk_error)
     with pytest.raises(openai.APIStatusError) as caught:
         await chat(gw, "fresh")
     assert caught.value.status_code == 503
@@ -177,7 +162,7 @@ async def test_failing_closed_refuses_with_a_503_before_the_upstream(
     assert gw.upstream_calls() == sent
 
     monkeypatch.undo()
-    await _wait(lambda: not degraded(gw))
+    await wait_until(lambda: not degraded(gw))
     await chat(gw, "known")
     await message(gw, "fresh")
     assert (await gw.record("known")).turns == 2
@@ -194,16 +179,16 @@ async def test_fail_closed_while_writes_fail_for_what_a_rule_matches(
         store_outage: closed
     """
     gw = await _on_sqlite(make_gateway, tmp_path, policy)
-    monkeypatch.setattr(sqlite_store(gw), "_write", _disk_error)
+    monkeypatch.setattr(sqlite_store(gw), "_write", disk_error)
     await chat(gw, "s")  # the change that will not be written
-    await _wait(lambda: degraded(gw))
+    await wait_until(lambda: degraded(gw))
     with pytest.raises(openai.APIStatusError) as caught:
         await chat(gw, "s")
     assert caught.value.status_code == 503
     assert caught.value.response.headers["X-Gateway-Policy-Rule"] == "strict-openai"
     await message(gw, "s2")  # the rule does not match: served from memory
     monkeypatch.undo()
-    await _wait(lambda: not degraded(gw))
+    await wait_until(lambda: not degraded(gw))
     await chat(gw, "s")
 
 
@@ -222,7 +207,7 @@ async def test_shutdown_with_a_failing_disk_logs_what_was_lost(
     client = openai.AsyncOpenAI(
         base_url=str(server.make_url("/v1")), api_key="sk-test-openai", max_retries=0
     )
-    monkeypatch.setattr(store, "_write", _disk_error)
+    monkeypatch.setattr(store, "_write", disk_error)
     try:
         for session in ("a", "b", "a"):
             await client.chat.completions.create(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 
 from gateway.dialects import Usage
 from gateway.store import INTERNAL_FIELDS, Grant, LimitExceeded, Limits, SessionQuery, SqliteStore
+from tests.harness import disk_error, wait_until
 
 from .test_base import end, start
 
@@ -252,17 +251,6 @@ async def test_the_database_its_wal_and_new_directories_are_private(
 
 
 # -- a failing disk: nothing lost, the store says it is behind ----------------------------------
-def _disk_error(*args: object) -> None:
-    raise sqlite3.OperationalError("disk I/O error")
-
-
-async def _wait(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 5.0
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_failed_writes_are_kept_never_evicted_and_written_on_recovery(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,10 +260,10 @@ async def test_failed_writes_are_kept_never_evicted_and_written_on_recovery(
     store.watch(heard.append, 60.0)
     await store.open()
     try:
-        monkeypatch.setattr(store, "_write", _disk_error)
+        monkeypatch.setattr(store, "_write", disk_error)
         for i in range(5):
             await store.end_turn(await store.begin_turn(start(f"s{i}"), Limits()), end(None))
-        await _wait(lambda: store.errors["write"] >= 2)
+        await wait_until(lambda: store.errors["write"] >= 2)
         assert heard and heard[0] is not None and "disk I/O error" in heard[0]
         assert store.trouble is not None
         await store.get("unknown")  # a load past max_cached evicts: never what is unwritten
@@ -284,7 +272,7 @@ async def test_failed_writes_are_kept_never_evicted_and_written_on_recovery(
         assert (backlog.sessions, backlog.unloaded) == (5, 0)
         assert backlog.age > 0
         monkeypatch.undo()
-        await _wait(lambda: store.trouble is None)
+        await wait_until(lambda: store.trouble is None)
         assert heard[-1] is None and store.backlog().sessions == 0
     finally:
         await store.close()
@@ -323,7 +311,7 @@ async def test_a_write_that_hangs_puts_the_store_behind(
         assert ticket.turn == 1 and store.unloaded == {"s2"}
         release.set()
         monkeypatch.undo()
-        await _wait(lambda: store.trouble is None)
+        await wait_until(lambda: store.trouble is None)
     finally:
         release.set()
         await store.close()
@@ -342,7 +330,7 @@ async def test_a_session_that_cannot_be_read_is_merged_when_it_can(
     store = SqliteStore(path, flush_interval=0.01)
     await store.open()
     try:
-        monkeypatch.setattr(store, "_select_one", _disk_error)
+        monkeypatch.setattr(store, "_select_one", disk_error)
         # Fail open: limits from what this process holds (the stored three turns unknown).
         ticket = await store.begin_turn(start("s1", at=200.0), Limits(max_turns=4))
         await store.end_turn(ticket, end(Usage(input_tokens=50, output_tokens=5), at=201.0))
@@ -352,7 +340,7 @@ async def test_a_session_that_cannot_be_read_is_merged_when_it_can(
         assert store.errors["load"] >= 1
         await asyncio.sleep(0.05)  # flushes pass: begun in memory, never written as it is
         monkeypatch.undo()
-        await _wait(lambda: not store.unloaded and store.trouble is None)
+        await wait_until(lambda: not store.unloaded and store.trouble is None)
         rec = await store.get("s1")
         assert rec is not None
         assert (rec.turns, rec.tokens.total_tokens, rec.first_seen) == (5, 385, 100.0)
@@ -374,7 +362,7 @@ async def test_close_tries_a_failing_disk_again_then_logs_what_is_lost(
     path = tmp_path / "gateway.db"
     store = SqliteStore(path, flush_interval=0.01, close_timeout=0.2)
     await store.open()
-    monkeypatch.setattr(store, "_write", _disk_error)
+    monkeypatch.setattr(store, "_write", disk_error)
     for session in ("a", "b"):
         await store.end_turn(await store.begin_turn(start(session), Limits()), end(None))
     started = time.monotonic()
@@ -394,7 +382,7 @@ async def test_close_writes_once_the_disk_is_back(
     path = tmp_path / "gateway.db"
     store = SqliteStore(path, flush_interval=0.01, close_timeout=5.0)
     await store.open()
-    monkeypatch.setattr(store, "_write", _disk_error)
+    monkeypatch.setattr(store, "_write", disk_error)
     await store.end_turn(await store.begin_turn(start("a"), Limits()), end(None))
     loop = asyncio.get_running_loop()
     loop.call_later(0.1, monkeypatch.undo)
