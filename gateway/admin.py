@@ -37,10 +37,18 @@ from gateway.appkeys import (
 from gateway.audit import AuditError, token_actor
 from gateway.policy import prices
 from gateway.settings import Settings
-from gateway.store import INTERNAL_FIELDS, Grant, SessionEnded, SessionQuery, SessionRecord
+from gateway.store import (
+    INTERNAL_FIELDS,
+    Grant,
+    LoadFailed,
+    SessionEnded,
+    SessionQuery,
+    SessionRecord,
+)
 from gateway.store.records import SESSION_STATUSES
 
 MAX_PAGE = 500
+MAX_GRANT = 2**53
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMITTED = web.RequestKey("admitted", str)
 """How an admin call was let in: ``token`` or ``loopback`` (the audit log says which)."""
@@ -191,10 +199,12 @@ async def grant(request: web.Request) -> web.Response:
         return body
     try:
         turns, tokens = int(body.get("turns", 0)), int(body.get("tokens", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return _json({"error": "turns and tokens must be whole numbers"}, status=400)
     if turns < 0 or tokens < 0 or turns + tokens == 0:
         return _json({"error": "grant a positive number of turns and/or tokens"}, status=400)
+    if turns > MAX_GRANT or tokens > MAX_GRANT:  # JSON's exact integers; the audit line too
+        return _json({"error": f"grant at most {MAX_GRANT} turns or tokens at once"}, status=400)
     by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
     session_id = request.match_info["session_id"]
     given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
@@ -216,6 +226,9 @@ async def grant(request: web.Request) -> web.Response:
         except SessionEnded:
             _audit_undone(request, "grant", session_id, "the session was ended meanwhile")
             raise
+        except LoadFailed:
+            _audit_undone(request, "grant", session_id, "the store could not read the session")
+            return _store_down()
     except SessionEnded as ended:
         # Ended is final: a grant would be recorded and let nothing through. 409 Conflict:
         # the request is fine, the session's state refuses it.
@@ -251,11 +264,25 @@ async def end(request: web.Request) -> web.Response:
         request, "session_end", session=session_id, by=by, reason=reason
     ):
         return refused
-    record = await store.set_status(session_id, "ended", why)
+    try:
+        record = await store.set_status(session_id, "ended", why)
+    except LoadFailed:
+        _audit_undone(request, "session_end", session_id, "the store could not read the session")
+        return _store_down()
     if record is None:
         _audit_undone(request, "session_end", session_id, "the session is gone")
         return _json({"error": "no such session"}, status=404)
     return _json(operator_view(record, time.time()))
+
+
+def _store_down() -> web.Response:
+    """The store cannot read the session now (degraded ``store``): try again later."""
+    response = _json(
+        {"error": "the session store cannot read this session now (degraded: store); retry"},
+        status=503,
+    )
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 async def policy(request: web.Request) -> web.Response:

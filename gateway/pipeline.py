@@ -231,6 +231,7 @@ async def forward(ex: Exchange) -> None:
             app[SETTINGS].timeouts,
             upstream,
             ex,
+            ex.facts is not None and ex.facts.stream,
         )
         await relay(ex, response, gateway_headers(ex))
     if ex.outcome == "upstream_cut":

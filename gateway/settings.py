@@ -32,14 +32,14 @@ BUILT_IN_UPSTREAMS = {
 class RetrySettings(BaseModel):
     """Retries of a call the upstream failed before anything reached the client."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     attempts: int = Field(3, ge=1, le=10)
     """Attempts in all, the first included (1: never retried). Defaults to
     ``upstream_retries`` + 1."""
-    backoff_base: float = Field(0.2, gt=0)
+    backoff_base: float = Field(0.2, gt=0, le=600)
     """Seconds: the n-th retry waits a random time up to ``backoff_base * 2**(n-1)``."""
-    backoff_max: float = Field(5.0, gt=0)
+    backoff_max: float = Field(5.0, gt=0, le=600)
     """Seconds: the longest wait before a retry (an upstream's ``Retry-After`` may ask for
     more, up to what is left of ``timeouts.first_byte``)."""
     budget_ratio: float = Field(0.2, ge=0, le=1)
@@ -51,7 +51,7 @@ class BreakerSettings(BaseModel):
     """The circuit breaker: opens when the upstream itself is unwell (5xx, 529, timeouts,
     resets; never 429 or another 4xx)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     enabled: bool = True
     """Off: calls go to the upstream however it fares."""
@@ -59,29 +59,29 @@ class BreakerSettings(BaseModel):
     """Consecutive failures that open it."""
     failure_ratio: float = Field(0.5, gt=0, le=1)
     """Or this share of failures among the calls of the last ``window`` seconds ..."""
-    window: float = Field(30.0, gt=0)
+    window: float = Field(30.0, gt=0, le=86400)
     """Seconds of calls the failure ratio is taken over."""
     min_calls: int = Field(20, ge=1)
     """... once the window holds at least this many calls."""
-    open: float = Field(30.0, gt=0)
+    open: float = Field(30.0, gt=0, le=86400)
     """Seconds it stays open, answering at once, before it lets one probe through."""
 
 
 class ConcurrencySettings(BaseModel):
     """Calls in flight to the upstream, and the queue of calls waiting for a slot."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
-    max: int = Field(256, ge=1)
+    max: int = Field(256, ge=1, le=1_000_000)
     """The ceiling of the limit (and the limit itself when not adaptive)."""
     min: int = Field(8, ge=1)
     """The floor an adaptive limit never goes below."""
     adaptive: bool = True
     """Lower the limit when the upstream's time to first byte grows or it answers overloaded
     (429 aside, 503, 529), raise it again while it answers quickly."""
-    queue: int = Field(1024, ge=0)
+    queue: int = Field(1024, ge=0, le=1_000_000)
     """Calls that may wait for a slot; past it a call is answered 429 with ``Retry-After``."""
-    queue_timeout: float = Field(30.0, gt=0)
+    queue_timeout: float = Field(30.0, gt=0, le=86400)
     """Seconds a call may wait for a slot before it is answered 429."""
     session_share: float = Field(0.25, gt=0, le=1)
     """The share of the limit one session (or, without a session, one key) may hold, so a
@@ -95,7 +95,7 @@ class ConcurrencySettings(BaseModel):
 
 
 class FallbackSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     upstream: str
     """Another upstream of the same provider API that takes this one's calls while its
@@ -108,7 +108,7 @@ class FallbackSettings(BaseModel):
 class UpstreamSettings(BaseModel):
     """One upstream. A plain URL stands for ``{url: ...}`` with every default."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     url: str
     """Its base URL: OpenAI-compatible ones include their /v1, Anthropic's has none."""
@@ -134,6 +134,10 @@ class UpstreamSettings(BaseModel):
         parsed = urlsplit(value)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"{value!r} is not an http(s) URL")
+        try:
+            parsed.port  # noqa: B018 (it raises on a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
         if parsed.query or parsed.fragment or parsed.username or parsed.password:
             raise ValueError(f"{value!r}: no query, fragment or credentials in an upstream URL")
         return value
@@ -148,7 +152,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 class Timeouts(BaseModel):
     """Seconds."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     connect: float = Field(10.0, gt=0)
     """To open a connection to the upstream (retried, see ``upstream_retries``)."""
@@ -164,7 +168,7 @@ class Timeouts(BaseModel):
 class DegradedSettings(BaseModel):
     """When the gateway degrades by itself: bounds on what falls behind, in seconds."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     loop_lag: float = Field(1.0, gt=0)
     """Event-loop lag (how late a timer runs) that, held over two samples in a row (1 s),
@@ -175,7 +179,7 @@ class DegradedSettings(BaseModel):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     """Listen address. Any but a loopback one needs ``admin_token``."""
@@ -196,7 +200,7 @@ class Settings(BaseModel):
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict, validate_default=True)
     """Where calls go, by name. ``openai`` and ``anthropic`` are always there (defaults:
     the providers' own APIs); other names are fallbacks and need ``provider``."""
-    drain_timeout: float = Field(30.0, gt=0)
+    drain_timeout: float = Field(30.0, gt=0, le=86400)
     """On SIGTERM or SIGINT, how long the requests in flight may run on to their end before
     they are cut and accounted as far as they got (match Kubernetes'
     ``terminationGracePeriodSeconds``, leaving it a few seconds more)."""

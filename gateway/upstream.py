@@ -20,11 +20,13 @@ from gateway.resilience.breaker import CLOSED, Breaker, Transition
 from gateway.resilience.limiter import Limiter
 from gateway.resilience.retry import (
     OVERLOAD_STATUSES,
+    RETRY_AFTER_MAX,
     RETRYABLE_STATUSES,
     UNWELL_STATUSES,
     RetryBudget,
     backoff,
     retry_after,
+    should_retry,
 )
 from gateway.settings import Settings, Timeouts, UpstreamSettings
 
@@ -208,6 +210,7 @@ async def send(
     timeouts: Timeouts,
     upstream: Upstream,
     call: Call,
+    streamed: bool = False,
 ) -> aiohttp.ClientResponse:
     """Send one call and wait for the response headers, retrying as the providers' SDKs do
     while nothing has reached the client (``resilience.retry``); each attempt's answer goes
@@ -260,7 +263,8 @@ async def send(
         else:
             answered = loop.time()
             breaker.success(answered)
-            upstream.limiter.answered(answered - sent)
+            if streamed:  # a stream's headers come with its first event: the load signal
+                upstream.limiter.answered(answered - sent)
         if breaker.state is not before:
             call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
         _between_chunks(response, timeouts.idle)
@@ -276,7 +280,10 @@ async def send(
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             first = exc
         else:
-            if first.status not in RETRYABLE_STATUSES:
+            status = first.status
+            if status < 400 or (
+                status not in RETRYABLE_STATUSES and "x-should-retry" not in first.headers
+            ):
                 return first
         return await _retried(
             first, attempt, upstream, call, timeouts, started + timeouts.first_byte
@@ -334,8 +341,9 @@ async def _retried(
             return True
         if upstream.breaker.state != CLOSED:
             return True  # the breaker answers from now on; this answer goes as it is
-        if state.upcoming_sleep >= deadline - loop.time():
-            return True  # no time left to wait for, or a Retry-After past the deadline
+        wait = state.upcoming_sleep
+        if wait >= deadline - loop.time() or wait > RETRY_AFTER_MAX:
+            return True  # no time left to wait for, or a Retry-After past what is worth it
         if not upstream.budget.try_spend():
             call.budget_spent = True
             return True
@@ -366,7 +374,9 @@ async def _retried(
 
 
 def _retryable(response: aiohttp.ClientResponse) -> bool:
-    return response.status in RETRYABLE_STATUSES
+    """A status the SDKs retry, unless the upstream says otherwise (``x-should-retry``)."""
+    said = should_retry(response.headers)
+    return response.status in RETRYABLE_STATUSES if said is None else said
 
 
 def _last_outcome(state: RetryCallState) -> aiohttp.ClientResponse:

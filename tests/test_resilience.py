@@ -16,7 +16,7 @@ from gateway.appkeys import METRICS, STORE, UPSTREAMS
 from gateway.fake_provider import FAULTS, RECEIVED, Fault
 from gateway.fake_provider import create_app as create_fake_app
 from tests.conftest import ANTHROPIC_MODEL
-from tests.harness import Gateway, MakeGateway, session_headers
+from tests.harness import Gateway, MakeGateway, read_audit, session_headers, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -39,7 +39,12 @@ def upstreams(fake: TestServer, **openai_settings: Any) -> dict[str, Any]:
 
 async def gateway(make_gateway: MakeGateway, fake: TestServer, **upstream: Any) -> Gateway:
     upstream.setdefault("retry", QUICK)
-    return await make_gateway(None, upstreams=upstreams(fake, **upstream))
+    gw = await make_gateway(None, upstreams=upstreams(fake, **upstream))
+    for each in gw.server.app[UPSTREAMS].by_name.values():
+        # A few calls in a fresh gateway: the budget's reserve (one retry per 10 s) would
+        # decide; these tests are about the retries themselves (the budget has its own).
+        each.budget.reserve = 10.0
+    return gw
 
 
 def faults(gw: Gateway, *rules: Fault) -> None:
@@ -241,6 +246,7 @@ async def test_the_breaker_opens_answers_at_once_half_opens_and_closes(
     assert (
         metric(gw, "gateway_shed_requests_total", upstream="anthropic", reason="breaker_open") == 2
     )
+    await wait_until(lambda: len(read_audit(gw.audit_path)) >= 3)  # written on a thread
     audit = await gw.audit_events("breaker", lambda e: e.get("upstream") == "anthropic")
     assert [(e["old"], e["new"]) for e in audit] == [
         ("closed", "open"),
@@ -446,3 +452,183 @@ async def test_retries_and_breaker_moves_are_span_events(
     assert breaker["gateway.breaker.from"] == "closed"
     assert breaker["gateway.breaker.to"] == "open"
     provider.shutdown()
+
+
+# -- found by review: probes, hostile answers, clients that leave -------------------------------
+async def test_a_refused_probe_call_gives_the_probe_back(
+    make_gateway: MakeGateway, fake_provider: TestServer
+) -> None:
+    """A probe whose call is refused before it reaches the upstream (two credentials on a
+    passthrough call) must not leave the breaker half-open for good."""
+    gw = await gateway(
+        make_gateway, fake_provider, retry={"attempts": 1}, breaker={"failures": 1, "open": 0.2}
+    )
+    faults(gw, Fault("status", status=500, count=1))
+    assert (await gw.post("/v1/messages", MESSAGES, ANTHROPIC_HEADERS))[0] == 500
+    await asyncio.sleep(0.3)
+    two = {**ANTHROPIC_HEADERS, "x-api-key": "sk-ant-one", "Authorization": "Bearer sk-other"}
+    assert (await gw.post("/v1/models", b"", two))[0] == 400
+    await asyncio.sleep(0.3)
+    assert (await gw.post("/v1/messages", MESSAGES, ANTHROPIC_HEADERS))[0] == 200
+    assert gw.server.app[UPSTREAMS].anthropic.breaker.state == "closed"
+
+
+async def test_a_fallback_rename_keeps_every_other_byte_and_prices_the_new_model(
+    make_gateway: MakeGateway, fake_provider: TestServer, aiohttp_server: Any
+) -> None:
+    backup: TestServer = await aiohttp_server(create_fake_app())
+    gw = await make_gateway(
+        None,
+        upstreams={
+            "openai": {
+                "url": str(fake_provider.make_url("/v1")),
+                "fallback": {"upstream": "backup", "models": {"gpt-4o-mini": "gpt-4o"}},
+            },
+            "anthropic": str(fake_provider.make_url("")).rstrip("/"),
+            "backup": {
+                "url": str(backup.make_url("/v1")),
+                "provider": "openai",
+                "pass_client_credentials": True,
+            },
+        },
+    )
+    gw.server.app[UPSTREAMS].openai.breaker.force("open", "test")
+    # 1e400: valid JSON that a float parser refuses; the rename must not read it.
+    body = (
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi","x":1e400}],'
+        b'"temperature":0.50}'
+    )
+    got, _, _ = await gw.post(
+        "/v1/chat/completions", body, {**OPENAI_HEADERS, "X-Gateway-Session": "renamed"}
+    )
+    assert got < 500
+    [sent] = list(backup.app[RECEIVED])
+    assert b'"x":1e400' in sent.body and b'"temperature":0.50' in sent.body
+    assert b'"model":"gpt-4o"' in sent.body
+    # Priced as the model that answered (gpt-4o), not the one asked for.
+    gw.server.app[UPSTREAMS].openai.breaker.force("closed", "test")
+    direct = await make_gateway(None)
+    ok = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await chat(direct, "direct", ok))[0] == 200
+    if got == 200:
+        assert (await gw.record("renamed")).cost == (await direct.record("direct")).cost
+
+
+async def test_the_upstream_says_do_not_retry(
+    make_gateway: MakeGateway, fake_provider: TestServer, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    async def refuse(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "no", "type": "server_error"}},
+            status=503,
+            headers={"x-should-retry": "false"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    server: TestServer = await aiohttp_server(app)
+    gw = await gateway(make_gateway, server)
+    got, _, _ = await chat(gw, "said-no")
+    assert got == 503
+    assert (await gw.record("said-no")).upstream_retries == 0
+
+
+async def test_a_retry_after_date_past_any_calendar_is_a_plain_retry(
+    make_gateway: MakeGateway, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    calls = 0
+
+    async def once(_request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.json_response(
+                {"error": {"message": "busy", "type": "server_error"}},
+                status=503,
+                headers={"Retry-After": "Mon, 01 Jan 2020 00:00:00 +99999999999999999"},
+            )
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", once)
+    server: TestServer = await aiohttp_server(app)
+    gw = await gateway(make_gateway, server)
+    got, _, _ = await chat(gw, "overflow")
+    assert got == 200
+    assert calls == 2
+
+
+async def test_a_client_that_leaves_while_queued_is_not_sent_upstream(
+    fake_provider: TestServer,
+) -> None:
+    """On a server built as ``gateway serve`` builds it (aiohttp does not cancel a handler
+    whose client left, unlike its TestServer): the queued call of a client that gave up
+    reaches no upstream and counts no turn."""
+    import socket
+
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.server import GatewayRunner
+    from gateway.settings import Settings
+
+    settings = Settings.model_validate(
+        {
+            "store": "memory://",
+            "upstreams": {
+                "openai": {
+                    "url": str(fake_provider.make_url("/v1")),
+                    "concurrency": {
+                        "max": 1,
+                        "min": 1,
+                        "queue": 4,
+                        "queue_timeout": 10,
+                        "session_share": 1,
+                    },
+                },
+                "anthropic": str(fake_provider.make_url("")).rstrip("/"),
+            },
+        }
+    )
+    app = create_app(settings)
+    runner = GatewayRunner(app, access_log=None)
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        fake_provider.app[FAULTS].replace(Fault("hang", count=1))
+        async with aiohttp.ClientSession() as http:
+
+            async def call(session: str, patience: float | None) -> int | None:
+                headers = {**OPENAI_HEADERS, "Content-Type": "application/json",
+                           "X-Gateway-Session": session}  # fmt: skip
+                try:
+                    async with http.post(
+                        base, json=CHAT, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=patience),
+                    ) as response:  # fmt: skip
+                        await response.read()
+                        return response.status
+                except TimeoutError:
+                    return None
+
+            holder = asyncio.get_running_loop().create_task(call("holder", None))
+            await wait_until(lambda: len(fake_provider.app[RECEIVED]) == 1)
+            assert await call("gone", 0.3) is None
+            fake_provider.app[FAULTS].clear()
+            assert await holder == 200
+            await asyncio.sleep(0.3)
+        assert len(fake_provider.app[RECEIVED]) == 1
+        record = await app[STORE].get("gone")
+        assert record is None or record.turns == 0
+        assert app[UPSTREAMS].openai.limiter.in_flight == 0
+    finally:
+        await runner.cleanup()

@@ -362,3 +362,19 @@ upstreams:
         "upstreams.local",
         "upstreams.openai.fallback.upstream",
     ]
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        {"url": "https://x.example/v1", "breaker": {"open": float("inf")}},
+        {"url": "https://x.example/v1", "retry": {"backoff_max": float("nan")}},
+        {"url": "https://x.example/v1", "concurrency": {"queue_timeout": 1e308}},
+        {"url": "https://x.example:99999/v1"},
+        {"url": "https://x.example/v1?key=secret"},
+        {"url": "ftp://x.example/v1"},
+    ],
+)
+def test_hostile_upstream_settings_are_refused(upstream: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"upstreams": {"openai": upstream}})

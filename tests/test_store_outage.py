@@ -236,3 +236,29 @@ async def test_the_memory_store_never_degrades(
     store = gateway.app[STORE]
     assert store.trouble is None and store.backlog().sessions == 0
     assert not gateway.app[DEGRADED].holds("store")
+
+
+@pytest.mark.parametrize("route", ["grant", "end"])
+async def test_an_admin_change_the_store_cannot_read_is_a_503_not_a_500(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    from gateway.store import LoadFailed
+
+    gw = await make_gateway(None)
+    await gw.openai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers=session_headers("unreadable"),
+    )
+    store = gw.server.app[STORE]
+
+    async def unreadable(session_id: str, *args: Any) -> Any:
+        raise LoadFailed(session_id, OSError("disk I/O error"))
+
+    monkeypatch.setattr(store, "grant" if route == "grant" else "set_status", unreadable)
+    body = {"turns": 5, "reason": "test"} if route == "grant" else {"reason": "test"}
+    async with gw._http.post(
+        gw.url(f"/gateway/sessions/unreadable/{route}"), json=body
+    ) as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"]

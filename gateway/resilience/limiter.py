@@ -3,8 +3,10 @@
 The limit moves between ``concurrency.min`` and ``.max`` (AIMD, as Netflix's
 concurrency-limits does it): it shrinks by a tenth on an overload answer (503, 529, a timeout)
 or when the upstream's time to first byte runs at twice its long-run level, and grows by one
-slot per limit's worth of quick answers while the slots are in use. The total time of an LLM
-call follows its output's length and says nothing about load, so only the first byte counts.
+slot per limit's worth of quick answers while the slots are in use (and back by a tenth a
+sample, unused, ten seconds after the last overload). The total time of an LLM call follows
+its output's length and says nothing about load, so only a stream's first byte counts (a
+JSON answer's headers come when the whole answer is written).
 
 Past the limit a call waits in a bounded queue (``concurrency.queue``) for at most
 ``queue_timeout`` seconds. One owner (a session, or a key without one) holds at most
@@ -32,6 +34,11 @@ _SLOW_ALPHA = 0.02
 _WARM = 10
 """First-byte samples before the latency gradient is trusted."""
 SAMPLE_EVERY = 4
+_RECOVER = 10.0
+"""Seconds without an overload after which a limit not in use climbs back by ``_RECOVERY``
+a sample: a limit lowered in a burst must not keep a quiet gateway's sessions to a small
+share."""
+_RECOVERY = 1.1
 _NEVER = 1 << 62
 _TOLERANCE = 2.0
 
@@ -67,6 +74,7 @@ class Limiter:
         "held",
         "in_flight",
         "limit",
+        "queued_by",
         "settings",
         "share_cap",
         "shed",
@@ -82,6 +90,8 @@ class Limiter:
         self.in_flight = 0
         self.held: dict[str, int] = {}
         """Slots per owner, only owners holding one (memory follows the calls in flight)."""
+        self.queued_by: dict[str, int] = {}
+        """Waiting calls per owner, only owners with one waiting."""
         self.shed = 0
         self._waiting: deque[_Waiter] = deque()
         self._clock = clock
@@ -99,9 +109,11 @@ class Limiter:
         return max(1, int(self.limit * self.settings.session_share))
 
     def try_acquire(self, owner: str) -> bool:
-        """A slot for ``owner``'s call if one is free now: no await, no allocation."""
+        """A slot for ``owner``'s call if one is free now: no await, no allocation. Whoever
+        waits while a slot is free is over its share (``_wake`` gives free slots to the others
+        at once), so a call under its share goes ahead of them."""
         held = self.held.get(owner, 0)
-        if self.in_flight < self.limit and held < self.share_cap and not self._waiting:
+        if self.in_flight < self.limit and held < self.share_cap:
             self.in_flight += 1
             self.held[owner] = held + 1
             return True
@@ -110,19 +122,29 @@ class Limiter:
     async def wait(self, owner: str) -> None:
         """After ``try_acquire`` said no: a place in the queue and a slot when one frees for
         this owner; raises ``Shed`` when the queue is full or the wait times out."""
+        over_share = self.held.get(owner, 0) >= self.share_cap
+        queued = self.queued_by.get(owner, 0)
+        if over_share and queued >= self.share_cap:
+            # One owner's calls may hold its share and wait for as many more, no more: the
+            # queue stays open to the others.
+            self.shed += 1
+            raise Shed("session_share", self._retry_after(), int(self.limit))
         if len(self._waiting) >= self.settings.queue:
             self.shed += 1
-            reason = "session_share" if self.held.get(owner, 0) >= self.share_cap else "queue_full"
-            raise Shed(reason, self._retry_after(), int(self.limit))
+            raise Shed("session_share" if over_share else "queue_full", self._retry_after(),
+                       int(self.limit))  # fmt: skip
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(owner, future)
         self._waiting.append(waiter)
+        self.queued_by[owner] = queued + 1
         if self.in_flight < self.limit:
             self._wake()  # slots are free, held back only for waiters over their share
         try:
             async with asyncio.timeout(self.settings.queue_timeout):
                 await future
         except TimeoutError:
+            if future.done() and not future.cancelled():
+                return  # granted in the same turn of the loop as the timeout: it has a slot
             self.shed += 1
             raise Shed("queue_timeout", self._retry_after(), int(self.limit)) from None
         except asyncio.CancelledError:
@@ -134,6 +156,11 @@ class Limiter:
                 future.cancel()
             with contextlib.suppress(ValueError):  # granted: already out of the queue
                 self._waiting.remove(waiter)
+            left = self.queued_by.get(owner, 1) - 1
+            if left:
+                self.queued_by[owner] = left
+            else:
+                self.queued_by.pop(owner, None)
 
     def release(self, owner: str) -> None:
         """The call's slot back; the first waiter whose owner is under its share gets it."""
@@ -164,9 +191,16 @@ class Limiter:
             self._slow += _SLOW_ALPHA * (first_byte - self._slow)
         if self._samples >= _WARM and self._fast > _TOLERANCE * self._slow:
             self._decrease()
-        elif self.in_flight * 2 >= self.limit:  # grow only while the slots are used
-            self.limit = min(float(self.settings.max), self.limit + SAMPLE_EVERY / self.limit)
-            self.share_cap = self.share()
+        elif self.in_flight * 2 >= self.limit:  # grow while the slots are used ...
+            self._grow(self.limit + SAMPLE_EVERY / self.limit)
+        elif self.limit < self.settings.max and self._clock() - self._decreased_at > _RECOVER:
+            self._grow(self.limit * _RECOVERY)  # ... or back, well after the last overload
+
+    def _grow(self, limit: float) -> None:
+        self.limit = min(float(self.settings.max), limit)
+        self.share_cap = self.share()
+        if self._waiting:
+            self._wake()  # more room: the first waiters under their (new) share go
 
     def overloaded(self) -> None:
         """The upstream said it is overloaded (503, 529) or did not answer in time."""

@@ -25,6 +25,21 @@ OVERLOAD_STATUSES: Final = frozenset({503, 529})
 """Answers that say "too much": the adaptive limit shrinks on them (and on timeouts)."""
 BUDGET_WINDOW: Final = 10
 """Seconds of recent requests a retry budget looks at."""
+RESERVE: Final = 0.1
+"""Retries a second a budget allows beyond its ratio (one in its window)."""
+RETRY_AFTER_MAX: Final = 60.0
+"""The longest ``Retry-After`` waited out (the SDKs wait at most 60 s); a longer one is the
+upstream's answer to pass on, not to hold a slot for."""
+
+
+def should_retry(headers: Mapping[str, str]) -> bool | None:
+    """The upstream's own word (``x-should-retry``, which both SDKs obey), if it gave one."""
+    value = headers.get("x-should-retry")
+    if value == "true":
+        return True
+    if value == "false":
+        return False
+    return None
 
 
 def backoff(retry: int, base: float, cap: float) -> float:
@@ -53,11 +68,11 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            if when.tzinfo is None:
+                return None
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        if when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
         return max(0.0, seconds)
     return seconds if 0 <= seconds < 1e9 else None
 
@@ -65,12 +80,13 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
 class RetryBudget:
     """Retries may add at most ``ratio`` of the requests of the last ``BUDGET_WINDOW``
     seconds (Finagle's retry budget), plus ``reserve`` a second so a quiet gateway can still
-    retry: during an outage the upstream sees at most ``1 + ratio`` times the clients' calls."""
+    retry (one in the window by default): the upstream sees at most ``1 + ratio`` times the
+    clients' calls, and one retry more every ten seconds."""
 
     __slots__ = ("_clock", "_requests", "_retries", "_roll_at", "_window", "ratio", "reserve")
 
     def __init__(
-        self, ratio: float, reserve: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self, ratio: float, reserve: float = RESERVE, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ratio = ratio
         self.reserve = reserve

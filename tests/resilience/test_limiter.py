@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -175,3 +176,50 @@ def test_any_sequence_keeps_the_counts_true_and_the_queue_bounded(
         assert lim.queued == 0
 
     asyncio.run(run())
+
+
+async def test_a_grant_in_the_same_turn_as_the_queue_timeout_keeps_its_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release that grants the slot and the timeout fire in one iteration of the loop: the
+    waiter has the slot (not shed with a slot counted for nobody)."""
+    lim = limiter(max=1, min=1, adaptive=False, queue=4, queue_timeout=0.05, session_share=1)
+    assert lim.try_acquire("a")
+    loop = asyncio.get_running_loop()
+    timeouts: list[asyncio.Timeout] = []
+    real = asyncio.timeout
+
+    def recording(delay: float | None) -> asyncio.Timeout:
+        made = real(delay)
+        timeouts.append(made)
+        return made
+
+    monkeypatch.setattr(asyncio, "timeout", recording)
+    waiter = loop.create_task(lim.wait("b"))
+    await asyncio.sleep(0)
+    [made] = timeouts
+    when = made.when()
+    assert when is not None
+    loop.call_at(when - 0.02, time.sleep, 0.05)  # a busy loop: both timers due at once
+    loop.call_at(when - 0.001, lim.release, "a")
+    await waiter  # granted: no Shed
+    assert lim.in_flight == 1
+    assert lim.held == {"b": 1}
+    lim.release("b")
+    assert lim.in_flight == 0
+
+
+async def test_one_owner_over_its_share_cannot_fill_the_queue() -> None:
+    lim = limiter(max=8, min=1, adaptive=False, queue=100, queue_timeout=5, session_share=0.25)
+    assert [lim.try_acquire("hog") for _ in range(3)] == [True, True, False]
+    hog = [asyncio.get_running_loop().create_task(lim.wait("hog")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Shed) as shed:
+        await lim.wait("hog")  # its share in flight and as many waiting
+    assert shed.value.reason == "session_share"
+    assert lim.queued == 2
+    assert lim.try_acquire("polite")  # free slots go to others, whoever waits
+    for task in hog:
+        task.cancel()
+    await asyncio.gather(*hog, return_exceptions=True)
+    assert lim.queued_by == {}
