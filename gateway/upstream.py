@@ -254,19 +254,19 @@ async def send(
             )
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             _failed(upstream, _reason(exc), overload=isinstance(exc, TimeoutError))
-            if breaker.state is not before:
-                call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
             raise
-        status = response.status
-        if status in UNWELL_STATUSES:
-            _failed(upstream, _http_reason(status), overload=status in OVERLOAD_STATUSES)
         else:
-            answered = loop.time()
-            breaker.success(answered)
-            if streamed:  # a stream's headers come with its first event: the load signal
-                upstream.limiter.answered(answered - sent)
-        if breaker.state is not before:
-            call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
+            status = response.status
+            if status in UNWELL_STATUSES:
+                _failed(upstream, _http_reason(status), overload=status in OVERLOAD_STATUSES)
+            else:
+                answered = loop.time()
+                breaker.success(answered)
+                if streamed:  # a stream's headers come with its first event: the load signal
+                    upstream.limiter.answered(answered - sent)
+        finally:
+            if breaker.state is not before:  # this attempt's answer moved it (a span event)
+                call.breaker_moves += (f"{upstream.name}: {before} -> {breaker.state}",)
         _between_chunks(response, timeouts.idle)
         return response
 
@@ -276,7 +276,7 @@ async def send(
         # The common path: one attempt, no retry state built.
         first: aiohttp.ClientResponse | BaseException
         try:
-            first = await attempt(_first_byte(timeouts.connect, timeouts.first_byte), started)
+            first = await attempt(_first_try(timeouts.connect, timeouts.first_byte), started)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             first = exc
         else:
@@ -324,7 +324,7 @@ async def _retried(
         if call.client_gone():  # it left while the gateway waited to retry
             raise ClientDisconnected("The client went away before the call was retried.")
         remaining = max(0.001, deadline - loop.time())
-        return await attempt(_until(timeouts.connect, remaining))
+        return await attempt(_timeouts(timeouts.connect, remaining))
 
     def wait(state: RetryCallState) -> float:
         """The upstream's ``Retry-After`` if it gave one, else full-jitter backoff (tenacity
@@ -404,20 +404,17 @@ def _http_reason(status: int) -> str:
     return f"http_{status}" if status in (408, 429, 529) else "http_5xx"
 
 
-def _until(connect: float, remaining: float) -> aiohttp.ClientTimeout:
-    """A retry's timeouts: what is left of the first-byte deadline."""
+def _timeouts(connect: float, remaining: float) -> aiohttp.ClientTimeout:
+    """An attempt's timeouts: ``connect`` bounds opening a socket; waiting for a free pooled
+    connection (all ``upstream_connections`` busy) and for the headers counts against what
+    is left of the first-byte deadline."""
     return aiohttp.ClientTimeout(
         total=None, connect=remaining, sock_connect=min(connect, remaining), sock_read=remaining
     )
 
 
-@lru_cache(maxsize=16)
-def _first_byte(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
-    """``connect`` bounds opening a socket; waiting for a free pooled connection (all
-    ``upstream_connections`` busy) counts against ``first_byte``, like the wait for headers."""
-    return aiohttp.ClientTimeout(
-        total=None, connect=first_byte, sock_connect=connect, sock_read=first_byte
-    )
+_first_try = lru_cache(maxsize=16)(_timeouts)
+"""The first attempt's, the same every call: built once."""
 
 
 def _between_chunks(response: aiohttp.ClientResponse, idle: float) -> None:

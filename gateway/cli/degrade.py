@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.cli.arguments import command, subcommands
 from gateway.cli.formatting import ago, when
-from gateway.cli.sessions import TOKEN_VARIABLE, _admin, _connection_options
+from gateway.cli.sessions import TOKEN_VARIABLE, admin_call, connection_options
 
 PATH = "/gateway/degrade"
 
@@ -25,7 +25,7 @@ def add_commands(commands: Any) -> None:
         "behind, event-loop lag); 'off' ends only the degraded mode set by hand. Every change\n"
         f"is audited. With an admin token set on the gateway, set {TOKEN_VARIABLE} here too.",
     )
-    _connection_options(degrade, copy=False)
+    connection_options(degrade, copy=False)
     actions = subcommands(degrade, "degrade commands")
 
     on = command(actions, "on", "enter degraded mode by hand")
@@ -40,11 +40,11 @@ def add_commands(commands: Any) -> None:
     status.set_defaults(run=_status)
 
     for each in (on, off, status):
-        _connection_options(each, copy=True)
+        connection_options(each, copy=True)
 
 
 def _degrade(args: argparse.Namespace) -> int:
-    data = _admin(args, PATH, body={"on": args.on, "reason": args.reason})
+    data = admin_call(args, PATH, body={"on": args.on, "reason": args.reason})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -55,7 +55,7 @@ def _degrade(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    data = _admin(args, PATH)
+    data = admin_call(args, PATH)
     if args.json:
         print(json.dumps(data, indent=2))
     else:

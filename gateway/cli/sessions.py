@@ -36,7 +36,7 @@ def add_commands(commands: Any) -> None:
         "List, show, grant and end the sessions of a running gateway, through its admin API.\n"
         f"With an admin token set on the gateway, set {TOKEN_VARIABLE} here too (or pass --token).",
     )
-    _connection_options(sessions, copy=False)
+    connection_options(sessions, copy=False)
     session_commands = subcommands(sessions, "session commands")
 
     listing = command(session_commands, "list", "sessions, newest first")
@@ -79,10 +79,10 @@ def add_commands(commands: Any) -> None:
     end.set_defaults(run=_sessions_end)
 
     for each in (listing, show, grant, end):
-        _connection_options(each, copy=True)
+        connection_options(each, copy=True)
 
 
-def _connection_options(parser: argparse.ArgumentParser, *, copy: bool) -> None:
+def connection_options(parser: argparse.ArgumentParser, *, copy: bool) -> None:
     """``--url``, ``--token``, ``--json`` on ``sessions`` and again on each of its commands.
     The copies default to ``SUPPRESS``: argparse sets a subcommand's defaults over what the
     parent parsed, and a suppressed default is not set at all."""
@@ -107,7 +107,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, copy: bool) -> None:
 
 
 # -- the admin API -----------------------------------------------------------------------------
-def _admin(
+def admin_call(
     args: argparse.Namespace,
     path: str,
     query: dict[str, Any] | None = None,
@@ -175,7 +175,7 @@ def _by(args: argparse.Namespace) -> str:
 
 # -- the commands ------------------------------------------------------------------------------
 def _sessions_list(args: argparse.Namespace) -> int:
-    data = _admin(
+    data = admin_call(
         args,
         "/gateway/sessions",
         {"agent": args.agent, "status": args.status, "limit": args.limit},
@@ -203,7 +203,7 @@ def _sessions_list(args: argparse.Namespace) -> int:
 
 
 def _sessions_show(args: argparse.Namespace) -> int:
-    s = _admin(args, _session_path(args.session_id))
+    s = admin_call(args, _session_path(args.session_id))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -281,7 +281,7 @@ def _sessions_grant(args: argparse.Namespace) -> int:
         print("gateway: grant a positive number of --turns and/or --tokens", file=sys.stderr)
         return 2
     body = {"turns": args.turns, "tokens": args.tokens, "reason": args.reason, "by": _by(args)}
-    s = _admin(args, _session_path(args.session_id, "grant"), body=body)
+    s = admin_call(args, _session_path(args.session_id, "grant"), body=body)
     if args.json:
         print(json.dumps(s, indent=2))
     else:
@@ -295,7 +295,7 @@ def _sessions_grant(args: argparse.Namespace) -> int:
 
 def _sessions_end(args: argparse.Namespace) -> int:
     body = {"reason": args.reason, "by": _by(args)}
-    s = _admin(args, _session_path(args.session_id, "end"), body=body)
+    s = admin_call(args, _session_path(args.session_id, "end"), body=body)
     # The reason says who ended it and why: "ended by dana: runaway".
     print(json.dumps(s, indent=2) if args.json else f"session {s['id']} {s['status_reason']}")
     return 0

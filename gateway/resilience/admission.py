@@ -39,22 +39,12 @@ def admit(ex: Exchange) -> Awaitable[None] | None:
         upstream = fallback(ex, upstream)
         breaker = upstream.breaker
     probe = breaker.state is HALF_OPEN
-    if not probe:
-        if upstream.limiter.try_acquire(owner):
-            ex.slot_owner = owner
-            return None
-        return _queued(ex, upstream, owner, False)
-    # This call is the breaker's one probe: whatever happens to it now, the probe is given
-    # back unless an answer moved the breaker, or the breaker stays half-open for good.
-    ex.breaker_moves += (f"{upstream.name}: open -> half_open",)
-    try:
-        if upstream.limiter.try_acquire(owner):
-            ex.slot_owner, ex.probing = owner, True
-            return None
-    except BaseException:
-        breaker.abandoned()
-        raise
-    return _queued(ex, upstream, owner, True)
+    if probe:  # this call's ``allow`` took the one probe: given back if it gets no answer
+        ex.breaker_moves += (f"{upstream.name}: open -> half_open",)
+    if upstream.limiter.try_acquire(owner):
+        ex.slot_owner, ex.probing = owner, probe
+        return None
+    return _queued(ex, upstream, owner, probe)
 
 
 async def _queued(ex: Exchange, upstream: Upstream, owner: str, probe: bool) -> None:

@@ -77,7 +77,6 @@ class Limiter:
         "queued_by",
         "settings",
         "share_cap",
-        "shed",
     )
 
     def __init__(
@@ -92,7 +91,6 @@ class Limiter:
         """Slots per owner, only owners holding one (memory follows the calls in flight)."""
         self.queued_by: dict[str, int] = {}
         """Waiting calls per owner, only owners with one waiting."""
-        self.shed = 0
         self._waiting: deque[_Waiter] = deque()
         self._clock = clock
         self._fast = self._slow = 0.0
@@ -127,10 +125,8 @@ class Limiter:
         if over_share and queued >= self.share_cap:
             # One owner's calls may hold its share and wait for as many more, no more: the
             # queue stays open to the others.
-            self.shed += 1
             raise Shed("session_share", self._retry_after(), int(self.limit))
         if len(self._waiting) >= self.settings.queue:
-            self.shed += 1
             raise Shed("session_share" if over_share else "queue_full", self._retry_after(),
                        int(self.limit))  # fmt: skip
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -145,7 +141,6 @@ class Limiter:
         except TimeoutError:
             if future.done() and not future.cancelled():
                 return  # granted in the same turn of the loop as the timeout: it has a slot
-            self.shed += 1
             raise Shed("queue_timeout", self._retry_after(), int(self.limit)) from None
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
@@ -228,7 +223,7 @@ class Limiter:
             self.in_flight += 1
             self.held[waiter.owner] = held + 1
             waiter.future.set_result(None)
-            # The waiter removes itself from the queue when it runs (``acquire``'s finally).
+            # The waiter removes itself from the queue when it runs (``wait``'s finally).
 
     def _retry_after(self) -> float:
         """About when a slot frees: a second, or the queue's wait when it is long."""
