@@ -47,6 +47,31 @@ async def gateway(make_gateway: MakeGateway, fake: TestServer, **upstream: Any) 
     return gw
 
 
+async def with_backup(
+    make_gateway: MakeGateway, fake: TestServer, aiohttp_server: Any, **primary: Any
+) -> tuple[Gateway, TestServer]:
+    """A gateway whose openai upstream (``primary`` settings) falls back to a second fake
+    provider, ``backup``, renaming gpt-4o-mini to gpt-4o."""
+    backup: TestServer = await aiohttp_server(create_fake_app())
+    gw = await make_gateway(
+        None,
+        upstreams={
+            "openai": {
+                "url": str(fake.make_url("/v1")),
+                **primary,
+                "fallback": {"upstream": "backup", "models": {"gpt-4o-mini": "gpt-4o"}},
+            },
+            "anthropic": str(fake.make_url("")).rstrip("/"),
+            "backup": {
+                "url": str(backup.make_url("/v1")),
+                "provider": "openai",
+                "pass_client_credentials": True,
+            },
+        },
+    )
+    return gw, backup
+
+
 def faults(gw: Gateway, *rules: Fault) -> None:
     gw.fake.app[FAULTS].replace(*rules)
 
@@ -299,24 +324,10 @@ async def test_client_retries_during_an_outage_keep_upstream_attempts_below_one_
 async def test_a_fallback_takes_over_while_the_breaker_is_open_and_gives_back(
     make_gateway: MakeGateway, fake_provider: TestServer, aiohttp_server: Any
 ) -> None:
-    backup: TestServer = await aiohttp_server(create_fake_app())
-    gw = await make_gateway(
-        None,
-        upstreams={
-            "openai": {
-                "url": str(fake_provider.make_url("/v1")),
-                "retry": {"attempts": 1},
-                "breaker": {"failures": 2, "open": 0.5},
-                "fallback": {"upstream": "backup", "models": {"gpt-4o-mini": "gpt-4o"}},
-            },
-            "anthropic": str(fake_provider.make_url("")).rstrip("/"),
-            "backup": {
-                "url": str(backup.make_url("/v1")),
-                "provider": "openai",
-                "pass_client_credentials": True,
-            },
-        },
-    )
+    gw, backup = await with_backup(
+        make_gateway, fake_provider, aiohttp_server,
+        retry={"attempts": 1}, breaker={"failures": 2, "open": 0.5},
+    )  # fmt: skip
     faults(gw, Fault("status", status=502, count=2))
     for _ in range(2):
         assert (await chat(gw, "fb"))[0] == 502
@@ -476,22 +487,7 @@ async def test_a_refused_probe_call_gives_the_probe_back(
 async def test_a_fallback_rename_keeps_every_other_byte_and_prices_the_new_model(
     make_gateway: MakeGateway, fake_provider: TestServer, aiohttp_server: Any
 ) -> None:
-    backup: TestServer = await aiohttp_server(create_fake_app())
-    gw = await make_gateway(
-        None,
-        upstreams={
-            "openai": {
-                "url": str(fake_provider.make_url("/v1")),
-                "fallback": {"upstream": "backup", "models": {"gpt-4o-mini": "gpt-4o"}},
-            },
-            "anthropic": str(fake_provider.make_url("")).rstrip("/"),
-            "backup": {
-                "url": str(backup.make_url("/v1")),
-                "provider": "openai",
-                "pass_client_credentials": True,
-            },
-        },
-    )
+    gw, backup = await with_backup(make_gateway, fake_provider, aiohttp_server)
     gw.server.app[UPSTREAMS].openai.breaker.force("open", "test")
     # 1e400: valid JSON that a float parser refuses; the rename must not read it.
     body = (
