@@ -14,12 +14,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gateway.auth.config import AuthSettings, CredentialEntry
+from gateway.secret import Secret
 
 UPSTREAM_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 BUILT_IN_UPSTREAMS = {
@@ -122,6 +124,11 @@ class UpstreamSettings(BaseModel):
     """Calls that reach this upstream as another's fallback carry the client's own
     credential here. Needed for a fallback on another host than the upstream it stands in
     for: without it such a config is refused."""
+    credentials: dict[str, list[CredentialEntry]] = {}
+    """Named pools of provider credentials the gateway sends (``keys``, ``jwt`` and
+    ``mixed`` modes), each a list tried in order: an entry the upstream answers 401 or 403
+    is skipped for the next until reloaded. Principals and teams name their pool; an upstream
+    with one pool uses it for everyone."""
 
     @model_validator(mode="before")
     @classmethod
@@ -182,9 +189,27 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     host: str = "127.0.0.1"
-    """Listen address. Any but a loopback one needs ``admin_token``."""
-    port: int = 8787
+    """Listen address. Any but a loopback one needs ``auth.mode`` other than passthrough
+    (or ``allow_network_passthrough``)."""
+    port: int = Field(8787, ge=0, le=65535)
     """Listen port."""
+    admin_host: str | None = None
+    """A separate listener for the admin API (``/gateway/*`` and ``/metrics``); the main
+    listener then serves only the LLM routes and the probes."""
+    admin_port: int | None = Field(None, ge=0, le=65535)
+    """The admin listener's port (with ``admin_host``, default 8788)."""
+    auth: AuthSettings = AuthSettings()
+    """Who may call the LLM routes and how they prove it (``auth.mode``)."""
+    state_dir: Path | None = None
+    """Where the gateway keeps what it generates on first start (the key pepper, the admin
+    token), created 0700 with files 0600. Default: ``gateway-state`` beside the SQLite store,
+    or ``$XDG_STATE_HOME/agent-gateway`` (``~/.local/state/agent-gateway``) with another."""
+    allowed_hosts: list[str] = []
+    """``Host`` names (``gateway.example.com``, ``*.internal``) requests may carry; default
+    the loopback names when bound to loopback, else any. Health and readiness answer any."""
+    allow_network_passthrough: bool = False
+    """Serve passthrough mode on a non-loopback address: anyone who reaches it uses the
+    gateway with whatever provider key they hold, unauthenticated by the gateway."""
     store: str = "sqlite:///gateway.db"
     """Session state: ``sqlite:///relative.db``, ``sqlite:////absolute.db`` (kept across
     restarts, created 0600) or ``memory://`` (one process, the least recently used sessions
@@ -227,10 +252,10 @@ class Settings(BaseModel):
     """CIDRs of reverse proxies whose policy ``team_header`` is believed; from any other peer
     it is ignored. (``X-Forwarded-For`` decides nothing: the admin API's loopback check reads
     the TCP peer.)"""
-    admin_token: SecretStr | None = None
-    """Bearer token for the admin API (``Authorization: Bearer <token>``). Without one, admin
-    writes are accepted only from a loopback peer, and serving on a non-loopback address is
-    refused."""
+    admin_token: Secret | None = None
+    """Bearer token for the admin API (``Authorization: Bearer <token>``), at least 32
+    characters. Without one, a token is generated on first start into ``state_dir``
+    (``admin-token``, 0600), where the CLI reads it."""
     metrics_auth: bool = False
     """``GET /metrics`` needs the admin token too."""
     log_level: str = "info"
@@ -320,6 +345,13 @@ class Settings(BaseModel):
             ]
         return []
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_proxies(cls, value: Any) -> Any:
@@ -356,6 +388,12 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_CLIENT_BODY_TIMEOUT": ("timeouts", "client_body"),
     "GATEWAY_DRAIN_TIMEOUT": ("drain_timeout",),
     "GATEWAY_EGRESS_PROXY_FROM_ENV": ("egress_proxy_from_env",),
+    "GATEWAY_AUTH_MODE": ("auth", "mode"),
+    "GATEWAY_STATE_DIR": ("state_dir",),
+    "GATEWAY_ALLOWED_HOSTS": ("allowed_hosts",),
+    "GATEWAY_ALLOW_NETWORK_PASSTHROUGH": ("allow_network_passthrough",),
+    "GATEWAY_ADMIN_HOST": ("admin_host",),
+    "GATEWAY_ADMIN_PORT": ("admin_port",),
 }
 
 

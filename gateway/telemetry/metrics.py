@@ -257,6 +257,42 @@ class Metrics:
             ["upstream"],
             buckets=QUEUE_BUCKETS,
         )
+        # -- security: never a key, hash, principal or session as a label --
+        self.auth_attempts = Counter(
+            "gateway_auth_attempts",
+            "Credentials checked, by plane (llm, admin), method (passthrough, key, jwt, token,"
+            " oidc, none) and outcome (ok, deprecated, expired, revoked, invalid, missing,"
+            " wrong_plane, forbidden, provider_key).",
+            ["plane", "method", "outcome"],
+        )
+        self.admin_requests = Counter(
+            "gateway_admin_requests",
+            "Admin API calls, by action (the route's scope) and outcome (ok, denied, error).",
+            ["action", "outcome"],
+        )
+        self.deprecated_secret_uses = Counter(
+            "gateway_key_deprecated_secret_uses",
+            "Calls made with a rotated key's previous secret during its grace: callers that"
+            " have not switched yet (the key's public id is in the audit log, not here).",
+            ["team"],
+        )
+        self.credential_failures = Counter(
+            "gateway_upstream_credential_failures",
+            "Upstream 401/403 answers to a credential of a pool (the call went on with the"
+            " pool's next entry when it had one), by upstream, pool and entry name.",
+            ["upstream", "pool", "entry"],
+        )
+        self.egress_blocked = Counter(
+            "gateway_egress_blocked",
+            "Outbound fetches (JWKS, OIDC discovery) refused by the egress guard, by why"
+            " (private, loopback, link_local, reserved, redirect, unresolvable).",
+            ["reason"],
+        )
+        self.audit_write_failures = Counter(
+            "gateway_audit_write_failures",
+            "Audit lines that could not be written (an admin change asked for was refused).",
+            [],
+        )
         self.build_info = Gauge(
             "gateway_build_info", "The gateway's version (value 1).", ["version", "python"],
         )  # fmt: skip
@@ -273,6 +309,12 @@ class Metrics:
         first sample is already 1 (the first loop would never page)."""
         for detector in DETECTORS:
             self.loop_detections.touch(("other", detector))
+        for plane, methods in (("llm", ("passthrough", "key", "jwt", "none")),
+                               ("admin", ("token", "oidc", "none"))):  # fmt: skip
+            for method in methods:
+                for outcome in ("ok", "invalid"):
+                    self.auth_attempts.touch((plane, method, outcome))
+        self.audit_write_failures.touch(())
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
                 self.upstream_errors.touch((provider, reason))

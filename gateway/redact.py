@@ -1,0 +1,83 @@
+"""One redaction for every sink: the log formatter, the span exporter, the audit writer, the
+error builder and the config dump all call ``REDACTOR.redact(text, sink)``.
+
+It knows every loaded secret's exact value (each ``Secret`` registers itself) and the shapes
+of common credentials: provider keys, gateway keys, JWTs, bearer tokens, PEM private keys. A
+hit becomes ``[REDACTED]`` and is counted per sink (``gateway_redactions_total{sink}``), so a
+sink that starts receiving secrets shows on a dashboard before it shows in an incident.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+
+REPLACEMENT = "[REDACTED]"
+MIN_KNOWN = 8
+"""Values shorter than this are not scrubbed by value (a 3-character "key" would blank every
+word it appears in); such a secret is refused where it is configured."""
+SINKS = ("log", "span", "audit", "error", "config")
+
+_PATTERNS = re.compile(
+    "|".join(
+        (
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
+            r"\bgw_[A-Za-z0-9]{6,32}_[A-Za-z0-9]{40,}",  # gateway keys
+            r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic keys
+            r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",  # JWTs
+            r"\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._~+/\-]{12,}=*",
+            r"\bAKIA[0-9A-Z]{16}\b",  # cloud access key ids, as often pasted beside the rest
+        )
+    )
+)
+
+
+class Redactor:
+    """Thread-safe: the log writer and the span exporter call it from their own threads."""
+
+    def __init__(self) -> None:
+        self._known: frozenset[str] = frozenset()
+        self._known_pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        """Redactions per sink since start (read by the metrics when scraped)."""
+
+    def know(self, value: str) -> None:
+        """A secret's exact value, scrubbed wherever it appears from now on."""
+        value = value.strip()
+        if len(value) < MIN_KNOWN or value in self._known:
+            return
+        with self._lock:
+            known = self._known | {value}
+            # Longest first, so a secret that contains another is scrubbed whole.
+            alternatives = "|".join(re.escape(v) for v in sorted(known, key=len, reverse=True))
+            self._known_pattern = re.compile(alternatives)
+            self._known = known
+
+    def redact(self, text: str, sink: str) -> str:
+        """``text`` with every known secret and every credential shape replaced."""
+        hits = 0
+        known = self._known_pattern
+        if known is not None:
+            text, hits = known.subn(REPLACEMENT, text)
+        text, shaped = _PATTERNS.subn(REPLACEMENT, text)
+        hits += shaped
+        if hits:
+            self.counts[sink] += hits
+        return text
+
+    def redact_value(self, value: object, sink: str) -> object:
+        """A structured value (a log record's fields, an audit line) with its strings redacted."""
+        if isinstance(value, str):
+            return self.redact(value, sink)
+        if isinstance(value, dict):
+            return {k: self.redact_value(v, sink) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact_value(v, sink) for v in value]
+        return value
+
+
+REDACTOR = Redactor()
+"""The process's one redactor: secrets are process-wide (they come from the environment and
+files), so every app in the process scrubs every one of them."""
