@@ -1,40 +1,46 @@
 """The admin API under ``/gateway/``: health, readiness, sessions and degraded mode, as JSON.
 
-Who may call it (``admin_token``, ``admitted``): with an admin token set, every route but
-health and ready needs it as ``Authorization: Bearer <token>``. Without one, reads are open
-and writes (grant, end, degrade) are accepted only from a loopback peer, so only a process on
-this host can make them; ``serving_problem`` refuses to serve on another address without a
-token. Writes also need a JSON body and no foreign ``Origin``: a web page can send a form or
-text/plain POST to localhost without asking, but not a cross-site JSON one.
+Health and ready are the probe plane (any caller, any ``Host``). Every other route is on the
+admin plane (``guard``): it declares the scope it needs when it is registered, and its caller
+shows the admin token (``GATEWAY_ADMIN_TOKEN``, or the one generated into the state directory
+on first start) or an admin OIDC token whose role holds that scope; a team-bound role sees
+only its teams' sessions (another team's answers 404). Writes also need a JSON body and no
+foreign ``Origin``: a web page can send a form or text/plain POST to localhost without
+asking, but not a cross-site JSON one. ``serving_problem`` is what ``gateway serve`` refuses
+to start with.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from gateway import __version__
 from gateway.appkeys import (
+    ADMIN_AUTH,
     AUDIT,
     COMPACTOR,
     DEGRADED,
     DRAINING,
+    HOSTS,
+    METRICS,
     POLICY,
-    SETTINGS,
     STARTED_AT,
     STORE,
     SUMMARIZERS,
     UPSTREAMS,
 )
-from gateway.audit import AuditError, token_actor
+from gateway.audit import AuditError
+from gateway.auth.admin_auth import Refused, weak_token
+from gateway.auth.planes import ADMIN_CALLER, add_route
+from gateway.auth.principal import AdminCaller
+from gateway.errors import HostRefused
 from gateway.policy import prices
 from gateway.settings import Settings
 from gateway.store import (
@@ -44,14 +50,13 @@ from gateway.store import (
     SessionEnded,
     SessionQuery,
     SessionRecord,
+    Store,
 )
 from gateway.store.records import SESSION_STATUSES
 
 MAX_PAGE = 500
 MAX_GRANT = 2**53
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ADMITTED = web.RequestKey("admitted", str)
-"""How an admin call was let in: ``token`` or ``loopback`` (the audit log says which)."""
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
@@ -179,14 +184,49 @@ async def list_sessions(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         return _json({"error": f"bad query: {exc}"}, status=400)
-    records = await request.config_dict[STORE].find(query)
+    caller = request[ADMIN_CALLER]
+    records, next_cursor = await _page(request.config_dict[STORE], query, caller)
     now = time.time()
-    next_cursor = records[-1].last_seen if len(records) == query.limit else None
     return _json({"sessions": [operator_view(r, now) for r in records], "next_before": next_cursor})
 
 
+async def _page(
+    store: Store, query: SessionQuery, caller: AdminCaller
+) -> tuple[list[SessionRecord], float | None]:
+    """One page of the sessions ``caller`` sees, and the cursor of the next. A team-bound
+    caller's page is filled from as many of the store's pages as it takes (bounded)."""
+    if caller.teams is None:
+        records = await store.find(query)
+        return records, (records[-1].last_seen if len(records) == query.limit else None)
+    seen: list[SessionRecord] = []
+    cursor = query.before
+    for _ in range(_TEAM_PAGES):
+        batch = await store.find(replace(query, before=cursor, limit=MAX_PAGE))
+        seen.extend(r for r in batch if caller.sees(r.team))
+        if len(seen) >= query.limit or len(batch) < MAX_PAGE:
+            break
+        cursor = batch[-1].last_seen
+    else:
+        return seen, cursor  # scanned its bound: the next page goes on from here
+    page = seen[: query.limit]
+    return page, (page[-1].last_seen if len(page) == query.limit else None)
+
+
+_TEAM_PAGES = 20
+"""Store pages one team-bound listing scans at most before it answers with a cursor."""
+
+
+async def _visible(request: web.Request, session_id: str) -> SessionRecord | None:
+    """The session, if it exists and the caller's teams cover it: another team's session is
+    as absent (404), so its id's existence is not disclosed."""
+    record = await request.config_dict[STORE].get(session_id)
+    if record is None or not request[ADMIN_CALLER].sees(record.team):
+        return None
+    return record
+
+
 async def get_session(request: web.Request) -> web.Response:
-    record = await request.config_dict[STORE].get(request.match_info["session_id"])
+    record = await _visible(request, request.match_info["session_id"])
     if record is None:
         return _json({"error": "no such session"}, status=404)
     return _json(operator_view(record, time.time()))
@@ -212,7 +252,7 @@ async def grant(request: web.Request) -> web.Response:
     try:
         # Refused before the audit line (nothing changes, nothing to audit); the store checks
         # again when it grants, and a session ended in between is said in the log below.
-        current = await store.get(session_id)
+        current = await _visible(request, session_id)
         if current is None:
             return _json({"error": "no such session"}, status=404)
         if current.status == "ended":
@@ -258,7 +298,7 @@ async def end(request: web.Request) -> web.Response:
     # Said as it reads in a rejection and in ``sessions show``: "ended by bob: runaway".
     why = f"ended by {by}: {reason}" if reason else f"ended by {by}"
     store = request.config_dict[STORE]
-    if await store.get(session_id) is None:  # before the audit line: nothing to audit
+    if await _visible(request, session_id) is None:  # before the audit line: nothing to audit
         return _json({"error": "no such session"}, status=404)
     if refused := await _audit_first(
         request, "session_end", session=session_id, by=by, reason=reason
@@ -330,16 +370,15 @@ def _operator(request: web.Request, body: dict[str, Any]) -> str:
 
 def _caller(request: web.Request) -> dict[str, str | None]:
     # ``remote`` is the TCP peer, never a header (``X-Forwarded-For`` is a claim).
-    return {"peer": request.remote, "auth": request.get(ADMITTED)}
+    caller = request.get(ADMIN_CALLER)
+    return {"peer": request.remote, "auth": caller.method if caller else None}
 
 
 def audit_actor(request: web.Request) -> str:
     """Who made an admin change, as the audit log names it: ``token:<12 hex>`` (the hash of
-    the admin token it showed, never the token) or ``loopback`` (no token set, this host)."""
-    token = request.config_dict[SETTINGS].admin_token
-    if request.get(ADMITTED) == "token" and token is not None:
-        return token_actor(token.get_secret_value())  # the bearer shown equals this token
-    return request.get(ADMITTED) or "unknown"
+    the admin token it showed, never the token) or ``oidc:<subject>``."""
+    caller = request.get(ADMIN_CALLER)
+    return caller.actor if caller is not None else "unknown"
 
 
 async def _audit_first(request: web.Request, event: str, **fields: Any) -> web.Response | None:
@@ -370,47 +409,63 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def admin_token(handler: Handler, *, write: bool = False) -> Handler:
-    """With ``admin_token`` set, the route needs it as a bearer; a write (``write=True``) is
-    also refused from a foreign ``Origin``, without a JSON body, and without a token from any
-    peer but loopback.
+def guard(handler: Handler, scope: str, *, write: bool = False) -> Handler:
+    """The admin plane's check, before ``handler``: an allowed ``Host``; for a write
+    (``write=True``) no foreign ``Origin`` and a JSON body; the caller's credential (the admin
+    token or an admin OIDC token, never a gateway or provider key) and a role that holds
+    ``scope``. The caller is ``request[ADMIN_CALLER]`` for the handler; a refusal is counted
+    and audited (``admin_denied``).
 
     A wrapper per route, not a middleware: a sub-application's middleware makes aiohttp build
     a middleware chain for every request of the whole app, the LLM path included."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
+        app = request.config_dict
+        metrics = app[METRICS]
+        if not app[HOSTS].allows(request.host):
+            metrics.admin_requests.inc((scope, "denied"))
+            return _json({"error": HostRefused(request.host).message}, 400)
         if write:
             if not _same_origin(request):
                 return _json({"error": "admin writes are refused from another origin"}, 403)
             if request.content_type != "application/json":
                 return _json({"error": "admin writes take an application/json body"}, 415)
-        token = request.config_dict[SETTINGS].admin_token
-        if token is not None:
-            if not bearer_ok(request, token.get_secret_value()):
-                return _json({"error": "admin token required (Authorization: Bearer)"}, 401)
-            request[ADMITTED] = "token"
-        elif write:
-            if not (_loopback(request.remote) and _loopback_host(request.host)):
-                return _json(
-                    {
-                        "error": "without an admin token, admin writes are accepted only from "
-                        "this host; set GATEWAY_ADMIN_TOKEN (or admin_token in the config)"
-                    },
-                    403,
-                )
-            request[ADMITTED] = "loopback"
-        return await handler(request)
+        who = await app[ADMIN_AUTH].identify(request.headers)
+        if isinstance(who, Refused):
+            method = "oidc" if who.message.startswith("the bearer") else "token"
+            metrics.auth_attempts.inc(("admin", method if who.reason != "missing" else "none",
+                                       who.reason))  # fmt: skip
+            metrics.admin_requests.inc((scope, "denied"))
+            _audit_denied(request, scope, who.reason, actor="unauthenticated")
+            response = _json({"error": f"gateway: {who.message}"}, who.status)
+            if who.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        metrics.auth_attempts.inc(("admin", who.method, "ok"))
+        if not who.may(scope):
+            metrics.admin_requests.inc((scope, "denied"))
+            _audit_denied(request, scope, "forbidden", actor=who.actor)
+            roles = ", ".join(sorted(who.roles))
+            return _json(
+                {"error": f"gateway: your role ({roles}) does not allow {scope}; an admin grants"
+                 " a role that does (viewer, operator, key-admin, auditor, admin)"},
+                403,
+            )  # fmt: skip
+        request[ADMIN_CALLER] = who
+        answer = await handler(request)
+        outcome = "ok" if answer.status < 400 else "refused" if answer.status < 500 else "error"
+        metrics.admin_requests.inc((scope, outcome))
+        return answer
 
     return guarded
 
 
-def bearer_ok(request: web.Request, token: str) -> bool:
-    """``Authorization: Bearer <token>`` (the scheme case-insensitive, RFC 7235), compared in
-    constant time. A raw token without the scheme is refused."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+def _audit_denied(request: web.Request, scope: str, reason: str, actor: str) -> None:
+    """A refused admin call, on the audit trail (never waited for: nothing changed)."""
+    request.config_dict[AUDIT].record(
+        "admin_denied", actor=actor, scope=scope, reason=reason,
+        path=request.path[:200], method=request.method, peer=request.remote,
+    )  # fmt: skip
 
 
 def _loopback(address: str | None) -> bool:
@@ -420,18 +475,6 @@ def _loopback(address: str | None) -> bool:
         return False
 
 
-def _loopback_host(host: str) -> bool:
-    """The ``Host`` the caller asked for names this machine's loopback: a page on another name
-    that resolves to 127.0.0.1 (DNS rebinding) is same-origin to itself, not to us."""
-    if any(c in host for c in "@/?#\\"):
-        return False
-    try:
-        name = URL(f"http://{host}").host or ""
-    except ValueError:
-        return False
-    return name.lower() in LOOPBACK_NAMES or _loopback(name)
-
-
 def _same_origin(request: web.Request) -> bool:
     """No ``Origin`` (a CLI, curl) or our own ``scheme://host``; anything else is a page."""
     origin = request.headers.get("Origin")
@@ -439,35 +482,50 @@ def _same_origin(request: web.Request) -> bool:
 
 
 def serving_problem(settings: Settings) -> str | None:
-    """Why ``gateway serve`` must not start with these settings, or None."""
-    if settings.admin_token is None:
-        if not _loopback(settings.host) and settings.host.lower() not in LOOPBACK_NAMES:
-            return (
-                f"refusing to serve on {settings.host} without an admin token: anyone who can "
-                "reach it could grant and end sessions. Set GATEWAY_ADMIN_TOKEN (or admin_token "
-                "in the config file), or listen on 127.0.0.1."
-            )
-        if settings.metrics_auth:
-            return (
-                "metrics_auth needs an admin token: set GATEWAY_ADMIN_TOKEN (or admin_token in "
-                "the config file)."
-            )
+    """Why ``gateway serve`` must not start with these settings (it exits 2), or None."""
+    loopback = _loopback(settings.host) or settings.host.lower() in LOOPBACK_NAMES
+    open_network = not loopback and not settings.allow_network_passthrough
+    if settings.auth.mode == "passthrough" and open_network:
+        return (
+            f"refusing to serve passthrough mode on {settings.host}: anyone who reaches it"
+            " could use the gateway with any provider key, unauthenticated. Either switch to"
+            " gateway keys (auth: {mode: keys} in the config, upstream credentials under"
+            " upstreams.<name>.credentials, then: gateway keys create --team T --name N), or"
+            " accept it with --allow-network-passthrough (GATEWAY_ALLOW_NETWORK_PASSTHROUGH=1,"
+            " allow_network_passthrough: true), or listen on 127.0.0.1."
+        )
+    if settings.admin_token is not None and (weak := weak_token(settings.admin_token.reveal())):
+        return f"refusing to start: {weak} (GATEWAY_ADMIN_TOKEN or admin_token)."
     return None
 
 
-def admin_app() -> web.Application:
-    """The admin API, mounted at ``/gateway/``: every route but health and ready (for the
-    liveness and readiness probes) behind ``admin_token``."""
+ADMIN_ROUTES: tuple[tuple[str, str, Handler, str, bool], ...] = (
+    ("GET", "/degrade", degrade_status, "health:read", False),
+    ("POST", "/degrade", degrade, "degrade:write", True),
+    ("GET", "/sessions", list_sessions, "sessions:read", False),
+    ("GET", "/sessions/{session_id}", get_session, "sessions:read", False),
+    ("POST", "/sessions/{session_id}/grant", grant, "sessions:write", True),
+    ("POST", "/sessions/{session_id}/end", end, "sessions:write", True),
+    ("GET", "/policy", policy, "policy:read", False),
+    ("GET", "/budgets", budgets, "budgets:read", False),
+    ("GET", "/calibration", calibration, "policy:read", False),
+)
+"""(method, path under /gateway, handler, scope, write): the admin API's own routes."""
+
+
+def admin_app(
+    more: tuple[tuple[str, str, Handler, str], ...] = (),
+) -> web.Application:
+    """The admin API, mounted at ``/gateway/``: health and ready on the probe plane (any
+    caller, any ``Host``); every other route on the admin plane behind ``guard`` with its
+    scope. ``more``: routes of other modules (keys, credentials), writes when POST."""
     app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/degrade", admin_token(degrade_status))
-    app.router.add_post("/degrade", admin_token(degrade, write=True))
-    app.router.add_get("/sessions", admin_token(list_sessions))
-    app.router.add_get("/sessions/{session_id}", admin_token(get_session))
-    app.router.add_post("/sessions/{session_id}/grant", admin_token(grant, write=True))
-    app.router.add_post("/sessions/{session_id}/end", admin_token(end, write=True))
-    app.router.add_get("/policy", admin_token(policy))
-    app.router.add_get("/budgets", admin_token(budgets))
-    app.router.add_get("/calibration", admin_token(calibration))
+    add_route(app, "GET", "/health", health, plane="probe", scope="none")
+    add_route(app, "GET", "/ready", ready, plane="probe", scope="none")
+    for method, path, handler, scope, write in ADMIN_ROUTES:
+        guarded = guard(handler, scope, write=write)
+        add_route(app, method, path, guarded, plane="admin", scope=scope)
+    for method, path, handler, scope in more:
+        guarded = guard(handler, scope, write=method == "POST")
+        add_route(app, method, path, guarded, plane="admin", scope=scope)
     return app

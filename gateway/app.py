@@ -10,18 +10,24 @@ import time
 from collections.abc import AsyncIterator
 from functools import partial
 
+import aiohttp
 from aiohttp import web
 from opentelemetry.trace import TracerProvider
 
 from gateway import admin, pipeline
 from gateway.appkeys import (
+    ADMIN_AUTH,
     AUDIT,
+    AUTH,
     COMPACTOR,
     DEGRADED,
     DRAINING,
+    HOSTS,
     HTTP,
+    KEYRING,
     METRICS,
     POLICY,
+    POOLS,
     REQUEST_LOG,
     SETTINGS,
     STARTED_AT,
@@ -31,13 +37,25 @@ from gateway.appkeys import (
     TRACING,
     UPSTREAMS,
 )
-from gateway.audit import AuditLog
+from gateway.audit import AuditError, AuditLog
+from gateway.auth.admin_auth import AdminAuth
+from gateway.auth.authenticator import Authenticator
+from gateway.auth.egress import egress_session
+from gateway.auth.hosts import HostCheck
+from gateway.auth.jwt import JwtVerifier
+from gateway.auth.keyring import KeyRing
+from gateway.auth.pepper import load_pepper
+from gateway.auth.planes import add_route, undeclared
+from gateway.auth.pools import CredentialPools
 from gateway.compaction import Compactor
 from gateway.compaction.summary import Summarizers
+from gateway.credentials import hash_key
 from gateway.policy import LivePolicy, prices
 from gateway.resilience.breaker import Transition
 from gateway.resilience.degraded import Change, Degradation
+from gateway.secret import Secret
 from gateway.settings import Settings
+from gateway.state import ADMIN_TOKEN_FILE, read_or_create, state_dir
 from gateway.store import Store, open_store
 from gateway.telemetry.logs import RequestLog
 from gateway.telemetry.loop_lag import LagWatch, watch_loop_lag
@@ -81,9 +99,11 @@ def create_app(
     app[TOKENS] = TokenCounter()
     app[COMPACTOR] = Compactor(app[TOKENS].count_item, app[TOKENS].count_items)
     app[STORE] = store if store is not None else open_store(settings.store)
-    app[AUDIT] = AuditLog(settings.audit_log)
-    app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
     app[METRICS] = Metrics()
+    app[AUDIT] = AuditLog(
+        settings.audit_log, on_failure=lambda: app[METRICS].audit_write_failures.inc(())
+    )
+    app[POLICY] = LivePolicy(settings.policy, app[AUDIT], settings.policy_poll_interval)
     app[METRICS].watch_policy(app[POLICY])
     app[METRICS].watch_store(app[STORE])
     app[TRACING] = Tracing(tracer_provider)
@@ -92,9 +112,15 @@ def create_app(
     # it holds, content capture and DEBUG records pause, summaries are skipped.
     app[DEGRADED] = Degradation(partial(_degradation_changed, app))
     app[TRACING].degraded = app[REQUEST_LOG].degraded = app[DEGRADED]
+    app[TRACING].capture_teams = lambda: app[POLICY].policy.capture_teams
     app[DRAINING] = asyncio.Event()
     app[UPSTREAMS] = Upstreams.from_settings(settings, partial(_breaker_moved, app))
     app[SUMMARIZERS] = Summarizers(app[UPSTREAMS], app[DEGRADED])
+    # Who may call: filled in at start-up (``_auth``), once the admin token, the key pepper
+    # and the credential references are read.
+    app[AUTH] = Authenticator(settings.auth.mode, None)
+    app[ADMIN_AUTH] = AdminAuth()
+    app[HOSTS] = HostCheck(settings.allowed_hosts, settings.host)
     app[METRICS].watch_upstreams(app[UPSTREAMS], app[DEGRADED], app[DRAINING])
     # Opened in this order, closed in reverse.
     app.cleanup_ctx.append(_request_log)
@@ -104,13 +130,21 @@ def create_app(
     app.cleanup_ctx.append(_tokenizer)
     app.cleanup_ctx.append(_prices)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_loop_lag)
     app.cleanup_ctx.append(_span_export)
-    app.add_subapp("/gateway/", admin.admin_app())
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.add_subapp("/gateway/", admin.admin_app(auth_routes()))
+    add_route(app, "GET", "/metrics", metrics_endpoint, plane="admin", scope="metrics:read")
     pipeline.add_routes(app)
+    app.on_startup.append(_routes_declared)
     return app
+
+
+async def _routes_declared(app: web.Application) -> None:
+    """Every route says its plane and scope (``auth.planes``), or the app does not start."""
+    if missing := undeclared(app):
+        raise RuntimeError(f"routes without a plane and scope: {', '.join(missing)}")
 
 
 def _breaker_moved(app: web.Application, moved: Transition) -> None:
@@ -161,9 +195,11 @@ async def _policy(app: web.Application) -> AsyncIterator[None]:
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_sighup() -> None:
-        task = asyncio.get_running_loop().create_task(live.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        # The policy, and the upstream credentials (``_auth`` opens them after this).
+        for reload in (live.reload("SIGHUP"), _reload_credentials(app)):
+            task = asyncio.get_running_loop().create_task(reload)
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
 
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
@@ -172,6 +208,19 @@ async def _policy(app: web.Application) -> AsyncIterator[None]:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
     watcher.cancel()
     await asyncio.gather(watcher, *reloads, return_exceptions=True)
+
+
+async def _reload_credentials(app: web.Application) -> bool:
+    """SIGHUP: the credential references read again (audited first; a line that cannot be
+    written leaves the credentials as they were)."""
+    pools = app.get(POOLS)
+    if pools is None:
+        return False
+    try:
+        return (await pools.reload("SIGHUP")).ok
+    except AuditError as exc:
+        log.error("credentials not reloaded on SIGHUP: %s", exc)
+        return False
 
 
 async def _tokenizer(app: web.Application) -> AsyncIterator[None]:
@@ -234,3 +283,49 @@ async def _span_export(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def auth_routes() -> tuple[tuple[str, str, admin.Handler, str], ...]:
+    """Admin routes of the security modules: gateway keys, upstream credentials."""
+    from gateway.auth import keys_api, pools
+
+    return (*keys_api.ROUTES, *pools.ROUTES)
+
+
+async def _auth(app: web.Application) -> AsyncIterator[None]:
+    """Who may call, read at start-up off the event loop: the admin token (configured, or
+    generated into the state directory), the key ring (its pepper), the JWT issuers (their
+    keys fetched through the egress guard), the upstream credential pools."""
+    settings = app[SETTINGS]
+    auth, admin_auth = app[AUTH], app[ADMIN_AUTH]
+    token = settings.admin_token
+    if token is None:
+        directory = state_dir(settings.state_dir, settings.store)
+        token = Secret(await asyncio.to_thread(read_or_create, directory, ADMIN_TOKEN_FILE))
+    admin_auth.token = token
+    auth.admin_hash = hash_key(token.reveal())
+    auth.team_pools = dict(settings.auth.team_pools)
+    metrics = app[METRICS]
+
+    def egress() -> aiohttp.ClientSession:
+        """A session through the egress guard, per JWKS refresh (rare): JWKS and discovery
+        URLs are the identity provider's, not the operator's upstreams."""
+        allowed = settings.auth.egress_allow
+        return egress_session(allowed, on_block=lambda why: metrics.egress_blocked.inc((why,)))
+
+    if settings.auth.jwt_issuers:
+        auth.jwt = JwtVerifier(settings.auth.jwt_issuers, egress)
+    if settings.auth.admin_issuers:
+        admin_auth.oidc = JwtVerifier(settings.auth.admin_issuers, egress)
+    if settings.auth.mode in ("keys", "mixed"):
+        pepper = await asyncio.to_thread(load_pepper, settings)
+        app[KEYRING] = auth.keys = KeyRing(app[STORE], pepper, settings.auth)
+        await auth.keys.load_declared()
+    pools = app[POOLS] = await CredentialPools.load(settings, audit=app[AUDIT])
+    auth.pools = pools
+    metrics.watch_pools(pools)
+    watcher = asyncio.get_running_loop().create_task(pools.watch())
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher

@@ -55,9 +55,9 @@ def credential(headers: Mapping[str, str], provider: str) -> Credential:
     # One key (or an empty header beside it): the provider's own header when it carries the
     # key, else the other; the header not chosen stays here.
     if bearer and (own == AUTHORIZATION or not key):
-        return Credential(_hash_key(bearer), X_API_KEY)
+        return Credential(hash_key(bearer), X_API_KEY)
     if key:
-        return Credential(_hash_key(key), AUTHORIZATION)
+        return Credential(hash_key(key), AUTHORIZATION)
     return Credential(None, other)
 
 
@@ -65,13 +65,13 @@ def credential(headers: Mapping[str, str], provider: str) -> Credential:
 @lru_cache(maxsize=4096)
 def _bearer(auth: str) -> Credential:
     token = _token(auth)
-    return Credential(_hash_key(token)) if token else NO_CREDENTIAL
+    return Credential(hash_key(token)) if token else NO_CREDENTIAL
 
 
 @lru_cache(maxsize=4096)
 def _api_key(api_key: str) -> Credential:
     key = api_key.strip()
-    return Credential(_hash_key(key)) if key else NO_CREDENTIAL
+    return Credential(hash_key(key)) if key else NO_CREDENTIAL
 
 
 def _token(auth: str) -> str:
@@ -80,7 +80,7 @@ def _token(auth: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else auth.strip()
 
 
-def _hash_key(key: str) -> str | None:
+def hash_key(key: str) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
 
 

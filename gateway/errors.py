@@ -8,7 +8,10 @@ Hierarchy::
     │   ├── BodyTimeout       the body did not arrive within timeouts.client_body (408)
     │   ├── UnsupportedEncoding  a Content-Encoding the gateway cannot read (415)
     │   ├── TwoCredentials    Authorization and x-api-key carry two different keys (400)
-    │   └── SessionTaken      the session id and its qualified form belong to other keys (400)
+    │   ├── SessionTaken      the session id and its qualified form belong to other keys (400)
+    │   └── HostRefused       a ``Host`` not in ``allowed_hosts`` (400)
+    ├── Unauthenticated       no valid gateway credential for the auth mode (401)
+    ├── Forbidden             the credential does not allow this call (403)
     ├── ClientDisconnected    the client went away before its request was read (499, logged)
     ├── MethodNotAllowed      not POST on an LLM route (405)
     ├── NotFound              a path the gateway does not serve (404)
@@ -78,6 +81,45 @@ class SessionTaken(BadRequest):
         super().__init__(
             f"Session {session_id} belongs to another API key; send another session id."
         )
+
+
+class HostRefused(BadRequest):
+    code = "gateway_host_refused"
+
+    def __init__(self, host: str) -> None:
+        shown = "".join(c for c in host[:100] if c.isprintable())
+        super().__init__(
+            f"The Host {shown!r} is not one this gateway serves: use its own address, or add the"
+            " name to allowed_hosts in the gateway's config."
+        )
+
+
+class Unauthenticated(GatewayError):
+    """No credential the gateway accepts (``reason`` is the metric's outcome: missing,
+    invalid, expired, revoked, provider_key, wrong_plane). Agents stop on a 401 and show it,
+    so the message says the gateway refused, not the provider, and how to fix it."""
+
+    kind = ErrorKind.AUTHENTICATION
+    status = 401
+    outcome = "unauthenticated"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = f"gateway_auth_{reason}"
+
+
+class Forbidden(GatewayError):
+    """The credential is good but does not cover this call (a model or scope it lacks)."""
+
+    kind = ErrorKind.PERMISSION
+    status = 403
+    outcome = "forbidden"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = f"gateway_forbidden_{reason}"
 
 
 class ClientDisconnected(GatewayError):

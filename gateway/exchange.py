@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.auth.pools import Choice
+from gateway.auth.principal import Principal
 from gateway.compaction import Outcome
 from gateway.dialects import Dialect, RequestFacts, ResponseFacts
 from gateway.dialects.base import Body
@@ -42,6 +44,11 @@ class Exchange:
     """XXH3 of the raw body: retry storms are the same bytes again. Not ``hash()``, which
     differs between processes: the figure is kept in the store, shared by replicas."""
     facts: RequestFacts | None = None
+    principal: Principal | None = None
+    """Who the credential proves the caller is (``auth.step.authenticate``)."""
+    credential: Choice | None = None
+    """The pool credential sent upstream in place of every client credential (None: the
+    client's own credential goes, in passthrough and bring-your-own-key)."""
     identity: Identity | None = None
     record: SessionRecord | None = None
     """The session as it was when the call arrived (None for a new session)."""

@@ -86,6 +86,11 @@ class Identity:
     """A short, non-reversible tag of the credential that goes upstream (``credentials``)."""
     drop_header: str | None = None
     """The credential header that does not go upstream."""
+    team: str | None = None
+    """The caller's team, from its credential (or the policy's ``keys`` and a trusted
+    ``team_header`` in passthrough mode): never from what the client asserts."""
+    principal: str | None = None
+    """The principal's public id (``key:<id>``, ``jwt:<sub>``, ``passthrough:<hash>``)."""
 
 
 def agent_name(headers: Mapping[str, str]) -> str:
@@ -110,6 +115,8 @@ def identify(
     facts: RequestFacts | None,
     path_session: str | None = None,
     credential: Credential = NO_CREDENTIAL,
+    team: str | None = None,
+    principal: str | None = None,
 ) -> Identity:
     hashed = credential.key_hash
     agent = agent_name(headers)
@@ -126,8 +133,12 @@ def identify(
         if value and (session_id := _clean(value, MAX_ID_LENGTH)):
             if QUALIFIER in session_id:  # reserved for the gateway's qualified ids
                 session_id = session_id.replace(QUALIFIER, "-")
-            return Identity(session_id, source, agent, name, hashed, credential.drop)
-    return Identity(fingerprint(hashed, facts), "fingerprint", agent, name, hashed, credential.drop)
+            return Identity(
+                session_id, source, agent, name, hashed, credential.drop, team, principal
+            )
+    fingerprinted = fingerprint(hashed, facts)
+    drop = credential.drop
+    return Identity(fingerprinted, "fingerprint", agent, name, hashed, drop, team, principal)
 
 
 def qualified(identity: Identity) -> Identity:

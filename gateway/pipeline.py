@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,16 +22,28 @@ from xxhash import xxh3_64_intdigest
 
 from gateway.accounting import begin_turn, end_turn
 from gateway.appkeys import (
+    AUTH,
     COMPACTOR,
     DRAINING,
+    HOSTS,
     HTTP,
     METRICS,
+    POLICY,
     REQUEST_LOG,
     SETTINGS,
     STORE,
     TOKENS,
     TRACING,
     UPSTREAMS,
+)
+from gateway.auth.planes import add_route
+from gateway.auth.principal import PASSTHROUGH
+from gateway.auth.step import (
+    Authenticated,
+    authenticate,
+    gateway_not,
+    key_notices,
+    pool_choice,
 )
 from gateway.body import read_body as receive_body
 from gateway.compaction.step import compact as compact_context
@@ -40,16 +54,21 @@ from gateway.errors import (
     BadRequest,
     BodyTimeout,
     ContextOverflow,
+    Forbidden,
     GatewayError,
+    HostRefused,
     InternalError,
     MethodNotAllowed,
     NotFound,
     PolicyRejection,
+    Unauthenticated,
 )
 from gateway.exchange import Exchange
 from gateway.identity import identify, own_session
 from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
+from gateway.policy.decide import passthrough_team
 from gateway.policy.step import decide_policy
+from gateway.redact import REDACTOR
 from gateway.relay import relay
 from gateway.resilience.admission import admit
 from gateway.telemetry import tracing
@@ -111,6 +130,8 @@ async def handle_passthrough(ex: Exchange) -> None:
     """Anything else under /v1 (models, files, embeddings, ...): forwarded untouched."""
     await read_body(ex)
     ex.upstream_body = ex.raw
+    who = await authenticated(ex)  # keys mode: no call goes upstream unauthenticated
+    ex.principal, ex.credential = who.principal, who.choice
     if (waiting := admit(ex)) is not None:
         await waiting
     await forward(ex)
@@ -197,28 +218,65 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
 
 
 async def identify_session(ex: Exchange) -> None:
-    """Whose call (the one credential that goes upstream) and which of its sessions: an id
-    another key started is the caller's own under a qualified id (``identity``)."""
+    """Whose call (``auth.step``: the credential's principal, and the one credential that
+    goes upstream) and which of its sessions: an id another principal started is the caller's
+    own under a qualified id (``identity``)."""
     headers = ex.request.headers
-    who = credential(headers, ex.upstream.provider)
-    identity = identify(headers, ex.facts, ex.path_session, who)
-    get = ex.app[STORE].get
+    app = ex.app
+    who = await authenticated(ex)
+    principal = ex.principal = who.principal
+    ex.credential = who.choice
+    if principal.kind == PASSTHROUGH:
+        proxies = app[SETTINGS].trusted_proxies
+        peer = ex.request.remote if proxies else None  # only a trusted proxy's peer matters
+        team = passthrough_team(app[POLICY].policy, principal.owner, headers, peer, proxies)
+    else:
+        team = principal.team
+    identity = identify(headers, ex.facts, ex.path_session, who.credential, team, principal.id)
+    get = app[STORE].get
     record = await get(identity.session_id)
     if record is not None and record.key_hash != identity.key_hash:
         identity, record = await own_session(identity, get)
     ex.identity, ex.record = identity, record
 
 
+async def authenticated(ex: Exchange) -> Authenticated:
+    """``authenticate``, counted by method and outcome (``gateway_auth_attempts``)."""
+    attempts = ex.app[METRICS].auth_attempts
+    try:
+        who = await authenticate(ex, ex.app[AUTH])
+    except (Unauthenticated, Forbidden) as refused:
+        method = "key" if "gw_" in refused.message else ex.app[AUTH].mode
+        attempts.inc(("llm", _METHOD.get(method, method), refused.reason))
+        raise
+    attempts.inc(("llm", who.method, who.outcome))
+    return who
+
+
+_METHOD = {"keys": "key", "mixed": "key", "jwt": "jwt"}
+
+
 async def forward(ex: Exchange) -> None:
     """The call upstream (``upstream.send``: pooled, retried within the upstream's budget)
-    inside its CLIENT span, and its answer relayed to the client (``relay``)."""
+    inside its CLIENT span, and its answer relayed to the client (``relay``). With a pool
+    credential, an upstream 401 or 403 moves the pool to its next entry and the call is made
+    again with it, while nothing has reached the client."""
     app = ex.app
     upstream = ex.upstream
-    if ex.identity is not None:
-        drop = ex.identity.drop_header
-    else:  # passthrough: the credential of the upstream it goes to
-        drop = credential(ex.request.headers, upstream.provider).drop
-    headers = request_headers(ex.request.headers, drop=drop)
+    choice = ex.credential
+    if choice is not None:  # the gateway's own credential, no client one
+        if choice.upstream != upstream.name:  # a fallback's: its own pool
+            assert ex.principal is not None
+            choice = ex.credential = pool_choice(
+                app[AUTH], upstream.name, ex.principal, upstream.provider
+            )
+        headers = request_headers(ex.request.headers, choice.headers(), strip_credentials=True)
+    else:
+        if ex.identity is not None:
+            drop = ex.identity.drop_header
+        else:  # passthrough: the credential of the upstream it goes to
+            drop = credential(ex.request.headers, upstream.provider).drop
+        headers = request_headers(ex.request.headers, drop=drop)
     url = upstream.url(ex.path, ex.request.rel_url.raw_query_string)
     ex.upstream_at = time.perf_counter()
     with tracing.upstream_call(ex, url, headers):
@@ -233,9 +291,44 @@ async def forward(ex: Exchange) -> None:
             ex,
             ex.facts is not None and ex.facts.stream,
         )
+        if response.status in (401, 403) and ex.credential is not None:
+            response = await _next_credential(ex, response, headers, url)
         await relay(ex, response, gateway_headers(ex))
     if ex.outcome == "upstream_cut":
         upstream.breaker.failure("cut")
+
+
+async def _next_credential(
+    ex: Exchange, response: aiohttp.ClientResponse, headers: CIMultiDict[str], url: str
+) -> aiohttp.ClientResponse:
+    """The upstream refused the pool's credential: the pool moves on (counted, logged,
+    audited by ``pools``), and while it has another entry the call goes again with it."""
+    app, upstream = ex.app, ex.upstream
+    pools = app[AUTH].pools
+    assert pools is not None
+    tried = 0
+    while (
+        response.status in (401, 403)
+        and (used := ex.credential) is not None
+        and tried < MAX_CREDENTIAL_FAILOVERS
+    ):
+        choice = pools.failed(used.upstream, used.pool, used.entry, response.status)
+        if choice is None:
+            return response  # no entry left: the upstream's own answer, as it came
+        response.release()
+        for name, value in choice.headers():
+            headers[name] = value
+        ex.credential = choice
+        tried += 1
+        response = await send(
+            app[HTTP], ex.request.method, url, headers, ex.upstream_body,
+            app[SETTINGS].timeouts, upstream, ex, ex.facts is not None and ex.facts.stream,
+        )  # fmt: skip
+    return response
+
+
+MAX_CREDENTIAL_FAILOVERS = 4
+"""Entries a call tries after the first is refused: a pool of dead entries answers fast."""
 
 
 def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
@@ -244,6 +337,9 @@ def gateway_headers(ex: Exchange) -> CIMultiDict[str]:
     extra["X-Gateway-Upstream"] = ex.upstream.name
     if ex.identity is not None:
         extra["X-Gateway-Session-Id"] = ex.identity.session_id
+    principal = ex.principal
+    if principal is not None and principal.kind != PASSTHROUGH:
+        key_notices(principal, extra)
     if ex.decision is not None:
         effective = ex.decision.effective
         rules = ",".join(effective.rules) or "defaults"
@@ -268,10 +364,17 @@ def answer_error(ex: Exchange, error: GatewayError) -> None:
     if ex.response is not None and ex.response.prepared:
         return  # too late to change the status: the relay already cut the stream cleanly
     shape = ex.dialect or _ERRORS_BY_PROVIDER[ex.upstream.provider]
-    answer = shape.error(error.kind, error.message, error.code)
+    message = error.message
+    if not isinstance(error, ContextOverflow):  # the provider's own words, so agents compact
+        message = _ours(message, ex.upstream.provider)
+    answer = shape.error(error.kind, REDACTOR.redact(message, "error"), error.code)
     ex.status = error.status or answer.status
     headers = gateway_headers(ex)
     headers.update(error.headers)
+    headers["X-Gateway-Error"] = error.code or error.outcome
+    request_id = headers["X-Request-Id"] = "gwreq_" + secrets.token_hex(12)
+    if shape.provider == "anthropic":
+        headers["request-id"] = request_id
     if error.in_stream and ex.facts is not None and ex.facts.stream:
         events = shape.stream_failure(answer)
         if events is not None:
@@ -282,6 +385,14 @@ def answer_error(ex: Exchange, error: GatewayError) -> None:
     ex.response = web.json_response(answer.body, status=ex.status, headers=headers, dumps=_dumps)
     if isinstance(error, BodyTimeout):
         ex.response.force_close()  # the rest of a slow body must not be read as a request
+
+
+def _ours(message: str, provider: str) -> str:
+    """The message as the gateway's own: "gateway (not Anthropic): ..." (Claude Code shows a
+    401 after "Failed to authenticate": the reader must see who refused)."""
+    if message.startswith("gateway"):
+        return message
+    return f"{gateway_not(provider)}: {message}"
 
 
 def failed(ex: Exchange) -> None:
@@ -306,6 +417,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every call below ``/v1`` (and ``/s/<session>/v1``): its one checked path picks the
     handler and is the path sent upstream (``paths``), so no spelling reaches the provider's
     LLM endpoints around the policy."""
+    if not request.app[HOSTS].allows(request.host):
+        ex = _exchange(request, None, request.path[:_LOGGED_PATH])
+        return refuse(ex, HostRefused(request.host), "passthrough")
     try:
         where = provider_path(request.rel_url.raw_path)
     except PathRefused as exc:
@@ -375,7 +489,7 @@ def add_routes(app: web.Application) -> None:
     # The LLM paths as plain routes first: aiohttp finds those by a dictionary lookup, before
     # trying the patterns.
     for path in sorted(LLM_PATHS):
-        app.router.add_route("*", path, dispatch)
+        add_route(app, "*", path, dispatch, plane="llm", scope="llm")
     for prefix in ("/v1/", SESSION_PREFIX + "/v1/"):
-        app.router.add_route("*", prefix + "{tail:.*}", dispatch)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+        add_route(app, "*", prefix + "{tail:.*}", dispatch, plane="llm", scope="llm")
+    add_route(app, "*", "/{tail:.*}", not_found, plane="llm", scope="none")

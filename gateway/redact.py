@@ -22,7 +22,8 @@ SINKS = ("log", "span", "audit", "error", "config")
 _PATTERNS = re.compile(
     "|".join(
         (
-            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?"
+            r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
             r"\bgw_[A-Za-z0-9]{6,32}_[A-Za-z0-9]{40,}",  # gateway keys
             r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic keys
             r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",  # JWTs
@@ -33,12 +34,17 @@ _PATTERNS = re.compile(
 )
 
 
+_MARKERS = ("-----BEGIN", "gw_", "sk-", "eyJ", "AKIA", "earer", "EARER")
+"""Literal pieces every credential shape contains: text holding none of them is clean, found
+by substring searches (C speed) instead of the patterns (about 0.1 µs a character)."""
+
+
 class Redactor:
     """Thread-safe: the log writer and the span exporter call it from their own threads."""
 
     def __init__(self) -> None:
-        self._known: frozenset[str] = frozenset()
-        self._known_pattern: re.Pattern[str] | None = None
+        self._known: tuple[str, ...] = ()
+        """Longest first, so a secret that contains another is scrubbed whole."""
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         """Redactions per sink since start (read by the metrics when scraped)."""
@@ -49,22 +55,21 @@ class Redactor:
         if len(value) < MIN_KNOWN or value in self._known:
             return
         with self._lock:
-            known = self._known | {value}
-            # Longest first, so a secret that contains another is scrubbed whole.
-            alternatives = "|".join(re.escape(v) for v in sorted(known, key=len, reverse=True))
-            self._known_pattern = re.compile(alternatives)
-            self._known = known
+            self._known = tuple(sorted({*self._known, value}, key=len, reverse=True))
 
     def redact(self, text: str, sink: str) -> str:
         """``text`` with every known secret and every credential shape replaced."""
         hits = 0
-        known = self._known_pattern
-        if known is not None:
-            text, hits = known.subn(REPLACEMENT, text)
-        text, shaped = _PATTERNS.subn(REPLACEMENT, text)
-        hits += shaped
+        for value in self._known:  # a handful of secrets: one substring search each
+            if value in text:
+                hits += text.count(value)
+                text = text.replace(value, REPLACEMENT)
+        if any(marker in text for marker in _MARKERS):
+            text, shaped = _PATTERNS.subn(REPLACEMENT, text)
+            hits += shaped
         if hits:
-            self.counts[sink] += hits
+            with self._lock:
+                self.counts[sink] += hits
         return text
 
     def redact_value(self, value: object, sink: str) -> object:

@@ -1,9 +1,10 @@
 """``Secret``: how every secret value is held, in the config and in memory.
 
 It prints masked (``repr``, ``str``, f-strings, tracebacks with locals), refuses to be
-serialised (pickle, JSON, a pydantic JSON dump; a Python-mode dump keeps the ``Secret``), and compares in constant time. The one way to the
-value is ``reveal()``, so each place that needs it is a grep away. Every ``Secret`` made is
-known to the redactor (``gateway.redact``), which scrubs its exact value from every sink.
+serialised (pickle, JSON, a pydantic JSON dump; a Python-mode dump keeps the ``Secret``), and
+compares in constant time. The one way to the value is ``reveal()``, so each place that needs
+it is a grep away. Every ``Secret`` made is known to the redactor (``gateway.redact``), which
+scrubs its exact value from every sink.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class Secret:
             core_schema.union_schema(
                 [core_schema.is_instance_schema(cls), core_schema.str_schema()]
             ),
-            serialization=core_schema.plain_serializer_function_ser_schema(_refuse, when_used="json"),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _refuse, when_used="json"
+            ),
         )
 
 

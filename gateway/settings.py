@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.auth.config import AuthSettings, CredentialEntry
+from gateway.auth.config import AuthSettings, CredentialEntry, pool_problems
 from gateway.secret import Secret
 
 UPSTREAM_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -186,7 +186,14 @@ class DegradedSettings(BaseModel):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+    # hide_input_in_errors: a value refused where a reference belongs (an inline key) must
+    # not be echoed back in the error.
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+        hide_input_in_errors=True,
+    )
 
     host: str = "127.0.0.1"
     """Listen address. Any but a loopback one needs ``auth.mode`` other than passthrough
@@ -307,6 +314,9 @@ class Settings(BaseModel):
                 upstream.provider = implied  # type: ignore[assignment]
             if "attempts" not in upstream.retry.model_fields_set:
                 upstream.retry.attempts = self.upstream_retries + 1
+        problems.extend(
+            pool_problems(self.auth, {n: u.credentials for n, u in self.upstreams.items()})
+        )
         for name, upstream in self.upstreams.items():
             at = ("upstreams", name, "fallback", "upstream")
             problems.extend((at, problem) for problem in self._fallback_problems(name, upstream))

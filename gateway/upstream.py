@@ -52,6 +52,8 @@ _HOP_BY_HOP = frozenset(
 # The body goes upstream decoded (``body``): its Content-Encoding no longer applies.
 _REQUEST_DROP = _HOP_BY_HOP | {"accept-encoding", "content-encoding"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-encoding"}
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "proxy-authorization", "cookie"})
+"""What a client could authenticate with: none of it goes upstream in keys and JWT modes."""
 _GATEWAY_PREFIX = "x-gateway-"  # compared by slice: str.startswith parses its arguments slowly
 _LARGE_BODY = 1024 * 1024
 _NO_AUTO_HEADERS = ("User-Agent", "Content-Type")
@@ -140,13 +142,18 @@ def request_headers(
     headers: CIMultiDictProxy[str],
     extra: Iterable[tuple[str, str]] = (),
     drop: str | None = None,
+    *,
+    strip_credentials: bool = False,
 ) -> CIMultiDict[str]:
     """The client's headers as they go upstream; ``drop`` is the credential header that does
-    not (``credentials.Credential``: one credential goes upstream)."""
+    not (``credentials.Credential``: one credential goes upstream). ``strip_credentials``:
+    none of the client's credential headers go (the gateway sends its own in ``extra``)."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         if lower in _REQUEST_DROP or lower[:10] == _GATEWAY_PREFIX or lower == drop:
+            continue
+        if strip_credentials and lower in _CREDENTIAL_HEADERS:
             continue
         out.add(name, value)
     out["Accept-Encoding"] = "identity"

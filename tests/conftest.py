@@ -19,6 +19,7 @@ from gateway.fake_provider import RECEIVED, FakeProviderConfig, ReceivedRequest
 from gateway.fake_provider import create_app as create_fake_app
 from gateway.server import GatewayRunner
 from gateway.settings import Settings
+from tests.harness import ADMIN_TOKEN
 
 # Recorded agent requests, kept in the repository (copied from the team's shared fixtures).
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"
@@ -48,9 +49,11 @@ def received(fake_provider: TestServer) -> list[ReceivedRequest]:
 
 
 @pytest.fixture
-def settings(fake_provider: TestServer) -> Settings:
+def settings(fake_provider: TestServer, tmp_path: Path) -> Settings:
     return Settings(
         store="memory://",
+        admin_token=ADMIN_TOKEN,
+        state_dir=tmp_path / "state",
         upstreams=dict(
             openai=str(fake_provider.make_url("/v1")),
             anthropic=str(fake_provider.make_url("")).rstrip("/"),

@@ -29,6 +29,10 @@ from gateway.fake_provider import RECEIVED
 from gateway.settings import Settings
 from gateway.store import SessionRecord
 
+ADMIN_TOKEN = "adm-7Qx2Lr9vKp4Wm8Zt3Nc6Hy1Bd5Fg0Js2Ue"
+"""The tests' admin token (the ``settings`` fixture sets it): 36 random-looking characters."""
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+"""Headers of an admin API call with it."""
 OPENAI_KEY = "sk-test-openai"
 ANTHROPIC_KEY = "sk-ant-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -94,12 +98,12 @@ class Gateway:
         return record
 
     async def admin_get(self, path: str) -> Any:
-        async with self._http.get(self.url(path)) as resp:
+        async with self._http.get(self.url(path), headers=ADMIN) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.json()
 
     async def admin_post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        async with self._http.post(self.url(path), json=body or {}) as resp:
+        async with self._http.post(self.url(path), json=body or {}, headers=ADMIN) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.json()
 

@@ -2,7 +2,8 @@
 
 - ``queries``: PromQL helpers, label matchers, the objectives the panels draw;
 - ``panels``: the shared panel builders and ``Board``, the grid they are laid out on;
-- ``overview``, ``sessions_and_agents``, ``tokens_and_cost``: one module per dashboard;
+- ``overview``, ``sessions_and_agents``, ``tokens_and_cost``: one module per dashboard
+  (``security``: the overview's Security row);
 - ``rules``: ``alerts.yaml`` as the Prometheus Operator's ``PrometheusRule``.
 
 ``build()`` renders every dashboard; ``dashboards/build.py`` writes them (and the rule). The

@@ -25,6 +25,7 @@ from .queries import (
     targets,
     upstream_failures,
 )
+from .security import security
 
 
 def overview() -> Board:
@@ -33,7 +34,8 @@ def overview() -> Board:
         "Agent gateway / Overview",
         "Is the gateway healthy? Traffic, errors by who made them, the resilience guards "
         "(degraded mode, breakers, retries, shedding), the overhead objective, latency, "
-        "saturation and the policy in force. For SREs.",
+        "saturation, the policy in force and security (refused credentials, keys, "
+        "credential pools, egress, redactions, the audit log). For SREs.",
         ["agent-gateway", "llm"],
     )
     i = 'instance=~"$instance"'
@@ -574,6 +576,8 @@ def overview() -> Board:
         6,
         8,
     )
+
+    security(b, i)
     return b
 
 

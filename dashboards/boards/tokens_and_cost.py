@@ -59,7 +59,7 @@ def tokens_and_cost() -> Board:
             targets((used_tokens, "{{scope}} {{owner}} ({{window}})")),
             lines_at=[(1.0, "red")],
         ),
-        8,
+        6,
         8,
     )
     b.add(
@@ -76,7 +76,27 @@ def tokens_and_cost() -> Board:
             ),
             lines_at=[(1.0, "red")],
         ),
+        6,
         8,
+    )
+    b.add(
+        timeseries(
+            "Request rate limit used",
+            "Share of each request budget (max_requests: LLM calls begun in its window, a "
+            "rate limit when the window is a minute) used in its current window, by team (or "
+            "key) and window. At 100% the calls are refused (429 with Retry-After) until the "
+            "window ends.",
+            "percentunit",
+            targets(
+                (
+                    f"{last('gateway_budget_spent_requests')}"
+                    f" / {last('gateway_budget_limit_requests')}",
+                    "{{scope}} {{owner}} ({{window}})",
+                )
+            ),
+            lines_at=[(1.0, "red")],
+        ),
+        6,
         8,
     )
     b.add(
@@ -89,7 +109,7 @@ def tokens_and_cost() -> Board:
             targets((f"({used_tokens}) / {elapsed}", "{{scope}} {{owner}} ({{window}})")),
             lines_at=[(1.0, "orange"), (2.0, "red")],
         ),
-        8,
+        6,
         8,
     )
 

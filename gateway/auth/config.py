@@ -9,6 +9,7 @@ declared in config carry only their hash (``gateway keys hash``).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,9 +150,14 @@ class AuthSettings(_Strict):
     """Gateway keys declared by hash (for config kept in git)."""
     team_pools: dict[str, str] = {}
     """A team's upstream credential pool, for principals that name none (JWT subjects)."""
-    capture_content_teams: list[str] = []
-    """Teams whose prompts and completions are captured in spans although the global switch
-    (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``) is off."""
+
+    @field_validator("egress_allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from gateway.auth.egress import parse_allow
+
+        parse_allow(value)  # names a bad entry
+        return value
 
     @field_validator("key_expiry", "key_expiry_warning", "rotation_grace", mode="before")
     @classmethod
@@ -163,3 +169,45 @@ class AuthSettings(_Strict):
         if self.mode == "jwt" and not self.jwt_issuers:
             raise ValueError("auth.mode jwt needs at least one of auth.jwt_issuers")
         return self
+
+
+def pool_problems(
+    auth: AuthSettings, credentials: Mapping[str, Mapping[str, Sequence[CredentialEntry]]]
+) -> list[tuple[tuple[str, ...], str]]:
+    """What can never work in the upstream credential pools, each at its place in the config:
+    ``credentials`` is each upstream's ``credentials`` by upstream name. A pool's name and
+    entries, ``team_pools`` and declared keys naming a pool no upstream has, and a mode that
+    sends the gateway's own credentials with none configured. (Pools in passthrough mode are
+    unused, and fine.)"""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    known: set[str] = set()
+    for upstream, pools in credentials.items():
+        for pool, entries in pools.items():
+            at = ("upstreams", upstream, "credentials", pool)
+            if not re.match(NAME, pool):
+                problems.append((at, "not a pool name (letters, digits, '.', '_', '-')"))
+            if not entries:
+                problems.append((at, "an empty pool: list at least one entry"))
+            names = [entry.name for entry in entries]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                problems.append((at, f"entry names used twice: {', '.join(twice)}"))
+            known.add(pool)
+    shown = ", ".join(sorted(known)) or "none are configured"
+    for team, pool in auth.team_pools.items():
+        if pool not in known:
+            where = ("auth", "team_pools", team)
+            problems.append((where, f"no upstream has a pool named {pool!r} (pools: {shown})"))
+    for index, key in enumerate(auth.keys):
+        if key.pool is not None and key.pool not in known:
+            key_at = ("auth", "keys", str(index), "pool")
+            problems.append((key_at, f"no upstream has a pool named {key.pool!r} (pools: {shown})"))
+    if auth.mode in ("keys", "jwt") and not known:
+        problems.append(
+            (
+                ("auth", "mode"),
+                f"auth.mode {auth.mode} sends the gateway's own provider credentials, and no"
+                " upstream has any: add upstreams.<name>.credentials (env:VAR or file:/path)",
+            )
+        )
+    return problems

@@ -38,6 +38,8 @@ class Principal:
     expires_at: float | None = None
     deprecated_until: float | None = None
     """Set when the call used a rotated key's previous secret: it works until then."""
+    expires_soon: bool = False
+    """The key expires within ``auth.key_expiry_warning``: answers say when."""
     byok: bool = False
     """The call carries the principal's own provider key, which goes upstream (``mixed``)."""
 

@@ -4,7 +4,11 @@ parsers (``add_commands``) and holding what they run:
 - ``serve``: ``serve`` and ``fake-provider``, the two that run a server;
 - ``sessions``: ``sessions list/show/grant/end``, calls to a running gateway's admin API;
 - ``degrade``: ``degrade on/off/status``, degraded mode by hand through the same API;
+- ``keys``: ``keys create/list/show/rotate/revoke`` through the same API, and ``keys hash``
+  (a key's hash for ``auth.keys``, made here with the gateway's pepper);
+- ``credentials``: ``credentials reload/status``, the upstream credential pools, the same way;
 - ``policy``: ``policy check/explain/reference`` and ``config reference``;
+- ``audit``: ``audit verify``, the audit log's hash chain checked from its file;
 - ``arguments`` (the help formatter, subcommands, number options) and ``formatting`` (tables,
   counts, times) are what they share.
 
@@ -23,7 +27,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import degrade, policy, serve, sessions
+from gateway.cli import audit, credentials, degrade, keys, policy, serve, sessions
 from gateway.cli.arguments import HelpFormatter
 from gateway.cli.sessions import DEFAULT_URL, SESSION_STATUSES, TOKEN_VARIABLE, URL_VARIABLE
 
@@ -63,5 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_commands(commands)  # serve, fake-provider
     sessions.add_commands(commands)  # sessions list/show/grant/end
     degrade.add_commands(commands)  # degrade on/off/status
+    keys.add_commands(commands)  # keys create/list/show/rotate/revoke/hash
+    credentials.add_commands(commands)  # credentials reload/status
     policy.add_commands(commands)  # policy check/explain/reference, config reference
+    audit.add_commands(commands)  # audit verify
     return parser

@@ -40,6 +40,13 @@ def add_commands(commands: Any) -> None:
         default=None,
         help="policy file (YAML; default: the packaged policies/default.yaml)",
     )
+    serve.add_argument(
+        "--allow-network-passthrough",
+        action="store_true",
+        default=None,
+        help="serve passthrough mode on a non-loopback address: anyone who reaches the gateway"
+        " uses it with whatever provider key they hold (default: refused; use gateway keys)",
+    )
     serve.set_defaults(run=_serve)
 
     # main() hands "gateway fake-provider ..." to the fake provider's own parser; this entry
@@ -64,7 +71,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(
-            args.config, host=args.host, port=args.port, store=args.store, policy=args.policy
+            args.config,
+            host=args.host,
+            port=args.port,
+            store=args.store,
+            policy=args.policy,
+            allow_network_passthrough=args.allow_network_passthrough,
         )
     except Exception as exc:  # a bad file, variable or flag: said, not a traceback
         print(f"gateway: the configuration is refused, not starting: {exc}", file=sys.stderr)

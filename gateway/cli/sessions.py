@@ -124,7 +124,7 @@ def admin_call(
     if data:
         request.add_header("Content-Type", "application/json")
     # Read here, not as the option's default: --help would print the secret.
-    token = args.token or os.environ.get(TOKEN_VARIABLE)
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or _generated_token()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -145,6 +145,23 @@ class _Refuse(urllib.request.HTTPRedirectHandler):
 
 
 _NO_REDIRECTS = urllib.request.build_opener(_Refuse)
+
+
+def _generated_token() -> str | None:
+    """The token a gateway generated on first start into its state directory (the same
+    default: ``GATEWAY_STATE_DIR``, else beside ``GATEWAY_STORE``'s SQLite file, else
+    ``gateway.db``'s in this directory), when this user may read it."""
+    from pathlib import Path
+
+    from gateway.state import ADMIN_TOKEN_FILE, read_state, state_dir
+
+    configured = os.environ.get("GATEWAY_STATE_DIR")
+    store = os.environ.get("GATEWAY_STORE") or "sqlite:///gateway.db"
+    directory = state_dir(Path(configured) if configured else None, store)
+    try:
+        return read_state(directory, ADMIN_TOKEN_FILE)
+    except (OSError, ValueError):
+        return None
 
 
 def _refusal(exc: urllib.error.HTTPError, *, sent_token: bool) -> str:

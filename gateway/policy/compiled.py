@@ -52,6 +52,11 @@ class Caller:
     mode: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     """Only the headers some rule matches on, lowercased names."""
+    principal: str | None = None
+    """The authenticated principal's public id (``key:<id>``, ``jwt:<sub>``,
+    ``passthrough:<key hash>``)."""
+    scopes: tuple[str, ...] = ()
+    """The principal's scopes (``llm``, ``upstream:byok``)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +106,8 @@ class CompiledRule:
         for attribute, pattern in self.conditions:
             if attribute == "key":
                 values = [v for v in (key_name, caller.key_hash) if v]
+            elif attribute == "scope":
+                values = list(caller.scopes)
             else:
                 value = getattr(caller, attribute)
                 values = [value] if value else []
@@ -117,7 +124,7 @@ def compile_rule(index: int, rule: Rule) -> CompiledRule:
     match: Match = rule.match
     conditions = [
         (attribute, glob(value))
-        for attribute in ("agent", "key", "team", "model", "session_name")
+        for attribute in ("agent", "key", "team", "model", "session_name", "principal", "scope")
         if (value := getattr(match, attribute)) is not None
     ]
     headers = [(name.lower(), glob(value)) for name, value in match.headers.items()]
@@ -190,6 +197,8 @@ class CompiledPolicy:
     """The ``*`` entry of ``prices``: for models nothing else prices."""
     windows: tuple[tuple[str, int], ...] = ()
     """``windows`` as a tuple: hashable, for the cached window lookup."""
+    capture_teams: frozenset[str] = frozenset()
+    """``capture_content_teams``: teams whose message content goes on their spans."""
     _defaults: dict[str, Any] = field(default_factory=dict)
     _cache: OrderedDict[Caller, Effective] = field(default_factory=OrderedDict)
     _price_cache: OrderedDict[tuple[str, int], ModelPrice | None] = field(
@@ -215,6 +224,7 @@ class CompiledPolicy:
             ],
             default_price=from_policy("*", file.prices["*"]) if "*" in file.prices else None,
             windows=tuple(file.windows.items()),
+            capture_teams=frozenset(file.capture_content_teams),
             _defaults=file.defaults.model_dump(),
         )
         # Validate every rule merged over the defaults now, so a bad value fails the load;

@@ -67,25 +67,39 @@ def _mode_of_agent(user_agent: str) -> str | None:
     return "headless" if any(hint in user_agent for hint in _HEADLESS_HINTS) else None
 
 
+def passthrough_team(
+    policy: CompiledPolicy,
+    key_hash: str | None,
+    headers: CIMultiDictProxy[str],
+    peer: str | None = None,
+    trusted_proxies: Sequence[str] = (),
+) -> str | None:
+    """A passthrough caller's team: its provider key's in the policy's ``keys``, else the team
+    header when a trusted proxy (``peer`` in ``trusted_proxies``) set it; from anyone else the
+    header is a claim. (A gateway key's or a JWT's team is its credential's.)"""
+    trusted = policy.file.team_header is not None and peer_trusted(peer, tuple(trusted_proxies))
+    return policy.team_of(key_hash, headers, trusted)
+
+
 def caller(
     policy: CompiledPolicy,
     identity: Identity,
     model: str | None,
     headers: CIMultiDictProxy[str],
-    peer: str | None = None,
-    trusted_proxies: Sequence[str] = (),
+    scopes: tuple[str, ...] = (),
 ) -> Caller:
-    """What rules match on. The team header counts only from a trusted proxy (``peer`` in
-    ``trusted_proxies``): from anyone else it is a claim, and the team comes from ``keys``."""
-    trusted = policy.file.team_header is not None and peer_trusted(peer, tuple(trusted_proxies))
+    """What rules match on: the authenticated principal, team and scopes (``identity``, set
+    from the credential), and what the request says."""
     return Caller(
         agent=identity.agent,
         model=model,
         key_hash=identity.key_hash,
-        team=policy.team_of(identity.key_hash, headers, trusted),
+        team=identity.team,
         session_name=identity.name,
         mode=mode_of(headers),
         headers=tuple((name, headers[name]) for name in policy.header_names if name in headers),
+        principal=identity.principal,
+        scopes=scopes,
     )
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Strategy = Literal["elide_tool_output", "summarize", "truncate", "clear", "prompt"]
 LoopAction = Literal["reject", "flag", "pause"]
-Window = Literal["hour", "day", "month"]
+Window = Literal["minute", "hour", "day", "month"]
 StoreOutage = Literal["open", "closed"]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
@@ -69,19 +69,25 @@ class Limits(_Block):
 
 class Budget(_Block):
     per: Literal["key", "team"] = "team"
-    """Whose spending is counted: each API key (by hash) or each team."""
+    """Whose spending is counted: each principal (its gateway key, JWT subject, or in
+    passthrough mode its provider key), or each team."""
     window: Window = "day"
-    """Calendar window in UTC; the budget resets at its end."""
+    """Calendar window in UTC (``minute`` for rate limits); the budget resets at its end, and
+    a call refused under it is answered 429 with ``Retry-After`` set to the seconds left."""
     max_tokens: int | None = Field(None, ge=1)
     """Input plus output tokens in the window."""
     max_cost: float | None = Field(None, gt=0)
     """Cost in the window, in the currency of the prices (US dollars for the built-in table).
     A call to a model without a price is refused under a cost budget."""
+    max_requests: int | None = Field(None, ge=1)
+    """LLM calls (turns) in the window, counted when each begins: a call is a request whether
+    it then succeeds or fails upstream. Calls the policy refuses, and token counting, are not
+    counted."""
 
     @model_validator(mode="after")
     def _something(self) -> Budget:
-        if self.max_tokens is None and self.max_cost is None:
-            raise ValueError("a budget needs max_tokens or max_cost")
+        if self.max_tokens is None and self.max_cost is None and self.max_requests is None:
+            raise ValueError("a budget needs max_tokens, max_cost or max_requests")
         return self
 
 
@@ -139,7 +145,8 @@ class PolicySettings(_Block):
     limits: Limits = Limits()
     """Per-session limits and the models allowed."""
     budgets: list[Budget] = []
-    """Token and cost budgets per key or team over a calendar window."""
+    """Token, cost and request budgets per principal or team over a calendar window (a
+    ``minute`` window makes a rate limit)."""
     loops: Loops = Loops()
     """Runaway-loop detection and what to do about it."""
     context: Context = Context()
@@ -161,7 +168,13 @@ class Match(_Block):
     key: str | None = None
     """A key's name from ``keys``, or its hash."""
     team: str | None = None
-    """The caller's team, from ``keys`` or ``team_header``."""
+    """The caller's team: its gateway key's or JWT's; in passthrough mode from ``keys`` or
+    a trusted proxy's ``team_header``."""
+    principal: str | None = None
+    """The authenticated principal's public id: ``key:<gateway key id>``, ``jwt:<subject>``,
+    or ``passthrough:<provider key hash>``."""
+    scope: str | None = None
+    """A scope the caller's credential holds (``llm``, ``upstream:byok``)."""
     model: str | None = None
     """The requested model."""
     session_name: str | None = None
@@ -236,6 +249,11 @@ class PolicyFile(_Block):
     windows: dict[str, int] = {}
     """Model globs to context windows in input tokens, over the built-in table (in
     ``gateway/compaction/windows.py``), for ``context.window: auto``."""
+    capture_content_teams: list[str] = []
+    """Teams whose prompts and completions go on their spans although content capture is off
+    globally (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``). The team is the
+    caller's authenticated one (its gateway key's or JWT's); no request header turns capture
+    on. Paused while the gateway is degraded."""
 
     @field_validator("windows")
     @classmethod

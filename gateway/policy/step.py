@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import NoReturn
 
-from gateway.appkeys import POLICY, SETTINGS, STORE, TOKENS
+from gateway.appkeys import POLICY, STORE, TOKENS
 from gateway.errors import ContextOverflow, PolicyRejection
 from gateway.exchange import Exchange
 from gateway.policy import decide
@@ -25,15 +25,9 @@ async def decide_policy(ex: Exchange) -> None:
     assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
     app, facts = ex.app, ex.facts
     policy = app[POLICY].policy
-    proxies = app[SETTINGS].trusted_proxies
-    who = decide.caller(
-        policy,
-        ex.identity,
-        facts.model,
-        ex.request.headers,
-        ex.request.remote if proxies else None,  # only a trusted proxy's peer matters
-        proxies,
-    )
+    principal = ex.principal
+    scopes = tuple(sorted(principal.scopes)) if principal is not None else ()
+    who = decide.caller(policy, ex.identity, facts.model, ex.request.headers, scopes)
     ex.team = who.team
     call = decide.Call(
         who,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from gateway.caps import cap
 from gateway.loops import Detection
 from gateway.policy.compiled import Effective
-from gateway.store import LimitHit, SessionRecord, TurnTicket
+from gateway.store import BudgetLimit, LimitHit, SessionRecord, TurnTicket, budget_key_parts
 
 if TYPE_CHECKING:
     from gateway.policy.decide import Decision
@@ -129,17 +129,7 @@ def limit_verdict(hit: LimitHit, effective: Effective) -> Verdict:
             f"To allow more: {grant} --tokens 1000000.",
         )
     if budget is not None:
-        what = "tokens" if limit == "budget_tokens" else "cost"
-        resets = datetime.fromtimestamp(budget.window_end, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        return Verdict(
-            limit,
-            budget.rule,
-            f"The {budget.key.split(':')[0]} budget {budget.key} is spent: {hit.used} of "
-            f"{hit.allowed} {what} (budgets, rule '{budget.rule}'). It resets at {resets}: "
-            f"try again in {max(1, round(hit.retry_after or 0))}s, or raise the budget in the "
-            f"policy file.",
-            retry_after=hit.retry_after,
-        )
+        return _budget_verdict(hit, budget)
     if limit == "session_paused":
         return Verdict(
             limit,
@@ -152,6 +142,33 @@ def limit_verdict(hit: LimitHit, effective: Effective) -> Verdict:
         "operator",
         f"Session {session} was {_status_change('ended', hit.reason)}. Start a new session "
         "to go on.",
+    )
+
+
+def _budget_verdict(hit: LimitHit, budget: BudgetLimit) -> Verdict:
+    """A window budget is spent: whose, how much of what, when it resets, what lifts it."""
+    resets = datetime.fromtimestamp(budget.window_end, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    wait = f"try again in {max(1, round(hit.retry_after or 0))}s"
+    per, _, window = budget_key_parts(budget.key)
+    if hit.limit == "budget_requests":
+        where = "the defaults" if budget.rule == "defaults" else f"rule '{budget.rule}'"
+        return Verdict(
+            hit.limit,
+            budget.rule,
+            f"The {per} budget {budget.key} allows {int(hit.allowed)} requests a {window}: "
+            f"{int(hit.used)} of {int(hit.allowed)} made (budgets, per: {per}, window: "
+            f"{window}, rule '{budget.rule}'). It resets at {resets}: {wait}, or raise "
+            f"max_requests in {where} of the policy file.",
+            retry_after=hit.retry_after,
+        )
+    what = "tokens" if hit.limit == "budget_tokens" else "cost"
+    return Verdict(
+        hit.limit,
+        budget.rule,
+        f"The {per} budget {budget.key} is spent: {hit.used} of {hit.allowed} {what} "
+        f"(budgets, rule '{budget.rule}'). It resets at {resets}: {wait}, or raise the budget "
+        f"in the policy file.",
+        retry_after=hit.retry_after,
     )
 
 

@@ -22,6 +22,7 @@ from gateway.store.records import (
     TurnEnd,
     TurnStart,
     TurnTicket,
+    budget_key_parts,
 )
 from gateway.store.sqlite import SqliteStore
 
@@ -61,5 +62,6 @@ __all__ = [
     "TurnEnd",
     "TurnStart",
     "TurnTicket",
+    "budget_key_parts",
     "open_store",
 ]

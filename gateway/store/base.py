@@ -15,10 +15,11 @@ again (``absorb``); a backend that falls behind says so through ``watch`` (``tro
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.errors import SessionTaken
 from gateway.identity import QUALIFIER, Identity, own_session, qualified
@@ -45,6 +46,12 @@ log = logging.getLogger("gateway.store")
 
 _FAST, _SLOW = 0.3, 0.02
 """Smoothing of the turn rate: over about three turns, and over about fifty."""
+BUDGET_GRACE = 300.0
+"""Seconds a budget counter is kept after its window ends: a call checked just before the
+end (then held up by compaction, say) still begins on the counter its limit names, not on a
+fresh one. Older counters are dropped, so minute windows do not pile up."""
+BUDGET_SWEEP_EVERY = 60.0
+"""How often, at most, the ended budget counters are looked for (a pass over all of them)."""
 
 
 class LimitExceeded(Exception):
@@ -152,6 +159,14 @@ class Store(Protocol):
 
     async def budgets(self) -> list[BudgetCounter]: ...
 
+    # Gateway key records by public id (``gateway.store.keys.KeyTable``): stored at once,
+    # read from memory; shared by the replicas a shared store serves.
+    async def put_key(self, record: dict[str, Any]) -> None: ...
+
+    async def get_key(self, key_id: str) -> dict[str, Any] | None: ...
+
+    async def list_keys(self) -> list[dict[str, Any]]: ...
+
 
 class SessionTable:
     """Sessions and budgets in memory, and every rule for changing them.
@@ -164,6 +179,7 @@ class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.budget_counters: dict[str, BudgetCounter] = {}
+        self._budgets_swept_at = 0.0
         self.errors = {"load": 0, "write": 0}
         """Failures of the backend behind the table, by operation (metrics read them)."""
         self.unloaded: set[str] = set()
@@ -301,10 +317,11 @@ class SessionTable:
             raise LoadFailed(record.id, RuntimeError("not read yet"))
         if ident is not start.identity:
             start = replace(start, identity=ident)
-        counters = [self._budget(limit) for limit in limits.budgets]
+        self._sweep_budgets(start.at)
+        counters = self._budgets_for(limits.budgets)
         ticket = check_and_reserve(record, start, limits, counters)
         self._changed(record)
-        for counter in counters:
+        for counter in unique(counters):
             self._budget_changed(counter)
         return ticket
 
@@ -417,12 +434,47 @@ class SessionTable:
         now = time.time()
         return [c for c in self.budget_counters.values() if c.window_end > now]
 
-    def _budget(self, limit: BudgetLimit) -> BudgetCounter:
-        counter = self.budget_counters.get(limit.key)
-        if counter is None:
-            counter = self.budget_counters[limit.key] = BudgetCounter(limit.key, limit.window_end)
-        counter.max_tokens, counter.max_cost = limit.max_tokens, limit.max_cost
-        return counter
+    def _budgets_for(self, limits: Sequence[BudgetLimit]) -> list[BudgetCounter]:
+        """The counter of each budget, made if new, in the same order. Budgets with the same
+        owner and window share one; its shown limits are the tightest the policy sets now."""
+        counters, seen = [], set()
+        for limit in limits:
+            counter = self.budget_counters.get(limit.key)
+            if counter is None:
+                counter = BudgetCounter(limit.key, limit.window_end)
+                self.budget_counters[limit.key] = counter
+            if limit.key not in seen:
+                seen.add(limit.key)
+                counter.max_tokens, counter.max_cost = limit.max_tokens, limit.max_cost
+                counter.max_requests = limit.max_requests
+            else:
+                counter.max_tokens = _tightest(counter.max_tokens, limit.max_tokens)
+                counter.max_cost = _tightest(counter.max_cost, limit.max_cost)
+                counter.max_requests = _tightest(counter.max_requests, limit.max_requests)
+            counters.append(counter)
+        return counters
+
+    def _sweep_budgets(self, now: float) -> None:
+        """Drop the counters whose window ended over ``BUDGET_GRACE`` ago: a minute window
+        makes a counter per owner a minute, which nothing reads once it has ended."""
+        if self._budgets_swept_at <= now < self._budgets_swept_at + BUDGET_SWEEP_EVERY:
+            return
+        self._budgets_swept_at = now
+        cutoff = now - BUDGET_GRACE
+        for key in [k for k, c in self.budget_counters.items() if c.window_end < cutoff]:
+            del self.budget_counters[key]
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _tightest(current: _N | None, other: _N | None) -> _N | None:
+    return other if current is None else current if other is None else min(current, other)
+
+
+def unique(counters: Sequence[BudgetCounter]) -> list[BudgetCounter]:
+    """Each counter once: budgets that share one (same owner and window) count a call once."""
+    return list({id(counter): counter for counter in counters}.values())
 
 
 # -- the rules, on plain records --------------------------------------------------------------
@@ -433,6 +485,8 @@ def new_record(ident: Identity, at: float) -> SessionRecord:
         agent=ident.agent,
         name=ident.name,
         key_hash=ident.key_hash,
+        team=ident.team,
+        principal=ident.principal,
         first_seen=at,
         last_seen=at,
     )
@@ -495,7 +549,9 @@ def check_and_reserve(
         record.user_turns += 1
     record.in_flight += 1
     record.reserved_tokens += start.reserve_tokens
-    for counter in budgets:
+    counted = unique(budgets)
+    for counter in counted:
+        counter.requests += 1  # a request from its start, whatever comes of it
         counter.reserved_tokens += start.reserve_tokens
         counter.reserved_cost += start.reserve_cost
     return TurnTicket(
@@ -505,7 +561,7 @@ def check_and_reserve(
         turns_left=turns_left,
         tokens_left=tokens_left,
         tokens_allowed=tokens_allowed,
-        budgets=tuple(c.key for c in budgets),
+        budgets=tuple(c.key for c in counted),
         reserved_cost=start.reserve_cost,
     )
 
@@ -513,7 +569,19 @@ def check_and_reserve(
 def _check_budget(
     limit: BudgetLimit, counter: BudgetCounter, start: TurnStart, session_id: str
 ) -> None:
-    retry_after = max(1.0, limit.window_end - start.at)
+    # Whole seconds, rounded up: a client that waits as told finds the window ended.
+    retry_after = float(max(1, math.ceil(limit.window_end - start.at)))
+    if limit.max_requests is not None and counter.requests >= limit.max_requests:
+        raise LimitExceeded(
+            LimitHit(
+                "budget_requests",
+                limit.max_requests,
+                counter.requests,
+                session_id,
+                retry_after=retry_after,
+                budget=limit,
+            )
+        )
     if limit.max_tokens is not None:
         used = counter.tokens + counter.reserved_tokens
         if used + start.reserve_tokens > limit.max_tokens:

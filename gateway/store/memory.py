@@ -13,13 +13,15 @@ so the default cap holds about 200 MB at most.
 from __future__ import annotations
 
 from gateway.store.base import SessionTable
+from gateway.store.keys import KeyTable
 from gateway.store.records import SessionRecord
 
 MAX_SESSIONS = 100_000
 
 
-class MemoryStore(SessionTable):
-    """The session table as it is (every rule lives in ``SessionTable``), with a cap."""
+class MemoryStore(KeyTable, SessionTable):
+    """The session table as it is (every rule lives in ``SessionTable``), with a cap; gateway
+    keys in a dict (``KeyTable``)."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS) -> None:
         super().__init__()

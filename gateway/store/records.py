@@ -48,6 +48,12 @@ class SessionRecord:
     last_seen: float
     name: str | None = None
     key_hash: str | None = None
+    """Whose session it is: the principal's owner tag (a gateway key's public id, a JWT
+    subject's tag, or in passthrough mode the provider key's hash)."""
+    team: str | None = None
+    """The team of the principal that started it (team-bound admin roles see only theirs)."""
+    principal: str | None = None
+    """The public id of the principal that started it."""
     status: str = "active"
     """active; paused (a loop, waiting for a grant); ended (by an operator or idleness)."""
     status_reason: str | None = None
@@ -152,19 +158,40 @@ class BudgetLimit:
     window_end: float
     max_tokens: int | None = None
     max_cost: float | None = None
+    max_requests: int | None = None
     rule: str = "defaults"
+
+
+_PERIODIC = frozenset({"hour", "day", "month"})
+
+
+def budget_key_parts(key: str) -> tuple[str, str, str]:
+    """``per``, owner and window of a budget's key (``per:owner:window:period``), read from
+    the right: an owner (a team's name, a JWT subject's tag) may hold a colon, and a minute's
+    period holds one (``2026-11-25T10:04``); no period is a window's name."""
+    per, _, rest = key.partition(":")
+    parts = rest.split(":")
+    if len(parts) >= 3 and parts[-2] not in _PERIODIC:
+        return per, ":".join(parts[:-3]), parts[-3]
+    return per, ":".join(parts[:-2]), parts[-2] if len(parts) >= 2 else ""
 
 
 @dataclass(slots=True)
 class BudgetCounter:
+    """One owner's figures in one window. Budgets with the same ``per`` and ``window`` (one
+    for tokens, one for requests, say) count the same spending: they share the counter."""
+
     key: str
     window_end: float
     tokens: int = 0
     cost: float = 0.0
+    requests: int = 0
+    """LLM calls begun in the window (counted at the start, whatever their outcome)."""
     reserved_tokens: int = 0
     reserved_cost: float = 0.0
     max_tokens: int | None = None
     max_cost: float | None = None
+    max_requests: int | None = None
     """The budget's limits as the policy set them at the latest call (not kept on disk)."""
 
 
@@ -216,7 +243,8 @@ class LimitHit:
     the store again."""
 
     limit: str
-    """max_turns, max_session_tokens, budget_tokens, budget_cost, session_paused, ..."""
+    """max_turns, max_session_tokens, budget_tokens, budget_cost, budget_requests,
+    session_paused, ..."""
     allowed: float
     used: float
     session_id: str

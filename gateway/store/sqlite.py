@@ -30,7 +30,8 @@ from typing import Any
 import orjson
 
 from gateway.private import FILE_MODE, create_private_file
-from gateway.store.base import LoadFailed, SessionTable
+from gateway.store.base import BUDGET_GRACE, BUDGET_SWEEP_EVERY, LoadFailed, SessionTable
+from gateway.store.keys import KeyTable
 from gateway.store.records import Backlog, BudgetCounter, SessionQuery, SessionRecord
 
 log = logging.getLogger("gateway.store")
@@ -49,8 +50,10 @@ CREATE TABLE IF NOT EXISTS budgets (
     key TEXT PRIMARY KEY,
     window_end REAL NOT NULL,
     tokens INTEGER NOT NULL,
-    cost REAL NOT NULL
+    cost REAL NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS budgets_window_end ON budgets (window_end);
 """
 _UPSERT_SESSION = (
     "INSERT INTO sessions (id, agent, status, first_seen, last_seen, data)"
@@ -58,14 +61,15 @@ _UPSERT_SESSION = (
     " status=excluded.status, last_seen=excluded.last_seen, data=excluded.data"
 )
 _UPSERT_BUDGET = (
-    "INSERT INTO budgets (key, window_end, tokens, cost) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT(key) DO UPDATE SET tokens=excluded.tokens, cost=excluded.cost"
+    "INSERT INTO budgets (key, window_end, tokens, cost, requests) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT(key) DO UPDATE SET tokens=excluded.tokens, cost=excluded.cost,"
+    " requests=excluded.requests"
 )
 SessionRow = tuple[str, str, str, float, float, bytes]
-BudgetRow = tuple[str, float, int, float]
+BudgetRow = tuple[str, float, int, float, int]
 
 
-class SqliteStore(SessionTable):
+class SqliteStore(KeyTable, SessionTable):
     def __init__(
         self,
         path: str | Path,
@@ -97,6 +101,8 @@ class SqliteStore(SessionTable):
         self._db: sqlite3.Connection | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._budgets_deleted_at = float("-inf")
+        """When (time.monotonic) ended budget rows were last deleted."""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -104,9 +110,11 @@ class SqliteStore(SessionTable):
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         await self._run(self._connect)
+        self._loaded_keys(await self._run(self._keys_ready))
         rows: list[BudgetRow] = await self._run(self._select_budgets, time.time())
-        for key, window_end, tokens, cost in rows:
-            self.budget_counters[key] = BudgetCounter(key, window_end, tokens, cost)
+        for key, window_end, tokens, cost, requests in rows:
+            self.budget_counters[key] = BudgetCounter(key, window_end, tokens, cost, requests)
+        await self._delete_ended_budgets()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def close(self) -> None:
@@ -157,6 +165,7 @@ class SqliteStore(SessionTable):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        _add_budget_requests(db)
         if created:
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -266,8 +275,13 @@ class SqliteStore(SessionTable):
 
     def _select_budgets(self, now: float) -> list[BudgetRow]:
         assert self._db is not None
-        sql = "SELECT key, window_end, tokens, cost FROM budgets WHERE window_end > ?"
+        sql = "SELECT key, window_end, tokens, cost, requests FROM budgets WHERE window_end > ?"
         return list(self._db.execute(sql, (now,)))
+
+    def _delete_budgets(self, ended_before: float) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("DELETE FROM budgets WHERE window_end < ?", (ended_before,))
 
     def _select_each(self, session_ids: list[str]) -> list[bytes | None]:
         return [self._select_one(session_id) for session_id in session_ids]
@@ -324,7 +338,7 @@ class SqliteStore(SessionTable):
             if (r := self.sessions.get(session_id)) is not None
         ]
         budgets: list[BudgetRow] = [
-            (c.key, c.window_end, c.tokens, c.cost)
+            (c.key, c.window_end, c.tokens, c.cost, c.requests)
             for key in dirty_budgets
             if (c := self.budget_counters.get(key)) is not None
         ]
@@ -350,6 +364,7 @@ class SqliteStore(SessionTable):
             await asyncio.sleep(self.flush_interval)
             try:
                 await self.flush()
+                await self._delete_ended_budgets()
                 if "load" in self._troubles and not self.unloaded:
                     await self._probe()
             except Exception as exc:
@@ -357,6 +372,16 @@ class SqliteStore(SessionTable):
                     log.error("store: write failed: %s", _describe(exc))
                 self._check_lag(time.monotonic())
                 await asyncio.sleep(self.flush_interval)
+
+    async def _delete_ended_budgets(self) -> None:
+        """Delete the rows of budget windows that ended over ``BUDGET_GRACE`` ago, at most
+        once every ``BUDGET_SWEEP_EVERY``: nothing reads them (``open`` loads the windows not
+        ended), and minute windows would add a row per owner a minute for ever."""
+        now = time.monotonic()
+        if now < self._budgets_deleted_at + BUDGET_SWEEP_EVERY:
+            return
+        self._budgets_deleted_at = now
+        await self._run(self._delete_budgets, time.time() - BUDGET_GRACE)
 
     async def _probe(self) -> None:
         """Reads failed and nothing since read: a read of no session says when they work."""
@@ -380,6 +405,34 @@ class SqliteStore(SessionTable):
         )
         for record in idle[: max(excess, self.max_cached // 10)]:
             del self.sessions[record.id]
+
+    # -- gateway keys (``KeyTable``): each change written at once, all read at open ----------
+    async def _persist_key(self, key_id: str, data: bytes) -> None:
+        await self._run(self._write_key, key_id, data)
+
+    def _keys_ready(self) -> list[tuple[str, bytes]]:
+        assert self._db is not None
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, data BLOB NOT NULL)"
+        )
+        return list(self._db.execute("SELECT id, data FROM keys"))
+
+    def _write_key(self, key_id: str, data: bytes) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute(
+                "INSERT INTO keys (id, data) VALUES (?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET data=excluded.data",
+                (key_id, data),
+            )
+
+
+def _add_budget_requests(db: sqlite3.Connection) -> None:
+    """A file from before request budgets has a ``budgets`` table without ``requests``: the
+    column is added (0 for the windows counted so far)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}
+    if "requests" not in columns:
+        db.execute("ALTER TABLE budgets ADD COLUMN requests INTEGER NOT NULL DEFAULT 0")
 
 
 def _describe(exc: BaseException) -> str:

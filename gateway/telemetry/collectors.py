@@ -7,13 +7,16 @@ Each is a ``prometheus_client`` collector registered in the app's ``Metrics.regi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from gateway.store.records import budget_key_parts
+from gateway.telemetry.labels import OTHER
 
 if TYPE_CHECKING:
     from asyncio import Event
@@ -167,12 +170,14 @@ class BudgetStatus(Collector):
                 ("spent_tokens", "Tokens spent in the budget's current window."),
                 ("limit_cost", "A cost budget's limit, in the price table's currency."),
                 ("spent_cost", "Cost spent in the budget's current window."),
+                ("limit_requests", "A request budget's limit (LLM calls in its window)."),
+                ("spent_requests", "LLM calls begun in the budget's current window."),
                 ("window_end_timestamp_seconds", "When the budget's current window ends."),
                 ("window_seconds", "The length of the budget's current window."),
             )
         }
         for counter in self.counters:
-            scope, owner, window, _ = [*counter.key.split(":", 3), "", "", ""][:4]
+            scope, owner, window = budget_key_parts(counter.key)
             values = [scope, self.owner(owner), window]
             if counter.max_tokens is not None:
                 families["limit_tokens"].add_metric(values, counter.max_tokens)
@@ -180,12 +185,17 @@ class BudgetStatus(Collector):
             if counter.max_cost is not None:
                 families["limit_cost"].add_metric(values, counter.max_cost)
                 families["spent_cost"].add_metric(values, counter.cost)
+            if counter.max_requests is not None:
+                families["limit_requests"].add_metric(values, counter.max_requests)
+                families["spent_requests"].add_metric(values, counter.requests)
             families["window_end_timestamp_seconds"].add_metric(values, counter.window_end)
             families["window_seconds"].add_metric(values, _window_seconds(window, counter))
         yield from families.values()
 
 
 def _window_seconds(window: str, counter: BudgetCounter) -> float:
+    if window == "minute":
+        return 60.0
     if window == "hour":
         return 3600.0
     if window == "day":
@@ -246,3 +256,142 @@ class ResilienceStatus(Collector):
         )
         ready.add_metric([], 0.0 if self.draining.is_set() else 1.0)
         yield from (state, limit, in_flight, queued, degraded, ready)
+
+
+class PoolCounts(Protocol):
+    """What ``CredentialPoolStatus`` reads (``gateway.auth.pools.CredentialPools``)."""
+
+    def counts(self) -> Iterable[tuple[str, str, int, int]]:
+        """``(upstream, pool, healthy entries, entries)`` of each pool."""
+        ...
+
+
+class CredentialPoolStatus(Collector):
+    """Each upstream credential pool's healthy and configured entries: fewer healthy than
+    configured is a pool running on its spares (an entry the upstream refused, 401/403)."""
+
+    def __init__(self, pools: PoolCounts) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterable[Metric]:
+        healthy = GaugeMetricFamily(
+            "gateway_upstream_credential_pool_healthy",
+            "Entries of an upstream credential pool not refused by the upstream (401/403) in"
+            " their cool-down; below gateway_upstream_credential_pool_entries: degraded.",
+            labels=["upstream", "pool"],
+        )
+        entries = GaugeMetricFamily(
+            "gateway_upstream_credential_pool_entries",
+            "Entries configured in an upstream credential pool.",
+            labels=["upstream", "pool"],
+        )
+        for upstream, pool, up, configured in self.pools.counts():
+            healthy.add_metric([upstream, pool], up)
+            entries.add_metric([upstream, pool], configured)
+        yield from (healthy, entries)
+
+
+class RedactionCounts(Collector):
+    """``gateway_redactions_total`` by sink (log, span, audit, error, config): secrets the
+    redactor scrubbed, read from its counts when scraped. Every sink is exported from the
+    start, at 0, so that an alert on ``increase()`` sees the first one."""
+
+    def __init__(self, counts: Mapping[str, int], sinks: Iterable[str]) -> None:
+        self.counts = counts
+        self.sinks = tuple(sinks)
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "gateway_redactions",
+            "Secrets (a loaded secret's value, or a credential's shape) replaced by"
+            " [REDACTED] before they reached a sink, by sink: a sink that starts receiving"
+            " secrets shows here first.",
+            labels=["sink"],
+        )
+        for sink in self.sinks:
+            family.add_metric([sink], self.counts.get(sink, 0))
+        yield family
+
+
+KEY_STATES = ("active", "expiring", "expired", "revoked")
+EXPIRING_WITHIN = 7 * 86400.0
+"""A key ending within this long is ``expiring`` (the AgentGatewayKeysExpiringSoon alert)."""
+
+
+class KeyState(Protocol):
+    """What ``KeyStatus`` reads of a key (``gateway.auth.keys.KeyRecord``)."""
+
+    @property
+    def team(self) -> str: ...
+
+    @property
+    def expires_at(self) -> float | None: ...
+
+    def status(self, now: float) -> str:
+        """``active``, ``expired`` or ``revoked`` at ``now``."""
+        ...
+
+
+class KeyStatus(Collector):
+    """Gateway keys by team and state (``gateway_keys``: active, expiring within 7 days,
+    expired, revoked; each key in one state) and the active keys expiring within 7 days by
+    team (``gateway_keys_expiring``, what the alert reads). Counts only: a key's id is never
+    a label. Read from the key ring when scraped (the scrape handler sets ``records`` first).
+
+    Teams pass the team label's cap (``Metrics.team``), so that a team has one label value on
+    every family. A team it folds into ``other`` is remembered, so that the folding is counted
+    once and not at every scrape, until the policy changes the names the cap recognises."""
+
+    def __init__(
+        self,
+        team: LabelCap,
+        within: float = EXPIRING_WITHIN,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.team = team
+        self.within = within
+        self.clock = clock
+        self.records: Sequence[KeyState] = ()
+        self._folded: tuple[object, set[str]] = (None, set())
+
+    def _label(self, team: str) -> str:
+        names = self.team.names()
+        if self._folded[0] is not names:  # another policy: what it recognises may differ
+            self._folded = (names, set())
+        folded = self._folded[1]
+        if team in folded:
+            return OTHER
+        label = self.team(team)
+        if label == OTHER and team != OTHER:
+            folded.add(team)
+        return label
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.clock()
+        counts: dict[tuple[str, str], int] = {}
+        for record in self.records:
+            state = record.status(now)
+            if state not in KEY_STATES:
+                continue
+            ends = record.expires_at
+            if state == "active" and ends is not None and ends - now <= self.within:
+                state = "expiring"
+            labels = (self._label(record.team), state)
+            counts[labels] = counts.get(labels, 0) + 1
+        keys = GaugeMetricFamily(
+            "gateway_keys",
+            "Gateway keys by team and state: active, expiring (active, ending within 7 days),"
+            " expired, revoked. Each key is in one state.",
+            labels=["team", "state"],
+        )
+        expiring = GaugeMetricFamily(
+            "gateway_keys_expiring",
+            "Active gateway keys that expire within 7 days, by team: rotate them or make new"
+            " ones before their calls are refused.",
+            labels=["team"],
+        )
+        for team in sorted({team for team, _ in counts}):
+            for state in KEY_STATES:
+                keys.add_metric([team, state], counts.get((team, state), 0))
+            expiring.add_metric([team], counts.get((team, "expiring"), 0))
+        yield from (keys, expiring)

@@ -3,7 +3,9 @@
 The event loop never writes to stderr itself: records go through a queue to a writer thread
 (a slow terminal or log shipper cannot stall requests). A request line holds ids, figures and
 outcomes only; never prompt content, never a key (sessions are named by id, keys by hash);
-what a client names freely (model, agent) is capped in length (``gateway.caps``).
+what a client names freely (model, agent) is capped in length (``gateway.caps``). Every line
+passes the redactor (``gateway.redact``, sink ``log``) as it is formatted, on the writer
+thread: a secret that reaches a log call anyway is written ``[REDACTED]`` and counted.
 
 Request lines skip ``logging``'s records: once ``configure`` has started the writer, the app's
 ``RequestLog`` (``app[REQUEST_LOG]``, attached to the writer's queue when the app starts) queues
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.caps import cap_optional
+from gateway.redact import REDACTOR
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -42,28 +45,44 @@ REQUESTS = logging.getLogger("gateway.requests")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
 
+def _redacted(fields: dict[str, Any]) -> dict[str, Any]:
+    """Every string in ``fields`` (nested ones too) redacted: each value on its own, so that
+    a replacement never spans two JSON fields and the line stays JSON."""
+    redacted = REDACTOR.redact_value(fields, "log")
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def _text(value: object) -> str:
+    """orjson's ``default``: an object's text, redacted (it is written as a string)."""
+    return REDACTOR.redact(str(value), "log")
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, and any ``extra`` fields."""
+    """One JSON object per record: time, level, logger, message, and any ``extra`` fields;
+    every string redacted (``gateway.redact``, sink ``log``), on the writer thread."""
 
     _second = -1
     _stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
+        fields: dict[str, Any] = {"message": record.getMessage()}
+        fields.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        # The head is the gateway's own (a time, a level, a logger name): not scanned.
+        head = {
             "time": self.stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
         }
-        line.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        return orjson.dumps({**head, **_redacted(fields)}, default=_text).decode()
 
     def request_line(self, line: RequestLine) -> str:
         created, fields = line
         head = {"time": self.stamp(created), "level": "info", "logger": REQUESTS.name}
-        return orjson.dumps({**head, "message": "request", **fields}, default=str).decode()
+        body = {"message": "request", **_redacted(fields)}
+        return orjson.dumps({**head, **body}, default=_text).decode()
 
     def stamp(self, created: float) -> str:
         second = int(created)
@@ -79,10 +98,14 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The line as ``logging`` formats it (a traceback included), redacted."""
+        return REDACTOR.redact(super().format(record), "log")
+
     def request_line(self, line: RequestLine) -> str:
         created, fields = line
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
-        pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        pairs = " ".join(f"{k}={v}" for k, v in _redacted(fields).items() if v is not None)
         return f"{stamp},{int((created % 1) * 1000):03d} INFO {REQUESTS.name} request {pairs}"
 
 
@@ -235,6 +258,8 @@ def log_request(requests: RequestLog, ex: Exchange, route: str, trace_id: str | 
         "session_id": identity.session_id if identity else None,
         "agent": identity.agent if identity else None,
         "key_hash": identity.key_hash if identity else None,
+        "principal": ex.principal.id if ex.principal else None,
+        "team": identity.team if identity else None,
         "model": cap_optional(facts.model) if facts else None,
         "stream": facts.stream if facts else None,
         "turn": ex.turn,

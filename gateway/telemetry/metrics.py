@@ -20,11 +20,15 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from gateway.compaction.windows import BUILTIN
+from gateway.redact import REDACTOR, SINKS
 from gateway.telemetry.collectors import (
     ActiveSessions,
     BudgetStatus,
+    CredentialPoolStatus,
+    KeyStatus,
     PolicyStatus,
     ProcessStatus,
+    RedactionCounts,
     ResilienceStatus,
     StoreFailures,
     StoreStatus,
@@ -33,6 +37,7 @@ from gateway.telemetry.instruments import Counter, Family, Gauge, Histogram
 from gateway.telemetry.labels import AGENT_NAMES, LabelCap, Names, policy_names
 
 if TYPE_CHECKING:
+    from gateway.auth.pools import CredentialPools
     from gateway.policy.live import LivePolicy
     from gateway.resilience.degraded import Degradation
     from gateway.upstream import Upstreams
@@ -300,8 +305,12 @@ class Metrics:
         for family in [v for v in vars(self).values() if isinstance(v, Family)]:
             self.registry.register(family)
         self.registry.register(self.active_sessions)
+        self.keys = KeyStatus(self.team)  # the scrape handler sets its records
+        self.registry.register(self.keys)
         self.process = ProcessStatus()
         self.registry.register(self.process)
+        # The process's one redactor: every app's /metrics shows the process's redactions.
+        self.registry.register(RedactionCounts(REDACTOR.counts, SINKS))
         self._initialise()
 
     def _initialise(self) -> None:
@@ -364,3 +373,14 @@ class Metrics:
     def watch_store(self, store: StoreFailures) -> None:
         self.registry.register(StoreStatus(store))
         self.registry.register(self.budgets)
+
+    def watch_pools(self, pools: CredentialPools) -> None:
+        """Each credential pool's healthy and configured entries, read when scraped; every
+        401/403 to an entry counted (``credential_failures``, its series starting at 0)."""
+        self.registry.register(CredentialPoolStatus(pools))
+        for labels in pools.entry_names():
+            self.credential_failures.touch(labels)
+        count = self.credential_failures.inc
+        pools.on_failure.append(
+            lambda upstream, pool, entry, _: count((upstream, pool, entry.name))
+        )

@@ -63,7 +63,8 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> SdkTracerProvider
     """A TracerProvider exporting as the ``OTEL_*`` variables say, or None when they configure
     no exporter. Blocking (it imports exporters and reads resource detectors): run it in a
     thread. The exporters read their own variables (endpoint, headers, timeout, compression),
-    the provider its sampler and limits, the batch processor its ``OTEL_BSP_*``."""
+    the provider its sampler and limits, the batch processor its ``OTEL_BSP_*``. Each exporter
+    is wrapped in a ``RedactingExporter``."""
     env = os.environ if env is None else env
     exporters: list[SpanExporter] = []
     for name in exporters_wanted(env):
@@ -81,11 +82,14 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> SdkTracerProvider
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from gateway.telemetry.redacting import RedactingExporter
+
     named = "OTEL_SERVICE_NAME" in env or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
     resource = Resource.create({} if named else {"service.name": SERVICE_NAME})
     provider = TracerProvider(resource=resource)
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        # Redacted at export, on the processor's thread: no secret leaves in a span.
+        provider.add_span_processor(BatchSpanProcessor(RedactingExporter(exporter)))
     return provider
 
 

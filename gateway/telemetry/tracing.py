@@ -16,6 +16,8 @@ Headers are never recorded (so neither are API keys). Message content is recorde
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``, as the conventions'
 ``gen_ai.input.messages`` / ``gen_ai.output.messages`` JSON, the newest messages first up to
 ``GATEWAY_OTEL_CONTENT_MAX_CHARS`` (16384 by default); never while the gateway runs degraded.
+Every exporter the gateway builds hands on spans redacted (``redacting.RedactingExporter``, on
+the exporter's thread); a provider given to ``create_app`` is its owner's to wrap.
 
 A full span queue (the exporter falls behind, spans are dropped) puts the gateway in degraded
 mode for ``span_exporter`` (``ExportWatch``), until the queue has drained to half.
@@ -119,7 +121,8 @@ Handler = Callable[["Exchange"], Awaitable[web.StreamResponse]]
 class Tracing:
     """One app's tracer and what it records; off (no tracer) until given a provider."""
 
-    __slots__ = ("_owned", "capture_content", "content_limit", "degraded", "provider", "tracer")
+    __slots__ = ("_owned", "capture_content", "capture_teams", "content_limit", "degraded",
+                 "provider", "tracer")  # fmt: skip
 
     def __init__(
         self,
@@ -128,8 +131,9 @@ class Tracing:
         capture_content: bool | None = None,
         content_limit: int | None = None,
     ) -> None:
-        """``provider``: the caller's (a test's in-memory one); it is never shut down here.
-        Without one, ``start`` configures tracing from the environment."""
+        """``provider``: the caller's (a test's in-memory one); it is never shut down here,
+        nor are its exporters wrapped (``RedactingExporter`` is the caller's to use). Without
+        one, ``start`` configures tracing from the environment."""
         self.tracer: trace_api.Tracer | None = None
         self.provider: trace_api.TracerProvider | None = None
         self._owned: SdkTracerProvider | None = None
@@ -137,6 +141,9 @@ class Tracing:
         self.content_limit = content_limit_from_env() if content_limit is None else content_limit
         self.degraded: Degradation | None = None
         """The app's degraded mode (``create_app`` sets it): content capture pauses in it."""
+        self.capture_teams: Callable[[], frozenset[str]] | None = None
+        """The teams whose content is captured although capture is off (``create_app`` sets
+        it: the policy in force's ``capture_content_teams``)."""
         if provider is not None:
             self.use(provider)
 
@@ -149,6 +156,21 @@ class Tracing:
         """Message content goes on spans now: opted in, and not degraded (content is the
         bulk of a span: a struggling gateway or exporter is spared it first)."""
         return self.capture_content and not (self.degraded is not None and self.degraded.active)
+
+    def captures(self, ex: Exchange) -> bool:
+        """Message content of this call goes on its spans: captured for everyone
+        (``capturing``), or the policy's ``capture_content_teams`` names the caller's
+        authenticated team. No request header can turn it on."""
+        if self.capturing:
+            return True
+        identity = ex.identity
+        if identity is None or identity.team is None or self.degraded_now():
+            return False
+        teams = self.capture_teams
+        return teams is not None and identity.team in teams()
+
+    def degraded_now(self) -> bool:
+        return self.degraded is not None and self.degraded.active
 
     def use(self, provider: trace_api.TracerProvider) -> None:
         self.provider = provider
@@ -322,7 +344,7 @@ def upstream_call(
         attributes[OPENAI_API_TYPE] = _API_TYPES[dialect.name]
     if ex.compaction is not None and ex.compaction.items is not None:
         attributes[GEN_AI_CONVERSATION_COMPACTED] = True
-    if trace.tracing.capturing and facts is not None:
+    if facts is not None and trace.tracing.captures(ex):
         limit = trace.tracing.content_limit
         attributes[GEN_AI_INPUT_MESSAGES] = input_messages(facts.items, limit)
         if facts.preamble:
@@ -423,7 +445,7 @@ def _end_client(ex: Exchange, span: Span, started: float, exc: BaseException | N
     if finish_reasons:
         attributes[GEN_AI_RESPONSE_FINISH_REASONS] = finish_reasons
     trace = ex.trace
-    if trace is not None and trace.tracing.capturing and ex.status < 400:
+    if trace is not None and ex.status < 400 and trace.tracing.captures(ex):
         output = output_messages(ex, finish_reasons, trace.tracing.content_limit)
         if output is not None:
             attributes[GEN_AI_OUTPUT_MESSAGES] = output

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from gateway.auth.pools import CredentialPools
 from gateway.resilience.degraded import Degradation
 from gateway.settings import Settings
 from gateway.store.records import Backlog
@@ -47,6 +48,8 @@ class Query:
     kind: str
     """panel, variable (a ``label_values`` query), annotation or alert."""
     instant: bool = False
+    row: str = ""
+    """A panel's: the title of the row it sits under."""
 
 
 def load_build() -> ModuleType:
@@ -75,10 +78,15 @@ def query_panels(board: dict[str, Any]) -> list[dict[str, Any]]:
 
 def board_queries(name: str, board: dict[str, Any]) -> list[Query]:
     found = []
-    for panel in query_panels(board):
+    row = ""
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            continue
         for target in panel["targets"]:
             where = f"{name}: {panel['title']} ({target['refId']})"
-            found.append(Query(where, target["expr"], "panel", bool(target.get("instant"))))
+            instant = bool(target.get("instant"))
+            found.append(Query(where, target["expr"], "panel", instant, row))
     for variable in board["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]
@@ -130,6 +138,7 @@ def exported_families() -> dict[str, set[str]]:
     metrics.watch_policy(SimpleNamespace(reloads=0, failures=0, current=None))
     metrics.watch_store(SimpleNamespace(errors={"load": 0, "write": 0}, backlog=Backlog))
     metrics.watch_upstreams(Upstreams.from_settings(Settings()), Degradation(), asyncio.Event())
+    metrics.watch_pools(CredentialPools({}, {}))  # no pool: its families, without samples
     metrics.process.latest = metrics.process.sample()  # what a scrape does, off the loop
     families: dict[str, set[str]] = {}
     for family in metrics.registry.collect():

@@ -49,7 +49,7 @@ def test_the_base_applies_without_the_prometheus_operator() -> None:
     base = build(BASE)
     assert base.kinds() == {
         ("Namespace", "agent-gateway"),
-        ("ConfigMap", "agent-gateway-policy"),
+        ("ConfigMap", "agent-gateway-config"),
         ("PersistentVolumeClaim", "agent-gateway-data"),
         ("Deployment", "agent-gateway"),
         ("Service", "agent-gateway"),
@@ -81,8 +81,11 @@ def test_the_objects_refer_to_each_other_by_names_that_exist() -> None:
         deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     )
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
-    applied.named("ConfigMap", volumes["policy"]["configMap"]["name"])
+    applied.named("ConfigMap", volumes["config"]["configMap"]["name"])
     applied.named("PersistentVolumeClaim", volumes["data"]["persistentVolumeClaim"]["claimName"])
+    # The Secrets are not applied (made by hand, never committed: test_secure_deployments.py
+    # checks that the comments say how); every other volume is one of the applied objects.
+    assert {name for name, v in volumes.items() if "secret" in v} == {"pepper", "providers"}
     [container] = pod["spec"]["containers"]
     assert {mount["name"] for mount in container["volumeMounts"]} == set(volumes)
 

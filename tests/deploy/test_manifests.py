@@ -1,25 +1,47 @@
 """The deployment files: valid YAML, pointing at files that exist, a policy that loads, the
 admin token from a secret, and a gateway that runs as a non-root user on a read-only root
 filesystem, writing only where its settings say it writes. (Schemas: ``test_schemas.py``; what
-each kustomization applies: ``test_kustomizations.py``.)"""
+each kustomization applies: ``test_kustomizations.py``; who may call each deployment and where
+its secrets come from: ``test_secure_deployments.py``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gateway.admin import serving_problem
 from gateway.app import create_app
 from gateway.policy.loader import parse_policy, read_policy
 from gateway.settings import Settings, load_settings
+from gateway.state import state_dir
 from gateway.store import SqliteStore, open_store
 from tests.deploy.kustomize import DEPLOY, KUBERNETES, load
+from tests.deploy.pods import (
+    COMPOSE,
+    CONFIGMAP,
+    DEPLOYMENT,
+    REPO,
+    SECRET_NAME,
+    compose_mounts,
+    compose_pod,
+    compose_settings,
+    compose_shell,
+    config_argument,
+    dockerfile,
+    documented_secrets,
+    gateway_container,
+    image_env,
+    kubernetes_pod,
+    kubernetes_settings,
+    secret_value,
+)
 
-REPO = DEPLOY.parent
-DEPLOYMENT = KUBERNETES / "base" / "deployment.yaml"
 SERVICE_MONITOR = KUBERNETES / "monitoring" / "servicemonitor.yaml"
+STRONG_TOKEN = secret_value()
+"""An admin token as an operator makes one (``openssl rand -hex 32``)."""
 
 
 def test_every_yaml_file_parses() -> None:
@@ -30,7 +52,7 @@ def test_every_yaml_file_parses() -> None:
 
 
 def test_compose_mounts_files_that_exist() -> None:
-    compose = load(DEPLOY / "compose.yaml")
+    compose = load(COMPOSE)
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -40,21 +62,26 @@ def test_compose_mounts_files_that_exist() -> None:
     assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
 
 
-_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+def test_the_gateways_config_files_are_the_mounted_ones_and_load(tmp_path: Path) -> None:
+    """``gateway serve --config FILE``: the file is on a read-only mount of the config (the
+    compose folder, the ConfigMap) and loads as the gateway reads it."""
+    compose = compose_pod(tmp_path / "compose", compose_shell())
+    service = load(COMPOSE)["services"]["gateway"]
+    config = config_argument(service["command"])
+    [(source, target)] = [(s, t) for s, t, ro in compose_mounts(service) if config.parent == t]
+    assert ro_mount(service, target) and (DEPLOY / source / config.name).is_file()
+    assert compose.settings.auth.mode == "keys"
+    pod = kubernetes_pod(tmp_path / "kubernetes")
+    container = gateway_container()
+    config = config_argument(container["command"])
+    mounts = {PurePosixPath(m["mountPath"]): m for m in container["volumeMounts"]}
+    assert mounts[config.parent]["readOnly"] is True
+    assert config.name in load(CONFIGMAP)["data"]
+    assert pod.settings.auth.mode == "keys"
 
 
-def compose_environment(service: dict[str, Any], shell: dict[str, str]) -> dict[str, str]:
-    """A service's environment as compose hands it over when the shell sets only ``shell``:
-    ``${NAME:-default}`` is the default, ``${NAME:?message}`` must be set."""
-
-    def value(match: re.Match[str]) -> str:
-        name, operator, argument = match.groups()
-        if name in shell:
-            return shell[name]
-        assert operator != "?", f"compose refuses to start without {name}"
-        return argument if operator == "-" else ""
-
-    return {name: _INTERPOLATION.sub(value, str(v)) for name, v in service["environment"].items()}
+def ro_mount(service: dict[str, Any], target: PurePosixPath) -> bool:
+    return any(ro for _, t, ro in compose_mounts(service) if t == target)
 
 
 def test_prometheus_scrapes_the_gateway_under_the_job_the_alerts_use() -> None:
@@ -67,8 +94,8 @@ def test_prometheus_scrapes_the_gateway_under_the_job_the_alerts_use() -> None:
 
 
 def test_the_configmap_policy_loads() -> None:
-    configmap = load(KUBERNETES / "base" / "configmap-policy.yaml")
-    policy = parse_policy(configmap["data"]["policy.yaml"], "configmap-policy.yaml")
+    configmap = load(CONFIGMAP)
+    policy = parse_policy(configmap["data"]["policy.yaml"], "configmap.yaml")
     assert policy.file.defaults.limits.max_turns == 1000
 
 
@@ -78,29 +105,22 @@ STOP_MARGIN = 5
 unwinding (``server.CUT_GRACE``, 1 s) and the flush of the store, spans and audit log."""
 
 
-def gateway_container() -> dict[str, Any]:
-    [container] = load(DEPLOYMENT)["spec"]["template"]["spec"]["containers"]
-    assert isinstance(container, dict)
-    return container
-
-
 def deployment_settings() -> Settings:
-    """The settings the Deployment's pod runs with (the image's environment, then its own)."""
-    values = {item["name"]: item["value"] for item in gateway_container()["env"] if "value" in item}
-    return load_settings(env={**image_env(), **values, "GATEWAY_ADMIN_TOKEN": "t"})
+    """The settings the Deployment's pod runs with (the image's environment, then its own,
+    and its config file), as the container sees them."""
+    return kubernetes_settings()
 
 
-async def probe(aiohttp_client: Any, path: str) -> int:
-    """The status a probe gets on ``path`` from a gateway as the pod runs it (an admin token
-    set; probes send none), on a store in memory and the packaged policy."""
-    settings = deployment_settings().model_copy(update={"store": "memory://", "policy": None})
+async def probe(aiohttp_client: Any, settings: Settings, path: str) -> int:
+    """The status a probe gets on ``path`` from a gateway started with ``settings`` (its
+    files where they are), asked by the pod's address as the kubelet asks."""
     client = await aiohttp_client(create_app(settings))
-    async with client.get(path) as answer:
+    async with client.get(path, headers={"Host": "10.1.2.3:8787"}) as answer:
         return int(answer.status)
 
 
 async def test_readiness_asks_ready_and_liveness_health_both_routes_of_the_app(
-    aiohttp_client: Any,
+    aiohttp_client: Any, tmp_path: Path
 ) -> None:
     container = gateway_container()
     ready = container["readinessProbe"]["httpGet"]
@@ -109,10 +129,13 @@ async def test_readiness_asks_ready_and_liveness_health_both_routes_of_the_app(
     # while degraded (a restart would not mend a slow dependency).
     assert ready["path"] == "/gateway/ready" and alive["path"] == "/gateway/health"
     port = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert port[ready["port"]] == port[alive["port"]] == deployment_settings().port
-    assert await probe(aiohttp_client, ready["path"]) == 200
-    assert await probe(aiohttp_client, alive["path"]) == 200
-    assert deployment_settings().host == "0.0.0.0"
+    # Files read and written: off the event loop.
+    expected = await asyncio.to_thread(deployment_settings)
+    assert port[ready["port"]] == port[alive["port"]] == expected.port
+    assert expected.host == "0.0.0.0"
+    settings = (await asyncio.to_thread(kubernetes_pod, tmp_path)).settings
+    assert await probe(aiohttp_client, settings, ready["path"]) == 200
+    assert await probe(aiohttp_client, settings, alive["path"]) == 200
 
 
 def pre_stop_seconds(container: dict[str, Any]) -> float:
@@ -152,21 +175,25 @@ def seconds(duration: str) -> float:
     return int(minutes or 0) * 60 + int(secs or 0)
 
 
-async def test_compose_waits_out_the_drain_and_checks_readiness(aiohttp_client: Any) -> None:
-    gateway = load(DEPLOY / "compose.yaml")["services"]["gateway"]
-    env = compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"})
-    settings = load_settings(env={**image_env(), **env})
+async def test_compose_waits_out_the_drain_and_checks_readiness(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    gateway = load(COMPOSE)["services"]["gateway"]
+    pod = await asyncio.to_thread(compose_pod, tmp_path, compose_shell())
+    settings = pod.settings
     # `docker compose stop` sends SIGKILL after stop_grace_period (10 s unless set).
     assert seconds(gateway["stop_grace_period"]) >= settings.drain_timeout + STOP_MARGIN
     check = gateway["healthcheck"]["test"]
     assert check[:3] == ["CMD", "python", "-c"]
     [url] = re.findall(r"http://[^'\"]+", check[3])
     assert url == f"http://127.0.0.1:{settings.port}/gateway/ready"
-    assert await probe(aiohttp_client, "/gateway/ready") == 200
+    for name, value in pod.read_from_environment().items():
+        monkeypatch.setenv(name, value)
+    assert await probe(aiohttp_client, settings, "/gateway/ready") == 200
 
 
 def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrapes_with_it() -> None:
-    compose = load(DEPLOY / "compose.yaml")
+    compose = load(COMPOSE)
     env = compose["services"]["gateway"]["environment"]
     # Required: compose refuses to start without it rather than serving an open admin API.
     assert env["GATEWAY_ADMIN_TOKEN"].startswith("${GATEWAY_ADMIN_TOKEN:?")
@@ -178,10 +205,10 @@ def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrape
         "type": "Bearer",
         "credentials_file": "/run/secrets/gateway_admin_token",
     }
-    shell = {"GATEWAY_ADMIN_TOKEN": "t"}
-    env = compose_environment(compose["services"]["gateway"], shell)
-    settings = load_settings(env={**env, "GATEWAY_HOST": "0.0.0.0"})
-    assert settings.metrics_auth and serving_problem(settings) is None
+    settings = compose_settings({**compose_shell(), "GATEWAY_ADMIN_TOKEN": STRONG_TOKEN})
+    assert settings.admin_token is not None and settings.admin_token.reveal() == STRONG_TOKEN
+    assert settings.host == "0.0.0.0" and settings.metrics_auth
+    assert serving_problem(settings) is None
 
 
 def test_kubernetes_takes_the_admin_token_from_a_secret_the_monitor_scrapes_with() -> None:
@@ -195,42 +222,14 @@ def test_kubernetes_takes_the_admin_token_from_a_secret_the_monitor_scrapes_with
     assert endpoint["authorization"] == {"type": "Bearer", "credentials": ref}
     # The Secret is made by hand (never committed); the manifests and the README say how.
     for path in (DEPLOYMENT, KUBERNETES / "base" / "kustomization.yaml", REPO / "README.md"):
-        text = path.read_text()
-        assert f"create secret generic {ref['name']}" in text
-        assert f"--from-literal={ref['key']}=" in text
-    values = {name: item.get("value") for name, item in env.items() if "value" in item}
-    settings = load_settings(env={**values, "GATEWAY_ADMIN_TOKEN": "from-the-secret"})
+        assert ref["key"] in documented_secrets(path.read_text())[ref["name"]], path
+    settings = kubernetes_settings(GATEWAY_ADMIN_TOKEN=STRONG_TOKEN)
     assert settings.host == "0.0.0.0" and serving_problem(settings) is None
-    assert serving_problem(load_settings(env=values)) is not None
+    # A weak value in the Secret: the pod refuses to start (and says why) rather than serve.
+    assert serving_problem(kubernetes_settings(GATEWAY_ADMIN_TOKEN="changeme")) is not None
 
 
 # -- the image, its user, and where the gateway writes -----------------------------------------
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|CREDENTIAL", re.IGNORECASE)
-
-
-def dockerfile() -> list[tuple[str, str]]:
-    """The Dockerfile's instructions in order, as (INSTRUCTION, arguments): continuation
-    lines joined, comments dropped."""
-    instructions: list[tuple[str, str]] = []
-    current = ""
-    for raw in (DEPLOY / "Dockerfile").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        instruction, _, arguments = (current + line).partition(" ")
-        instructions.append((instruction.upper(), arguments.strip()))
-        current = ""
-    return instructions
-
-
-def image_env() -> dict[str, str]:
-    words = [w for name, args in dockerfile() if name == "ENV" for w in shlex.split(args)]
-    return dict(word.split("=", 1) for word in words)
-
-
 def image_user() -> tuple[int, int]:
     """The image's run-time user as numbers (the last USER, which must be numeric: the kubelet
     can check ``runAsNonRoot`` only against a numeric uid)."""
@@ -243,7 +242,9 @@ def image_user() -> tuple[int, int]:
 
 def writes(settings: Settings) -> set[PurePosixPath]:
     """The directories the gateway writes with these settings: the SQLite store's (with its
-    -wal and -shm files), the audit log's, and /tmp for SQLite's temporary files."""
+    -wal and -shm files), the audit log's, and /tmp for SQLite's temporary files. (The state
+    directory, where a pepper or admin token is generated, is inside the store's: see
+    ``test_the_state_directory_is_on_the_volume``.)"""
     store = open_store(settings.store)
     assert isinstance(store, SqliteStore), "a container's sessions belong on a volume"
     places = {PurePosixPath(store.path).parent, PurePosixPath("/tmp")}
@@ -260,7 +261,7 @@ def test_the_image_runs_as_a_non_root_uid_that_owns_only_the_store_directory() -
     last_user = len(instructions) - 1 - instructions[::-1].index("USER")
     # Everything is built (and so owned) by root: the code is not writable by the gateway.
     assert "RUN" not in instructions[last_user:] and "COPY" not in instructions[last_user:]
-    settings = load_settings(env={**image_env(), "GATEWAY_ADMIN_TOKEN": "t"})
+    settings = load_settings(env=image_env())
     [store_dir] = writes(settings) - {PurePosixPath("/tmp")}
     volumes = [args for name, args in dockerfile() if name == "VOLUME"]
     assert volumes == [str(store_dir)]
@@ -277,9 +278,13 @@ def test_the_image_listens_publicly_but_bakes_in_no_secret() -> None:
     env = image_env()
     settings = load_settings(env=env)
     assert settings.host == "0.0.0.0" and settings.metrics_auth
-    # Without a token given at run time the gateway refuses to serve on 0.0.0.0.
-    assert serving_problem(settings) is not None
-    assert serving_problem(load_settings(env={**env, "GATEWAY_ADMIN_TOKEN": "t"})) is None
+    # Alone, in passthrough mode on 0.0.0.0, it refuses to start and says how to go on: gateway
+    # keys (what the compose file and the manifests configure), or the flag, knowingly.
+    problem = serving_problem(settings)
+    assert problem is not None
+    assert "gateway keys create --team" in problem and "--allow-network-passthrough" in problem
+    knowingly = load_settings(env=env, allow_network_passthrough=True)
+    assert serving_problem(knowingly) is None
     names = [
         word.split("=", 1)[0]
         for name, args in dockerfile()
@@ -317,8 +322,7 @@ def test_the_pod_runs_as_the_images_user_on_a_read_only_root_filesystem() -> Non
 def test_kubernetes_mounts_writable_volumes_exactly_where_the_gateway_writes() -> None:
     pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
-    settings = load_settings(env={**image_env(), **env, "GATEWAY_ADMIN_TOKEN": "t"})
+    settings = deployment_settings()
     mounts = {PurePosixPath(m["mountPath"]): m for m in container["volumeMounts"]}
     writable = {path for path, mount in mounts.items() if not mount.get("readOnly")}
     assert writable == writes(settings)
@@ -330,7 +334,7 @@ def test_kubernetes_mounts_writable_volumes_exactly_where_the_gateway_writes() -
     policy = PurePosixPath(settings.policy)
     mount = mounts[policy.parent]
     assert mount["readOnly"] is True
-    configmap = load(KUBERNETES / "base" / "configmap-policy.yaml")
+    configmap = load(CONFIGMAP)
     assert configmap["metadata"]["name"] == volumes[mount["name"]]["configMap"]["name"]
     assert policy.name in configmap["data"]
 
@@ -347,25 +351,15 @@ def test_kubernetes_runs_one_replica_on_a_persistent_volume_from_a_local_image()
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
-def compose_mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath, bool]]:
-    """(source, target, read-only) of each short-syntax volume."""
-    mounts = []
-    for volume in service.get("volumes", []):
-        source, target, *mode = volume.split(":")
-        mounts.append((source, PurePosixPath(target), mode == ["ro"]))
-    return mounts
-
-
 def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesystem() -> None:
     uid, gid = image_user()
-    compose = load(DEPLOY / "compose.yaml")
+    compose = load(COMPOSE)
     gateway = compose["services"]["gateway"]
     assert gateway["user"] == f"{uid}:{gid}"
     assert gateway["read_only"] is True
     assert gateway["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in gateway["security_opt"]
-    env = {**image_env(), **compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"})}
-    settings = load_settings(env=env)
+    settings = compose_settings()
     mounts = compose_mounts(gateway)
     named = {target for source, target, _ in mounts if source in compose["volumes"]}
     tmpfs = {PurePosixPath(path) for path in gateway["tmpfs"]}
@@ -375,8 +369,8 @@ def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesys
 
 
 def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
-    gateway = load(DEPLOY / "compose.yaml")["services"]["gateway"]
-    settings = load_settings(env=compose_environment(gateway, {"GATEWAY_ADMIN_TOKEN": "t"}))
+    gateway = load(COMPOSE)["services"]["gateway"]
+    settings = compose_settings()
     assert settings.policy is not None
     policy = PurePosixPath(settings.policy)
     [(source, target)] = [
@@ -389,3 +383,28 @@ def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
     assert read_policy(on_the_host).file.version == 1
     # The gateway polls the file, so an edit reloads without a restart.
     assert settings.policy_poll_interval <= 5
+
+
+def test_the_state_directory_is_on_the_volume() -> None:
+    """What the gateway generates on first start (a pepper, an admin token: created 0700,
+    files 0600) lands on the volume that keeps the store, never on the read-only root
+    filesystem, in the image, the compose stack and the pod."""
+    image = load_settings(env=image_env())
+    [volume] = [PurePosixPath(args) for name, args in dockerfile() if name == "VOLUME"]
+    assert PurePosixPath(state_dir(image.state_dir, image.store)).is_relative_to(volume)
+    compose = load(COMPOSE)
+    service = compose["services"]["gateway"]
+    named = [target for source, target, _ in compose_mounts(service) if source in compose["volumes"]]
+    settings = compose_settings()
+    place = PurePosixPath(state_dir(settings.state_dir, settings.store))
+    assert any(place.is_relative_to(target) for target in named), place
+    pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
+    claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    settings = deployment_settings()
+    place = PurePosixPath(state_dir(settings.state_dir, settings.store))
+    [mount] = [
+        m
+        for m in gateway_container()["volumeMounts"]
+        if place.is_relative_to(PurePosixPath(m["mountPath"]))
+    ]
+    assert mount["name"] in claims and not mount.get("readOnly")

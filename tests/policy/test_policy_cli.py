@@ -70,7 +70,7 @@ def test_every_shipped_policy_checks(path: Path, capsys: pytest.CaptureFixture[s
             "version: 1\ndefaults:\n  budgets:\n    - {per: team, window: day}\n",
             4,
             "defaults.budgets[0]",
-            "a budget needs max_tokens or max_cost",
+            "a budget needs max_tokens, max_cost or max_requests",
         ),
     ],
     ids=["range", "rule", "choice", "unknown-key", "budget"],
@@ -203,7 +203,8 @@ def test_explain_shows_budgets_as_a_table(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert re.search(r"^budgets\s+1 \(below\)\s+support-is-small$", out, re.M), out
     assert out.endswith(
-        "\nbudgets:\n  per   window  max tokens  max cost\n  team  hour    2,000,000   -\n"
+        "\nbudgets:\n  per   window  max tokens  max cost  max requests\n"
+        "  team  hour    2,000,000   -         -\n"
     ), out
     assert "{" not in out  # no Python repr anywhere
 
@@ -225,7 +226,13 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["sources"]["limits.max_turns"] == "ci-codex"
     assert data["sources"]["limits.models.allow"] == "support-is-small"
     assert data["settings"]["budgets"] == [
-        {"per": "team", "window": "hour", "max_tokens": 2000000, "max_cost": None}
+        {
+            "per": "team",
+            "window": "hour",
+            "max_tokens": 2000000,
+            "max_cost": None,
+            "max_requests": None,
+        }
     ]
 
 

@@ -6,6 +6,7 @@ import pytest
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from gateway.telemetry import otel_env
+from gateway.telemetry.redacting import RedactingExporter
 
 
 def test_nothing_is_exported_unless_the_environment_asks() -> None:
@@ -38,6 +39,8 @@ def test_the_otlp_protocol_picks_the_exporter(protocol: str | None, module: str)
         processors = provider._active_span_processor._span_processors
         (processor,) = processors
         assert isinstance(processor, BatchSpanProcessor)
-        assert type(processor._batch_processor._exporter).__module__ == module
+        exporter = processor._batch_processor._exporter
+        assert isinstance(exporter, RedactingExporter)  # every span leaves redacted
+        assert type(exporter.exporter).__module__ == module
     finally:
         provider.shutdown()

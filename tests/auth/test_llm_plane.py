@@ -1,0 +1,234 @@
+"""The LLM plane under each auth mode, driven with the official SDKs: who may call, which
+credential goes upstream, and how a refusal reads (the gateway's, never the provider's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.auth.planes import ROUTE_AUTH, undeclared
+from gateway.settings import Settings
+
+from gateway.fake_provider import FAULTS, RECEIVED, Fault
+from tests.conftest import ANTHROPIC_MODEL
+from tests.harness import ADMIN, ADMIN_TOKEN, Gateway, MakeGateway
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES = {"model": ANTHROPIC_MODEL, "max_tokens": 32,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+POOL_OPENAI = "sk-pool-openai-primary-0001"
+POOL_OPENAI_2 = "sk-pool-openai-secondary-0002"
+POOL_ANTHROPIC = "sk-ant-pool-primary-0001"
+
+
+def keys_mode(fake: TestServer, tmp_path: Path, mode: str = "keys", **auth: Any) -> dict[str, Any]:
+    """Settings for a gateway in ``mode`` whose pools hold file references in ``tmp_path``."""
+    for name, value in (("oa1", POOL_OPENAI), ("oa2", POOL_OPENAI_2), ("an1", POOL_ANTHROPIC)):
+        (tmp_path / name).write_text(value + "\n")
+    return {
+        "auth": {"mode": mode, **auth},
+        "upstreams": {
+            "openai": {
+                "url": str(fake.make_url("/v1")),
+                "credentials": {
+                    "platform": [
+                        {"name": "primary", "value": f"file:{tmp_path / 'oa1'}"},
+                        {"name": "secondary", "value": f"file:{tmp_path / 'oa2'}"},
+                    ]
+                },
+            },
+            "anthropic": {
+                "url": str(fake.make_url("")).rstrip("/"),
+                "credentials": {
+                    "platform": [{"name": "primary", "value": f"file:{tmp_path / 'an1'}"}]
+                },
+            },
+        },
+    }
+
+
+async def create_key(gw: Gateway, **spec: Any) -> dict[str, Any]:
+    body = {"team": "platform", "name": "ci-bot", **spec}
+    status, _headers, answer = await gw.post("/gateway/keys", body, ADMIN)
+    assert status == 201, answer
+    assert isinstance(answer, dict)
+    return answer
+
+
+def lowered(headers: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def last_received(gw: Gateway) -> dict[str, str]:
+    return {k.lower(): v for k, v in gw.fake.app[RECEIVED][-1].headers.items()}
+
+
+@pytest.fixture
+async def keyed(make_gateway: MakeGateway, fake_provider: TestServer, tmp_path: Path) -> Gateway:
+    return await make_gateway(None, **keys_mode(fake_provider, tmp_path))
+
+
+async def test_a_gateway_key_calls_both_apis_and_the_pool_credential_goes_upstream(
+    keyed: Gateway,
+) -> None:
+    key = (await create_key(keyed))["key"]
+    client = openai.AsyncOpenAI(base_url=keyed.url("/v1"), api_key=key, max_retries=0)
+    answer = await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert answer.choices[0].message.content
+    sent = last_received(keyed)
+    assert sent["authorization"] == f"Bearer {POOL_OPENAI}"
+    assert key not in str(sent)
+    claude = anthropic.AsyncAnthropic(base_url=keyed.url(""), api_key=key, max_retries=0)
+    message = await claude.messages.create(**MESSAGES)  # type: ignore[call-overload]
+    assert message.content
+    sent = last_received(keyed)
+    assert sent["x-api-key"] == POOL_ANTHROPIC
+    assert "authorization" not in sent
+    await client.close()
+    await claude.close()
+
+
+async def test_a_provider_key_in_keys_mode_is_refused_and_neither_used_nor_stored(
+    keyed: Gateway,
+) -> None:
+    before = len(keyed.fake.app[RECEIVED])
+    status, headers, body = await keyed.post(
+        "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-proj-realkey1234567890abcd"}
+    )
+    assert status == 401
+    message = body["error"]["message"]
+    assert message.startswith("gateway (not OpenAI):")
+    assert "neither used nor stored" in message
+    assert "sk-proj-realkey" not in str(body)
+    assert headers["X-Gateway-Error"] == "gateway_auth_provider_key"
+    assert lowered(headers)["x-request-id"].startswith("gwreq_")
+    assert len(keyed.fake.app[RECEIVED]) == before
+    # Anthropic's shape, for Claude Code ("Failed to authenticate" followed by our words).
+    status, headers, body = await keyed.post(
+        "/v1/messages", MESSAGES, {"x-api-key": "sk-ant-api03-realkey", "anthropic-version": "1"}
+    )
+    assert status == 401
+    assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+    assert body["error"]["message"].startswith("gateway (not Anthropic):")
+    assert lowered(headers)["request-id"] == lowered(headers)["x-request-id"]
+
+
+async def test_unknown_id_and_wrong_secret_read_the_same(keyed: Gateway) -> None:
+    key = (await create_key(keyed))["key"]
+    public = key.split("_")[1]
+    wrong_secret = key[:-10] + ("A" if key[-10] != "A" else "B") + key[-9:]
+    answers = []
+    for token in (wrong_secret, f"gw_ZZZZZZZZZZZZ_{key.split('_')[2]}"):
+        status, headers, body = await keyed.post(
+            "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {token}"}
+        )
+        assert status == 401
+        answers.append((headers["X-Gateway-Error"], body["error"]["type"]))
+        assert token not in str(body)
+    assert answers[0] == answers[1]
+    assert public  # the public id may be shown; the secret never
+
+
+async def test_a_key_limited_to_models_is_refused_others_with_a_403(keyed: Gateway) -> None:
+    key = (await create_key(keyed, models=["gpt-4o*"]))["key"]
+    ok = await keyed.post("/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"})
+    assert ok[0] == 200
+    status, headers, body = await keyed.post(
+        "/v1/chat/completions", {**CHAT, "model": "o3"}, {"Authorization": f"Bearer {key}"}
+    )
+    assert status == 403
+    assert headers["X-Gateway-Error"] == "gateway_forbidden_model"
+    assert "may not call model 'o3'" in body["error"]["message"]
+
+
+async def test_passthrough_refuses_the_admin_token_on_a_model_route(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(None)
+    before = len(gw.fake.app[RECEIVED])
+    status, headers, body = await gw.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert status == 401
+    assert headers["X-Gateway-Error"] == "gateway_auth_wrong_plane"
+    assert ADMIN_TOKEN not in str(body)
+    assert len(gw.fake.app[RECEIVED]) == before  # never sent to the provider
+
+
+async def test_a_gateway_key_on_the_admin_api_is_refused(keyed: Gateway) -> None:
+    key = (await create_key(keyed))["key"]
+    async with keyed._http.get(
+        keyed.url("/gateway/sessions"), headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        assert resp.status == 401
+        assert "model routes" in (await resp.json())["error"]
+
+
+async def test_a_refused_pool_credential_fails_over_to_the_next(keyed: Gateway) -> None:
+    key = (await create_key(keyed))["key"]
+    keyed.fake.app[FAULTS].replace(Fault(kind="status", status=401, count=1))
+    status, _headers, _body = await keyed.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"}
+    )
+    assert status == 200
+    first, second = list(keyed.fake.app[RECEIVED])[-2:]
+    assert first.headers["Authorization"] == f"Bearer {POOL_OPENAI}"
+    assert second.headers["Authorization"] == f"Bearer {POOL_OPENAI_2}"
+
+
+async def test_mixed_mode_brings_your_own_key_only_with_the_scope(
+    make_gateway: MakeGateway, fake_provider: TestServer, tmp_path: Path
+) -> None:
+    gw = await make_gateway(None, **keys_mode(fake_provider, tmp_path, mode="mixed"))
+    plain = (await create_key(gw))["key"]
+    byok = (await create_key(gw, name="byok-bot", scopes=["llm", "upstream:byok"]))["key"]
+    own = "sk-proj-mine-1234567890"
+    status, headers, _ = await gw.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {own}", "X-Gateway-Key": plain}
+    )
+    assert status == 401 and headers["X-Gateway-Error"] == "gateway_auth_provider_key"
+    status, _, _ = await gw.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {own}", "X-Gateway-Key": byok}
+    )
+    assert status == 200
+    assert last_received(gw)["authorization"] == f"Bearer {own}"
+    assert "x-gateway-key" not in last_received(gw)
+
+
+async def test_a_foreign_host_is_refused_but_probes_answer_any(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(None)
+    status, headers, body = await gw.post(
+        "/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-x", "Host": "evil.example"}
+    )
+    assert status == 400
+    assert headers["X-Gateway-Error"] == "gateway_host_refused"
+    assert body["error"]["message"].startswith("gateway (not OpenAI):")
+    async with gw._http.get(gw.url("/gateway/health"), headers={"Host": "10.1.2.3:8787"}) as r:
+        assert r.status == 200
+    async with gw._http.get(gw.url("/gateway/sessions"), headers={**ADMIN, "Host": "evil"}) as r:
+        assert r.status == 400
+
+
+async def test_an_app_with_a_route_that_declares_no_plane_does_not_start(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    app = create_app(Settings(store="memory://", state_dir=tmp_path, admin_token=ADMIN_TOKEN))
+    assert undeclared(app) == []
+    assert {auth.plane for auth in app[ROUTE_AUTH].values()} == {"llm", "admin"}
+    app.router.add_get("/undeclared", _nothing)
+    assert sorted(undeclared(app)) == ["GET /undeclared", "HEAD /undeclared"]
+    with pytest.raises(RuntimeError, match="routes without a plane and scope: .*GET /undeclared"):
+        await aiohttp_server(app)
+
+
+async def _nothing(request: web.Request) -> web.Response:
+    return web.Response()
