@@ -13,6 +13,7 @@ to start with.
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
@@ -22,6 +23,18 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.admin_bodies import (
+    MAX_BODY,
+    MAX_BY,
+    MAX_REASON,
+    B,
+    BodyRefused,
+    DegradeBody,
+    EndBody,
+    GrantBody,
+    parse,
+    too_large,
+)
 from gateway.appkeys import (
     ADMIN_AUTH,
     AUDIT,
@@ -41,6 +54,7 @@ from gateway.auth.admin_auth import Refused, weak_token
 from gateway.auth.planes import ADMIN_CALLER, add_route
 from gateway.auth.principal import AdminCaller
 from gateway.errors import HostRefused
+from gateway.openapi import openapi
 from gateway.policy import prices
 from gateway.settings import Settings
 from gateway.store import (
@@ -55,7 +69,6 @@ from gateway.store import (
 from gateway.store.records import SESSION_STATUSES
 
 MAX_PAGE = 500
-MAX_GRANT = 2**53
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
@@ -111,9 +124,8 @@ async def ready(request: web.Request) -> web.Response:
     return _json({"status": "ready"})
 
 
-MAX_DEGRADE_REASON = 500
+MAX_DEGRADE_REASON = MAX_REASON
 """Characters of an operator's reason kept (health, the degrade answer, logs, audit)."""
-_DEGRADE_FIELDS = frozenset({"on", "reason"})
 
 
 async def degrade_status(request: web.Request) -> web.Response:
@@ -123,20 +135,10 @@ async def degrade_status(request: web.Request) -> web.Response:
 async def degrade(request: web.Request) -> web.Response:
     """``{"on": true, "reason": "store maintenance"}``: degraded mode by hand (``manual``), or
     ``{"on": false}`` to leave it (what the gateway detected itself stays). Audited first."""
-    body = await _body(request)
+    body = await _body(request, DegradeBody)
     if isinstance(body, web.Response):
         return body
-    unknown = sorted(str(name)[:40] for name in body if name not in _DEGRADE_FIELDS)
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        return _json({"error": f"unknown field(s): {shown}; degrade takes on and reason"}, 400)
-    on = body.get("on")
-    if not isinstance(on, bool):
-        return _json({"error": "on must be true or false"}, status=400)
-    given = body.get("reason", "")
-    if not isinstance(given, str):
-        return _json({"error": "reason must be a string"}, status=400)
-    reason = _plain(given)
+    on, reason = body.on, _plain(body.reason)
     if on and not reason:
         return _json({"error": "say why: a reason is needed to degrade by hand"}, status=400)
     degraded = request.config_dict[DEGRADED]
@@ -180,10 +182,10 @@ async def list_sessions(request: web.Request) -> web.Response:
             status=status,
             since=_float(params.get("since")),
             before=_float(params.get("before")),
-            limit=min(int(params.get("limit", "50")), MAX_PAGE),
+            limit=_limit(params.get("limit", "50")),
         )
     except ValueError as exc:
-        return _json({"error": f"bad query: {exc}"}, status=400)
+        return _json({"error": f"bad query: {str(exc)[:200]}"}, status=400)
     caller = request[ADMIN_CALLER]
     records, next_cursor = await _page(request.config_dict[STORE], query, caller)
     now = time.time()
@@ -234,18 +236,11 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def grant(request: web.Request) -> web.Response:
     """``{"turns": 50, "tokens": 0, "reason": "...", "by": "alice"}``: more for a session."""
-    body = await _body(request)
+    body = await _body(request, GrantBody)
     if isinstance(body, web.Response):
         return body
-    try:
-        turns, tokens = int(body.get("turns", 0)), int(body.get("tokens", 0))
-    except (TypeError, ValueError, OverflowError):
-        return _json({"error": "turns and tokens must be whole numbers"}, status=400)
-    if turns < 0 or tokens < 0 or turns + tokens == 0:
-        return _json({"error": "grant a positive number of turns and/or tokens"}, status=400)
-    if turns > MAX_GRANT or tokens > MAX_GRANT:  # JSON's exact integers; the audit line too
-        return _json({"error": f"grant at most {MAX_GRANT} turns or tokens at once"}, status=400)
-    by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
+    turns, tokens = body.turns, body.tokens
+    by, reason = _operator(request, body.by), body.reason[:MAX_REASON]
     session_id = request.match_info["session_id"]
     given = Grant(turns=turns, tokens=tokens, by=by, reason=reason, at=time.time())
     store = request.config_dict[STORE]
@@ -290,10 +285,10 @@ async def grant(request: web.Request) -> web.Response:
 
 
 async def end(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await _body(request, EndBody)
     if isinstance(body, web.Response):
         return body
-    by, reason = _operator(request, body), str(body.get("reason", ""))[:500]
+    by, reason = _operator(request, body.by), body.reason[:MAX_REASON]
     session_id = request.match_info["session_id"]
     # Said as it reads in a rejection and in ``sessions show``: "ended by bob: runaway".
     why = f"ended by {by}: {reason}" if reason else f"ended by {by}"
@@ -348,24 +343,33 @@ async def budgets(request: web.Request) -> web.Response:
     return _json({"budgets": [asdict(counter) for counter in counters]})
 
 
-async def _body(request: web.Request) -> dict[str, Any] | web.Response:
-    raw = await request.read()
-    if not raw:
-        return {}
+async def _body(request: web.Request, model: type[B]) -> B | web.Response:
+    """The request's body as ``model`` (strict: see ``gateway.admin_bodies``), or the 400
+    or 413 that says what is wrong with it. Read to at most ``MAX_BODY`` bytes."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return _json({"error": "the body must be JSON"}, status=400)
-    if not isinstance(body, dict):
-        return _json({"error": "the body must be a JSON object"}, status=400)
-    return body
+        return parse(model, await _read(request))
+    except BodyRefused as refused:
+        return _json({"error": refused.message}, status=refused.status)
 
 
-def _operator(request: web.Request, body: dict[str, Any]) -> str:
+async def _read(request: web.Request) -> bytes:
+    """The body, read no further than ``MAX_BODY`` bytes (``BodyRefused``, 413, past it):
+    the app's ``client_max_size`` is sized for model calls, far above any admin body."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        too_large(MAX_BODY)
+    raw = bytearray()
+    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            too_large(MAX_BODY)
+    return bytes(raw)
+
+
+def _operator(request: web.Request, by: str | None) -> str:
     """Who acts, as the caller says: the body's ``by``, else ``X-Gateway-Operator``, else
     "admin". A claim: the audit log keeps the peer and how it was admitted beside it."""
-    by = body.get("by") or request.headers.get("X-Gateway-Operator") or "admin"
-    return str(by)[:120]
+    named = by or request.headers.get("X-Gateway-Operator") or "admin"
+    return named[:MAX_BY]
 
 
 def _caller(request: web.Request) -> dict[str, str | None]:
@@ -406,15 +410,30 @@ async def calibration(request: web.Request) -> web.Response:
 
 
 def _float(value: str | None) -> float | None:
-    return float(value) if value else None
+    if not value:
+        return None
+    number = float(value)
+    if not math.isfinite(number):  # NaN compares false with every time: no page, no cursor
+        raise ValueError(f"{value[:20]!r} is not a time")
+    return number
 
 
-def guard(handler: Handler, scope: str, *, write: bool = False) -> Handler:
+def _limit(value: str) -> int:
+    """A page's size: at least 1 (0 has no last entry to make a cursor of, and a negative
+    LIMIT is no limit in SQLite), at most ``MAX_PAGE``."""
+    limit = int(value)
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    return min(limit, MAX_PAGE)
+
+
+def guard(handler: Handler, scope: str, *, write: bool = False, any_host: bool = False) -> Handler:
     """The admin plane's check, before ``handler``: an allowed ``Host``; for a write
     (``write=True``) no foreign ``Origin`` and a JSON body; the caller's credential (the admin
     token or an admin OIDC token, never a gateway or provider key) and a role that holds
     ``scope``. The caller is ``request[ADMIN_CALLER]`` for the handler; a refusal is counted
-    and audited (``admin_denied``).
+    and audited (``admin_denied``). ``any_host``: a route scraped by address (``/metrics``:
+    Prometheus cannot set ``Host``; the bearer token keeps web pages out).
 
     A wrapper per route, not a middleware: a sub-application's middleware makes aiohttp build
     a middleware chain for every request of the whole app, the LLM path included."""
@@ -422,7 +441,7 @@ def guard(handler: Handler, scope: str, *, write: bool = False) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         app = request.config_dict
         metrics = app[METRICS]
-        if not app[HOSTS].allows(request.host):
+        if not any_host and not app[HOSTS].allows(request.host):
             metrics.admin_requests.inc((scope, "denied"))
             return _json({"error": HostRefused(request.host).message}, 400)
         if write:
@@ -509,6 +528,7 @@ ADMIN_ROUTES: tuple[tuple[str, str, Handler, str, bool], ...] = (
     ("GET", "/policy", policy, "policy:read", False),
     ("GET", "/budgets", budgets, "budgets:read", False),
     ("GET", "/calibration", calibration, "policy:read", False),
+    ("GET", "/openapi.json", openapi, "health:read", False),
 )
 """(method, path under /gateway, handler, scope, write): the admin API's own routes."""
 

@@ -317,13 +317,14 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         auth.jwt = JwtVerifier(settings.auth.jwt_issuers, egress)
     if settings.auth.admin_issuers:
         admin_auth.oidc = JwtVerifier(settings.auth.admin_issuers, egress)
-    if settings.auth.mode in ("keys", "mixed"):
-        pepper = await asyncio.to_thread(load_pepper, settings)
-        app[KEYRING] = auth.keys = KeyRing(app[STORE], pepper, settings.auth)
-        await auth.keys.load_declared()
     pools = app[POOLS] = await CredentialPools.load(settings, audit=app[AUDIT])
     auth.pools = pools
     metrics.watch_pools(pools)
+    if settings.auth.mode in ("keys", "mixed"):
+        pepper = await asyncio.to_thread(load_pepper, settings)
+        names = lambda: {pool for _upstream, pool, _entry in pools.entry_names()}  # noqa: E731
+        app[KEYRING] = auth.keys = KeyRing(app[STORE], pepper, settings.auth, pools=names)
+        await auth.keys.load_declared()
     watcher = asyncio.get_running_loop().create_task(pools.watch())
     yield
     watcher.cancel()

@@ -243,13 +243,20 @@ async def identify_session(ex: Exchange) -> None:
 async def authenticated(ex: Exchange) -> Authenticated:
     """``authenticate``, counted by method and outcome (``gateway_auth_attempts``)."""
     attempts = ex.app[METRICS].auth_attempts
+    started = time.time_ns() if ex.trace is not None else 0
     try:
         who = await authenticate(ex, ex.app[AUTH])
     except (Unauthenticated, Forbidden) as refused:
         method = "key" if "gw_" in refused.message else ex.app[AUTH].mode
-        attempts.inc(("llm", _METHOD.get(method, method), refused.reason))
+        method = _METHOD.get(method, method)
+        attempts.inc(("llm", method, refused.reason))
+        if started:
+            tracing.auth_span(ex, started, method, refused.reason)
         raise
     attempts.inc(("llm", who.method, who.outcome))
+    if started:
+        ex.principal = who.principal
+        tracing.auth_span(ex, started, who.method, who.outcome)
     return who
 
 
@@ -417,9 +424,6 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every call below ``/v1`` (and ``/s/<session>/v1``): its one checked path picks the
     handler and is the path sent upstream (``paths``), so no spelling reaches the provider's
     LLM endpoints around the policy."""
-    if not request.app[HOSTS].allows(request.host):
-        ex = _exchange(request, None, request.path[:_LOGGED_PATH])
-        return refuse(ex, HostRefused(request.host), "passthrough")
     try:
         where = provider_path(request.rel_url.raw_path)
     except PathRefused as exc:
@@ -427,6 +431,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return refuse(ex, BadRequest(f"The request path is refused: {exc}."), "passthrough")
     path = where.path
     dialect = ROUTES.get(path)
+    if not request.app[HOSTS].allows(request.host):  # answered in the route's own shape
+        ex = _exchange(request, dialect, path)
+        return refuse(ex, HostRefused(request.host), dialect.name if dialect else "passthrough")
     if dialect is not None:
         ex = _exchange(request, dialect, path, where.session)
         if request.method != "POST":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import threading
+
+import orjson
 from collections import Counter
 
 REPLACEMENT = "[REDACTED]"
@@ -27,7 +29,7 @@ _PATTERNS = re.compile(
             r"\bgw_[A-Za-z0-9]{6,32}_[A-Za-z0-9]{40,}",  # gateway keys
             r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic keys
             r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",  # JWTs
-            r"\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._~+/\-]{12,}=*",
+            r"\b[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+[A-Za-z0-9._~+/\-]{12,}=*",
             r"\bAKIA[0-9A-Z]{16}\b",  # cloud access key ids, as often pasted beside the rest
         )
     )
@@ -45,6 +47,8 @@ class Redactor:
     def __init__(self) -> None:
         self._known: tuple[str, ...] = ()
         """Longest first, so a secret that contains another is scrubbed whole."""
+        self._escaped: tuple[str, ...] = ()
+        """The known values and their JSON-escaped forms (``dirty`` looks for both)."""
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         """Redactions per sink since start (read by the metrics when scraped)."""
@@ -54,8 +58,20 @@ class Redactor:
         value = value.strip()
         if len(value) < MIN_KNOWN or value in self._known:
             return
+        if _PATTERNS.fullmatch(value):  # its shape is scrubbed already (every gateway key)
+            return
         with self._lock:
             self._known = tuple(sorted({*self._known, value}, key=len, reverse=True))
+            escaped = orjson.dumps(value).decode()[1:-1]  # as a JSON line carries it
+            self._escaped = tuple({*self._escaped, value, escaped})
+
+    def dirty(self, text: str) -> bool:
+        """Whether ``text`` may hold something to scrub: a known value (as is, or as JSON
+        writes it) or a credential shape's marker. False: ``redact`` would change nothing."""
+        for value in self._escaped:
+            if value in text:
+                return True
+        return any(marker in text for marker in _MARKERS)
 
     def redact(self, text: str, sink: str) -> str:
         """``text`` with every known secret and every credential shape replaced."""

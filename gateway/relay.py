@@ -2,10 +2,17 @@
 
 Usage is read on the side; the client's bytes are the upstream's bytes unless the dialect
 rewrites an event (only to hide what the gateway itself asked for).
+
+What the upstream sends is bounded like what a client sends: an answer the gateway holds is
+at most ``max_response_bytes`` (else a 502), an answer of any kind takes at most
+``timeouts.stream_total`` (else it is cut, like a broken stream), and an SSE event too large
+to read is relayed unread (``sse``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 
@@ -13,11 +20,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.appkeys import SETTINGS
 from gateway.dialects import StreamObserver
 from gateway.errors import UpstreamUnavailable
 from gateway.exchange import Exchange
-from gateway.sse import SSEParser
+from gateway.sse import MAX_EVENT_BYTES, SSEParser
 from gateway.upstream import response_headers
+
+log = logging.getLogger("gateway.relay")
 
 
 class UpstreamCut(Exception):
@@ -32,22 +42,53 @@ async def relay(ex: Exchange, upstream: aiohttp.ClientResponse, extra: CIMultiDi
     headers = response_headers(upstream.headers)
     headers.extend(extra)
     ex.status = upstream.status
+    settings = ex.app[SETTINGS]
+    # Every answer ends: one that keeps trickling bytes would hold its connections (and the
+    # turn's reservations) for ever, the idle timeout never firing.
+    deadline = asyncio.get_running_loop().time() + settings.timeouts.stream_total
     content_type = upstream.content_type
     if content_type == "text/event-stream":
-        await relay_stream(ex, upstream, headers)
+        await relay_stream(ex, upstream, headers, deadline)
     else:
-        await relay_body(ex, upstream, headers, content_type == "application/json")
+        is_json = content_type == "application/json"
+        await relay_body(ex, upstream, headers, is_json, deadline, settings.max_response_bytes)
 
 
 async def relay_body(
-    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], is_json: bool
+    ex: Exchange,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    is_json: bool,
+    deadline: float,
+    limit: int,
 ) -> None:
+    """The answer read whole, then sent: at most ``limit`` bytes of it. A larger one is a
+    502 on an LLM route (the gateway reads it, and no agent wants it); on any other route
+    (files, models) it goes to the client as it comes, never held whole."""
+    length = upstream.content_length
+    if length is not None and length > limit:
+        if ex.dialect is None:
+            await relay_stream(ex, upstream, headers, deadline, length=length)
+            return
+        raise _too_large(upstream, limit)
     try:
-        data = await upstream.read()
+        async with asyncio.timeout_at(deadline):
+            if length is not None:
+                data = await upstream.read()  # the common case: its size known and allowed
+            else:
+                parts = await _read_at_most(upstream.content, limit)
     except (aiohttp.ClientError, TimeoutError) as exc:
+        upstream.close()
         raise UpstreamUnavailable(
             f"The upstream's answer broke off before it was complete ({type(exc).__name__})."
         ) from exc
+    if length is None:
+        if parts[-1]:  # past the limit
+            if ex.dialect is not None:
+                raise _too_large(upstream, limit)
+            await relay_stream(ex, upstream, headers, deadline, first=parts)
+            return
+        data = b"".join(parts)
     ex.first_byte_at = ex.upstream_done_at = time.perf_counter()
     if ex.dialect is not None and is_json and upstream.status < 400:
         parsed = ex.dialect.decode_response(data)
@@ -56,50 +97,113 @@ async def relay_body(
     ex.response = web.Response(status=upstream.status, body=data, headers=headers)
 
 
+def _too_large(upstream: aiohttp.ClientResponse, limit: int) -> UpstreamUnavailable:
+    upstream.close()  # its unread rest must not be read as the next answer
+    return UpstreamUnavailable(
+        f"The upstream's answer is larger than max_response_bytes ({limit} bytes) and was "
+        "refused unread; raise max_response_bytes if such answers are wanted."
+    )
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> list[bytes]:
+    """The body's chunks, up to ``limit`` bytes; the last element is the chunk that went
+    past it (empty when the whole body fit)."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        parts.append(chunk)
+        if size > limit:
+            return parts
+    parts.append(b"")
+    return parts
+
+
 async def relay_stream(
-    ex: Exchange, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+    ex: Exchange,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    deadline: float,
+    *,
+    length: int | None = None,
+    first: list[bytes] | None = None,
 ) -> None:
+    """The answer sent as it comes, events read on the side, cut at ``deadline`` (loop
+    time). ``length``: its size, when the upstream gave it; ``first``: chunks already read
+    (a body too large to hold)."""
     response = web.StreamResponse(status=upstream.status, headers=headers)
+    if length is not None:
+        response.content_length = length
     ex.response = response
     observer = ex.dialect.observe_stream(ex.rewritten) if ex.dialect is not None else None
     if observer is not None:
         ex.response_facts = observer.facts
     rewrites = observer is not None and observer.rewrites
-    parser = SSEParser()
+    parser = SSEParser(hand_back=rewrites)
     content = upstream.content
     try:
         await _write(response.prepare(ex.request))
-        while True:
-            try:
-                chunk = await content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise UpstreamCut(type(exc).__name__) from exc
-            if not chunk:
-                ex.upstream_done_at = time.perf_counter()
-                break
-            if ex.first_byte_at is None:
-                ex.first_byte_at = time.perf_counter()
-            if rewrites:
-                assert observer is not None
-                chunk = _rewrite(observer, parser, chunk)
-                if chunk:
+        try:
+            async with asyncio.timeout_at(deadline):
+                for chunk in first or ():
                     await _write(response.write(chunk))
-                continue
-            # The client's bytes first; usage is read on the side, after.
-            await _write(response.write(chunk))
-            if observer is not None:
-                for event in parser.feed(chunk):
-                    observer.on_event(event)
+                await _pump(ex, content, response, observer, parser, rewrites)
+        except TimeoutError as exc:
+            raise UpstreamCut("stream_total") from exc
         await _write(response.write_eof())
     except ClientGone:
         ex.outcome = "client_gone"
-    except UpstreamCut:
+    except UpstreamCut as cut:
         ex.outcome = "upstream_cut"
+        if str(cut) == "stream_total":
+            log.warning(
+                "upstream %s: a stream still going after timeouts.stream_total was cut",
+                ex.upstream.name,
+            )
         # A clean cut: the client sees a broken stream (and retries), never a complete one.
         if ex.request.transport is not None:
             ex.request.transport.close()
     finally:
         upstream.close()
+        if parser.oversized:
+            log.warning(
+                "upstream %s: %d SSE event(s) over %d bytes relayed unread",
+                ex.upstream.name,
+                parser.oversized,
+                MAX_EVENT_BYTES,
+            )
+
+
+async def _pump(
+    ex: Exchange,
+    content: aiohttp.StreamReader,
+    response: web.StreamResponse,
+    observer: StreamObserver | None,
+    parser: SSEParser,
+    rewrites: bool,
+) -> None:
+    """Chunks from the upstream to the client until the upstream's end."""
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamCut(type(exc).__name__) from exc
+        if not chunk:
+            ex.upstream_done_at = time.perf_counter()
+            return
+        if ex.first_byte_at is None:
+            ex.first_byte_at = time.perf_counter()
+        if rewrites:
+            assert observer is not None
+            chunk = _rewrite(observer, parser, chunk)
+            if chunk:
+                await _write(response.write(chunk))
+            continue
+        # The client's bytes first; usage is read on the side, after.
+        await _write(response.write(chunk))
+        if observer is not None:
+            for event in parser.feed(chunk):
+                observer.on_event(event)
 
 
 def _rewrite(observer: StreamObserver, parser: SSEParser, chunk: bytes) -> bytes:

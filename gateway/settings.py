@@ -170,6 +170,12 @@ class Timeouts(BaseModel):
     client_body: float = Field(30.0, gt=0)
     """To receive a client's whole request body; a slower client is answered 408 and its
     connection closed, so slow or stalled uploads cannot hold connections for ever."""
+    stream_total: float = Field(3600.0, gt=0)
+    """The longest an answer may take to arrive whole, from its headers: a stream still
+    going after it is cut and counted as an upstream cut (usage estimated), a body still
+    coming is a 502. An agent's longest streams take minutes; one that trickles bytes for
+    ever would otherwise hold its connection and the turn's reservations, ``idle`` never
+    firing."""
 
 
 class DegradedSettings(BaseModel):
@@ -245,6 +251,10 @@ class Settings(BaseModel):
     ``gateway degrade on``)."""
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """The largest request body read; larger is answered 413."""
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """The largest upstream answer the gateway holds whole (any non-streamed answer of an LLM
+    route, which it reads); a larger one is refused unread with a 502. Other routes' larger
+    answers (file contents) are passed on as they come, never held."""
     upstream_retries: int = Field(2, ge=0, le=9)
     """Retries after the first attempt, for every upstream that does not set
     ``retry.attempts`` itself."""
@@ -407,9 +417,29 @@ _ENV: dict[str, tuple[str, ...]] = {
 }
 
 
+def _referenced_token(value: str, env: Mapping[str, str], resolve: bool = True) -> Secret:
+    """The config file's ``admin_token``: a reference (``env:VAR``, ``file:/path``), never the
+    token itself (a file kept in git or a ConfigMap would carry it)."""
+    if not value.startswith(("env:", "file:")):
+        raise ValueError(
+            "admin_token in a config file is written as a reference (env:VARIABLE or"
+            " file:/path), never the token itself; or set GATEWAY_ADMIN_TOKEN"
+        )
+    if not resolve:  # ``config check``: the file's shape, not this machine's secrets
+        return Secret(value)
+    from gateway.auth.pools import CredentialReferenceError
+    from gateway.auth.pools import resolve as read_reference
+
+    try:
+        return read_reference(value, env)
+    except CredentialReferenceError as exc:
+        raise ValueError(f"admin_token: {exc}") from None
+
+
 def load_settings(
     config: Path | None = None,
     env: Mapping[str, str] | None = None,
+    resolve_references: bool = True,
     **overrides: Any,
 ) -> Settings:
     """Settings from a YAML config file, ``GATEWAY_*`` variables, and explicit overrides.
@@ -431,6 +461,8 @@ def load_settings(
             raise ValueError(f"{config}: expected a mapping at the top level")
         data = loaded
     env = os.environ if env is None else env
+    if isinstance(data.get("admin_token"), str):
+        data["admin_token"] = _referenced_token(data["admin_token"], env, resolve_references)
     for name, path in _ENV.items():
         value = env.get(name)
         if value:

@@ -1,19 +1,38 @@
-"""Incremental server-sent-events parsing that keeps each event's raw bytes.
+"""Incremental server-sent-events parsing that keeps each event's raw bytes, in bounded memory.
 
 The relay forwards upstream chunks as they come; this parser only tells the dialect what the
 events were, so usage can be read on the side. Raw bytes are kept per event for the one case
 that drops events (the usage chunk the gateway itself asked for).
+
+What the upstream sends is not trusted: an event larger than ``MAX_EVENT_BYTES`` is not held
+(a hostile or broken upstream could otherwise grow it until the process dies). Its bytes still
+reach the client as they came, unread, and parsing resumes after it (``SSEParser``).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""The largest event read. Real events are a few KB; the largest legitimate ones are the final
+events that restate a whole answer (Responses' ``response.completed``, with base64 images when
+the model drew some: a few MB). Past it an event is relayed unread, not cut: the client gets
+the stream the upstream sent, and only what that one event said is missing from accounting
+(usage it carried is then estimated, as for a cut stream). Cutting would cost the agent the
+whole turn and a retry for the gateway's own limit, where a client SDK that cannot take such
+an event applies its own."""
+_LONG = 64 * 1024
+"""A partial event past this size is collected in a bytearray (appending is linear) instead
+of being joined again to every chunk (quadratic in the event's size)."""
+
 
 class SSEEvent(NamedTuple):
     """One event: its name, its data lines joined, and its bytes as sent. A tuple, not a
     frozen dataclass: a stream makes one per event, and a frozen dataclass sets each field
-    through ``object.__setattr__``."""
+    through ``object.__setattr__``.
+
+    Bytes of an event too large to read come (to a parser that hands them back) as events of
+    no name and no data, like a comment block: observers relay them and read nothing."""
 
     event: str | None
     data: bytes
@@ -21,31 +40,105 @@ class SSEEvent(NamedTuple):
 
 
 class SSEParser:
-    """Feed it chunks; it returns the events completed so far and keeps the partial tail."""
+    """Feed it chunks; it returns the events completed so far and keeps the partial tail.
 
-    __slots__ = ("_tail",)
+    A partial event never grows past ``limit`` bytes (plus one chunk): beyond it the event is
+    dropped unread until its end, where parsing resumes (``oversized`` counts such events).
+    ``hand_back``: the caller sends what the events carry (a relay that rewrites events), so
+    the dropped event's bytes are handed back as opaque events rather than dropped.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_hand_back", "_limit", "_long", "_skipping", "_tail", "oversized")
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES, *, hand_back: bool = False) -> None:
         self._tail = b""
+        self._long: bytearray | None = None
+        """A partial event past ``_LONG`` (or, while ``_skipping``, an empty marker): set,
+        every chunk takes ``_feed_long``."""
+        self._skipping = False
+        self._limit = limit
+        self._hand_back = hand_back
+        self.oversized = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._long is not None:
+            return self._feed_long(chunk)
         buf = self._tail + chunk if self._tail else chunk
         if buf.find(b"\r") >= 0:  # not ``in``: see dialects.openai_chat._without_usage_null
             buf = buf.replace(b"\r\n", b"\n")
         # One split for the whole chunk: the bytes methods that take a start offset (find,
         # startswith, count) parse their arguments the slow way on Python 3.11.
-        *blocks, self._tail = buf.split(b"\n\n")
+        *blocks, tail = buf.split(b"\n\n")
         events: list[SSEEvent] = []
         for block in blocks:
             event = _event(block)
             if event is not None:
                 events.append(event)
+        if len(tail) > _LONG:
+            self._tail = b""
+            self._long = bytearray(tail)
+            if len(tail) > self._limit:
+                events.extend(self._overflow())
+        else:
+            self._tail = tail
         return events
 
     @property
     def pending(self) -> bytes:
-        """Bytes of an event that has not been completed (a stream cut mid-event)."""
-        return self._tail
+        """Bytes of an event that has not been completed (a stream cut mid-event); none for
+        an event too large, which is not held."""
+        if self._skipping:
+            return b""
+        return bytes(self._long) if self._long is not None else self._tail
+
+    def _feed_long(self, chunk: bytes) -> list[SSEEvent]:
+        """A chunk while a long event is held (or skipped): only its end is looked for."""
+        long = self._long
+        assert long is not None
+        if self._skipping:
+            return self._skip(chunk)
+        # Two bytes before the chunk are enough to see an end split between chunks: "\n\r"
+        # then "\n" (a CRLF blank line) is the longest such spelling.
+        probe = long[-2:] + chunk
+        if probe.find(b"\r") >= 0:
+            probe = probe.replace(b"\r\n", b"\n")
+        long += chunk
+        if probe.find(b"\n\n") >= 0:  # it ends here: parsed as a whole, once
+            self._long = None
+            return self.feed(bytes(long))
+        if len(long) > self._limit:
+            return self._overflow()
+        return []
+
+    def _overflow(self) -> list[SSEEvent]:
+        """The held event is too large: dropped (handed back, if asked) and skipped to its
+        end. The last two bytes stay, to see an end split between chunks."""
+        long = self._long
+        assert long is not None
+        self.oversized += 1
+        self._skipping = True
+        self._long = bytearray()
+        self._tail = bytes(long[-2:])
+        return self._opaque(bytes(long[:-2])) if self._hand_back else []
+
+    def _skip(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._tail + chunk
+        if buf.find(b"\r") >= 0:
+            buf = buf.replace(b"\r\n", b"\n")
+        end = buf.find(b"\n\n")
+        if end < 0:
+            self._tail = buf[-2:]
+            return self._opaque(buf[:-2])
+        # The oversized event ends here: back to reading events.
+        self._skipping = False
+        self._long = None
+        self._tail = b""
+        events = self._opaque(buf[: end + 2])
+        events.extend(self.feed(buf[end + 2 :]))
+        return events
+
+    def _opaque(self, raw: bytes) -> list[SSEEvent]:
+        return [SSEEvent(None, b"", raw)] if self._hand_back and raw else []
 
 
 def _event(block: bytes) -> SSEEvent | None:

@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from gateway.appkeys import AUDIT, POLICY, UPSTREAMS
 from gateway.audit import MAX_FIELD, MAX_REASON, AuditError, AuditLog, token_actor
 from gateway.policy import LivePolicy, PolicyError
 from gateway.settings import load_settings
-from tests.harness import Gateway, MakeGateway, key_hash, read_audit, session_headers, write_text
+from tests.harness import (
+    ADMIN,
+    ADMIN_TOKEN,
+    Gateway,
+    MakeGateway,
+    key_hash,
+    read_audit,
+    session_headers,
+    write_text,
+)
 from tests.policy.apis import call
 
 
@@ -340,18 +348,20 @@ async def test_grant_and_end_are_audited_with_who_and_why(make_gateway: MakeGate
     await gw.grant("audited", turns=3, by="alice", reason="needs more")
     await gw.admin_post("/gateway/sessions/audited/end", {"by": "bob", "reason": "done"})
     [granted] = await gw.audit_events("grant")
-    assert granted["actor"] == "loopback" and granted["session"] == "audited"
+    assert granted["actor"] == token_actor(ADMIN_TOKEN) and granted["session"] == "audited"
+    assert granted["auth"] == "token" and granted["peer"] == "127.0.0.1"
     assert (granted["turns"], granted["by"], granted["reason"]) == (3, "alice", "needs more")
     [ended] = await gw.audit_events("session_end")
-    assert ended["actor"] == "loopback" and (ended["by"], ended["reason"]) == ("bob", "done")
+    assert ended["actor"] == token_actor(ADMIN_TOKEN)
+    assert (ended["by"], ended["reason"]) == ("bob", "done")
     assert await gw.audit_events("grant_undone") == []
 
 
 async def test_the_actor_is_the_admin_tokens_hash_never_the_token(
     make_gateway: MakeGateway,
 ) -> None:
-    token = "s3cret-admin-token"
-    gw = await make_gateway(TEN_TURNS, admin_token=SecretStr(token))
+    token = "op-Vb8Kq3Rw6Tz1Yx4Nm7Pd2Lc9Hf5Gs0Ja"
+    gw = await make_gateway(TEN_TURNS, admin_token=token)
     await call(gw, "chat", session_headers("tokened"))
     auth = {"Authorization": f"Bearer {token}"}
     url = gw.url("/gateway/sessions/tokened/grant")
@@ -409,7 +419,7 @@ async def test_an_admin_change_whose_line_cannot_be_written_is_refused(
     failing(gw.server.app[AUDIT], monkeypatch)
     for path, body in (("grant", {"turns": 5}), ("end", {"reason": "x"})):
         url = gw.url(f"/gateway/sessions/unaudited/{path}")
-        async with gw._http.post(url, json=body) as resp:
+        async with gw._http.post(url, json=body, headers=ADMIN) as resp:
             assert resp.status == 503
             error = (await resp.json())["error"]
         assert "audit log" in error and "the change was not made" in error
@@ -420,13 +430,25 @@ async def test_an_admin_change_whose_line_cannot_be_written_is_refused(
 async def test_refused_admin_calls_change_nothing_and_write_no_change(
     make_gateway: MakeGateway,
 ) -> None:
+    """An unknown session (404) changes nothing: no line. A call without the token (401)
+    changes nothing either: its line says it was denied, and who tried, never a change."""
     gw = await make_gateway(TEN_TURNS)
-    for path in ("grant", "end"):
+    for path, body in (("grant", {"turns": 1}), ("end", {"reason": "x"})):
         url = gw.url(f"/gateway/sessions/nobody/{path}")
-        async with gw._http.post(url, json={"turns": 1}) as resp:
+        async with gw._http.post(url, json=body, headers=ADMIN) as resp:
             assert resp.status == 404
     written = await asyncio.to_thread(read_audit, gw.audit_path)
     assert [e["event"] for e in written] == ["policy_loaded"]
+    await call(gw, "chat", session_headers("someone"))
+    url = gw.url("/gateway/sessions/someone/grant")
+    async with gw._http.post(url, json={"turns": 1}) as resp:
+        assert resp.status == 401
+    [denied] = await gw.audit_events("admin_denied")
+    assert (denied["actor"], denied["reason"]) == ("unauthenticated", "missing")
+    assert denied["scope"] == "sessions:write" and denied["method"] == "POST"
+    written = await asyncio.to_thread(read_audit, gw.audit_path)
+    assert [e["event"] for e in written] == ["policy_loaded", "admin_denied"]
+    assert (await gw.record("someone")).granted_turns == 0
 
 
 async def test_a_breaker_transition_is_audited_as_the_systems(make_gateway: MakeGateway) -> None:

@@ -15,17 +15,21 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
-from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.appkeys import STORE
 from gateway.cli import SESSION_STATUSES, _parser, main
 from gateway.fake_provider.__main__ import build_parser as fake_provider_parser
+from gateway.secret import Secret
 from gateway.settings import Settings
 from gateway.store import INTERNAL_FIELDS, records
 from tests.conftest import GatewayTestServer
+from tests.harness import ADMIN_TOKEN
 from tests.policy.hostile import HOSTILE
 from tests.test_sessions import chat
+
+TOKEN = "op-Vb8Kq3Rw6Tz1Yx4Nm7Pd2Lc9Hf5Gs0Ja"
+"""An operator's own admin token, other than the harness's."""
 
 
 async def run_cli(*argv: str) -> int:
@@ -33,6 +37,15 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
+@pytest.fixture
+def admin_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI shows the test gateway's admin token (``GATEWAY_ADMIN_TOKEN``); and looks for a
+    generated one in an empty directory, never a ``./gateway-state`` of the developer's."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("GATEWAY_STATE_DIR", str(tmp_path / "cli-state"))
+
+
+@pytest.mark.usefixtures("admin_env")
 async def test_sessions_list_and_show(
     gateway: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -62,6 +75,7 @@ async def test_unreachable_gateway_is_a_clear_message(unused_tcp_port: int) -> N
     assert "cannot reach" in str(caught.value.code)
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_show_tells_what_the_policy_did(
     gateway: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -79,6 +93,7 @@ async def test_show_tells_what_the_policy_did(
     assert "loop             identical_tool_calls exec_command x100+" in shown
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_show_json_is_the_operator_view(
     gateway: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,6 +113,7 @@ def listed(out: str) -> list[str]:
     return [session["id"] for session in json.loads(out)["sessions"]]
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_connection_options_go_before_or_after_the_command(
     gateway: TestServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,6 +145,7 @@ def test_status_must_be_one_the_store_knows(capsys: pytest.CaptureFixture[str]) 
     assert SESSION_STATUSES == records.SESSION_STATUSES
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_status_filters_the_list(
     gateway: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,7 +207,7 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
 
 @pytest.fixture
 async def locked_gateway(settings: Settings) -> AsyncIterator[TestServer]:
-    locked = settings.model_copy(update={"admin_token": SecretStr("s3cret")})
+    locked = settings.model_copy(update={"admin_token": Secret(TOKEN)})
     server = GatewayTestServer(create_app(locked))
     await server.start_server()
     yield server
@@ -198,27 +215,64 @@ async def locked_gateway(settings: Settings) -> AsyncIterator[TestServer]:
 
 
 async def test_the_admin_token_comes_from_the_environment_or_the_flag(
-    locked_gateway: TestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    locked_gateway: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     url = str(locked_gateway.make_url("")).rstrip("/")
     monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("GATEWAY_STATE_DIR", str(tmp_path / "nothing-generated"))
     with pytest.raises(SystemExit) as caught:
         await run_cli("sessions", "list", "--url", url)
     assert str(caught.value.code).startswith(
         "gateway: admin token required: set GATEWAY_ADMIN_TOKEN or pass --token"
     )
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     assert await run_cli("sessions", "list", "--url", url, "--json") == 0
     assert listed(capsys.readouterr().out) == []
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "wrong")
     with pytest.raises(SystemExit) as refused:
         await run_cli("sessions", "list", "--url", url)
-    assert "the admin token was refused: check GATEWAY_ADMIN_TOKEN or --token" in str(
-        refused.value.code
-    )
-    assert await run_cli("sessions", "list", "--url", url, "--token", "s3cret") == 0
+    message = str(refused.value.code)
+    assert "the admin token was refused: check GATEWAY_ADMIN_TOKEN or --token" in message
+    assert "wrong" not in message.replace("the admin token was refused", "")
+    assert await run_cli("sessions", "list", "--url", url, "--token", TOKEN) == 0
 
 
+@pytest.mark.parametrize("found_by", ["GATEWAY_STATE_DIR", "GATEWAY_STORE"])
+async def test_the_cli_reads_the_token_the_gateway_generated(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    found_by: str,
+) -> None:
+    """Without a configured token the gateway writes one into its state directory; the CLI,
+    run by the same user with the same settings, finds it there. A token given wins."""
+    state = tmp_path / "data" / "gateway-state"  # the default beside sqlite:///data/gateway.db
+    generating = settings.model_copy(update={"admin_token": None, "state_dir": state})
+    server = GatewayTestServer(create_app(generating))
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        monkeypatch.delenv("GATEWAY_ADMIN_TOKEN", raising=False)
+        monkeypatch.delenv("GATEWAY_STATE_DIR", raising=False)
+        if found_by == "GATEWAY_STATE_DIR":
+            monkeypatch.setenv("GATEWAY_STATE_DIR", str(state))
+        else:
+            monkeypatch.setenv("GATEWAY_STORE", f"sqlite:///{tmp_path / 'data' / 'gateway.db'}")
+        assert await run_cli("sessions", "list", "--url", url, "--json") == 0
+        assert listed(capsys.readouterr().out) == []
+        monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)  # not this gateway's
+        with pytest.raises(SystemExit) as refused:
+            await run_cli("sessions", "list", "--url", url)
+        assert "the admin token was refused" in str(refused.value.code)
+    finally:
+        await server.close()
+
+
+@pytest.mark.usefixtures("admin_env")
 async def test_grant_refusals_exit_non_zero(
     gateway: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

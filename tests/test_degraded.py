@@ -27,7 +27,6 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.appkeys import DEGRADED, DRAINING, SETTINGS, SUMMARIZERS, UPSTREAMS
@@ -43,24 +42,28 @@ from gateway.telemetry.tracing import ExportWatch, Tracing, export_watch
 from tests.compaction.test_overflow import send
 from tests.compaction.test_sessions import POLICY, WINDOW, summary_calls
 from tests.conftest import GatewayTestServer
-from tests.harness import Gateway, MakeGateway, session_headers
+from tests.harness import ADMIN, ADMIN_TOKEN, Gateway, MakeGateway, session_headers
 from tests.telemetry.test_metrics import samples, value
 from tests.test_cli import run_cli
 
 FALLBACK = POLICY.format(window=WINDOW, strategies="summarize, truncate")
+ACTOR = token_actor(ADMIN_TOKEN)
+"""How the audit log and the reasons name whoever shows the tests' admin token."""
+TOKEN = "op-Vb8Kq3Rw6Tz1Yx4Nm7Pd2Lc9Hf5Gs0Ja"
 
 
 async def degrade(gw: Gateway, body: Any) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(gw.url("/gateway/degrade"), json=body) as r,
+        http.post(gw.url("/gateway/degrade"), json=body, headers=ADMIN) as r,
     ):
         return r.status, await r.json()
 
 
 async def get(gw: Gateway | TestServer, path: str) -> tuple[int, Any]:
+    """A GET with the admin token (the probes take it, and need none)."""
     url = gw.url(path) if isinstance(gw, Gateway) else gw.make_url(path)
-    async with aiohttp.ClientSession() as http, http.get(url) as r:
+    async with aiohttp.ClientSession() as http, http.get(url, headers=ADMIN) as r:
         return r.status, await r.json()
 
 
@@ -74,7 +77,7 @@ async def test_degraded_by_hand_shows_in_health_the_gauge_and_the_audit_log(
     assert answer["status"] == "degraded"
     [reason] = answer["reasons"]
     assert reason["reason"] == "manual" and reason["detail"] == "store maintenance"
-    assert reason["actor"] == "loopback" and reason["since"] > 0
+    assert reason["actor"] == ACTOR and reason["since"] > 0
 
     status, health = await get(gw, "/gateway/health")
     assert status == 200 and health["status"] == "degraded"
@@ -90,7 +93,8 @@ async def test_degraded_by_hand_shows_in_health_the_gauge_and_the_audit_log(
 
     [entry] = await gw.audit_events("degraded", lambda e: e["on"] is True)
     assert entry["reason"] == "manual" and entry["detail"] == "store maintenance"
-    assert entry["actor"] == "loopback" and entry["peer"] == "127.0.0.1"
+    assert entry["actor"] == ACTOR and entry["peer"] == "127.0.0.1"
+    assert entry["auth"] == "token"
 
     assert (await degrade(gw, {"on": True, "reason": "again"}))[1]["changed"] is False
     status, answer = await degrade(gw, {"on": False, "reason": "done"})
@@ -98,42 +102,44 @@ async def test_degraded_by_hand_shows_in_health_the_gauge_and_the_audit_log(
     assert (await get(gw, "/gateway/health"))[1]["status"] == "ok"
     assert (await get(gw, "/gateway/degrade")) == (200, {"status": "ok", "reasons": []})
     [off] = await gw.audit_events("degraded", lambda e: e["on"] is False)
-    assert off["detail"] == "done" and off["actor"] == "loopback"
+    assert off["detail"] == "done" and off["actor"] == ACTOR
     assert len(await gw.audit_events("degraded")) == 2  # the one that changed nothing: no line
     assert value(await samples(gw), "gateway_degraded", reason="manual") == 0
 
 
 async def test_with_a_token_the_actor_is_its_hash(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(None, admin_token=SecretStr("s3cret-admin"))
+    gw = await make_gateway(None, admin_token=TOKEN)
     async with aiohttp.ClientSession() as http:
         body = {"on": True, "reason": "drill"}
-        async with http.post(gw.url("/gateway/degrade"), json=body) as r:
-            assert r.status == 401
-        async with http.get(gw.url("/gateway/degrade")) as r:
-            assert r.status == 401
-        auth = {"Authorization": "Bearer s3cret-admin"}
+        for refused in ({}, ADMIN):  # none, and another token than the configured one
+            async with http.post(gw.url("/gateway/degrade"), json=body, headers=refused) as r:
+                assert r.status == 401
+            async with http.get(gw.url("/gateway/degrade"), headers=refused) as r:
+                assert r.status == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
         async with http.post(gw.url("/gateway/degrade"), json=body, headers=auth) as r:
             assert r.status == 200
             [reason] = (await r.json())["reasons"]
-    assert reason["actor"] == token_actor("s3cret-admin")
+    assert reason["actor"] == token_actor(TOKEN)
     [entry] = await gw.audit_events("degraded")
-    assert entry["actor"] == token_actor("s3cret-admin")
-    assert "s3cret-admin" not in gw.audit_path.read_text()
+    assert entry["actor"] == token_actor(TOKEN)
+    assert TOKEN not in gw.audit_path.read_text()
     # Health and ready stay open to the probes.
     assert (await get(gw, "/gateway/health"))[0] == 200
     assert (await get(gw, "/gateway/ready"))[0] == 200
 
 
 async def test_the_cli_degrades_and_restores(
-    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
     gw = await make_gateway(None)
     url = gw.url("").rstrip("/")
     assert await run_cli("degrade", "status", "--url", url) == 0
     assert capsys.readouterr().out == "not degraded\n"
     assert await run_cli("degrade", "on", "--reason", "db failover", "--url", url) == 0
     shown = capsys.readouterr().out
-    assert shown.startswith("degraded:\n  manual since ") and "by loopback: db failover" in shown
+    assert shown.startswith("degraded:\n  manual since ") and f"by {ACTOR}: db failover" in shown
     assert await run_cli("degrade", "--json", "status", "--url", url) == 0
     assert orjson.loads(capsys.readouterr().out)["reasons"][0]["detail"] == "db failover"
     assert await run_cli("degrade", "on", "--reason", "again", "--url", url) == 0
@@ -199,11 +205,11 @@ async def test_writes_from_another_origin_or_without_json_are_refused(
 ) -> None:
     gw = await make_gateway(None)
     async with aiohttp.ClientSession() as http:
-        page = {"Origin": "http://evil.example"}
+        page = {**ADMIN, "Origin": "http://evil.example"}
         body = {"on": True, "reason": "x"}
         async with http.post(gw.url("/gateway/degrade"), json=body, headers=page) as r:
             assert r.status == 403
-        form = {"Content-Type": "text/plain"}
+        form = {**ADMIN, "Content-Type": "text/plain"}
         async with http.post(gw.url("/gateway/degrade"), data=b"{}", headers=form) as r:
             assert r.status == 415
     assert not gw.server.app[DEGRADED].active
@@ -534,12 +540,13 @@ class AdminOnly:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     async def _start(self) -> tuple[TestServer, aiohttp.ClientSession]:
-        server = GatewayTestServer(create_app(Settings(store="memory://")))
+        configured = Settings(store="memory://", admin_token=ADMIN_TOKEN)
+        server = GatewayTestServer(create_app(configured))
         await server.start_server()
         return server, aiohttp.ClientSession()
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"}
+        headers = {**ADMIN, "Content-Type": "application/json"}
         url = self.server.make_url("/gateway/degrade")
         async with self.http.post(url, data=body, headers=headers) as r:
             return r.status, await r.read()

@@ -9,12 +9,16 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.appkeys import STORE
+from gateway.secret import Secret
 from gateway.settings import Settings
 from tests.conftest import ANTHROPIC_MODEL, load_fixture
+from tests.harness import ADMIN
+
+TOKEN = "op-Vb8Kq3Rw6Tz1Yx4Nm7Pd2Lc9Hf5Gs0Ja"
+"""An operator's own admin token, other than the harness's."""
 
 
 async def replay(
@@ -175,7 +179,7 @@ async def test_restart_with_sqlite_resumes_counts(
 
 @pytest.fixture
 def admin_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"admin_token": SecretStr("s3cret")})
+    return settings.model_copy(update={"admin_token": Secret(TOKEN)})
 
 
 async def test_admin_api_lists_filters_pages_and_needs_the_token(
@@ -189,12 +193,13 @@ async def test_admin_api_lists_filters_pages_and_needs_the_token(
             body,
             **{"X-Gateway-Session": f"s{i}", "X-Gateway-Agent": "goose" if i % 2 else "aider"},
         )
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.make_url("/gateway/health")) as resp:
             assert resp.status == 200 and (await resp.json())["status"] == "ok"
-        async with http.get(gateway.make_url("/gateway/sessions")) as resp:
-            assert resp.status == 401
+        for refused in ({}, ADMIN):  # none, and another token than the configured one
+            async with http.get(gateway.make_url("/gateway/sessions"), headers=refused) as resp:
+                assert resp.status == 401
         async with http.get(gateway.make_url("/gateway/sessions?limit=2"), headers=auth) as resp:
             page = await resp.json()
         assert [s["id"] for s in page["sessions"]] == ["s4", "s3"]

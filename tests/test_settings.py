@@ -18,14 +18,18 @@ upstreams:
   anthropic: http://anthropic.local
 timeouts:
   connect: 5
-admin_token: from-file
+admin_token: file:{token_file}
 """
+FILE_TOKEN = "from-file-Qx2Lr9vKp4Wm8Zt3Nc6Hy1Bd5F"
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
+    """The config file, its admin token by reference to a file beside it."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(FILE_TOKEN + "\n")
     path = tmp_path / "gateway.yaml"
-    path.write_text(CONFIG)
+    path.write_text(CONFIG.format(token_file=token_file))
     return path
 
 
@@ -45,8 +49,8 @@ def test_values_from_file(config: Path) -> None:
     assert settings.timeouts.connect == 5.0
     assert settings.timeouts.idle == 300.0  # unset nested values keep their defaults
     assert settings.admin_token is not None
-    assert settings.admin_token.get_secret_value() == "from-file"
-    assert "from-file" not in repr(settings)
+    assert settings.admin_token.reveal() == FILE_TOKEN
+    assert "from-file" not in repr(settings) and "from-file" not in str(settings.admin_token)
 
 
 def test_environment_overrides_file(config: Path) -> None:
@@ -62,10 +66,35 @@ def test_environment_overrides_file(config: Path) -> None:
     assert settings.upstreams["openai"].url == "http://env-openai/v1"
     assert settings.upstreams["anthropic"].url == "http://env-anthropic"
     assert settings.admin_token is not None
-    assert settings.admin_token.get_secret_value() == "from-env"
+    assert settings.admin_token.reveal() == "from-env"
     assert settings.store == "sqlite:///env.db"
     assert settings.log_level == "debug"
     assert settings.port == 9000  # the rest of the file still applies
+
+
+@pytest.mark.parametrize(
+    ("written", "refused"),
+    [
+        ("s3cret-admin-Qx2Lr9vKp4Wm8Zt3Nc6Hy1Bd5F", "written as a reference"),
+        ("env:NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE is not set"),
+        ("file:/nonexistent/admin-token", "admin_token"),
+    ],
+    ids=["inline", "unset-variable", "missing-file"],
+)
+def test_a_config_file_names_the_admin_token_never_holds_it(
+    tmp_path: Path, written: str, refused: str
+) -> None:
+    """A config file is kept in git or a ConfigMap: the token in it would travel with it."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"admin_token: {written}\n")
+    with pytest.raises(ValueError, match=refused) as caught:
+        load_settings(path, env={})
+    if not written.startswith(("env:", "file:")):
+        assert written not in str(caught.value)
+    env = {"THE_TOKEN": "from-variable-Qx2Lr9vKp4Wm8Zt3Nc6Hy1B"}
+    path.write_text("admin_token: env:THE_TOKEN\n")
+    token = load_settings(path, env=env).admin_token
+    assert token is not None and token.reveal() == env["THE_TOKEN"]
 
 
 def test_one_environment_upstream_keeps_the_other_from_file(config: Path) -> None:
@@ -91,7 +120,7 @@ def test_process_environment_is_read_by_default(
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "from-process")
     settings = load_settings(config)
     assert settings.admin_token is not None
-    assert settings.admin_token.get_secret_value() == "from-process"
+    assert settings.admin_token.reveal() == "from-process"
 
 
 def test_overrides_beat_environment_and_none_is_ignored(config: Path) -> None:

@@ -1,43 +1,55 @@
 """``allowed_hosts``: which ``Host`` a request may carry. A page on an attacker's domain that
 resolves to this gateway (DNS rebinding) sends its own name as ``Host``: refused. Bound to
-loopback with no list, the loopback names are the list; bound elsewhere with no list, any
-name is accepted (a load balancer's name is not known here). Probes answer any ``Host``."""
+loopback with no list, loopback names and addresses are the list; bound elsewhere with no
+list, any name is accepted (a load balancer's name is not known here). Probes answer any
+``Host``. In a pattern, ``*`` stands for one DNS label (``*.internal``)."""
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import re
 from functools import lru_cache
 
-LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost", "127.0.0.1", "::1", "[::1]")
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
 class HostCheck:
     def __init__(self, allowed: list[str], listen_host: str) -> None:
-        patterns = list(allowed)
-        if not patterns and _is_loopback(listen_host):
-            patterns = [*LOOPBACK_NAMES, "127.*.*.*"]
-        self.any = not patterns
+        self.loopback_only = not allowed and _is_loopback(listen_host)
+        self.any = not allowed and not self.loopback_only
         self._pattern = (
-            re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns))
-            if patterns
+            re.compile("|".join(re.escape(p.lower()).replace(r"\*", "[^.]*") for p in allowed))
+            if allowed
             else None
         )
         # One check per distinct Host (there are few): a bounded cache of answers.
         self.allows = lru_cache(maxsize=1024)(self._allows)
 
     def _allows(self, host: str | None) -> bool:
-        if self._pattern is None:
+        if self.any:
             return True
         if not host or len(host) > 255:
             return False
-        name = host.lower()
-        if name.startswith("["):  # [::1]:8787
-            name = name.split("]", 1)[0] + "]"
-        elif name.count(":") == 1:
-            name = name.split(":", 1)[0]
+        name = _name(host.lower())
+        if name is None:
+            return False
+        if self.loopback_only:
+            return _is_loopback(name)
+        assert self._pattern is not None
         return self._pattern.fullmatch(name) is not None
+
+
+def _name(host: str) -> str | None:
+    """The name of a ``Host`` value without its port (``[::1]:8787`` -> ``::1``)."""
+    if host.startswith("["):
+        inside, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest[1:].isdigit()) or (rest and rest[0] != ":"):
+            return None
+        return inside
+    name, colon, port = host.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name
 
 
 def _is_loopback(host: str) -> bool:

@@ -29,6 +29,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.admin_bodies import BodyRefused, strict_json
 from gateway.audit import AuditError
 from gateway.auth.config import REFERENCE
 from gateway.auth.planes import ADMIN_CALLER
@@ -649,9 +650,10 @@ async def reload_handler(request: web.Request) -> web.Response:
     if raw is None:
         return _json({"error": f"the body is larger than {MAX_BODY} bytes"}, 413)
     try:
-        body = ReloadBody.model_validate(orjson.loads(raw) if raw.strip() else {})
-    except orjson.JSONDecodeError:
-        return _json({"error": "the body must be JSON"}, 400)
+        # Strict JSON: a duplicate field, NaN or bad UTF-8 is refused, never half read.
+        body = ReloadBody.model_validate(strict_json(raw))
+    except BodyRefused as refused:
+        return _json({"error": f"{refused.message} (reload takes only a reason)"}, refused.status)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"

@@ -130,7 +130,8 @@ async def _gateway_credential(
         byok = replace(principal, byok=True)
         return Authenticated(byok, Credential(principal.owner, drop), None, method)
     choice = pool_choice(auth, ex.upstream.name, principal, provider)
-    return Authenticated(principal, Credential(principal.owner), choice, method)
+    outcome = "deprecated" if principal.deprecated_until is not None else "ok"
+    return Authenticated(principal, Credential(principal.owner), choice, method, outcome)
 
 
 def pool_choice(auth: Authenticator, upstream: str, principal: Principal, provider: str) -> Choice:
@@ -284,7 +285,8 @@ def deprecated_use(ex: Exchange, principal: Principal) -> None:
     """A call with a rotated key's previous secret: counted, and audited once a minute per
     key, so operators see who has not switched."""
     assert principal.deprecated_until is not None
-    ex.app[METRICS].deprecated_secret_uses.inc((principal.team or "none",))
+    metrics = ex.app[METRICS]
+    metrics.deprecated_secret_uses.inc((metrics.team(principal.team),))
     now = time.monotonic()
     if now - _deprecated_audited.get(principal.owner, -1e9) >= DEPRECATED_AUDIT_EVERY:
         if len(_deprecated_audited) > 10_000:

@@ -194,7 +194,7 @@ def _config_check(args: argparse.Namespace) -> int:
     try:
         # What ``gateway serve --config`` does with it, reading the file again: within the
         # limits above it is safe to.
-        settings = load_settings(args.file, env={})
+        settings = load_settings(args.file, env={}, resolve_references=False)
     except ValidationError as exc:
         for problem in locate(exc.errors(), node):
             print(f"{source}: {problem}", file=sys.stderr)

@@ -63,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from gateway.admin import serving_problem
+    from gateway.auth.pepper import PepperMissing
+    from gateway.auth.pools import CredentialReferenceError
     from gateway.app import create_app
     from gateway.policy import PolicyError
     from gateway.server import serve
@@ -103,6 +105,9 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:  # the policy file at start: its problems, not a traceback
         print(f"gateway: policy refused, not starting:\n{exc}", file=sys.stderr)
         return 1
+    except (PepperMissing, CredentialReferenceError) as exc:  # secrets it cannot read
+        print(f"gateway: not starting: {exc}", file=sys.stderr)
+        return 2
     finally:
         listener.stop()
     return 0

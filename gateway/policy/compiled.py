@@ -55,7 +55,7 @@ class Caller:
     principal: str | None = None
     """The authenticated principal's public id (``key:<id>``, ``jwt:<sub>``,
     ``passthrough:<key hash>``)."""
-    scopes: tuple[str, ...] = ()
+    scopes: frozenset[str] = frozenset()
     """The principal's scopes (``llm``, ``upstream:byok``)."""
 
 

@@ -86,7 +86,7 @@ def caller(
     identity: Identity,
     model: str | None,
     headers: CIMultiDictProxy[str],
-    scopes: tuple[str, ...] = (),
+    scopes: frozenset[str] = frozenset(),
 ) -> Caller:
     """What rules match on: the authenticated principal, team and scopes (``identity``, set
     from the credential), and what the request says."""

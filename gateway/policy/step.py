@@ -26,7 +26,7 @@ async def decide_policy(ex: Exchange) -> None:
     app, facts = ex.app, ex.facts
     policy = app[POLICY].policy
     principal = ex.principal
-    scopes = tuple(sorted(principal.scopes)) if principal is not None else ()
+    scopes = principal.scopes if principal is not None else frozenset()
     who = decide.caller(policy, ex.identity, facts.model, ex.request.headers, scopes)
     ex.team = who.team
     call = decide.Call(

@@ -1,5 +1,6 @@
 """Families read when ``/metrics`` is scraped, not updated per request: active sessions, the
-process, the live policy, the store's failures, and the budgets.
+process, the live policy, the store's failures, the budgets, the upstreams' guards, the
+credential pools, the redactions and the gateway keys.
 
 Each is a ``prometheus_client`` collector registered in the app's ``Metrics.registry``.
 """

@@ -81,6 +81,12 @@ class JSONFormatter(logging.Formatter):
     def request_line(self, line: RequestLine) -> str:
         created, fields = line
         head = {"time": self.stamp(created), "level": "info", "logger": REQUESTS.name}
+        # The fields a client's input reaches, looked over together once (the common case:
+        # nothing to scrub); only a line with something in them is redacted field by field.
+        # The rest are the gateway's own words and numbers.
+        probe = "\x00".join([v for k in CLIENT_FIELDS if type(v := fields.get(k)) is str])
+        if not REDACTOR.dirty(probe):
+            return orjson.dumps({**head, "message": "request", **fields}).decode()
         body = {"message": "request", **_redacted(fields)}
         return orjson.dumps({**head, **body}, default=_text).decode()
 
@@ -239,6 +245,13 @@ class RequestLog:
         if self._handler is not None and self._pause is not None:
             self._handler.removeFilter(self._pause)
         self._handler = self._pause = None
+
+
+CLIENT_FIELDS = ("path", "session_id", "agent", "model", "team", "principal", "rule",
+                 "compacted")  # fmt: skip
+"""The request line's fields whose text a client's input can reach (redacted when they hold
+a secret's shape or value); every other field is the gateway's own (routes, outcomes,
+numbers, hex hashes). A field added to the line that a client can reach is added here."""
 
 
 def log_request(requests: RequestLog, ex: Exchange, route: str, trace_id: str | None) -> None:

@@ -70,6 +70,9 @@ RETRY_REASONS = (
     "http_529",
 )
 SHED_REASONS = ("breaker_open", "queue_full", "queue_timeout", "session_share")
+EGRESS_REASONS = ("loopback", "link_local", "private", "reserved", "unresolvable", "redirect",
+                  "scheme")  # fmt: skip
+"""Why the egress guard refuses a fetch (``auth.egress``)."""
 DETECTORS = ("identical_tool_calls", "repeated_requests", "turn_rate")
 
 
@@ -324,6 +327,8 @@ class Metrics:
                 for outcome in ("ok", "invalid"):
                     self.auth_attempts.touch((plane, method, outcome))
         self.audit_write_failures.touch(())
+        for reason in EGRESS_REASONS:
+            self.egress_blocked.touch((reason,))
         for provider in ("openai", "anthropic"):
             for reason in ("http_4xx", "http_429", "http_5xx", "unreachable", "timeout", "cut"):
                 self.upstream_errors.touch((provider, reason))

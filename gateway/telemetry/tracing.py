@@ -291,6 +291,28 @@ class RequestTrace:
     """The gateway's own events (decision, loops, compaction) are on the span."""
 
 
+def auth_span(ex: Exchange, started_ns: int, method: str, outcome: str) -> None:
+    """The ``gateway.auth`` span of a traced call: how its credential was checked, and the
+    principal's public id and team (never the credential, nor a hash of it)."""
+    trace = ex.trace
+    if trace is None or trace.tracing.tracer is None:
+        return
+    attributes: dict[str, Any] = {"gateway.auth.method": method, "gateway.auth.outcome": outcome}
+    principal = ex.principal
+    if principal is not None:
+        attributes["gateway.principal.id"] = cap(principal.id)
+        attributes["gateway.principal.kind"] = principal.kind
+        if principal.team is not None:
+            attributes["gateway.team"] = cap(principal.team)
+    span = trace.tracing.tracer.start_span(
+        "gateway.auth", context=trace.context, kind=SpanKind.INTERNAL,
+        start_time=started_ns, attributes=attributes,
+    )  # fmt: skip
+    if outcome not in ("ok", "deprecated"):
+        span.set_status(Status(StatusCode.ERROR, outcome))
+    span.end()
+
+
 def trace_id(ex: Exchange) -> str | None:
     """The request's trace id (32 hex digits), for log lines and exemplars; None when off."""
     if ex.trace is None:

@@ -100,7 +100,7 @@ async def test_an_unknown_id_and_a_wrong_secret_take_the_same_path(
         compared.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(keyring_module.hmac, "compare_digest", counted)
+    monkeypatch.setattr(hmac, "compare_digest", counted)
     store = CountingStore()
     ring = _ring(store, Clock(), key_cache=0)
     _, token = await _new(ring)

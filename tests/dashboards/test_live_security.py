@@ -31,17 +31,12 @@ from tests.harness import ADMIN, Gateway, MakeGateway
 
 MAY_BE_ZERO = {
     "gateway-overview.json: Audit write failures in range (A)": "the audit log was writable",
-    # One block, in the first round: its series is born at 1 (the reasons are not exported
-    # at 0 from the start), and the JWT verifier closes the app's egress session after its
-    # first fetch, so a second block cannot be made.
-    "gateway-overview.json: Egress fetches blocked by reason (A)": "one block, born at 1",
 }
 CHAT_PATH = "/v1/chat/completions"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": ANTHROPIC_MODEL, "max_tokens": 32,
             "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
 AUDIENCE = "agent-gateway"
-ISSUER = "https://idp.example"
 BLOCKED_JWKS = "http://10.255.0.1/jwks"
 """A private address: the egress guard refuses it before any connection is made."""
 BAD_ADMIN = {"Authorization": "Bearer not-the-admin-token-0123456789"}
@@ -49,8 +44,12 @@ SECRET_IN_PATH = "sk-proj-" + "A" * 24
 """A provider key's shape in an admin URL: the audit line of the refused call is redacted."""
 
 
+def issuer(round: int) -> str:
+    return f"https://idp-{round}.example"
+
+
 def mixed_mode(fake: TestServer, tmp_path: Path) -> dict[str, Any]:
-    """Settings: gateway keys, and JWTs of an issuer whose JWKS sits at a private address;
+    """Settings: gateway keys, and JWTs of two issuers whose JWKS sit at a private address;
     openai with two credentials (one can fail over), anthropic with one."""
     for name in ("oa1", "oa2", "an1"):
         (tmp_path / name).write_text(f"sk-pool-{name}-credential-0001\n")
@@ -59,7 +58,9 @@ def mixed_mode(fake: TestServer, tmp_path: Path) -> dict[str, Any]:
         entries = [{"name": f"entry-{n}", "value": f"file:{tmp_path / n}"} for n in names]
         return {"platform": entries}
 
-    issuers = [{"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": BLOCKED_JWKS}]
+    issuers = [
+        {"issuer": issuer(n), "audience": [AUDIENCE], "jwks_url": BLOCKED_JWKS} for n in (1, 2)
+    ]
     return {
         "auth": {"mode": "mixed", "jwt_issuers": issuers},
         "upstreams": {
@@ -125,8 +126,9 @@ async def drive(gw: Gateway, keys: dict[str, str], round: int) -> None:
         {},  # missing
         bearer("sk-proj-" + "B" * 40),  # a provider key without upstream:byok
     ]
-    if round == 1:  # its issuer's JWKS fetch is blocked (see MAY_BE_ZERO)
-        refused.append(bearer(unsigned_jwt(ISSUER)))
+    # Its issuer's JWKS fetch is blocked. An issuer per round: one is fetched at most every
+    # 30 s, and the reason's series is born at its first block (a rate needs a second one).
+    refused.append(bearer(unsigned_jwt(issuer(round))))
     for headers in refused:
         status = (await gw.post(chat, CHAT, headers))[0]
         assert status in (401, 403), (headers.keys(), status)

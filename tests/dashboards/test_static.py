@@ -123,6 +123,11 @@ def test_the_token_burn_line_on_the_dashboard_is_the_alerts_threshold() -> None:
     assert rule["expr"].count(f"> {load_build().boards.TEAM_TOKEN_PACE}\n") == 2
 
 
+def test_the_auth_failure_line_on_the_dashboard_is_the_alerts_threshold() -> None:
+    [rule] = [r for r in alert_rules() if r["alert"] == "AgentGatewayAuthFailureSpike"]
+    assert f") > {load_build().boards.security.AUTH_SPIKE_SHARE}\n" in rule["expr"]
+
+
 # -- every panel ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BOARD_FILES)
 def test_every_panel_has_a_title_description_unit_and_the_datasource_variable(name: str) -> None:

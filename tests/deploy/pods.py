@@ -16,7 +16,7 @@ import shlex
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import yaml
@@ -106,7 +106,7 @@ class Pod:
         }
         return {name: self.environment[name] for name in sorted(names) if name in self.environment}
 
-    def here(self, path: str | PurePosixPath) -> Path:
+    def here(self, path: str | PurePath) -> Path:
         found = remap(str(path), self.mounts)
         assert found != str(path), f"{path} is on no mount of the container"
         return Path(found)
@@ -176,7 +176,9 @@ def kubernetes_secrets() -> dict[str, set[str]]:
     return documented_secrets((KUBERNETES / "base" / "kustomization.yaml").read_text())
 
 
-def kubernetes_pod(root: Path, *, container_view: bool = False, **env: str) -> Pod:
+def kubernetes_pod(
+    root: Path, env: Mapping[str, str] | None = None, *, container_view: bool = False
+) -> Pod:
     """The Deployment's pod under ``root``: its ConfigMap written out, each Secret it mounts
     or reads made as documented (fresh values), its volumes as directories; ``env`` is set
     over the container's own environment (upstream URLs to a fake provider)."""
@@ -213,17 +215,17 @@ def kubernetes_pod(root: Path, *, container_view: bool = False, **env: str) -> P
             values[item["name"]] = made[ref["name"]][ref["key"]]
     settings = _settings(
         config_argument(container["command"]),
-        {**image_env(), **values, **env},
+        {**image_env(), **values, **(env or {})},
         mounts,
         container_view=container_view,
     )
     return Pod(root, settings, mounts, secrets=made)
 
 
-def kubernetes_settings(**env: str) -> Settings:
+def kubernetes_settings(env: Mapping[str, str] | None = None) -> Settings:
     """The settings the pod runs with, its paths as the container sees them."""
     with tempfile.TemporaryDirectory() as directory:
-        return kubernetes_pod(Path(directory), container_view=True, **env).settings
+        return kubernetes_pod(Path(directory), env, container_view=True).settings
 
 
 # -- compose -----------------------------------------------------------------------------------
@@ -262,7 +264,11 @@ def compose_mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath, bo
 
 
 def compose_pod(
-    root: Path, shell: Mapping[str, str], *, container_view: bool = False, **env: str
+    root: Path,
+    shell: Mapping[str, str],
+    env: Mapping[str, str] | None = None,
+    *,
+    container_view: bool = False,
 ) -> Pod:
     """The compose stack's gateway under ``root``: bind mounts are the repository's own
     folders, named volumes and tmpfs directories under ``root``."""
@@ -281,7 +287,7 @@ def compose_pod(
     environment = compose_environment(service, shell)
     settings = _settings(
         config_argument(service["command"]),
-        {**image_env(), **environment, **env},
+        {**image_env(), **environment, **(env or {})},
         mounts,
         container_view=container_view,
     )

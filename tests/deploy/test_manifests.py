@@ -12,6 +12,8 @@ import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pytest
+
 from gateway.admin import serving_problem
 from gateway.app import create_app
 from gateway.policy.loader import parse_policy, read_policy
@@ -176,7 +178,7 @@ def seconds(duration: str) -> float:
 
 
 async def test_compose_waits_out_the_drain_and_checks_readiness(
-    aiohttp_client: Any, tmp_path: Path, monkeypatch: Any
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gateway = load(COMPOSE)["services"]["gateway"]
     pod = await asyncio.to_thread(compose_pod, tmp_path, compose_shell())
@@ -223,10 +225,10 @@ def test_kubernetes_takes_the_admin_token_from_a_secret_the_monitor_scrapes_with
     # The Secret is made by hand (never committed); the manifests and the README say how.
     for path in (DEPLOYMENT, KUBERNETES / "base" / "kustomization.yaml", REPO / "README.md"):
         assert ref["key"] in documented_secrets(path.read_text())[ref["name"]], path
-    settings = kubernetes_settings(GATEWAY_ADMIN_TOKEN=STRONG_TOKEN)
+    settings = kubernetes_settings({"GATEWAY_ADMIN_TOKEN": STRONG_TOKEN})
     assert settings.host == "0.0.0.0" and serving_problem(settings) is None
     # A weak value in the Secret: the pod refuses to start (and says why) rather than serve.
-    assert serving_problem(kubernetes_settings(GATEWAY_ADMIN_TOKEN="changeme")) is not None
+    assert serving_problem(kubernetes_settings({"GATEWAY_ADMIN_TOKEN": "changeme"})) is not None
 
 
 # -- the image, its user, and where the gateway writes -----------------------------------------
@@ -394,7 +396,9 @@ def test_the_state_directory_is_on_the_volume() -> None:
     assert PurePosixPath(state_dir(image.state_dir, image.store)).is_relative_to(volume)
     compose = load(COMPOSE)
     service = compose["services"]["gateway"]
-    named = [target for source, target, _ in compose_mounts(service) if source in compose["volumes"]]
+    named = [
+        target for source, target, _ in compose_mounts(service) if source in compose["volumes"]
+    ]
     settings = compose_settings()
     place = PurePosixPath(state_dir(settings.state_dir, settings.store))
     assert any(place.is_relative_to(target) for target in named), place

@@ -93,7 +93,7 @@ async def test_sqlite_a_failed_key_write_changes_nothing(tmp_path: Path) -> None
     try:
         ring = KeyRing(store, PEPPER, AuthSettings())
         record, key = await ring.create(KeySpec(team="search", name="ci"), ADMIN)
-        store._write_key = disk_error  # type: ignore[method-assign]
+        store._write_key = disk_error  # type: ignore[method-assign, assignment]
         with pytest.raises(sqlite3.OperationalError):
             await ring.revoke(record.id, ADMIN)
         assert await ring.get(record.id) == record
