@@ -215,8 +215,8 @@ class Settings(BaseModel):
     """Who may call the LLM routes and how they prove it (``auth.mode``)."""
     state_dir: Path | None = None
     """Where the gateway keeps what it generates on first start (the key pepper, the admin
-    token), created 0700 with files 0600. Default: ``gateway-state`` beside the SQLite store,
-    or ``$XDG_STATE_HOME/agent-gateway`` (``~/.local/state/agent-gateway``) with another."""
+    token), created 0700 with files 0600. Default: ``gateway-state`` beside the SQLite store
+    (with another store, in the working directory)."""
     allowed_hosts: list[str] = []
     """``Host`` names (``gateway.example.com``, ``*.internal``) requests may carry; default
     the loopback names when bound to loopback, else any. Health and readiness answer any."""
@@ -271,8 +271,9 @@ class Settings(BaseModel):
     the TCP peer.)"""
     admin_token: Secret | None = None
     """Bearer token for the admin API (``Authorization: Bearer <token>``), at least 32
-    characters. Without one, a token is generated on first start into ``state_dir``
-    (``admin-token``, 0600), where the CLI reads it."""
+    random characters; in a config file only as a reference (``env:VAR``, ``file:/path``).
+    Without one, a token is generated on first start into ``state_dir`` (``admin-token``,
+    0600), where the CLI reads it."""
     metrics_auth: bool = False
     """``GET /metrics`` needs the admin token too."""
     log_level: str = "info"

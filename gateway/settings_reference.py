@@ -8,9 +8,10 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from gateway.secret import Secret
 from gateway.settings import _ENV, Settings
 
 HEADER = """# Config reference
@@ -84,7 +85,7 @@ def _type_name(annotation: Any) -> str:
     if named is not None:
         return "mapping"
     if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
-        name = "secret string" if annotation is SecretStr else annotation.__name__
+        name = "secret string" if annotation is Secret else annotation.__name__
         return "path" if issubclass(annotation, Path) else name
     if get_origin(annotation) is Literal:
         return " | ".join(str(value) for value in get_args(annotation))
@@ -92,7 +93,7 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) in (Union, UnionType) and any(get_origin(a) is Literal for a in args):
         return " | ".join("null" if arg is NoneType else _type_name(arg) for arg in args)
     text = str(annotation).replace("typing.", "").replace("pydantic.types.", "")
-    text = text.replace("pathlib.", "").replace("Path", "path").replace("SecretStr", "secret")
+    text = text.replace("pathlib.", "").replace("Path", "path").replace("gateway.secret.Secret", "secret string")
     return text.replace("NoneType", "null").replace("None", "null")
 
 

@@ -48,13 +48,15 @@ class SSEParser:
     the dropped event's bytes are handed back as opaque events rather than dropped.
     """
 
-    __slots__ = ("_hand_back", "_limit", "_long", "_skipping", "_tail", "oversized")
+    __slots__ = ("_hand_back", "_limit", "_long", "_long_at", "_skipping", "_tail", "oversized")
 
     def __init__(self, limit: int = MAX_EVENT_BYTES, *, hand_back: bool = False) -> None:
         self._tail = b""
+        """The partial event; while ``_skipping``, the last bytes seen of the one dropped."""
         self._long: bytearray | None = None
-        """A partial event past ``_LONG`` (or, while ``_skipping``, an empty marker): set,
-        every chunk takes ``_feed_long``."""
+        """A partial event past ``_long_at`` (while ``_skipping``, an empty marker): when
+        set, every chunk takes ``_feed_long``."""
+        self._long_at = min(_LONG, limit)
         self._skipping = False
         self._limit = limit
         self._hand_back = hand_back
@@ -74,7 +76,7 @@ class SSEParser:
             event = _event(block)
             if event is not None:
                 events.append(event)
-        if len(tail) > _LONG:
+        if len(tail) > self._long_at:
             self._tail = b""
             self._long = bytearray(tail)
             if len(tail) > self._limit:
@@ -93,10 +95,10 @@ class SSEParser:
 
     def _feed_long(self, chunk: bytes) -> list[SSEEvent]:
         """A chunk while a long event is held (or skipped): only its end is looked for."""
-        long = self._long
-        assert long is not None
         if self._skipping:
             return self._skip(chunk)
+        long = self._long
+        assert long is not None
         # Two bytes before the chunk are enough to see an end split between chunks: "\n\r"
         # then "\n" (a CRLF blank line) is the longest such spelling.
         probe = long[-2:] + chunk
@@ -111,34 +113,42 @@ class SSEParser:
         return []
 
     def _overflow(self) -> list[SSEEvent]:
-        """The held event is too large: dropped (handed back, if asked) and skipped to its
-        end. The last two bytes stay, to see an end split between chunks."""
+        """The held event is too large: dropped (handed back whole, if asked) and skipped
+        to its end. Its last two bytes are kept, to see an end split between chunks."""
         long = self._long
         assert long is not None
         self.oversized += 1
         self._skipping = True
         self._long = bytearray()
         self._tail = bytes(long[-2:])
-        return self._opaque(bytes(long[:-2])) if self._hand_back else []
+        return self._opaque(bytes(long)) if self._hand_back else []
 
     def _skip(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._tail + chunk
-        if buf.find(b"\r") >= 0:
-            buf = buf.replace(b"\r\n", b"\n")
-        end = buf.find(b"\n\n")
+        """A chunk of a dropped event: the bytes up to its end go back as they came (if
+        asked), and events are read again after it."""
+        seen = self._tail  # already handed back: only looked at
+        probe = seen + chunk
+        end = min(
+            (at + len(blank) for blank in _BLANK_LINES if (at := probe.find(blank)) >= 0),
+            default=-1,
+        )
         if end < 0:
-            self._tail = buf[-2:]
-            return self._opaque(buf[:-2])
-        # The oversized event ends here: back to reading events.
+            self._tail = probe[-2:]
+            return self._opaque(chunk)
+        end -= len(seen)  # where the dropped event ends in ``chunk``
         self._skipping = False
         self._long = None
         self._tail = b""
-        events = self._opaque(buf[: end + 2])
-        events.extend(self.feed(buf[end + 2 :]))
+        events = self._opaque(chunk[:end])
+        events.extend(self.feed(chunk[end:]))
         return events
 
     def _opaque(self, raw: bytes) -> list[SSEEvent]:
         return [SSEEvent(None, b"", raw)] if self._hand_back and raw else []
+
+
+_BLANK_LINES = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
+"""The spellings of the blank line that ends an event, as the parser reads line ends."""
 
 
 def _event(block: bytes) -> SSEEvent | None:

@@ -19,14 +19,14 @@ MAX_STATE_FILE = 4096
 
 
 def state_dir(configured: Path | None, store: str) -> Path:
-    """``state_dir`` when set; else ``gateway-state`` beside the SQLite store; else
-    ``$XDG_STATE_HOME/agent-gateway`` (``~/.local/state/agent-gateway``)."""
+    """``state_dir`` when set; else ``gateway-state`` beside the SQLite store, or in the
+    working directory with another store (where the default ``gateway.db`` would be): the
+    CLI, run where the gateway runs, finds the generated admin token there."""
     if configured is not None:
         return configured
     if store.startswith("sqlite:///"):
         return Path(store.removeprefix("sqlite:///")).parent / "gateway-state"
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "agent-gateway"
+    return Path("gateway-state")
 
 
 def read_state(directory: Path, name: str) -> str | None:

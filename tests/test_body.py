@@ -138,7 +138,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_c
     gateway = await _slow_gateway(aiohttp_server, settings, 0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
         b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
     )
     await writer.drain()
@@ -158,7 +158,7 @@ async def test_a_client_gone_mid_body_is_one_499_line_without_traceback(
     caplog.set_level(logging.INFO)
     _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
         b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
     )
     await writer.drain()
@@ -187,7 +187,7 @@ async def test_hundreds_of_slow_clients_do_not_starve_the_others(
     calls still answer at once, and the body timeout frees every one of those slots."""
     gateway = await _slow_gateway(aiohttp_server, settings, 1.0)
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
         b'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"model"'
     )
     slow = []

@@ -29,7 +29,8 @@ import signal
 import string
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,6 @@ STDIO, LOG, AUDIT, STORE, SPANS, METRICS, ADMIN, CLIENT = SINKS = (
 """The sinks scanned. ``client errors``: every answer of the LLM plane with a status of 400 or
 more (status, headers, body), and the gateway's own headers (``X-Gateway-*``) of the others;
 ``admin answers``: every answer under ``/gateway/`` (``/metrics`` apart)."""
-CONTENT_SINKS = (LOG, AUDIT, STORE, SPANS, METRICS, CLIENT)
-"""Where prompt and completion text must never be while capture is off."""
 
 POLICY = """
 version: 1
@@ -344,8 +343,8 @@ class _GatewayRecords(logging.Filter):
         return not record.name.startswith(_NOT_THE_GATEWAYS)
 
 
-@contextlib.contextmanager
-def serve_logging(path: Path) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def serve_logging(path: Path) -> AsyncIterator[None]:
     """Every record at DEBUG and every request line, JSON, through ``logs.configure`` (the
     writer thread and redacting formatter of ``gateway serve``), into ``path``."""
     root = logging.getLogger()
@@ -357,7 +356,7 @@ def serve_logging(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        writer.stop()
+        await asyncio.to_thread(writer.stop)  # it writes what is left: not on the loop
         stream.close()
         root.handlers[:] = saved
         root.setLevel(level)
@@ -370,7 +369,7 @@ class IdP:
     key: rsa.RSAPrivateKey
 
     def token(self, audience: str = AUDIENCE, **claims: Any) -> str:
-        now = int(__import__("time").time())
+        now = int(time.time())
         payload = {"iss": self.url, "aud": audience, "sub": "ci-runner", "team": "platform",
                    "iat": now, "exp": now + 600, **claims}  # fmt: skip
         return jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": "canary-1"})
@@ -431,6 +430,8 @@ class Run:
     prompts: Prompts
     sinks: Sinks
     driver: Driver
+    pool: Path
+    """The directory of the pools' ``file:`` references."""
     keys: list[Canary] = field(default_factory=list)
 
     def canaries(self) -> list[Canary]:
@@ -491,6 +492,7 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     # The primary pool entry refused once: the call fails over to the secondary.
     gw.fake.app[FAULTS].replace(Fault(kind="status", status=401, count=1))
     await call(base, "POST", "/v1/chat/completions", 200, p.chat(), auth)
+    await send_claims(run, base, lambda dialect: llm_auth(dialect, key), s.pool_openai, s.admin_token)
 
     # Admin routes, refused: no token, a wrong one, a gateway key, a provider key, a page's
     # form post, a body that is no JSON, a field no key has.
@@ -523,7 +525,7 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     await call(base, "POST", "/v1/chat/completions", (400, 403, 409, 410, 429), p.chat(),
                {**auth, "X-Gateway-Session": "keys-chat"})  # fmt: skip
     await call(base, "GET", "/gateway/credentials", 200, None, admin)
-    await asyncio.to_thread((run_dir(gw) / "anthropic").write_text, s.pool_anthropic_reloaded)
+    await asyncio.to_thread((run.pool / "anthropic").write_text, s.pool_anthropic_reloaded)
     await call(base, "POST", "/gateway/credentials/reload", 200, {"reason": "rotated"}, admin)
     await call(base, "POST", "/v1/messages", 200, p.messages(), llm_auth("messages", key))
     assert s.pool_anthropic_reloaded in received_credentials(gw.fake)
@@ -549,6 +551,7 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     await call(base, "POST", "/v1/chat/completions", 401, p.chat(), llm_auth("chat", new_key))
     await call(base, "GET", "/metrics", 200)
     await call(base, "GET", "/metrics", 200, None, {"Accept": "application/openmetrics-text"})
+
 
     sent = received_credentials(gw.fake)
     for value in (s.pool_openai, s.pool_openai_2, s.pool_anthropic):
@@ -584,6 +587,10 @@ async def drive_passthrough(run: Run, gw: Gateway) -> None:
                p.chat(), {})  # fmt: skip
     await call(base, "GET", "/v1/models", 200, None, auth)
     await call(base, "GET", "/elsewhere", 404, None, auth)
+    await send_claims(
+        run, base, lambda dialect: llm_auth(dialect, keys[dialect]), s.client_openai,
+        s.client_anthropic,
+    )  # fmt: skip
     await call(base, "GET", "/gateway/sessions", 401, None, {"x-api-key": s.client_anthropic})
     await call(base, "GET", "/gateway/sessions", 200, None, admin_headers(s.admin_token))
     await call(base, "GET", "/gateway/sessions/pass-chat", 200, None, admin_headers(s.admin_token))
@@ -603,7 +610,7 @@ async def drive_mixed(run: Run, gw: Gateway, idp: IdP) -> None:
                  Canary("JWT refused", foreign, foreign[: foreign.rindex(".") + 1])]  # fmt: skip
     byok_key = await run.create_key(base, "mixed byok-bot", scopes=["llm", "upstream:byok"])
     for dialect, path in DIALECTS:
-        bearer = {"Authorization": f"Bearer {token}"}
+        bearer = {"Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"}
         await call(base, "POST", path, 200, body_of(p, dialect), bearer)
         await call(base, "POST", path, 200, body_of(p, dialect, stream=True), bearer)
         await call(base, "POST", path, 401, body_of(p, dialect), {"Authorization": f"Bearer {foreign}"})
@@ -617,9 +624,29 @@ async def drive_mixed(run: Run, gw: Gateway, idp: IdP) -> None:
     assert s.byok in sent and token not in sent and byok_key not in sent
 
 
-def run_dir(gw: Gateway) -> Path:
-    assert gw.policy_path is not None
-    return gw.policy_path.parent / "pool"
+async def send_claims(
+    run: Run, base: str, auth: Callable[[str], dict[str, str]], first: str, second: str
+) -> None:
+    """Secrets where a client makes claims the gateway logs and keeps: the session id, its
+    name, the agent, the User-Agent (headers), and the session hints and model (body)."""
+    call, p = run.driver.call, run.prompts
+    claims = {
+        "X-Gateway-Session": f"sess-{first}",
+        "X-Gateway-Session-Name": f"name {second}",
+        "X-Gateway-Agent": f"agent-{second}",
+        "User-Agent": f"claims/1.0 ({first})",
+    }
+    hints = {
+        "chat": {"user": f"user-{first}"},
+        "responses": {"prompt_cache_key": f"cache-{first}", "user": f"user-{second}"},
+        "messages": {"metadata": {"user_id": f"user-{first}"}},
+    }
+    for dialect, path in DIALECTS:
+        await call(base, "POST", path, 200, body_of(run.prompts, dialect), {**auth(dialect), **claims})
+        # No session header: the body's hints name the session.
+        await call(base, "POST", path, 200, body_of(p, dialect, **hints[dialect]), auth(dialect))
+        denied = body_of(p, dialect, model=f"{OPENAI_MODEL}-forbidden-{first}")
+        await call(base, "POST", path, 400, denied, {**auth(dialect), **claims})
 
 
 async def read_into(sinks: Sinks, sink: str, path: Path, origin: str | None = None) -> None:
@@ -667,8 +694,8 @@ async def test_no_secret_and_no_prompt_reaches_any_sink(
     common: dict[str, Any] = {"admin_token": s.admin_token, "tracer_provider": tracer,
                               "upstreams": upstreams(fake_provider, pool)}  # fmt: skip
     async with aiohttp.ClientSession() as http:
-        run = Run(s, prompts, sinks, Driver(http, sinks))
-        with serve_logging(log_file):
+        run = Run(s, prompts, sinks, Driver(http, sinks), pool)
+        async with serve_logging(log_file):
             keyed = await make_gateway(
                 POLICY, store=sqlite(tmp_path / "keys.db"), auth={"mode": "keys"}, **common
             )
@@ -706,11 +733,10 @@ async def test_no_secret_and_no_prompt_reaches_any_sink(
     for sink in SINKS:  # a sink that held nothing would prove nothing
         assert sinks.size(sink) > 0, f"nothing was scanned in {sink}"
     found, allowed = sinks.scan(run.canaries())
-    content_sinks = Sinks(CONTENT_SINKS, [x for x in sinks.pieces if x.sink in CONTENT_SINKS])
-    content_found, _ = content_sinks.scan(prompts.canaries())
+    content_found, _ = sinks.scan(prompts.canaries())
     with capfd.disabled():
         print("\n" + report(sinks, "secrets", run.canaries(), found))
-        print(report(content_sinks, "prompt and completion text", prompts.canaries(), content_found))
+        print(report(sinks, "prompt and completion text", prompts.canaries(), content_found))
     # The scan finds what is there: each new key is in the one answer that made it.
     assert {hit.canary for hit in allowed} == {
         "keys ci-bot", "keys ci-bot rotated", "mixed byok-bot", "serve ci-bot"
@@ -756,7 +782,7 @@ async def serve_run(
     """``gateway serve`` in keys mode, every secret from the environment or a file, the log at
     debug on stderr, spans to an OTLP collector (a canary in the exporter's headers) and the
     console: a key made and used, refusals, admin reads, SIGTERM; every output scanned."""
-    s, p, sinks = run.secrets, run.prompts, run.sinks
+    s, sinks = run.secrets, run.sinks
     port = ports()
     config = tmp_path / "serve.yaml"
     settings = {
@@ -809,7 +835,6 @@ async def serve_run(
             sinks.add(SPANS, f"gateway serve OTLP export {index}", body)
         # The collector is the exporter's destination, given the header: not a sink.
         assert set(collector.authorizations) == {f"Bearer {s.otlp_header}"}
-    del p
 
 
 async def _healthy(http: aiohttp.ClientSession, base: str, process: Any) -> None:

@@ -212,9 +212,12 @@ async def test_a_default_price_lets_an_unpriced_model_through_a_cost_budget(
 
 
 async def test_sessions_show_prints_the_cost(
-    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tests.harness import ADMIN_TOKEN
     from tests.test_cli import run_cli
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
 
     gw = await make_gateway(None)
     assert (await call(gw, "chat", session_headers("shown-cost"))).ok

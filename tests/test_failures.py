@@ -272,8 +272,16 @@ async def test_a_gateway_bug_is_a_provider_shaped_500(
     assert caught.value.status_code == 500
     assert caught.value.body == {  # type: ignore[comparison-overlap]
         "type": "error",
-        "error": {"type": "api_error", "message": "The gateway failed on this request."},
+        "error": {
+            "type": "api_error",
+            "message": "gateway (not Anthropic): The gateway failed on this request.",
+        },
     }
+    # The gateway's own answer, said in headers too; its id, where Anthropic's SDK looks.
+    headers = caught.value.response.headers
+    assert headers["X-Gateway-Error"] == "gateway_error"
+    assert headers["X-Request-ID"].startswith("gwreq_")
+    assert headers["request-id"] == headers["X-Request-ID"] == caught.value.request_id
 
 
 async def test_an_upstream_idle_past_the_timeout_is_cut_and_accounted(

@@ -29,23 +29,26 @@ from gateway.server import serve
 from gateway.settings import Settings
 from gateway.store import MemoryStore
 from tests.conftest import ANTHROPIC_MODEL, received
+from tests.harness import ADMIN, ADMIN_TOKEN
 from tests.test_server import Served, serve_process, stop_lines  # noqa: F401 (a fixture)
 
 SESSION = "drain-session"
 
 
 def upstreams(fake_provider: TestServer) -> dict[str, str]:
+    """The served gateway's upstreams (the fake provider), and its admin token."""
     return {
         "GATEWAY_OPENAI_UPSTREAM": str(fake_provider.make_url("/v1")),
         "GATEWAY_ANTHROPIC_UPSTREAM": str(fake_provider.make_url("")).rstrip("/"),
+        "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
     }
 
 
 async def session_record(served: Served, session: str = SESSION) -> dict[str, Any]:
-    """The session as the admin API shows it (reads are open on loopback without a token)."""
+    """The session as the admin API shows it."""
     async with (
         aiohttp.ClientSession() as http,
-        http.get(f"{served.url}/gateway/sessions/{session}") as answer,
+        http.get(f"{served.url}/gateway/sessions/{session}", headers=ADMIN) as answer,
     ):
         assert answer.status == 200, await answer.text()
         record: dict[str, Any] = await answer.json()

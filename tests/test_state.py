@@ -14,7 +14,7 @@ from gateway.state import ADMIN_TOKEN_FILE, read_or_create, read_state, state_di
 def test_the_default_lies_beside_the_sqlite_store(tmp_path: Path) -> None:
     assert state_dir(None, f"sqlite:///{tmp_path}/g.db") == tmp_path / "gateway-state"
     assert state_dir(tmp_path / "x", "memory://") == tmp_path / "x"
-    assert state_dir(None, "memory://").name == "agent-gateway"
+    assert state_dir(None, "memory://") == state_dir(None, "sqlite:///gateway.db")
 
 
 def test_a_value_is_generated_once_private_and_read_back(tmp_path: Path) -> None:

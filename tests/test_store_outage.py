@@ -18,7 +18,7 @@ from gateway.appkeys import DEGRADED, STORE
 from gateway.settings import DegradedSettings, Settings
 from gateway.store import SqliteStore
 from tests.conftest import ANTHROPIC_MODEL, GatewayTestServer
-from tests.harness import Gateway, MakeGateway, disk_error, session_headers, wait_until
+from tests.harness import ADMIN, Gateway, MakeGateway, disk_error, session_headers, wait_until
 
 CLOSED = """
 version: 1
@@ -258,7 +258,7 @@ async def test_an_admin_change_the_store_cannot_read_is_a_503_not_a_500(
     monkeypatch.setattr(store, "grant" if route == "grant" else "set_status", unreadable)
     body = {"turns": 5, "reason": "test"} if route == "grant" else {"reason": "test"}
     async with gw._http.post(
-        gw.url(f"/gateway/sessions/unreadable/{route}"), json=body
+        gw.url(f"/gateway/sessions/unreadable/{route}"), json=body, headers=ADMIN
     ) as response:
         assert response.status == 503
         assert response.headers["Retry-After"]

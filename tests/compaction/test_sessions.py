@@ -155,9 +155,12 @@ async def test_calibration_converges_on_a_provider_that_counts_differently(
 
 
 async def test_sessions_show_tells_what_compaction_did(
-    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
+    make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tests.harness import ADMIN_TOKEN
     from tests.test_cli import run_cli
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
 
     gw = await make_gateway(POLICY.format(window=WINDOW, strategies="summarize"))
     await run_session(gw, "chat", "shown", 18)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from gateway.policy import parse_policy
-from tests.harness import MakeGateway, session_headers
+from tests.harness import ADMIN, MakeGateway, session_headers
 from tests.policy.apis import APIS, Api, call
 
 MAX_TURNS_DEFAULTS = """
@@ -126,9 +126,9 @@ async def test_grant_of_tokens_lifts_a_session_token_limit(make_gateway: MakeGat
 async def test_grant_rejects_nothing_and_unknown_sessions(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(MAX_TURNS_DEFAULTS)
     assert (await call(gw, "chat", session_headers("known"))).ok
-    status, _, body = await gw.post("/gateway/sessions/known/grant", {"turns": 0}, {})
+    status, _, body = await gw.post("/gateway/sessions/known/grant", {"turns": 0}, ADMIN)
     assert status == 400 and "positive" in body["error"]
-    status, _, body = await gw.post("/gateway/sessions/nobody/grant", {"turns": 2}, {})
+    status, _, body = await gw.post("/gateway/sessions/nobody/grant", {"turns": 2}, ADMIN)
     assert status == 404
 
 
@@ -341,7 +341,7 @@ async def test_an_ended_session_is_refused(make_gateway: MakeGateway, api: Api) 
 
 async def test_ending_an_unknown_session_is_404(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(MAX_TURNS_DEFAULTS)
-    status, _, _ = await gw.post("/gateway/sessions/nobody/end", {}, {})
+    status, _, _ = await gw.post("/gateway/sessions/nobody/end", {}, ADMIN)
     assert status == 404
 
 

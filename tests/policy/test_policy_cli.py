@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.harness import POLICIES, MakeGateway, session_headers
+from tests.harness import ADMIN_TOKEN, POLICIES, MakeGateway, session_headers
 from tests.policy.apis import call
 from tests.policy.hostile import HOSTILE, rules
 
@@ -251,6 +251,13 @@ async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
+@pytest.fixture
+def admin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI shows the test gateway's admin token."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+
+
+@pytest.mark.usefixtures("admin_env")
 async def test_sessions_grant_and_end_against_a_running_gateway(
     make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -302,6 +309,7 @@ async def test_sessions_grant_and_end_against_a_running_gateway(
     assert len(await gw.audit_events("grant")) == 1  # the refused grant changed nothing
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_ending_prints_who_ended_it_and_why(
     make_gateway: MakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -313,6 +321,7 @@ async def test_ending_prints_who_ended_it_and_why(
     assert capsys.readouterr().out == "session said-once ended by erin: done\n"
 
 
+@pytest.mark.usefixtures("admin_env")
 async def test_granting_an_unknown_session_fails_clearly(make_gateway: MakeGateway) -> None:
     gw = await make_gateway("version: 1\n")
     url = gw.url("").rstrip("/")

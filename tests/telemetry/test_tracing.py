@@ -268,7 +268,14 @@ async def test_a_rejection_is_an_event_and_no_upstream_call(
 
     spans = exporter.get_finished_spans()
     assert by_kind(spans, SpanKind.CLIENT) == []
-    (server,) = spans
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    (auth,) = by_kind(spans, SpanKind.INTERNAL)  # the gateway.auth span, the server's child
+    assert auth.name == "gateway.auth" and auth.parent is not None
+    assert server.context is not None and auth.parent.span_id == server.context.span_id
+    a = attrs(auth)
+    assert a["gateway.auth.method"] == "passthrough" and a["gateway.auth.outcome"] == "ok"
+    assert a["gateway.principal.id"].startswith("passthrough:")
+    assert "sk-" not in str(a)  # the principal's public id, never the key
     s = attrs(server)
     assert s["gateway.outcome"] == "rejected" and s["error.type"] == "rejected"
     assert s["http.response.status_code"] == refused.status == 400
@@ -375,7 +382,10 @@ async def test_compaction_is_an_event_and_the_summary_call_a_client_span(
     spans = exporter.get_finished_spans()
     server = by_kind(spans, SpanKind.SERVER)[-1]
     assert server.context is not None
-    children = [s for s in spans if s.parent and s.parent.span_id == server.context.span_id]
+    children = [
+        s for s in spans
+        if s.parent and s.parent.span_id == server.context.span_id and s.name != "gateway.auth"
+    ]  # fmt: skip
     summary = [s for s in children if attrs(s).get("gateway.compaction.summary")]
     call_spans = [s for s in children if not attrs(s).get("gateway.compaction.summary")]
     assert len(summary) == 1 and len(call_spans) == 1
