@@ -23,6 +23,7 @@ from gateway.identity import qualified
 from gateway.policy.prices import cost as cost_of
 from gateway.policy.step import reject, warn
 from gateway.policy.verdicts import limit_verdict, warnings
+from gateway.redact import claim
 from gateway.store import LimitExceeded, LoadFailed, Store, TurnEnd, TurnStart
 from gateway.tokens import TokenCounter
 
@@ -77,7 +78,10 @@ async def end_turn(
     calibrate(ex, usage, tokens, calibration)
     if ex.response_facts is not None:
         ex.response_facts.usage = usage
-    model = ex.response_facts.model if ex.response_facts and ex.response_facts.model else None
+    answered = ex.response_facts
+    if answered is not None and answered.model:  # the upstream's words: stored and a label
+        answered.model = claim(answered.model)
+    model = answered.model if answered is not None and answered.model else None
     if model is None and ex.facts is not None:
         model = ex.facts.model
     status = ex.final_status

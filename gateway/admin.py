@@ -12,6 +12,7 @@ to start with.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -44,6 +45,7 @@ from gateway.appkeys import (
     HOSTS,
     METRICS,
     POLICY,
+    SETTINGS,
     STARTED_AT,
     STORE,
     SUMMARIZERS,
@@ -51,7 +53,7 @@ from gateway.appkeys import (
 )
 from gateway.audit import AuditError
 from gateway.auth.admin_auth import Refused, weak_token
-from gateway.auth.planes import ADMIN_CALLER, add_route
+from gateway.auth.planes import ADMIN_CALLER, add_route, listener_port
 from gateway.auth.principal import AdminCaller
 from gateway.errors import HostRefused
 from gateway.openapi import openapi
@@ -66,7 +68,7 @@ from gateway.store import (
     SessionRecord,
     Store,
 )
-from gateway.store.records import SESSION_STATUSES
+from gateway.store.records import SESSION_STATUSES, budget_key_parts
 
 MAX_PAGE = 500
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -339,8 +341,18 @@ async def policy(request: web.Request) -> web.Response:
 
 
 async def budgets(request: web.Request) -> web.Response:
+    """Every budget window and its spend; a team-bound caller sees its teams' budgets only
+    (a principal's own budget names no team: those are for unbound roles)."""
     counters = await request.config_dict[STORE].budgets()
+    caller = request[ADMIN_CALLER]
+    if caller.teams is not None:
+        counters = [c for c in counters if _team_budget(c.key) in caller.teams]
     return _json({"budgets": [asdict(counter) for counter in counters]})
+
+
+def _team_budget(key: str) -> str | None:
+    per, owner, _window = budget_key_parts(key)
+    return owner if per == "team" else None
 
 
 async def _body(request: web.Request, model: type[B]) -> B | web.Response:
@@ -438,9 +450,14 @@ def guard(handler: Handler, scope: str, *, write: bool = False, any_host: bool =
     A wrapper per route, not a middleware: a sub-application's middleware makes aiohttp build
     a middleware chain for every request of the whole app, the LLM path included."""
 
+    @functools.wraps(handler)  # its name and docstring (the OpenAPI document reads them)
     async def guarded(request: web.Request) -> web.StreamResponse:
         app = request.config_dict
         metrics = app[METRICS]
+        settings = app[SETTINGS]
+        if settings.admin_host is not None and listener_port(request) != settings.admin_port:
+            # A separate admin listener: the main one serves no admin route at all.
+            return _json({"error": "not found"}, 404)
         if not any_host and not app[HOSTS].allows(request.host):
             metrics.admin_requests.inc((scope, "denied"))
             return _json({"error": HostRefused(request.host).message}, 400)

@@ -137,7 +137,7 @@ def create_app(
     app.add_subapp("/gateway/", admin.admin_app(auth_routes()))
     add_route(app, "GET", "/metrics", metrics_endpoint, plane="admin", scope="metrics:read")
     pipeline.add_routes(app)
-    app.on_startup.append(_routes_declared)
+    app.on_startup.insert(0, _routes_declared)  # before any cleanup context opens
     return app
 
 

@@ -9,7 +9,8 @@ Hierarchy::
     │   ├── UnsupportedEncoding  a Content-Encoding the gateway cannot read (415)
     │   ├── TwoCredentials    Authorization and x-api-key carry two different keys (400)
     │   ├── SessionTaken      the session id and its qualified form belong to other keys (400)
-    │   └── HostRefused       a ``Host`` not in ``allowed_hosts`` (400)
+    │   ├── HostRefused       a ``Host`` not in ``allowed_hosts`` (400)
+    │   └── CredentialInQuery a credential in the query string (400)
     ├── Unauthenticated       no valid gateway credential for the auth mode (401)
     ├── Forbidden             the credential does not allow this call (403)
     ├── ClientDisconnected    the client went away before its request was read (499, logged)
@@ -91,6 +92,16 @@ class HostRefused(BadRequest):
         super().__init__(
             f"The Host {shown!r} is not one this gateway serves: use its own address, or add the"
             " name to allowed_hosts in the gateway's config."
+        )
+
+
+class CredentialInQuery(BadRequest):
+    code = "gateway_credential_in_query"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A credential in the query string is refused (a URL is written to logs along the"
+            " way): send it in the Authorization or x-api-key header."
         )
 
 

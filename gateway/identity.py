@@ -25,6 +25,7 @@ import orjson
 from gateway.credentials import NO_CREDENTIAL, Credential
 from gateway.dialects.base import RequestFacts, as_dict
 from gateway.errors import SessionTaken
+from gateway.redact import claim
 
 if TYPE_CHECKING:
     from gateway.store.records import SessionRecord
@@ -102,7 +103,7 @@ def agent_name(headers: Mapping[str, str]) -> str:
 
 @lru_cache(maxsize=1024)
 def _agent_of(user_agent: str) -> str:
-    user_agent = user_agent.lower()
+    user_agent = claim(user_agent).lower()  # redacted before a secret's case is lost
     for prefix, agent in AGENTS:
         if user_agent.startswith(prefix):
             return agent
@@ -184,10 +185,11 @@ def fingerprint(hashed_key: str | None, facts: RequestFacts | None) -> str:
 
 
 def _clean(value: str, limit: int) -> str:
-    """Printable and bounded: these values end up in logs and the admin API. Control and
-    format characters (NUL, ESC, zero-width spaces) and any space but ' ' (tab, NBSP) are
-    not printable, so they go."""
-    value = value[:limit]
+    """Printable, bounded and without secrets: these values end up in the store, logs, the
+    admin API and answer headers. Control and format characters (NUL, ESC, zero-width spaces)
+    and any space but ' ' (tab, NBSP) are not printable, so they go; a secret a client put in
+    its claim (``redact.claim``) is replaced."""
+    value = claim(value[:limit])
     if not value.isprintable():
         value = "".join(ch for ch in value if ch.isprintable())
     return value.strip()

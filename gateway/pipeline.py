@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -36,7 +37,7 @@ from gateway.appkeys import (
     TRACING,
     UPSTREAMS,
 )
-from gateway.auth.planes import add_route
+from gateway.auth.planes import add_route, listener_port
 from gateway.auth.principal import PASSTHROUGH
 from gateway.auth.step import (
     Authenticated,
@@ -54,6 +55,7 @@ from gateway.errors import (
     BadRequest,
     BodyTimeout,
     ContextOverflow,
+    CredentialInQuery,
     Forbidden,
     GatewayError,
     HostRefused,
@@ -68,7 +70,7 @@ from gateway.identity import identify, own_session
 from gateway.paths import COUNT_TOKENS, LLM_PATHS, PathRefused, provider_path
 from gateway.policy.decide import passthrough_team
 from gateway.policy.step import decide_policy
-from gateway.redact import REDACTOR
+from gateway.redact import REDACTOR, claim
 from gateway.relay import relay
 from gateway.resilience.admission import admit
 from gateway.telemetry import tracing
@@ -213,7 +215,9 @@ async def read_request(ex: Exchange, strict: bool = True) -> None:
         raise BadRequest(f"The request body is not valid JSON for this API: {exc}") from exc
     ex.body = body
     ex.body_hash = xxh3_64_intdigest(ex.raw)
-    ex.facts = ex.dialect.read_request(body)
+    facts = ex.facts = ex.dialect.read_request(body)
+    if facts.model:  # a label, a stored figure, a policy match: never a secret in it
+        facts.model = claim(facts.model)
     ex.upstream_body, ex.rewritten = ex.dialect.upstream_body(body, ex.raw)
 
 
@@ -431,7 +435,14 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return refuse(ex, BadRequest(f"The request path is refused: {exc}."), "passthrough")
     path = where.path
     dialect = ROUTES.get(path)
-    if not request.app[HOSTS].allows(request.host):  # answered in the route's own shape
+    app = request.app
+    if app[SETTINGS].admin_host is not None and listener_port(request) == app[SETTINGS].admin_port:
+        ex = _exchange(request, dialect, path)  # the admin listener serves no model route
+        return refuse(ex, NotFound(f"No such path: {path}"), "unknown")
+    if (query := request.rel_url.raw_query_string) and _credential_in(query):
+        ex = _exchange(request, dialect, path)
+        return refuse(ex, CredentialInQuery(), dialect.name if dialect else "passthrough")
+    if not app[HOSTS].allows(request.host):  # answered in the route's own shape
         ex = _exchange(request, dialect, path)
         return refuse(ex, HostRefused(request.host), dialect.name if dialect else "passthrough")
     if dialect is not None:
@@ -449,6 +460,16 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     # No SERVER span: not an LLM call, and nothing here is read or decided.
     ex = _exchange(request, None, path, where.session)
     return await answered(ex, handle_passthrough, "passthrough")
+
+
+QUERY_CREDENTIALS = frozenset({"api_key", "api-key", "apikey", "key", "access_token", "token",
+                               "auth", "authorization", "x-api-key", "bearer", "password",
+                               "secret", "client_secret", "x-gateway-key"})  # fmt: skip
+"""Query parameters that carry a credential: refused, since a URL ends up in proxy logs,
+browser history and span attributes. Credentials go in headers."""
+def _credential_in(query: str) -> bool:
+    names = (part.partition("=")[0] for part in query.split("&"))
+    return any(unquote(name).strip().lower() in QUERY_CREDENTIALS for name in names)
 
 
 def refuse(ex: Exchange, error: GatewayError, route: str) -> web.StreamResponse:

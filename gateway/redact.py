@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
+from functools import lru_cache
 
 import orjson
-from collections import Counter
 
 REPLACEMENT = "[REDACTED]"
 MIN_KNOWN = 8
 """Values shorter than this are not scrubbed by value (a 3-character "key" would blank every
 word it appears in); such a secret is refused where it is configured."""
-SINKS = ("log", "span", "audit", "error", "config")
+SINKS = ("log", "span", "audit", "error", "config", "claim")
+"""``claim``: what a client asserts (session id and name, agent, User-Agent, model), redacted
+where it comes in, since it is then stored, shown, echoed and used as a label."""
 
 _PATTERNS = re.compile(
     "|".join(
@@ -60,6 +63,7 @@ class Redactor:
             return
         if _PATTERNS.fullmatch(value):  # its shape is scrubbed already (every gateway key)
             return
+        claim.cache_clear()  # a claim cleaned before this secret was known is looked at again
         with self._lock:
             self._known = tuple(sorted({*self._known, value}, key=len, reverse=True))
             escaped = orjson.dumps(value).decode()[1:-1]  # as a JSON line carries it
@@ -102,3 +106,10 @@ class Redactor:
 REDACTOR = Redactor()
 """The process's one redactor: secrets are process-wide (they come from the environment and
 files), so every app in the process scrubs every one of them."""
+
+
+@lru_cache(maxsize=8192)
+def claim(value: str) -> str:
+    """A client's claim (a session id, an agent, a model name) with any secret in it
+    replaced: claims repeat turn after turn, so each distinct one is looked at once."""
+    return REDACTOR.redact(value, "claim")

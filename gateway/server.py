@@ -284,6 +284,9 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     server = runner.server
     try:
         await web.TCPSite(runner, host, port).start()
+        settings = app[SETTINGS]
+        if settings.admin_host is not None:  # the admin API on a listener of its own
+            await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
         await stop.wait()
         in_flight = len(server.in_flight()) if isinstance(server, GatewayServer) else 0
         log.info(

@@ -171,11 +171,11 @@ class Timeouts(BaseModel):
     """To receive a client's whole request body; a slower client is answered 408 and its
     connection closed, so slow or stalled uploads cannot hold connections for ever."""
     stream_total: float = Field(3600.0, gt=0)
-    """The longest an answer may take to arrive whole, from its headers: a stream still
-    going after it is cut and counted as an upstream cut (usage estimated), a body still
-    coming is a 502. An agent's longest streams take minutes; one that trickles bytes for
-    ever would otherwise hold its connection and the turn's reservations, ``idle`` never
-    firing."""
+    """The longest an answer may take to arrive whole, from its headers (checked as each
+    chunk comes; a stalled answer is ``idle``'s): a stream still going after it is cut and
+    counted as an upstream cut (usage estimated), a body still coming is a 502. An agent's
+    longest streams take minutes; one that trickles bytes for ever would otherwise hold its
+    connection and the turn's reservations, ``idle`` never firing."""
 
 
 class DegradedSettings(BaseModel):
@@ -267,8 +267,7 @@ class Settings(BaseModel):
     """One request header line (and the request line) at most; larger is answered 431."""
     trusted_proxies: list[str] = []
     """CIDRs of reverse proxies whose policy ``team_header`` is believed; from any other peer
-    it is ignored. (``X-Forwarded-For`` decides nothing: the admin API's loopback check reads
-    the TCP peer.)"""
+    it is ignored. (``X-Forwarded-For`` decides nothing.)"""
     admin_token: Secret | None = None
     """Bearer token for the admin API (``Authorization: Bearer <token>``), at least 32
     random characters; in a config file only as a reference (``env:VAR``, ``file:/path``).
@@ -365,6 +364,18 @@ class Settings(BaseModel):
                 f" pass_client_credentials: true on upstreams.{other} if that host may receive it."
             ]
         return []
+
+    @model_validator(mode="after")
+    def _admin_listener(self) -> Settings:
+        if self.admin_host is not None:
+            if self.admin_port is None:
+                self.admin_port = 8788
+            if self.admin_port == self.port:
+                raise ValueError(
+                    f"admin_port ({self.admin_port}) must differ from port: the admin API's own"
+                    " listener is another socket"
+                )
+        return self
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

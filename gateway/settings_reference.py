@@ -93,7 +93,8 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) in (Union, UnionType) and any(get_origin(a) is Literal for a in args):
         return " | ".join("null" if arg is NoneType else _type_name(arg) for arg in args)
     text = str(annotation).replace("typing.", "").replace("pydantic.types.", "")
-    text = text.replace("pathlib.", "").replace("Path", "path").replace("gateway.secret.Secret", "secret string")
+    text = text.replace("pathlib.", "").replace("Path", "path")
+    text = text.replace("gateway.secret.Secret", "secret string")
     return text.replace("NoneType", "null").replace("None", "null")
 
 

@@ -4,9 +4,10 @@ sink could hold one in, the sinks' contents, and the table of what was found whe
 A canary is found in a sink when any of its forms occurs there: the value itself; JSON-escaped;
 URL-encoded; hex; the SHA-256 hex of it; base64 and base64url (the characters that depend on
 the value alone, at each of the three alignments it can have inside a longer encoded text);
-and any ``PIECE`` characters of its secret part, so a value cut short ("sk-proj-abc…") or
-split across a line is found too. The leading part a canary may show (a gateway key's
-``gw_<public id>_``, a provider's ``sk-ant-api03-``) is not searched for on its own.
+and any ``PIECE`` characters of its secret part, as written or lower-cased, so a value cut
+short ("sk-proj-abc…"), split across a line or folded to lower case is found too. The leading
+part a canary may show (a gateway key's ``gw_<public id>_``, a provider's ``sk-proj-``) is not
+searched for on its own.
 """
 
 from __future__ import annotations
@@ -61,8 +62,14 @@ class Canary:
         return unique
 
     def pieces(self) -> frozenset[str]:
+        """Every ``PIECE`` characters of the secret part, as written and lower-cased (the
+        gateway lower-cases a User-Agent to name the agent)."""
         secret = self.value[len(self.shown) :]
-        return frozenset(secret[i : i + PIECE] for i in range(len(secret) - PIECE + 1))
+        return frozenset(
+            text[i : i + PIECE]
+            for text in (secret, secret.lower())
+            for i in range(len(secret) - PIECE + 1)
+        )
 
     def find(self, text: str) -> list[str]:
         """The forms of this canary that occur in ``text``."""
@@ -70,6 +77,26 @@ class Canary:
         if not hits and any(piece in text for piece in self.pieces()):
             hits.append(f"{PIECE}-char piece")
         return hits
+
+    def context(self, text: str, around: int = 50) -> str:
+        """Where in ``text`` the canary first occurs, the occurrence masked (and as far as its
+        pieces run on): what a reader of a failure needs to find the field that carried it."""
+        pieces = self.pieces()
+        found = [
+            (at, len(form))
+            for form in (*self.forms().values(), *pieces)
+            if (at := text.find(form)) >= 0
+        ]
+        if not found:
+            return ""
+        start, length = min(found)
+        end = start + length
+        while text[end - PIECE + 1 : end + 1] in pieces:
+            end += 1
+        while start > 0 and text[start - 1 : start - 1 + PIECE] in pieces:
+            start -= 1
+        before, after = text[max(0, start - around) : start], text[end : end + 20]
+        return ascii(f"{before}<{self.name}>{after}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +106,11 @@ class Hit:
     origin: str
     forms: tuple[str, ...]
 
+    context: str = ""
+
     def __str__(self) -> str:
-        return f"{self.canary} in {self.sink} ({self.origin}) as {', '.join(self.forms)}"
+        where = f"{self.canary} in {self.sink} ({self.origin}) as {', '.join(self.forms)}"
+        return f"{where}: {self.context}" if self.context else where
 
 
 @dataclass
@@ -119,7 +149,8 @@ class Sinks:
             for piece in self.pieces:
                 forms = canary.find(piece.text)
                 if forms:
-                    hit = Hit(canary.name, piece.sink, piece.origin, tuple(forms))
+                    context = canary.context(piece.text)
+                    hit = Hit(canary.name, piece.sink, piece.origin, tuple(forms), context)
                     (allowed if canary.name in piece.allows else hits).append(hit)
         return hits, allowed
 
@@ -133,7 +164,9 @@ class Sinks:
         lines = [
             f"{title}: {len(hits)} found, {len(canaries)} canaries x {len(self.names)} sinks"
             f" = {len(canaries) * len(self.names)} cells",
-            " | ".join([" " * first, *(n.ljust(w) for n, w in zip(self.names, widths, strict=True))]),
+            " | ".join(
+                [" " * first, *(n.ljust(w) for n, w in zip(self.names, widths, strict=True))]
+            ),
         ]
         for canary in canaries:
             cells = [
@@ -141,7 +174,9 @@ class Sinks:
                 for sink, width in zip(self.names, widths, strict=True)
             ]
             lines.append(" | ".join([canary.name.ljust(first), *cells]))
-        sizes = [_size(self.size(sink)).ljust(w) for sink, w in zip(self.names, widths, strict=True)]
+        sizes = [
+            _size(self.size(sink)).ljust(w) for sink, w in zip(self.names, widths, strict=True)
+        ]
         lines.append(" | ".join(["scanned".ljust(first), *sizes]))
         return "\n".join(lines)
 

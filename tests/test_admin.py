@@ -361,11 +361,12 @@ WEAK = "refusing to start: the admin token"
         ({"host": "0.0.0.0", "admin_token": TOKEN}, PASSTHROUGH_REFUSED),
         ({"host": "0.0.0.0", "allow_network_passthrough": True}, None),
         ({"host": "0.0.0.0", **KEYS_MODE}, None),
-        # An operator's token too weak to stand guard, wherever it listens.
+        # An operator's token too weak to stand guard, wherever it listens. (Each value is
+        # one no other test writes: a Secret made is scrubbed from every sink from then on.)
         ({"admin_token": "t"}, WEAK),
-        ({"admin_token": "x" * 31}, WEAK),
-        ({"admin_token": "changeme-changeme-changeme-changeme"}, WEAK),
-        ({"admin_token": "ab" * 20}, WEAK),  # long, but two characters
+        ({"admin_token": "Wm8Zt3Nc6Hy1Bd5Fg0Js2UeQx2Lr9vK"}, WEAK),  # 31 characters
+        ({"admin_token": f"changeme-{TOKEN}"}, WEAK),
+        ({"admin_token": "zQ" * 20}, WEAK),  # long, but two characters
         ({"admin_token": Secret(TOKEN)}, None),
         ({"host": "0.0.0.0", **KEYS_MODE, "admin_token": "short"}, WEAK),
     ],
@@ -395,8 +396,9 @@ def test_serve_refuses_passthrough_on_a_public_address(
 def test_serve_refuses_a_weak_admin_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "changeme")
+    weak = "Rw6Tz1Yx4N"  # 10 characters (and one no other test writes: see above)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", weak)
     assert main(["serve", "--store", "memory://"]) == 2
     err = capsys.readouterr().err
-    assert "refusing to start: the admin token" in err and "GATEWAY_ADMIN_TOKEN" in err
-    assert "changeme" not in err.replace("GATEWAY_ADMIN_TOKEN", "")
+    assert "refusing to start: the admin token is 10 characters" in err
+    assert "GATEWAY_ADMIN_TOKEN" in err and weak not in err

@@ -13,7 +13,11 @@ made in this run, so the store has none to keep).
 The gateways run in this process where a span exporter in memory and a log file can be read
 (the log is configured as ``gateway serve`` configures it, at DEBUG), and once as ``gateway
 serve`` itself, its stdout and stderr captured and its spans exported over OTLP with a canary
-in the exporter's headers.
+in the exporter's headers; the CLI is run against it.
+
+A second run writes secrets into what a client claims (session id and name, agent, User-Agent,
+the body's session hints, the model): the gateway keeps and shows those, and must not keep or
+show a secret in them either. Each run prints its table: canaries by sinks, hits in each cell.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import string
@@ -34,12 +40,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from multidict import CIMultiDictProxy
@@ -50,7 +57,8 @@ from yarl import URL
 
 from gateway.auth.admin_auth import weak_token
 from gateway.auth.keys import checksum
-from gateway.fake_provider import FAULTS, RECEIVED, Fault, FakeProviderConfig
+from gateway.auth.planes import ROUTE_AUTH
+from gateway.fake_provider import FAULTS, RECEIVED, FakeProviderConfig, Fault
 from gateway.telemetry import logs
 from gateway.telemetry.otel_env import CAPTURE_ENV
 from gateway.telemetry.redacting import RedactingExporter
@@ -88,7 +96,7 @@ POOL_ENV = "CANARY_OPENAI_POOL"
 AUDIENCE = "agent-gateway"
 
 
-# -- the canaries --------------------------------------------------------------------------------
+# -- the canaries ---------------------------------------------------------------------------------
 def _alnum(n: int) -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(n))
 
@@ -142,7 +150,9 @@ class Secrets:
 
     def canaries(self) -> list[Canary]:
         def provider(name: str, value: str) -> Canary:
-            return Canary(name, value, value[: value.index("-", 3) + 1])
+            shown = re.match(r"sk-(?:proj|ant-api03|ant-oat01)-", value)
+            assert shown is not None
+            return Canary(name, value, shown.group(0))
 
         return [
             provider("pool key openai (env:)", self.pool_openai),
@@ -213,10 +223,14 @@ class Prompts:
             "instructions": self.system,
             "input": [
                 {"role": "user", "content": self.user},
-                {"type": "function_call", "call_id": "call_1", "name": "read_file",
-                 "arguments": '{"path": "notes.txt"}'},
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "read_file",
+                    "arguments": '{"path": "notes.txt"}',
+                },
                 {"type": "function_call_output", "call_id": "call_1", "output": self.tool_result},
-            ],  # fmt: skip
+            ],
             "tools": [{"type": "function", **_TOOL}],
             "max_output_tokens": 64,
             "stream": stream,
@@ -230,15 +244,35 @@ class Prompts:
             "system": self.system,
             "messages": [
                 {"role": "user", "content": self.user},
-                {"role": "assistant", "content": [
-                    {"type": "tool_use", "id": "toolu_1", "name": "read_file",
-                     "input": {"path": "notes.txt"}}]},
-                {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1",
-                     "content": self.tool_result}]},
-            ],  # fmt: skip
-            "tools": [{"name": "read_file", "description": _TOOL["description"],
-                       "input_schema": _TOOL["parameters"]}],  # fmt: skip
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "tool_use",
+                            "id": "toolu_1",
+                            "name": "read_file",
+                            "input": {"path": "notes.txt"},
+                        }
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "toolu_1",
+                            "content": self.tool_result,
+                        }
+                    ],
+                },
+            ],
+            "tools": [
+                {
+                    "name": "read_file",
+                    "description": _TOOL["description"],
+                    "input_schema": _TOOL["parameters"],
+                }
+            ],
             "stream": stream,
             **extra,
         }
@@ -264,6 +298,13 @@ def body_of(prompts: Prompts, dialect: str, **options: Any) -> Any:
     return build(**options)
 
 
+def cut_short(prompts: Prompts, dialect: str) -> bytes:
+    """A body that ends in the middle of the user's message: no JSON, a 400 (whose message
+    must not quote the body)."""
+    raw = json.dumps(body_of(prompts, dialect)).encode()
+    return raw[: raw.index(prompts.user.encode()) + len(prompts.user) // 2]
+
+
 # -- calls, their answers recorded as sinks -------------------------------------------------------
 @dataclass
 class Answer:
@@ -280,6 +321,8 @@ class Driver:
 
     def __init__(self, http: aiohttp.ClientSession, sinks: Sinks) -> None:
         self.http, self.sinks = http, sinks
+        self.made: list[tuple[str, str, str]] = []
+        """(base URL, method, path) of every call."""
 
     async def call(
         self,
@@ -300,13 +343,15 @@ class Driver:
             data = json.dumps(body).encode()
         if data is not None:
             sent.setdefault("Content-Type", "application/json")
+        self.made.append((base, method, path))
         url = URL(base + path, encoded=True)
         async with self.http.request(method, url, data=data, headers=sent) as response:
             raw = await response.read()
             answer = Answer(response.status, response.headers, raw)
         expected = (expect,) if isinstance(expect, int) else expect
         assert answer.status in expected, f"{method} {path}: {answer.status} {raw[:400]!r}"
-        origin = f"{method} {path.split('?')[0][:50]} {answer.status}"
+        shown = re.sub(r"^/s/[^/]+", "/s/{session}", path.split("?")[0])[:50]
+        origin = f"{method} {shown} {answer.status}"
         head = "\n".join(f"{name}: {value}" for name, value in answer.headers.items())
         whole = f"{answer.status}\n{head}\n\n".encode() + raw
         if path.startswith("/metrics"):
@@ -316,7 +361,9 @@ class Driver:
         elif answer.status >= 400:
             self.sinks.add(CLIENT, origin, whole)
         else:
-            ours = [f"{n}: {v}" for n, v in answer.headers.items() if n.lower().startswith("x-gateway")]
+            ours = [
+                f"{n}: {v}" for n, v in answer.headers.items() if n.lower().startswith("x-gateway")
+            ]
             self.sinks.add(CLIENT, origin + " (gateway headers)", "\n".join(ours))
         return answer
 
@@ -332,7 +379,7 @@ def llm_auth(dialect: str, key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-# -- the gateway's log, as ``gateway serve`` configures it ------------------------------------------
+# -- the gateway's log, as ``gateway serve`` configures it ----------------------------------------
 _NOT_THE_GATEWAYS = ("aiohttp.access", "openai", "anthropic", "httpx", "httpcore")
 """Loggers of this process that a gateway process has not: the test servers' access logs
 (``gateway serve`` runs without one) and the SDK clients'."""
@@ -362,7 +409,7 @@ async def serve_logging(path: Path) -> AsyncIterator[None]:
         root.setLevel(level)
 
 
-# -- an identity provider for the JWTs --------------------------------------------------------------
+# -- an identity provider for the JWTs ------------------------------------------------------------
 @dataclass
 class IdP:
     url: str
@@ -389,7 +436,7 @@ async def idp(aiohttp_server: Any) -> IdP:
     return IdP(str(server.make_url("")).rstrip("/"), key)
 
 
-# -- the gateways' settings --------------------------------------------------------------------------
+# -- the gateways' settings -----------------------------------------------------------------------
 def sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
 
@@ -409,7 +456,9 @@ def upstreams(fake: TestServer, files: Path) -> dict[str, Any]:
         },
         "anthropic": {
             "url": str(fake.make_url("")).rstrip("/"),
-            "credentials": {"platform": [{"name": "primary", "value": f"file:{files / 'anthropic'}"}]},
+            "credentials": {
+                "platform": [{"name": "primary", "value": f"file:{files / 'anthropic'}"}]
+            },
         },
     }
 
@@ -424,15 +473,39 @@ def received_credentials(fake: TestServer) -> str:
 
 @dataclass
 class Run:
-    """One canary run: its secrets, prompts, sinks, and the gateway keys it made."""
+    """One canary run: its secrets and prompts, the sinks, and what every gateway of the run
+    shares (tracing to ``spans``, pool files in ``pool``, the admin token)."""
 
     secrets: Secrets
     prompts: Prompts
     sinks: Sinks
     driver: Driver
-    pool: Path
-    """The directory of the pools' ``file:`` references."""
+    tmp_path: Path
+    spans: InMemorySpanExporter
+    tracer: TracerProvider
+    fake: TestServer
+    """The upstream of every gateway of the run."""
     keys: list[Canary] = field(default_factory=list)
+    """Credentials made during the run (gateway keys, JWTs): canaries too."""
+
+    @property
+    def pool(self) -> Path:
+        """The directory of the pools' ``file:`` references."""
+        return self.tmp_path / "pool"
+
+    @property
+    def log_file(self) -> Path:
+        return self.tmp_path / "gateway.log"
+
+    def settings(self, name: str, **more: Any) -> dict[str, Any]:
+        """``make_gateway`` settings of a gateway of this run, its store its own SQLite file."""
+        return {
+            "store": sqlite(self.tmp_path / f"{name}.db"),
+            "admin_token": self.secrets.admin_token,
+            "tracer_provider": self.tracer,
+            "upstreams": upstreams(self.fake, self.pool),
+            **more,
+        }
 
     def canaries(self) -> list[Canary]:
         return [*self.secrets.canaries(), *self.keys]
@@ -449,8 +522,167 @@ class Run:
         self.keys.append(gateway_key(name, key))
         return key
 
+    async def collect(self, capfd: pytest.CaptureFixture[str]) -> None:
+        """Every sink's content once the gateways have stopped (stores, audit logs and the
+        log written out). Answers were recorded as they came."""
+        captured = capfd.readouterr()
+        self.sinks.add(STDIO, "pytest process stdout", captured.out)
+        self.sinks.add(STDIO, "pytest process stderr", captured.err)
+        if self.log_file.exists():
+            await read_into(self.sinks, LOG, self.log_file)
+        for path in sorted(self.tmp_path.glob("audit-*.jsonl")):
+            await read_into(self.sinks, AUDIT, path)
+        for path in sorted(self.tmp_path.glob("*.db*")):  # the database, its WAL, its -shm
+            await read_into(self.sinks, STORE, path)
+        for span in self.spans.get_finished_spans():
+            self.sinks.add(SPANS, f"span {span.name}", span.to_json())
 
-# -- the in-process gateways ----------------------------------------------------------------------------
+    def verify(
+        self,
+        capfd: pytest.CaptureFixture[str],
+        handed_out: set[str],
+        may_be_empty: tuple[str, ...] = (),
+    ) -> None:
+        """Every sink scanned for every canary: none found, but for each key in ``handed_out``
+        in the one answer that made it (which the scan must find: it sees what is there)."""
+        for sink in self.sinks.names:  # a sink that held nothing would prove nothing
+            assert sink in may_be_empty or self.sinks.size(sink) > 0, f"{sink}: nothing to scan"
+        canaries, prompts = self.canaries(), self.prompts.canaries()
+        found, allowed = self.sinks.scan(canaries)
+        content, _ = self.sinks.scan(prompts)
+        with capfd.disabled():  # the figures, in the test's output whatever the outcome
+            print("\n" + report(self.sinks, "secrets", canaries, found))
+            print(report(self.sinks, "prompt and completion text (capture off)", prompts, content))
+        assert {hit.canary for hit in allowed} == handed_out
+        assert not found, "secrets found:\n" + "\n".join(map(str, found))
+        assert not content, "prompt text found:\n" + "\n".join(map(str, content))
+
+
+def report(sinks: Sinks, title: str, canaries: list[Canary], hits: list[Hit]) -> str:
+    table = sinks.table(title, canaries, hits)
+    if hits:
+        table += "\n" + "\n".join(f"  found: {hit}" for hit in hits[:60])
+    return table
+
+
+async def read_into(sinks: Sinks, sink: str, path: Path) -> None:
+    sinks.add(sink, path.name, await asyncio.to_thread(path.read_bytes))
+
+
+@pytest.fixture
+def prompts(fake_config: FakeProviderConfig) -> Prompts:
+    made = Prompts()
+    fake_config.reply_text = made.completion  # the provider's answer is a canary too
+    return made
+
+
+@pytest.fixture
+async def run(
+    fake_provider: TestServer,
+    prompts: Prompts,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Run]:
+    """A run's secrets in the environment and the pool files, tracing to memory (through the
+    redacting exporter, as every exporter the gateway builds), content capture off."""
+    s = Secrets()
+    monkeypatch.delenv(CAPTURE_ENV, raising=False)
+    monkeypatch.setenv(POOL_ENV, s.pool_openai)
+    monkeypatch.setenv("GATEWAY_KEY_PEPPER", s.pepper)
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "openai-2").write_text(s.pool_openai_2 + "\n")
+    (tmp_path / "pool" / "anthropic").write_text(s.pool_anthropic + "\n")
+    spans = InMemorySpanExporter()
+    tracer = TracerProvider()
+    tracer.add_span_processor(SimpleSpanProcessor(RedactingExporter(spans)))
+    sinks = Sinks(SINKS)
+    async with aiohttp.ClientSession() as http:
+        made = Run(s, prompts, sinks, Driver(http, sinks), tmp_path, spans, tracer, fake_provider)
+        yield made
+    tracer.shutdown()
+
+
+async def stop(*gateways: Gateway) -> None:
+    """Stopped before the sinks are read: the stores, audit logs and log written out."""
+    for gw in gateways:
+        await gw.server.close()
+
+
+async def routes_missed(driver: Driver, gateways: list[Gateway]) -> list[str]:
+    """The routes the gateways declare (``auth.planes``) that no call of the run reached: a
+    route added later fails the run until the run drives it."""
+    declared: dict[web.AbstractRoute, str] = {}
+    reached: set[str] = set()
+    for gw in gateways:
+        app = gw.server.app
+        declared |= _routes(app)
+        for base, method, path in driver.made:
+            if base == gw.url(""):
+                request = make_mocked_request(method, path, app=app)
+                route = (await app.router.resolve(request)).route
+                reached.add(declared.get(route, ""))
+    return sorted(set(declared.values()) - reached)
+
+
+def _routes(app: web.Application) -> dict[web.AbstractRoute, str]:
+    """Each declared route of ``app`` and its sub-applications, as ``METHOD /path`` (a
+    sub-application's paths carry its prefix already)."""
+    named = {route: f"{route.method} {route.resource.canonical}"
+             for route in app.get(ROUTE_AUTH, {}) if route.resource is not None}  # fmt: skip
+    for resource in app.router.resources():
+        sub = getattr(resource, "_app", None)  # a sub-application's (as auth.planes reads it)
+        if isinstance(sub, web.Application):
+            named |= _routes(sub)
+    return named
+
+
+# -- the runs -------------------------------------------------------------------------------------
+async def test_no_secret_and_no_prompt_reaches_any_sink(
+    run: Run,
+    make_gateway: MakeGateway,
+    idp: IdP,
+    capfd: pytest.CaptureFixture[str],
+    unused_tcp_port_factory: Callable[[], int],
+) -> None:
+    async with serve_logging(run.log_file):
+        keyed = await make_gateway(POLICY, **run.settings("keys", auth={"mode": "keys"}))
+        await drive_keys_mode(run, keyed)
+        passing = await make_gateway(POLICY, **run.settings("pass"))
+        await drive_passthrough(run, passing)
+        mixed = await make_gateway(POLICY, **run.settings("mixed", auth=mixed_auth(idp)))
+        await drive_mixed(run, mixed, idp)
+        assert await routes_missed(run.driver, [keyed, passing, mixed]) == []
+        await stop(keyed, passing, mixed)
+    await serve_run(run, unused_tcp_port_factory())
+    await run.collect(capfd)
+    run.verify(capfd, {"keys ci-bot", "keys ci-bot rotated", "mixed byok-bot", "serve ci-bot"})
+
+
+async def test_secrets_a_client_puts_in_its_claims_reach_no_sink(
+    run: Run, make_gateway: MakeGateway, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A client's claims (session id and name, agent, User-Agent, the body's session hints,
+    the model) are kept, shown and counted: a secret written into one (an agent that names
+    its session after its key) is still no sink's."""
+    s = run.secrets
+    async with serve_logging(run.log_file):
+        keyed = await make_gateway(POLICY, **run.settings("keys", auth={"mode": "keys"}))
+        key = await run.create_key(keyed.url(""), "claims-bot")
+        # In keys mode, secrets the gateway has loaded (a pool credential, the admin token).
+        await send_claims(run, keyed, lambda d: llm_auth(d, key), s.pool_openai, s.admin_token)
+        passing = await make_gateway(POLICY, **run.settings("pass"))
+        # In passthrough, the client's own keys.
+        own = {"chat": s.client_openai, "responses": s.client_openai,
+               "messages": s.client_anthropic}  # fmt: skip
+        await send_claims(
+            run, passing, lambda d: llm_auth(d, own[d]), s.client_openai, s.client_anthropic
+        )
+        await stop(keyed, passing)
+    await run.collect(capfd)
+    run.verify(capfd, {"claims-bot"}, may_be_empty=(STDIO,))  # nothing runs as a process
+
+
+# -- the in-process gateways ----------------------------------------------------------------------
 async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     """``auth.mode: keys``: a key made, used in every dialect, refused every way, rotated and
     revoked; the pool failing over and reloaded; every admin route."""
@@ -468,8 +700,7 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
         await call(base, "POST", path, 200, body_of(p, dialect, stream=True), {**auth, **session})
         denied = body_of(p, dialect, model=f"{OPENAI_MODEL}-forbidden")
         await call(base, "POST", path, 400, denied, {**auth, **session})
-        broken = json.dumps(body_of(p, dialect)).encode()[:-40]  # cut inside the prompt
-        await call(base, "POST", path, 400, broken, {**auth, **session})
+        await call(base, "POST", path, 400, cut_short(p, dialect), {**auth, **session})
         await call(base, "POST", path, 401, body_of(p, dialect), llm_auth(dialect, wrong))
         refused = llm_auth(dialect, s.refused_provider)
         await call(base, "POST", path, 401, body_of(p, dialect), refused)
@@ -478,35 +709,35 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
         await call(base, "GET", path, 405, None, auth)
         await call(base, "POST", path, 400, body_of(p, dialect), {**auth, "Host": "evil.example"})
     auth = llm_auth("chat", key)
-    await call(base, "POST", "/v1/messages/count_tokens", 200,
-               {"model": ANTHROPIC_MODEL, "system": p.system,
-                "messages": [{"role": "user", "content": p.user}]},
-               llm_auth("messages", key))  # fmt: skip
+    count = {"model": ANTHROPIC_MODEL, "system": p.system,
+             "messages": [{"role": "user", "content": p.user}]}  # fmt: skip
+    await call(base, "POST", "/v1/messages/count_tokens", 200, count, llm_auth("messages", key))
     await call(base, "GET", "/v1/models", 200, None, auth)
-    # A credential in the query string, never a header: refused, and never logged.
-    await call(base, "POST", f"/v1/chat/completions?api_key={s.refused_provider}", (400, 401),
-               p.chat(), {})  # fmt: skip
+    # The session named in the path (agents that cannot send a header).
+    await call(base, "POST", "/s/keys-path/v1/chat/completions", 200, p.chat(), auth)
+    # A credential in the query string, never in a header: refused, and never logged.
+    query = f"/v1/chat/completions?api_key={s.refused_provider}"
+    await call(base, "POST", query, (400, 401), p.chat(), {})
     await call(base, "POST", f"/v1/chat/completions?key={key}", (400, 401), p.chat(), {})
     await call(base, "POST", "/v1/chat%2Fcompletions", 400, p.chat(), auth)
     await call(base, "GET", "/no/such/path", 404, None, auth)
     # The primary pool entry refused once: the call fails over to the secondary.
     gw.fake.app[FAULTS].replace(Fault(kind="status", status=401, count=1))
     await call(base, "POST", "/v1/chat/completions", 200, p.chat(), auth)
-    await send_claims(run, base, lambda dialect: llm_auth(dialect, key), s.pool_openai, s.admin_token)
 
     # Admin routes, refused: no token, a wrong one, a gateway key, a provider key, a page's
-    # form post, a body that is no JSON, a field no key has.
+    # form post, a body that is no JSON, a field no key has, a foreign Host.
     await call(base, "GET", "/gateway/sessions", 401, None, {})
     await call(base, "GET", "/gateway/sessions", 401, None, admin_headers(s.wrong_admin_token))
     await call(base, "GET", "/gateway/sessions", 401, None, admin_headers(key))
     await call(base, "GET", "/gateway/keys", 401, None, {"x-api-key": s.refused_provider})
-    await call(base, "POST", "/gateway/keys", 403, {"team": "platform", "name": "x"},
-               {**admin, "Origin": "http://evil.example"})  # fmt: skip
-    await call(base, "POST", "/gateway/keys", 415, b"team=platform",
-               {**admin, "Content-Type": "text/plain"})  # fmt: skip
+    page = {**admin, "Origin": "http://evil.example"}
+    await call(base, "POST", "/gateway/keys", 403, {"team": "platform", "name": "x"}, page)
+    form = {**admin, "Content-Type": "text/plain"}
+    await call(base, "POST", "/gateway/keys", 415, b"team=platform", form)
     await call(base, "POST", "/gateway/keys", 400, b'{"team": ', admin)
-    await call(base, "POST", "/gateway/keys", 400,
-               {"team": "platform", "name": "x", "digest": s.pepper}, admin)  # fmt: skip
+    extra = {"team": "platform", "name": "x", "digest": s.pepper}
+    await call(base, "POST", "/gateway/keys", 400, extra, admin)
     await call(base, "GET", "/gateway/keys/ZZZZZZZZZZZZ", 404, None, admin)
     await call(base, "GET", "/gateway/sessions/no-such-session", 404, None, admin)
     await call(base, "GET", "/gateway/sessions", 400, None, {**admin, "Host": "evil.example"})
@@ -518,12 +749,11 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     await call(base, "GET", f"/gateway/keys/{key_id}", 200, None, admin)
     await call(base, "GET", "/gateway/sessions?limit=100", 200, None, admin)
     await call(base, "GET", "/gateway/sessions/keys-chat", 200, None, admin)
-    await call(base, "POST", "/gateway/sessions/keys-chat/grant", 200,
-               {"turns": 5, "reason": "canary run"}, admin)  # fmt: skip
+    grant = {"turns": 5, "reason": "canary run"}
+    await call(base, "POST", "/gateway/sessions/keys-chat/grant", 200, grant, admin)
     await call(base, "POST", "/gateway/sessions/keys-chat/end", 200, {"reason": "done"}, admin)
-    # The ended session refuses the next call.
-    await call(base, "POST", "/v1/chat/completions", (400, 403, 409, 410, 429), p.chat(),
-               {**auth, "X-Gateway-Session": "keys-chat"})  # fmt: skip
+    ended = {**auth, "X-Gateway-Session": "keys-chat"}  # the ended session refuses the next
+    await call(base, "POST", "/v1/chat/completions", (400, 403, 409, 410, 429), p.chat(), ended)
     await call(base, "GET", "/gateway/credentials", 200, None, admin)
     await asyncio.to_thread((run.pool / "anthropic").write_text, s.pool_anthropic_reloaded)
     await call(base, "POST", "/gateway/credentials/reload", 200, {"reason": "rotated"}, admin)
@@ -536,8 +766,10 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     await call(base, "GET", "/gateway/policy", 200, None, admin)
     await call(base, "GET", "/gateway/budgets", 200, None, admin)
     await call(base, "GET", "/gateway/calibration", 200, None, admin)
+    await call(base, "GET", "/gateway/openapi.json", 200, None, admin)
 
-    # Rotation: the new secret in its one answer; the previous one works, deprecated.
+    # Rotation: the new secret in its one answer; the previous one works, deprecated; then
+    # the key revoked.
     rotated = await run.driver.call(
         base, "POST", f"/gateway/keys/{key_id}/rotate", 200, {"grace": "1h"}, admin,
         allows=("keys ci-bot rotated",),
@@ -552,7 +784,6 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
     await call(base, "GET", "/metrics", 200)
     await call(base, "GET", "/metrics", 200, None, {"Accept": "application/openmetrics-text"})
 
-
     sent = received_credentials(gw.fake)
     for value in (s.pool_openai, s.pool_openai_2, s.pool_anthropic):
         assert value in sent  # the pool's credentials went upstream ...
@@ -561,12 +792,12 @@ async def drive_keys_mode(run: Run, gw: Gateway) -> None:
 
 
 async def drive_passthrough(run: Run, gw: Gateway) -> None:
-    """``auth.mode: passthrough``: the client's own keys go upstream; refusals of the admin
-    token, of two keys at once, of a key the provider refuses."""
+    """``auth.mode: passthrough``: the client's own keys go upstream; the admin token, two
+    keys at once, a key the provider refuses, a credential in the query string refused."""
     call, base, s, p = run.driver.call, gw.url(""), run.secrets, run.prompts
-    keys = {"chat": s.client_openai, "responses": s.client_openai, "messages": s.client_anthropic}
+    own = {"chat": s.client_openai, "responses": s.client_openai, "messages": s.client_anthropic}
     for dialect, path in DIALECTS:
-        auth = llm_auth(dialect, keys[dialect])
+        auth = llm_auth(dialect, own[dialect])
         if dialect == "messages":  # Claude Code logged in: its OAuth token as a bearer
             auth = {"Authorization": f"Bearer {s.client_anthropic}", "anthropic-version": "1"}
         session = {"X-Gateway-Session": f"pass-{dialect}"}
@@ -574,30 +805,34 @@ async def drive_passthrough(run: Run, gw: Gateway) -> None:
         await call(base, "POST", path, 200, body_of(p, dialect, stream=True), {**auth, **session})
         denied = body_of(p, dialect, model=f"{OPENAI_MODEL}-forbidden")
         await call(base, "POST", path, 400, denied, {**auth, **session})
-        await call(base, "POST", path, 400, json.dumps(body_of(p, dialect)).encode()[:-40], auth)
+        await call(base, "POST", path, 400, cut_short(p, dialect), auth)
         await call(base, "POST", path, 401, body_of(p, dialect), llm_auth(dialect, s.admin_token))
         await call(base, "POST", path, 400, body_of(p, dialect), {**auth, "Host": "evil.example"})
-        two = {"Authorization": f"Bearer {keys[dialect]}", "x-api-key": s.client_second}
+        two = {"Authorization": f"Bearer {own[dialect]}", "x-api-key": s.client_second}
         await call(base, "POST", path, 400, body_of(p, dialect), two)
     # A key the provider refuses: its 401, passed on.
     gw.fake.app[FAULTS].replace(Fault(kind="status", status=401, count=1))
     auth = llm_auth("chat", s.client_openai)
     await call(base, "POST", "/v1/chat/completions", 401, p.chat(), auth)
-    await call(base, "POST", f"/v1/chat/completions?api_key={s.client_second}", (400, 401),
-               p.chat(), {})  # fmt: skip
+    query = f"/v1/chat/completions?api_key={s.client_second}"
+    await call(base, "POST", query, (400, 401), p.chat(), {})
     await call(base, "GET", "/v1/models", 200, None, auth)
     await call(base, "GET", "/elsewhere", 404, None, auth)
-    await send_claims(
-        run, base, lambda dialect: llm_auth(dialect, keys[dialect]), s.client_openai,
-        s.client_anthropic,
-    )  # fmt: skip
     await call(base, "GET", "/gateway/sessions", 401, None, {"x-api-key": s.client_anthropic})
-    await call(base, "GET", "/gateway/sessions", 200, None, admin_headers(s.admin_token))
-    await call(base, "GET", "/gateway/sessions/pass-chat", 200, None, admin_headers(s.admin_token))
+    admin = admin_headers(s.admin_token)
+    await call(base, "GET", "/gateway/sessions", 200, None, admin)
+    await call(base, "GET", "/gateway/sessions/pass-chat", 200, None, admin)
     await call(base, "GET", "/metrics", 200)
     sent = received_credentials(gw.fake)
     assert s.client_openai in sent and s.client_anthropic in sent
     assert s.admin_token not in sent and s.client_second not in sent
+
+
+def mixed_auth(idp: IdP) -> dict[str, Any]:
+    issuer = {"issuer": idp.url, "audience": [AUDIENCE], "jwks_url": f"{idp.url}/jwks",
+              "algorithms": ["RS256"]}  # fmt: skip
+    # The identity provider listens on loopback, which the egress guard refuses unless listed.
+    return {"mode": "mixed", "jwt_issuers": [issuer], "egress_allow": ["127.0.0.1/32"]}
 
 
 async def drive_mixed(run: Run, gw: Gateway, idp: IdP) -> None:
@@ -613,10 +848,12 @@ async def drive_mixed(run: Run, gw: Gateway, idp: IdP) -> None:
         bearer = {"Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"}
         await call(base, "POST", path, 200, body_of(p, dialect), bearer)
         await call(base, "POST", path, 200, body_of(p, dialect, stream=True), bearer)
-        await call(base, "POST", path, 401, body_of(p, dialect), {"Authorization": f"Bearer {foreign}"})
+        stranger = {**bearer, "Authorization": f"Bearer {foreign}"}
+        await call(base, "POST", path, 401, body_of(p, dialect), stranger)
     byok = {"Authorization": f"Bearer {s.byok}", "X-Gateway-Key": byok_key}
     await call(base, "POST", "/v1/chat/completions", 200, p.chat(), byok)
-    await call(base, "POST", "/v1/chat/completions", 401, p.chat(), {"Authorization": f"Bearer {s.byok}"})
+    alone = {"Authorization": f"Bearer {s.byok}"}  # without the key: a provider key, refused
+    await call(base, "POST", "/v1/chat/completions", 401, p.chat(), alone)
     await call(base, "GET", "/gateway/sessions", 401, None, {"Authorization": f"Bearer {token}"})
     await call(base, "GET", "/gateway/keys", 200, None, admin_headers(s.admin_token))
     await call(base, "GET", "/metrics", 200)
@@ -625,127 +862,39 @@ async def drive_mixed(run: Run, gw: Gateway, idp: IdP) -> None:
 
 
 async def send_claims(
-    run: Run, base: str, auth: Callable[[str], dict[str, str]], first: str, second: str
+    run: Run, gw: Gateway, auth: Callable[[str], dict[str, str]], first: str, second: str
 ) -> None:
     """Secrets where a client makes claims the gateway logs and keeps: the session id, its
-    name, the agent, the User-Agent (headers), and the session hints and model (body)."""
-    call, p = run.driver.call, run.prompts
+    name, the agent and the User-Agent (headers); the session hints and the model (body)."""
+    call, base, p = run.driver.call, gw.url(""), run.prompts
     claims = {
         "X-Gateway-Session": f"sess-{first}",
         "X-Gateway-Session-Name": f"name {second}",
         "X-Gateway-Agent": f"agent-{second}",
         "User-Agent": f"claims/1.0 ({first})",
     }
-    hints = {
+    hints: dict[str, dict[str, Any]] = {
         "chat": {"user": f"user-{first}"},
         "responses": {"prompt_cache_key": f"cache-{first}", "user": f"user-{second}"},
         "messages": {"metadata": {"user_id": f"user-{first}"}},
     }
     for dialect, path in DIALECTS:
-        await call(base, "POST", path, 200, body_of(run.prompts, dialect), {**auth(dialect), **claims})
-        # No session header: the body's hints name the session.
-        await call(base, "POST", path, 200, body_of(p, dialect, **hints[dialect]), auth(dialect))
+        await call(base, "POST", path, 200, body_of(p, dialect), {**auth(dialect), **claims})
+        # No session header: the body's hints name the session; the User-Agent the agent.
+        hinted = body_of(p, dialect, **hints[dialect])
+        await call(base, "POST", path, 200, hinted, {**auth(dialect), "User-Agent": f"{second}/2"})
         denied = body_of(p, dialect, model=f"{OPENAI_MODEL}-forbidden-{first}")
         await call(base, "POST", path, 400, denied, {**auth(dialect), **claims})
+        named = body_of(p, dialect, model=f"{OPENAI_MODEL}-{second}")  # served: a model label
+        await call(base, "POST", path, 200, named, auth(dialect))
+    # The session named in the path.
+    await call(base, "POST", f"/s/path-{first}/v1/chat/completions", 200, p.chat(), auth("chat"))
+    admin = admin_headers(run.secrets.admin_token)
+    await call(base, "GET", "/gateway/sessions", 200, None, admin)
+    await call(base, "GET", "/metrics", 200)
 
 
-async def read_into(sinks: Sinks, sink: str, path: Path, origin: str | None = None) -> None:
-    data = await asyncio.to_thread(path.read_bytes)
-    sinks.add(sink, origin or path.name, data)
-
-
-def report(sinks: Sinks, title: str, canaries: list[Canary], hits: list[Hit]) -> str:
-    table = sinks.table(title, canaries, hits)
-    if hits:
-        table += "\n" + "\n".join(f"  found: {hit}" for hit in hits[:60])
-    return table
-
-
-@pytest.fixture
-def prompts(fake_config: FakeProviderConfig) -> Prompts:
-    made = Prompts()
-    fake_config.reply_text = made.completion  # the provider's answer is a canary too
-    return made
-
-
-async def test_no_secret_and_no_prompt_reaches_any_sink(
-    make_gateway: MakeGateway,
-    fake_provider: TestServer,
-    idp: IdP,
-    prompts: Prompts,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    unused_tcp_port_factory: Callable[[], int],
-) -> None:
-    s = Secrets()
-    monkeypatch.delenv(CAPTURE_ENV, raising=False)
-    monkeypatch.setenv(POOL_ENV, s.pool_openai)
-    monkeypatch.setenv("GATEWAY_KEY_PEPPER", s.pepper)
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    (pool / "openai-2").write_text(s.pool_openai_2 + "\n")
-    (pool / "anthropic").write_text(s.pool_anthropic + "\n")
-    spans = InMemorySpanExporter()
-    tracer = TracerProvider()
-    tracer.add_span_processor(SimpleSpanProcessor(RedactingExporter(spans)))
-    sinks = Sinks(SINKS)
-    log_file = tmp_path / "gateway.log"
-    common: dict[str, Any] = {"admin_token": s.admin_token, "tracer_provider": tracer,
-                              "upstreams": upstreams(fake_provider, pool)}  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        run = Run(s, prompts, sinks, Driver(http, sinks), pool)
-        async with serve_logging(log_file):
-            keyed = await make_gateway(
-                POLICY, store=sqlite(tmp_path / "keys.db"), auth={"mode": "keys"}, **common
-            )
-            await drive_keys_mode(run, keyed)
-            passing = await make_gateway(POLICY, store=sqlite(tmp_path / "pass.db"), **common)
-            await drive_passthrough(run, passing)
-            mixed = await make_gateway(
-                POLICY,
-                store=sqlite(tmp_path / "mixed.db"),
-                auth={
-                    "mode": "mixed",
-                    "jwt_issuers": [{"issuer": idp.url, "audience": [AUDIENCE],
-                                     "jwks_url": f"{idp.url}/jwks", "algorithms": ["RS256"]}],
-                    "egress_allow": ["127.0.0.1/32"],
-                },  # fmt: skip
-                **common,
-            )
-            await drive_mixed(run, mixed, idp)
-            # Stopped before the sinks are read: the store, audit and log written out.
-            for gw in (keyed, passing, mixed):
-                await gw.server.close()
-        await serve_run(run, fake_provider, pool, tmp_path, unused_tcp_port_factory)
-
-    captured = capfd.readouterr()
-    sinks.add(STDIO, "pytest process stdout", captured.out)
-    sinks.add(STDIO, "pytest process stderr", captured.err)
-    await read_into(sinks, LOG, log_file)
-    for path in sorted(tmp_path.glob("audit-*.jsonl")):
-        await read_into(sinks, AUDIT, path)
-    for path in sorted(tmp_path.glob("*.db*")):  # the database, its WAL and shared memory
-        await read_into(sinks, STORE, path)
-    for span in spans.get_finished_spans():
-        sinks.add(SPANS, f"span {span.name}", span.to_json())
-
-    for sink in SINKS:  # a sink that held nothing would prove nothing
-        assert sinks.size(sink) > 0, f"nothing was scanned in {sink}"
-    found, allowed = sinks.scan(run.canaries())
-    content_found, _ = sinks.scan(prompts.canaries())
-    with capfd.disabled():
-        print("\n" + report(sinks, "secrets", run.canaries(), found))
-        print(report(sinks, "prompt and completion text", prompts.canaries(), content_found))
-    # The scan finds what is there: each new key is in the one answer that made it.
-    assert {hit.canary for hit in allowed} == {
-        "keys ci-bot", "keys ci-bot rotated", "mixed byok-bot", "serve ci-bot"
-    }  # fmt: skip
-    assert not found, "\n".join(map(str, found))
-    assert not content_found, "\n".join(map(str, content_found))
-
-
-# -- ``gateway serve`` as a process ------------------------------------------------------------------------
+# -- ``gateway serve`` as a process ---------------------------------------------------------------
 @dataclass
 class Collector:
     """An OTLP/HTTP receiver: what the gateway's exporter sent, and with which headers."""
@@ -772,36 +921,28 @@ async def collector_server() -> AsyncIterator[tuple[Collector, str]]:
         await server.close()
 
 
-async def serve_run(
-    run: Run,
-    fake: TestServer,
-    pool: Path,
-    tmp_path: Path,
-    ports: Callable[[], int],
-) -> None:
-    """``gateway serve`` in keys mode, every secret from the environment or a file, the log at
-    debug on stderr, spans to an OTLP collector (a canary in the exporter's headers) and the
-    console: a key made and used, refusals, admin reads, SIGTERM; every output scanned."""
-    s, sinks = run.secrets, run.sinks
-    port = ports()
-    config = tmp_path / "serve.yaml"
+async def serve_run(run: Run, port: int) -> None:
+    """``gateway serve`` in keys mode, every secret from the environment or a file, its log at
+    debug on stderr, spans to an OTLP collector (a canary in the exporter's headers) and to
+    the console; a key made and used, refusals, admin calls, the CLI, SIGTERM. Every output
+    of the process scanned."""
+    s, sinks, tmp = run.secrets, run.sinks, run.tmp_path
+    config = tmp / "serve.yaml"
     settings = {
         "port": port,
-        "store": sqlite(tmp_path / "serve.db"),
-        "audit_log": str(tmp_path / "audit-serve.jsonl"),
-        "state_dir": str(tmp_path / "serve-state"),
-        "policy": str(tmp_path / "serve-policy.yaml"),
+        "store": sqlite(tmp / "serve.db"),
+        "audit_log": str(tmp / "audit-serve.jsonl"),
+        "state_dir": str(tmp / "serve-state"),
+        "policy": str(tmp / "serve-policy.yaml"),
         "auth": {"mode": "keys"},
-        "upstreams": upstreams(fake, pool),
+        "upstreams": upstreams(run.fake, run.pool),
     }
     await asyncio.to_thread(config.write_text, json.dumps(settings))  # JSON is YAML
-    await asyncio.to_thread((tmp_path / "serve-policy.yaml").write_text, textwrap.dedent(POLICY))
+    await asyncio.to_thread((tmp / "serve-policy.yaml").write_text, textwrap.dedent(POLICY))
+    base = f"http://127.0.0.1:{port}"
     async with collector_server() as (collector, endpoint):
-        inherited = {
-            k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OTEL_"))
-        }
         env = {
-            **inherited,
+            **clean_environment(),
             "GATEWAY_ADMIN_TOKEN": s.admin_token,
             "GATEWAY_KEY_PEPPER": s.pepper,
             "GATEWAY_LOG_LEVEL": "debug",
@@ -817,9 +958,9 @@ async def serve_run(
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         try:
-            base = f"http://127.0.0.1:{port}"
-            await _healthy(run.driver.http, base, process)
+            await healthy(run.driver.http, base, process)
             await drive_served(run, base)
+            await run_cli(run, base)
             process.send_signal(signal.SIGTERM)
             stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
         finally:
@@ -830,14 +971,20 @@ async def serve_run(
         sinks.add(STDIO, "gateway serve stdout", stdout)
         sinks.add(STDIO, "gateway serve stderr", stderr)
         assert b'"logger":"gateway.requests"' in stderr  # its log is there to be scanned
-        assert collector.bodies, "gateway serve exported no spans"
+        assert b'"trace_id"' in stdout  # and the console exporter's spans
+        assert collector.bodies, "gateway serve exported no spans over OTLP"
         for index, body in enumerate(collector.bodies):
             sinks.add(SPANS, f"gateway serve OTLP export {index}", body)
-        # The collector is the exporter's destination, given the header: not a sink.
+        # The collector is where the exporter was told to send the header: not a sink.
         assert set(collector.authorizations) == {f"Bearer {s.otlp_header}"}
 
 
-async def _healthy(http: aiohttp.ClientSession, base: str, process: Any) -> None:
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the gateway's and OpenTelemetry's variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OTEL_"))}
+
+
+async def healthy(http: aiohttp.ClientSession, base: str, process: Any) -> None:
     for _ in range(300):
         assert process.returncode is None, "gateway serve exited at start"
         with contextlib.suppress(aiohttp.ClientConnectionError):
@@ -852,15 +999,18 @@ async def drive_served(run: Run, base: str) -> None:
     call, s, p = run.driver.call, run.secrets, run.prompts
     admin = admin_headers(s.admin_token)
     key = await run.create_key(base, "serve ci-bot")
+    wrong = wrong_secret(key)
+    run.keys.append(gateway_key("serve wrong key", wrong))
     for dialect, path in DIALECTS:
         auth = {**llm_auth(dialect, key), "X-Gateway-Session": f"serve-{dialect}"}
-        await call(base, "POST", path, 200, body_of(p, dialect), auth)
+        body = body_of(p, dialect)
+        await call(base, "POST", path, 200, body, auth)
         await call(base, "POST", path, 200, body_of(p, dialect, stream=True), auth)
         await call(base, "POST", path, 400, body_of(p, dialect, model="x-forbidden"), auth)
-        await call(base, "POST", path, 400, json.dumps(body_of(p, dialect)).encode()[:-40], auth)
-        await call(base, "POST", path, 401, body_of(p, dialect), llm_auth(dialect, s.refused_provider))
-        await call(base, "POST", path, 401, body_of(p, dialect), llm_auth(dialect, s.admin_token))
-        await call(base, "POST", path, 401, body_of(p, dialect), llm_auth(dialect, wrong_secret(key)))
+        await call(base, "POST", path, 400, cut_short(p, dialect), auth)
+        await call(base, "POST", path, 401, body, llm_auth(dialect, s.refused_provider))
+        await call(base, "POST", path, 401, body, llm_auth(dialect, s.admin_token))
+        await call(base, "POST", path, 401, body, llm_auth(dialect, wrong))
     await call(base, "GET", "/no/such/path", 404)
     await call(base, "GET", "/gateway/sessions", 401, None, admin_headers(key))
     await call(base, "GET", "/gateway/sessions", 401, None, admin_headers(s.wrong_admin_token))
@@ -872,23 +1022,85 @@ async def drive_served(run: Run, base: str) -> None:
     await call(base, "GET", "/metrics", 200)
 
 
-# -- the control: with capture on, the scan does find the prompt --------------------------------------------
+async def run_cli(run: Run, base: str) -> None:
+    """The CLI against the running gateway (its token from the environment), and ``config
+    check`` of a file with a provider key written inline: every output scanned."""
+    s, tmp = run.secrets, run.tmp_path
+    env = {**clean_environment(), "GATEWAY_URL": base, "GATEWAY_ADMIN_TOKEN": s.admin_token}
+    for command in (["keys", "list"], ["sessions", "list"], ["credentials", "status"],
+                    ["credentials", "reload"], ["degrade", "status"]):  # fmt: skip
+        await cli(run, command, env, 0)
+    await cli(run, ["sessions", "list"], {**env, "GATEWAY_ADMIN_TOKEN": s.wrong_admin_token}, 1)
+    await cli(run, ["config", "check", str(tmp / "serve.yaml")], env, 0)
+    inline = tmp / "inline.yaml"
+    settings = {"upstreams": {"openai": {"credentials": {
+        "platform": [{"name": "primary", "value": s.refused_provider}]}}}}  # fmt: skip
+    await asyncio.to_thread(inline.write_text, json.dumps(settings))
+    await cli(run, ["config", "check", str(inline)], env, 1)
+    await cli(run, ["serve", "--config", str(inline), "--port", "0"], env, 2)
+
+
+async def cli(run: Run, args: list[str], env: dict[str, str], expect: int) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    shown = " ".join(args[:2])
+    assert process.returncode == expect, f"gateway {shown}: {stderr.decode()[-2000:]}"
+    run.sinks.add(STDIO, f"gateway {shown} stdout", stdout)
+    run.sinks.add(STDIO, f"gateway {shown} stderr", stderr)
+
+
+# -- the scan itself -----------------------------------------------------------------------------
+def test_the_scan_finds_a_canary_in_every_form_and_not_its_shown_part() -> None:
+    key = "sk-proj-" + _urlsafe(56)
+    canary = Canary("key", key, "sk-proj-")
+    data = key.encode()
+    holding = [
+        f"upstream said: {key}.",
+        json.dumps({"headers": {"authorization": f"Bearer {key}"}}),
+        "https://example.com/?api_key=" + quote(key, safe=""),
+        data.hex(),
+        data.hex().upper(),
+        hashlib.sha256(data).hexdigest(),
+        key[:30] + "\u2026",  # cut short
+        key.lower()[:40],  # an agent name made of a User-Agent
+    ]
+    for offset in range(3):  # inside longer base64 texts, at each alignment
+        holding.append(base64.b64encode(b"Basic " + b"u" * offset + b":" + data).decode())
+        holding.append(base64.urlsafe_b64encode(b"p" * offset + data + b"s").decode())
+    for text in holding:
+        assert canary.find(text), text
+    assert canary.find("nothing here, and sk-proj- is only the shown part") == []
+    gw = "gw_" + _alnum(12) + "_" + _alnum(49)
+    assert gateway_key("gw", gw).find(f"the gateway key {gw[:16]}\u2026 was refused") == []
+    sinks = Sinks((LOG, ADMIN))
+    sinks.add(LOG, "a line", f"key={key}")
+    sinks.add(ADMIN, "its one answer", f'{{"key": "{key}"}}', allows=("key",))
+    found, allowed = sinks.scan([canary])
+    assert [(h.sink, h.forms) for h in found] == [(LOG, ("raw",))]
+    assert [h.sink for h in allowed] == [ADMIN]
+
+
+# -- the control: with capture on, the same scan finds the prompt ---------------------------------
 async def test_with_capture_on_the_prompt_is_found_on_spans(
     make_gateway: MakeGateway, prompts: Prompts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The other side of "0 found while capture is off": the same scan finds the prompt as
-    soon as an operator turns capture on, so the sinks above were able to show it."""
+    """The other side of "0 found while capture is off": the same scan finds the prompt and
+    the completion once an operator turns capture on, so the spans above could have shown
+    them."""
     monkeypatch.setenv(CAPTURE_ENV, "true")
     spans = InMemorySpanExporter()
     tracer = TracerProvider()
     tracer.add_span_processor(SimpleSpanProcessor(RedactingExporter(spans)))
     gw = await make_gateway(POLICY, tracer_provider=tracer)
-    sinks = Sinks((SPANS,))
     async with aiohttp.ClientSession() as http:
         driver = Driver(http, Sinks((CLIENT,)))
         key = "sk-proj-" + _urlsafe(56)
         await driver.call(gw.url(""), "POST", "/v1/chat/completions", 200, prompts.chat(),
                           llm_auth("chat", key))  # fmt: skip
+    sinks = Sinks((SPANS,))
     for span in spans.get_finished_spans():
         sinks.add(SPANS, span.name, span.to_json())
     found, _ = sinks.scan(prompts.canaries())

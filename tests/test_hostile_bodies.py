@@ -4,6 +4,7 @@ provider never receives a call that skipped the policy; unusual valid bodies pas
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -355,3 +356,166 @@ def test_fuzzed_bodies_never_fail_and_never_skip_the_policy(
     # Sent twice in a session allowed one turn: the provider saw at most one of them (a call
     # that skipped the policy would be a second).
     assert calls <= 1, (calls, body[:300])
+
+
+# -- what the tests above do not try: bombs and literals in every field, any JSON at all -------
+DIALECT_ROUTES = ROUTES[:3]
+HISTORY_FIELD = {
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/messages": "messages",
+}
+BOMB_DEPTH = 10_000
+
+
+def bombs(route: str) -> dict[str, bytes]:
+    """Bodies built to hurt a parser, each aimed at one field the gateway reads or skips."""
+    history = HISTORY_FIELD[route].encode()
+    start = b'{"model":"gpt-4o","max_tokens":5,"' + history + b'":[{"role":"user","content":"hi"}]'
+    nested_objects = b'{"a":' * BOMB_DEPTH + b"1" + b"}" * BOMB_DEPTH
+    mixed = b'[{"a":' * (BOMB_DEPTH // 2) + b"1" + b"}]" * (BOMB_DEPTH // 2)
+    bodies: dict[str, bytes] = {}
+    for name in (history.decode(), "metadata", "tools", "system", "x_unknown"):
+        bodies[f"{name}: arrays {BOMB_DEPTH} deep"] = (
+            start + b',"' + name.encode() + b'":' + deep(BOMB_DEPTH) + b"}"
+        )
+        bodies[f"{name}: objects {BOMB_DEPTH} deep"] = (
+            start + b',"' + name.encode() + b'":' + nested_objects + b"}"
+        )
+        bodies[f"{name}: arrays and objects {BOMB_DEPTH} deep"] = (
+            start + b',"' + name.encode() + b'":' + mixed + b"}"
+        )
+    bodies["a message's content, deep"] = (
+        b'{"model":"gpt-4o","max_tokens":5,"' + history + b'":[{"role":"user","content":'
+        + deep(BOMB_DEPTH) + b"}]}"
+    )  # fmt: skip
+    for literal in (b"NaN", b"Infinity", b"-Infinity", b"nan", b"inf", b"undefined"):
+        for where in (b"temperature", b"max_tokens", b"x_unknown"):
+            bodies[f"{literal.decode()} in {where.decode()}"] = (
+                start + b',"' + where + b'":' + literal + b"}"
+            )
+        bodies[f"{literal.decode()} in the history"] = (
+            b'{"model":"gpt-4o","' + history + b'":[{"role":"user","content":' + literal + b"}]}"
+        )
+    huge_int, huge_exp = b"9" * 100_000, b"1e999999999"
+    for number in (huge_int, b"-" + huge_int, huge_exp, b"-" + huge_exp, b"0." + huge_int):
+        for where in (b"max_tokens", b"temperature", b"x_unknown", b"model"):
+            bodies[f"a {len(number)}-character number in {where.decode()}"] = (
+                start + b',"' + where + b'":' + number + b"}"
+            )
+        bodies[f"a {len(number)}-character number in the history"] = (
+            b'{"model":"gpt-4o","' + history + b'":[{"role":"user","content":"x","n":'
+            + number + b"}]}"
+        )  # fmt: skip
+    for name, text in {
+        "a lone high surrogate": b"\\ud800",
+        "a lone low surrogate": b"\\udc00",
+        "two high surrogates": b"\\ud800\\ud800",
+        "a surrogate pair reversed": b"\\udc00\\ud800",
+        "an escape cut short": b"\\ud8",
+    }.items():
+        bodies[f"{name} in the model"] = start + b',"model":"' + text + b'"}'
+        bodies[f"{name} in a key"] = start + b',"' + text + b'":1}'
+        bodies[f"{name} in the history"] = (
+            b'{"model":"gpt-4o","' + history + b'":[{"role":"user","content":"' + text + b'"}]}'
+        )
+    for name, raw in {
+        "an overlong slash": b"\xc0\xaf",
+        "a five-byte sequence": b"\xf8\x88\x80\x80\x80",
+        "an encoded surrogate": b"\xed\xa0\x80",
+        "a code point past U+10FFFF": b"\xf4\x90\x80\x80",
+        "a sequence cut short": b"\xe2\x82",
+    }.items():
+        bodies[f"{name} in a key"] = start + b',"k' + raw + b'":1}'
+        bodies[f"{name} in an unknown field"] = start + b',"x_unknown":"' + raw + b'"}'
+        bodies[f"{name} in the history"] = (
+            b'{"model":"gpt-4o","' + history + b'":[{"role":"user","content":"' + raw + b'"}]}'
+        )
+    bodies["a body cut in the middle of a bomb"] = start + b',"metadata":' + b'{"a":' * 5000
+    bodies["a BOM first"] = b"\xef\xbb\xbf" + start + b"}"
+    bodies["a NUL in the body"] = start + b',"x_unknown":"\x00"}'
+    bodies["two bodies"] = start + b"}" + start + b"}"
+    return bodies
+
+
+def is_provider_shaped(route: str, status: int, body: Any) -> bool:
+    """An error in the route's provider shape (any status)."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return False
+    if not isinstance(body["error"].get("message"), str):
+        return False
+    return body.get("type") == "error" if route.startswith("/v1/messages") else True
+
+
+async def post_within(
+    gateway: TestServer, route: str, body: bytes, seconds: float = 20
+) -> tuple[int, dict[str, str], Any]:
+    """One call that must be answered within ``seconds`` (a hang fails the test)."""
+    async with (
+        asyncio.timeout(seconds),
+        aiohttp.ClientSession() as http,
+        http.post(gateway.make_url(route), data=body, headers=HEADERS) as resp,
+    ):
+        raw = await resp.read()
+        try:
+            return resp.status, dict(resp.headers), orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return resp.status, dict(resp.headers), raw
+
+
+@pytest.mark.parametrize("route", DIALECT_ROUTES)
+async def test_bombs_and_odd_literals_are_answered_in_shape_never_failed(
+    route: str, gateway: TestServer, fake_provider: TestServer
+) -> None:
+    """Depth bombs in every field (read or skipped), NaN and Infinity, numbers of 100k digits,
+    lone surrogates, malformed UTF-8 in keys: never a 5xx or a hang; what the gateway refuses
+    is a 400 in the provider's shape and never reaches the provider."""
+    for name, body in bombs(route).items():
+        before = len(received(fake_provider))
+        status, headers, answer = await post_within(gateway, route, body)
+        assert status < 500 and GATEWAY_FAILED not in str(answer), (name, status, answer)
+        if "X-Gateway-Error" in headers:  # the gateway's own answer
+            assert status == 400 and is_provider_shaped(route, status, answer), (name, answer)
+            assert len(received(fake_provider)) == before, name
+        else:  # the provider's to judge: forwarded byte for byte
+            assert [r.body for r in received(fake_provider)[before:]] == [body], name
+
+
+ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["\ud800", "a\udc00b", "\udbff\udbff", "\x00", "\u2028", "\ufeff"]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from([*sorted(FIELDS), "messages", "input"]) | st.text(max_size=8),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=16,
+)
+
+
+def any_json(value: Any) -> bytes:
+    """``value`` as JSON; NaN and infinities as their (invalid) JavaScript literals."""
+    return json.dumps(value, allow_nan=True).encode()
+
+
+@pytest.mark.parametrize("route", DIALECT_ROUTES)
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(value=ANY_JSON)
+def test_any_json_at_all_is_answered_in_shape(running: Running, route: str, value: Any) -> None:
+    """Any JSON value as the body (not only objects), its keys often the fields the gateway
+    reads and its values anything: never a 5xx, and a refusal in the provider's shape."""
+    status, answer, _calls = running.send(route, any_json(value))
+    assert status < 500 and GATEWAY_FAILED.encode() not in answer, (status, answer[:300])
+    if status >= 400:  # the gateway's refusal, or the provider's (the fake's, in its shape)
+        assert is_provider_shaped(route, status, orjson.loads(answer)), answer[:300]

@@ -190,7 +190,8 @@ async def test_other_methods_on_an_llm_route_get_the_providers_405(
 async def test_unknown_paths_get_a_json_404(gateway: TestServer) -> None:
     status, payload = await send_raw(gateway, "GET", "/nothing/here", b"")
     assert status == 404
-    assert payload["error"]["message"].endswith("No such path: /nothing/here")
+    message = payload["error"]["message"]
+    assert message.startswith("gateway (not ") and message.endswith("No such path: /nothing/here")
 
 
 @pytest.fixture

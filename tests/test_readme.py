@@ -247,6 +247,18 @@ def ports(unused_tcp_port_factory: Callable[[], int]) -> Ports:
 
 
 @pytest.fixture
+def state_dir_left_as_found() -> Iterator[None]:
+    """The README's gateways run in the repository without a store file: their admin token
+    goes to ``./gateway-state``, where the README's CLI commands find it (as a user's do).
+    Removed after the test unless it was there before (a developer's own gateway's)."""
+    state = REPO / "gateway-state"
+    existed = state.exists()
+    yield
+    if not existed:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
 def uv() -> str:
     found = shutil.which("uv")
     if found is None:
@@ -325,7 +337,7 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 
 @pytest.fixture
-def background_gateway(ports: Ports, uv: str) -> Iterator[None]:
+def background_gateway(ports: Ports, uv: str, state_dir_left_as_found: None) -> Iterator[None]:
     """A fake provider and a gateway on the README's (rewritten) ports, with the demo session."""
     env = ports.env() | {
         "GATEWAY_OPENAI_UPSTREAM": f"http://127.0.0.1:{ports.fake}/v1",
@@ -333,7 +345,8 @@ def background_gateway(ports: Ports, uv: str) -> Iterator[None]:
     }
     python = [sys.executable, "-m", "gateway"]
     fake = subprocess.Popen([*python, "fake-provider", "--port", str(ports.fake)], env=env)
-    gateway = subprocess.Popen([*python, "serve", "--store", "memory://"], env=env)
+    # Where the README's commands run (cwd): its CLI commands find the generated token.
+    gateway = subprocess.Popen([*python, "serve", "--store", "memory://"], env=env, cwd=REPO)
     try:
         _wait_healthy(ports.gateway, gateway)
         request = urllib.request.Request(
@@ -350,6 +363,7 @@ def background_gateway(ports: Ports, uv: str) -> Iterator[None]:
             process.wait(10)
 
 
+@pytest.mark.usefixtures("state_dir_left_as_found")
 @pytest.mark.parametrize(
     "block", list(runnable_blocks()), ids=lambda b: f"line-{b[0].line}-{b[0].text[:30]}"
 )
@@ -363,6 +377,7 @@ def test_a_readme_block_runs_as_written(
         assert ran.status == ran.command.expected_exit, where
 
 
+@pytest.mark.usefixtures("state_dir_left_as_found")
 def test_the_offline_demo_shows_the_session_it_made(ports: Ports, uv: str) -> None:
     demo = next(b for b in runnable_blocks() if any("fake-provider" in c.text for c in b))
     ran = {r.command.text.split(" -H")[0]: r for r in run_block(demo, ports, ports.env())}
@@ -372,6 +387,7 @@ def test_the_offline_demo_shows_the_session_it_made(ports: Ports, uv: str) -> No
     assert "first-try" in shown.output and "gpt-4o" in shown.output
 
 
+@pytest.mark.usefixtures("state_dir_left_as_found")
 @pytest.mark.parametrize("command", [c for c in all_commands() if serves(c)], ids=str)
 def test_a_foreground_server_starts_and_stops_on_ctrl_c(
     command: Command, ports: Ports, uv: str

@@ -21,7 +21,7 @@ class Holder(BaseModel):
 
 def test_it_prints_masked_everywhere() -> None:
     secret = Secret(VALUE)
-    for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret):
+    for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "{}".format(secret)):  # noqa: UP032
         assert VALUE not in shown
         assert MASK in shown
     assert VALUE not in repr(Holder(token=secret))

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -177,7 +178,7 @@ class Served:
 
 @pytest.fixture
 async def serve_process(
-    unused_tcp_port_factory: Callable[[], int],
+    unused_tcp_port_factory: Callable[[], int], tmp_path: Path
 ) -> AsyncIterator[Callable[..., Any]]:
     started: list[Served] = []
 
@@ -189,7 +190,8 @@ async def serve_process(
             *("--port", str(port), *args),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **env},
+            # The generated admin token goes to the test's own directory, not the checkout.
+            env={**os.environ, "GATEWAY_STATE_DIR": str(tmp_path / "state"), **env},
         )
         served = Served(process, port)
         started.append(served)

@@ -57,7 +57,7 @@ def test_environment_overrides_file(config: Path) -> None:
     env = {
         "GATEWAY_OPENAI_UPSTREAM": "http://env-openai/v1",
         "GATEWAY_ANTHROPIC_UPSTREAM": "http://env-anthropic",
-        "GATEWAY_ADMIN_TOKEN": "from-env",
+        "GATEWAY_ADMIN_TOKEN": "from-env-Kq3Rw6Tz1Yx4Nm7P",
         "GATEWAY_STORE": "sqlite:///env.db",
         "GATEWAY_LOG_LEVEL": "debug",
         "UNRELATED": "x",
@@ -66,7 +66,7 @@ def test_environment_overrides_file(config: Path) -> None:
     assert settings.upstreams["openai"].url == "http://env-openai/v1"
     assert settings.upstreams["anthropic"].url == "http://env-anthropic"
     assert settings.admin_token is not None
-    assert settings.admin_token.reveal() == "from-env"
+    assert settings.admin_token.reveal() == "from-env-Kq3Rw6Tz1Yx4Nm7P"
     assert settings.store == "sqlite:///env.db"
     assert settings.log_level == "debug"
     assert settings.port == 9000  # the rest of the file still applies
@@ -117,10 +117,10 @@ def test_empty_environment_values_are_ignored(config: Path) -> None:
 def test_process_environment_is_read_by_default(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "from-process")
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "from-process-Kq3Rw6Tz1Yx4")
     settings = load_settings(config)
     assert settings.admin_token is not None
-    assert settings.admin_token.reveal() == "from-process"
+    assert settings.admin_token.reveal() == "from-process-Kq3Rw6Tz1Yx4"
 
 
 def test_overrides_beat_environment_and_none_is_ignored(config: Path) -> None:

@@ -71,6 +71,15 @@ def undeclared(app: web.Application) -> list[str]:
     return missing
 
 
+def listener_port(request: web.Request) -> int | None:
+    """The local port the request arrived on (which listener: the main or the admin one)."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2 and isinstance(sockname[1], int):
+        return sockname[1]
+    return None
+
+
 def route_auth(app: web.Application, route: web.AbstractRoute) -> RouteAuth | None:
     declared: dict[web.AbstractRoute, RouteAuth] = app.get(ROUTE_AUTH, {})
     return declared.get(route)

@@ -63,9 +63,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from gateway.admin import serving_problem
+    from gateway.app import create_app
     from gateway.auth.pepper import PepperMissing
     from gateway.auth.pools import CredentialReferenceError
-    from gateway.app import create_app
     from gateway.policy import PolicyError
     from gateway.server import serve
     from gateway.settings import load_settings

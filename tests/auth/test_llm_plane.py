@@ -14,9 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.auth.planes import ROUTE_AUTH, undeclared
-from gateway.settings import Settings
-
 from gateway.fake_provider import FAULTS, RECEIVED, Fault
+from gateway.settings import Settings
 from tests.conftest import ANTHROPIC_MODEL
 from tests.harness import ADMIN, ADMIN_TOKEN, Gateway, MakeGateway
 
@@ -232,3 +231,59 @@ async def test_an_app_with_a_route_that_declares_no_plane_does_not_start(
 
 async def _nothing(request: web.Request) -> web.Response:
     return web.Response()
+
+
+@pytest.mark.parametrize("query", ["api_key=sk-abc123q", "key=qv7x9&model=y",
+                                   "a=1&Access_Token=tok9q7", "X-API-KEY=zq93k",
+                                   "%61pi_key=skq71"])  # fmt: skip
+async def test_a_credential_in_the_query_string_is_refused_and_never_logged(
+    make_gateway: MakeGateway, query: str
+) -> None:
+    gw = await make_gateway(None)
+    before = len(gw.fake.app[RECEIVED])
+    status, headers, body = await gw.post(
+        f"/v1/chat/completions?{query}", CHAT, {"Authorization": "Bearer sk-x"}
+    )
+    assert status == 400
+    assert headers["X-Gateway-Error"] == "gateway_credential_in_query"
+    assert query.split("=")[1].split("&")[0] not in str(body)
+    assert len(gw.fake.app[RECEIVED]) == before
+    status, _, _ = await gw.post("/v1/chat/completions?foo=bar", CHAT, {"Authorization": "Bearer x"})
+    assert status == 200  # other query parameters pass
+
+
+async def test_a_separate_admin_listener_serves_only_the_admin_api(
+    fake_provider: TestServer, tmp_path: Path, unused_tcp_port_factory: Any
+) -> None:
+    import aiohttp
+
+    main, admin = unused_tcp_port_factory(), unused_tcp_port_factory()
+    settings = Settings(
+        store="memory://", state_dir=tmp_path, admin_token=ADMIN_TOKEN, port=main,
+        admin_host="127.0.0.1", admin_port=admin,
+        upstreams={"openai": str(fake_provider.make_url("/v1"))},
+    )  # fmt: skip
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", main).start()
+    await web.TCPSite(runner, "127.0.0.1", admin).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            on_main, on_admin = f"http://127.0.0.1:{main}", f"http://127.0.0.1:{admin}"
+            async with http.get(f"{on_main}/gateway/sessions", headers=ADMIN) as r:
+                assert r.status == 404
+            async with http.get(f"{on_admin}/gateway/sessions", headers=ADMIN) as r:
+                assert r.status == 200
+            async with http.post(
+                f"{on_admin}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"}
+            ) as r:
+                assert r.status == 404
+            async with http.post(
+                f"{on_main}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"}
+            ) as r:
+                assert r.status == 200
+            for base in (on_main, on_admin):  # probes on both
+                async with http.get(f"{base}/gateway/health") as r:
+                    assert r.status == 200
+    finally:
+        await runner.cleanup()

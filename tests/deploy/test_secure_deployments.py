@@ -266,7 +266,7 @@ def test_the_bootstrap_key_step_is_documented_and_is_a_real_command() -> None:
         commands = keys_create_commands(path)
         assert commands, f"{path}: how to make the first key"
         for command in commands:
-            args = _parser().parse_args(shlex.split(command)[1:])
+            args = _parser().parse_args(shlex.split(command, comments=True)[1:])
             assert args.team and args.name, command
     text = " ".join(_JOINED.sub(" ", KUSTOMIZATION.read_text()).split())
     assert f"kubectl -n {NAMESPACE} exec deploy/{deployment} -- gateway keys create" in text
