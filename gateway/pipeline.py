@@ -467,6 +467,8 @@ QUERY_CREDENTIALS = frozenset({"api_key", "api-key", "apikey", "key", "access_to
                                "secret", "client_secret", "x-gateway-key"})  # fmt: skip
 """Query parameters that carry a credential: refused, since a URL ends up in proxy logs,
 browser history and span attributes. Credentials go in headers."""
+
+
 def _credential_in(query: str) -> bool:
     names = (part.partition("=")[0] for part in query.split("&"))
     return any(unquote(name).strip().lower() in QUERY_CREDENTIALS for name in names)

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Authenticator:
-
     mode: str
     admin_hash: str | None
     """The short hash of the admin token: refused on LLM routes (it must never go upstream)."""

@@ -225,7 +225,7 @@ async def test_an_app_with_a_route_that_declares_no_plane_does_not_start(
     assert {auth.plane for auth in app[ROUTE_AUTH].values()} == {"llm", "admin"}
     app.router.add_get("/undeclared", _nothing)
     assert sorted(undeclared(app)) == ["GET /undeclared", "HEAD /undeclared"]
-    with pytest.raises(RuntimeError, match="routes without a plane and scope: .*GET /undeclared"):
+    with pytest.raises(RuntimeError, match=r"routes without a plane and scope: .*GET /undeclared"):
         await aiohttp_server(app)
 
 
@@ -248,7 +248,9 @@ async def test_a_credential_in_the_query_string_is_refused_and_never_logged(
     assert headers["X-Gateway-Error"] == "gateway_credential_in_query"
     assert query.split("=")[1].split("&")[0] not in str(body)
     assert len(gw.fake.app[RECEIVED]) == before
-    status, _, _ = await gw.post("/v1/chat/completions?foo=bar", CHAT, {"Authorization": "Bearer x"})
+    status, _, _ = await gw.post(
+        "/v1/chat/completions?foo=bar", CHAT, {"Authorization": "Bearer x"}
+    )
     assert status == 200  # other query parameters pass
 
 
