@@ -18,9 +18,11 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 events that restate a whole answer (Responses' ``response.completed``, with base64 images when
 the model drew some: a few MB). Past it an event is relayed unread, not cut: the client gets
 the stream the upstream sent, and only what that one event said is missing from accounting
-(usage it carried is then estimated, as for a cut stream). Cutting would cost the agent the
-whole turn and a retry for the gateway's own limit, where a client SDK that cannot take such
-an event applies its own."""
+(a usage only it carried, as Responses' final event does, is then estimated as for a cut
+stream). Cutting would cost the agent the whole turn and a retry, for a limit of the gateway's
+own; a client SDK that cannot take such an event applies its own. The memory held is bounded
+either way: this much per stream (about three times that, briefly, where the relay rewrites
+events and hands the dropped one back whole)."""
 _LONG = 64 * 1024
 """A partial event past this size is collected in a bytearray (appending is linear) instead
 of being joined again to every chunk (quadratic in the event's size)."""

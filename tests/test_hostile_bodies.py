@@ -280,18 +280,21 @@ class Running:
         self.thread.start()
         policy = tmp / "policy.yaml"
         policy.write_text("version: 1\ndefaults: {limits: {max_turns: 1}}\n")
-        self.fake, self.gateway, self.http = self.run(self._start(policy))
+        self.fake, self.gateway, self.http = self.run(self._start(policy, tmp / "state"))
         self.sessions = 0
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
-    async def _start(self, policy: Any) -> tuple[TestServer, TestServer, aiohttp.ClientSession]:
+    async def _start(
+        self, policy: Any, state: Any
+    ) -> tuple[TestServer, TestServer, aiohttp.ClientSession]:
         fake = TestServer(create_fake_app(FakeProviderConfig()))
         await fake.start_server()
         configured = Settings(
             store="memory://",
             policy=policy,
+            state_dir=state,  # the generated admin token goes there, not to the working directory
             upstreams=dict(
                 openai=str(fake.make_url("/v1")),
                 anthropic=str(fake.make_url("")).rstrip("/"),

@@ -52,8 +52,11 @@ def gateway_not(provider: str) -> str:
     return f"gateway (not {PROVIDER_NAMES.get(provider, provider)})"
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Authenticated:
+    """What ``authenticate`` found (not frozen: a frozen dataclass sets each field through
+    ``object.__setattr__``, once per call)."""
+
     principal: Principal
     credential: Credential
     """The identity's key hash is the principal's owner; ``drop``: passthrough's header."""

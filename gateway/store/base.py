@@ -472,8 +472,10 @@ def _tightest(current: _N | None, other: _N | None) -> _N | None:
     return other if current is None else current if other is None else min(current, other)
 
 
-def unique(counters: Sequence[BudgetCounter]) -> list[BudgetCounter]:
+def unique(counters: Sequence[BudgetCounter]) -> Sequence[BudgetCounter]:
     """Each counter once: budgets that share one (same owner and window) count a call once."""
+    if len(counters) < 2:  # the common case (no budget, or one): nothing to build
+        return counters
     return list({id(counter): counter for counter in counters}.values())
 
 

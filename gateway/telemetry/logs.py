@@ -247,11 +247,12 @@ class RequestLog:
         self._handler = self._pause = None
 
 
-CLIENT_FIELDS = ("path", "session_id", "agent", "model", "team", "principal", "rule",
-                 "compacted")  # fmt: skip
-"""The request line's fields whose text a client's input can reach (redacted when they hold
-a secret's shape or value); every other field is the gateway's own (routes, outcomes,
-numbers, hex hashes). A field added to the line that a client can reach is added here."""
+CLIENT_FIELDS = ("path", "session_id", "agent", "model", "team")
+"""The request line's fields whose text a client's input reaches, looked over again here and
+redacted when they hold a secret's shape or value (the session id, agent and model were
+already, where they came in: ``redact.claim``; this is the sink's own check). Every other
+field is the gateway's own (routes, outcomes, numbers, hex hashes). A field added to the line
+that a client can reach is added here."""
 
 
 def log_request(requests: RequestLog, ex: Exchange, route: str, trace_id: str | None) -> None:
