@@ -1,6 +1,7 @@
 """Instructions per call under callgrind: repeatable where requests per second are not.
 
     uv run python bench/callgrind.py [--relay] [--cases chat,chat-stream] [--repo DIR]
+                                     [--auth keys]
 
 Starts the fake provider, then the gateway (or, with ``--relay``, bench/overhead.py's bare
 aiohttp relay) under ``valgrind --tool=callgrind --instr-atstart=no``. For each case: warm-up
@@ -9,6 +10,8 @@ concurrency 16 from an aiohttp client in this process, ``-i off`` and ``-d``; th
 instruction count divided by the calls is the case's cost. The whole process is counted (event
 loop, log writer thread). ``--repo`` runs the servers from another checkout (its ``gateway``
 package first on the path) with this script's bodies, so two trees measure the same calls.
+``--auth keys`` runs the gateway in ``keys`` mode, its calls carrying a gateway key (as
+bench/overhead.py's option of that name).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from typing import Final
 
 import aiohttp
 from overhead import (
+    AUTH_MODES,
+    GatewayAuth,
     Scenario,
     Server,
     build_scenarios,
     free_port,
     gateway_argv,
+    gateway_auth,
     gateway_env,
     http_ok,
     start,
@@ -78,8 +84,11 @@ def imported_gateway(repo: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running(repo: Path, workdir: Path, relay: bool) -> Iterator[Server]:
+def running(
+    repo: Path, workdir: Path, relay: bool, auth: GatewayAuth | None = None
+) -> Iterator[Server]:
     """The fake provider, then the target under callgrind; yields the target. Stops both."""
+    auth = GatewayAuth() if auth is None else auth
     python = sys.executable
     servers: list[Server] = []
     try:
@@ -103,8 +112,9 @@ def running(repo: Path, workdir: Path, relay: bool) -> Iterator[Server]:
             servers.append(target)
             wait_ready(target, tcp_open(port), READY_TIMEOUT)
         else:
-            argv = gateway_argv(python, port, "memory://", repo / "bench" / "policy.yaml")
-            env = gateway_env(fake.url)
+            policy = repo / "bench" / "policy.yaml"
+            argv = gateway_argv(python, port, "memory://", policy, auth.config)
+            env = gateway_env(fake.url, workdir / "gateway-state", auth)
             target = launch("gateway", [*valgrind, *argv], port, repo, workdir, env)
             servers.append(target)
             wait_ready(target, http_ok(f"{target.url}/gateway/health"), READY_TIMEOUT)
@@ -253,6 +263,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--relay", action="store_true", help="measure the bare aiohttp relay")
     parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="passthrough",
+        help="the gateway's auth.mode: passthrough (default) or keys (calls carry a gateway key;"
+        " the gateway sends its own provider key)",
+    )
+    parser.add_argument(
         "--cases",
         default="",
         help="comma-separated: chat, chat-stream, agent110k, agent110k-stream, anthropic-stream"
@@ -293,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     package = imported_gateway(repo)
     if not package.is_relative_to(repo):
         raise SystemExit(f"`import gateway` from {repo} finds {package}, outside the checkout")
+    if args.relay and args.auth != "passthrough":
+        raise SystemExit("--auth is the gateway's: the bare relay (--relay) has none")
     target = "relay" if args.relay else "gateway"
+    if args.auth != "passthrough":
+        target = f"gateway ({args.auth})"
     print(f"{target}: {describe(repo)}  (gateway package {package.parent})")
     print(
         f"python {platform.python_version()}  nproc={os.cpu_count()}  warm-up {args.warmup},"
@@ -308,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
             for stale in workdir.glob("cg.out*"):  # an earlier run's dumps would read as newest
                 stale.unlink()
-        server = stack.enter_context(running(repo, workdir, args.relay))
+        auth = gateway_auth(args.auth, workdir)
+        cases = [auth.scenario(case) for case in cases]
+        server = stack.enter_context(running(repo, workdir, args.relay, auth))
         print(f"started under callgrind in {time.monotonic() - began:.0f} s", file=sys.stderr)
         results = asyncio.run(measure(server, workdir, cases, args.warmup, args.calls))
     print()

@@ -1,12 +1,14 @@
 """Gateway overhead: the fake provider direct, via a bare aiohttp relay, and via the gateway.
 
     uv run python bench/overhead.py [--duration 10] [--quick] [--store sqlite] [--scenarios a,b]
+                                    [--auth keys]
 
 Starts the fake provider, the gateway and a ~20-line aiohttp relay (defined in this file) as
 separate processes on free loopback ports, drives each scenario with ``wrk`` (or a slower
 built-in aiohttp load generator when wrk is missing), prints one table, then measures the
 gateway's CPU time per request as one session's history grows. Timing is reported, never
-asserted: the exit status is 0 whatever the numbers are.
+asserted: the exit status is 0 whatever the numbers are. ``--auth keys`` runs the gateway in
+``keys`` mode with one declared gateway key, which its requests carry instead of a provider key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -28,9 +31,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 from aiohttp import web
@@ -54,6 +57,11 @@ ANTHROPIC_HEADERS: Final = {
     "anthropic-version": "2023-06-01",
     "Content-Type": "application/json",
 }
+AuthMode = Literal["passthrough", "keys"]
+AUTH_MODES: Final[tuple[AuthMode, ...]] = ("passthrough", "keys")
+PROVIDER_KEY_VARIABLE: Final = "BENCH_PROVIDER_KEY"
+"""Where the gateway's credential pools read the provider key in ``keys`` mode (the fake
+provider accepts any)."""
 
 
 # -- the bare relay (runs in its own process: `overhead.py --serve-relay PORT --upstream URL`) --
@@ -111,9 +119,31 @@ class Scenario:
     body: bytes
     headers: dict[str, str]
     stream: bool
+    variant: str = ""
+    """Set on a copy that carries another credential: its wrk script is a file of its own."""
 
     def request_headers(self) -> dict[str, str]:
         return {**self.headers, "X-Gateway-Session": f"bench-{self.name}"}
+
+    @property
+    def stem(self) -> str:
+        """The name of its files in the run's temp directory."""
+        return f"{self.name}-{self.variant}" if self.variant else self.name
+
+    def with_credential(self, token: str, variant: str) -> Scenario:
+        """The same request with ``token`` in the dialect's credential header."""
+        return replace(self, headers=credential_headers(self.headers, token), variant=variant)
+
+
+def credential_headers(headers: dict[str, str], token: str) -> dict[str, str]:
+    """``headers`` with ``token`` where their credential is: ``Authorization: Bearer`` (OpenAI)
+    or ``x-api-key`` (Anthropic)."""
+    out = dict(headers)
+    if "x-api-key" in out:
+        out["x-api-key"] = token
+    else:
+        out["Authorization"] = f"Bearer {token}"
+    return out
 
 
 def _dumps(value: object) -> bytes:
@@ -263,11 +293,64 @@ def http_ok(url: str) -> Callable[[], bool]:
     return probe
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayAuth:
+    """How the gateway is started and called. ``passthrough``: the client's provider key goes
+    upstream. ``keys``: the gateway's config (``config``) declares one gateway key, requests
+    carry it (``key``), and the gateway sends its own provider key from a credential pool."""
+
+    mode: AuthMode = "passthrough"
+    config: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """What the gateway's environment needs for it (the pepper, the provider key)."""
+    key: str | None = field(default=None, repr=False)
+
+    def scenario(self, scenario: Scenario) -> Scenario:
+        """``scenario`` as sent to the gateway: with the gateway key in ``keys`` mode."""
+        return scenario if self.key is None else scenario.with_credential(self.key, self.mode)
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return headers if self.key is None else credential_headers(headers, self.key)
+
+
+def gateway_auth(mode: AuthMode, workdir: Path) -> GatewayAuth:
+    """The gateway's auth for a run; for ``keys``, a throwaway pepper and gateway key made for
+    it, declared by hash in a config file written to ``workdir``."""
+    if mode == "passthrough":
+        return GatewayAuth()
+    from gateway.auth.keys import digest, new_key, parse
+
+    pepper = secrets.token_urlsafe(48)
+    key_id, token = new_key()
+    parsed = parse(token.reveal())
+    if parsed is None:  # pragma: no cover (new_key makes well-formed keys)
+        raise RuntimeError("gateway.auth.keys.new_key made a key parse refuses")
+    declared = {
+        "id": key_id,
+        "hash": digest(pepper.encode(), parsed[1]),
+        "name": "bench",
+        "team": "bench",
+    }
+    pool = {"bench": [{"name": "bench", "value": f"env:{PROVIDER_KEY_VARIABLE}"}]}
+    config = {
+        "auth": {"mode": "keys", "keys": [declared]},
+        "upstreams": {name: {"credentials": pool} for name in ("openai", "anthropic")},
+    }
+    path = workdir / "gateway-config.yaml"
+    path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+    env = {
+        "GATEWAY_KEY_PEPPER": pepper,
+        PROVIDER_KEY_VARIABLE: f"sk-bench-{secrets.token_urlsafe(16)}",
+    }
+    return GatewayAuth("keys", path, env, token.reveal())
+
+
 @dataclass(slots=True)
 class Stack:
     fake: Server
     relay: Server
     gateway: Server
+    auth: GatewayAuth = field(default_factory=GatewayAuth)
 
     def all(self) -> tuple[Server, ...]:
         return (self.fake, self.relay, self.gateway)
@@ -275,25 +358,44 @@ class Stack:
     def target(self, name: str) -> Server:
         return {"direct": self.fake, "relay": self.relay, "gateway": self.gateway}[name]
 
+    def scenario(self, target: str, scenario: Scenario) -> Scenario:
+        """What ``target`` is sent: the gateway gets its own credential, the others theirs."""
+        return self.auth.scenario(scenario) if target == "gateway" else scenario
 
-def gateway_argv(python: str, port: int, store: str, policy: Path | None) -> list[str]:
+
+def gateway_argv(
+    python: str, port: int, store: str, policy: Path | None, config: Path | None = None
+) -> list[str]:
     """``gateway serve`` on a loopback port."""
     serve = ["-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return [python, *serve, "--store", store, *(["--policy", str(policy)] if policy else [])]
+    options = [
+        *(["--policy", str(policy)] if policy else []),
+        *(["--config", str(config)] if config else []),
+    ]
+    return [python, *serve, "--store", store, *options]
 
 
-def gateway_env(fake_url: str) -> dict[str, str]:
+def gateway_env(
+    fake_url: str, state_dir: Path | None = None, auth: GatewayAuth | None = None
+) -> dict[str, str]:
     """The gateway aimed at the fake provider, with its telemetry on: metrics always, and one
-    JSON log line per request (to the log file)."""
-    return {
+    JSON log line per request (to the log file). What it generates on first start (the admin
+    token) goes to ``state_dir``, the run's temp directory, not the working directory."""
+    env = {
         "GATEWAY_OPENAI_UPSTREAM": f"{fake_url}/v1",
         "GATEWAY_ANTHROPIC_UPSTREAM": fake_url,
         "GATEWAY_LOG_LEVEL": "info",
     }
+    if state_dir is not None:
+        env["GATEWAY_STATE_DIR"] = str(state_dir)
+    return env if auth is None else {**env, **auth.env}
 
 
 @contextlib.contextmanager
-def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[Stack]:
+def running_stack(
+    store: str, policy: Path | None, workdir: Path, auth: GatewayAuth | None = None
+) -> Iterator[Stack]:
+    auth = GatewayAuth() if auth is None else auth
     python = sys.executable
     servers: list[Server] = []
     try:
@@ -312,12 +414,13 @@ def running_stack(store: str, policy: Path | None, workdir: Path) -> Iterator[St
         relay = start("relay", relay_argv, rport, workdir, {})
         servers.append(relay)
         gport = free_port()
-        argv = gateway_argv(python, gport, store, policy)
-        gateway = start("gateway", argv, gport, workdir, gateway_env(fake.url))
+        argv = gateway_argv(python, gport, store, policy, auth.config)
+        env = gateway_env(fake.url, workdir / "gateway-state", auth)
+        gateway = start("gateway", argv, gport, workdir, env)
         servers.append(gateway)
         wait_ready(relay, tcp_open(rport))
         wait_ready(gateway, http_ok(f"{gateway.url}/gateway/health"))
-        yield Stack(fake, relay, gateway)
+        yield Stack(fake, relay, gateway, auth)
     finally:
         for server in reversed(servers):
             stop(server)
@@ -414,13 +517,13 @@ def lua_string(value: str) -> str:
 
 
 def write_wrk_script(scenario: Scenario, workdir: Path) -> Path:
-    body_path = workdir / f"{scenario.name}.body"
+    body_path = workdir / f"{scenario.stem}.body"
     body_path.write_bytes(scenario.body)
     headers = "\n".join(
         f"wrk.headers[{lua_string(k)}] = {lua_string(v)}"
         for k, v in scenario.request_headers().items()
     )
-    script = workdir / f"{scenario.name}.lua"
+    script = workdir / f"{scenario.stem}.lua"
     script.write_text(WRK_SCRIPT.format(body_path=lua_string(str(body_path)), headers=headers))
     return script
 
@@ -503,9 +606,9 @@ class LoadGen:
     def run(self, url: str, scenario: Scenario, concurrency: int, duration: float) -> Cell:
         if not self.use_wrk:
             return asyncio.run(python_load(url + scenario.path, scenario, concurrency, duration))
-        if scenario.name not in self.scripts:
-            self.scripts[scenario.name] = write_wrk_script(scenario, self.workdir)
-        return run_wrk(url + scenario.path, self.scripts[scenario.name], concurrency, duration)
+        if scenario.stem not in self.scripts:
+            self.scripts[scenario.stem] = write_wrk_script(scenario, self.workdir)
+        return run_wrk(url + scenario.path, self.scripts[scenario.stem], concurrency, duration)
 
 
 def measure(
@@ -518,6 +621,7 @@ def measure(
     warmup: float,
 ) -> Cell:
     server = stack.target(target)
+    scenario = stack.scenario(target, scenario)
     problem = probe_once(server.url, scenario)
     if problem is not None:
         return Cell(failure=problem)
@@ -671,7 +775,7 @@ def history_growth(stack: Stack, requests: int) -> list[list[str]]:
     """Grow one session turn by turn; at each size, time the gateway's CPU over a batch."""
     gateway = stack.gateway
     url = gateway.url + "/v1/chat/completions"
-    headers = {**OPENAI_HEADERS, "X-Gateway-Session": "bench-history"}
+    headers = {**stack.auth.headers(OPENAI_HEADERS), "X-Gateway-Session": "bench-history"}
     pids = [s.process.pid for s in stack.all()]
     rows: list[list[str]] = []
     messages = 2
@@ -730,6 +834,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios", default="", help="comma-separated scenario names (default all)"
+    )
+    parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="passthrough",
+        help="the gateway's auth.mode: passthrough (default; the provider key goes upstream) or"
+        " keys (one declared gateway key sent by every request; the gateway sends its own"
+        " provider key)",
     )
     parser.add_argument("--no-history", action="store_true", help="skip the history-growth part")
     parser.add_argument("--history-requests", type=int, default=HISTORY_REQUESTS)
@@ -797,9 +909,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         store = store_url(args.store, workdir)
         policy = None if args.policy == "default" else Path(args.policy)
-        with running_stack(store, policy, workdir) as stack:
+        auth = gateway_auth(args.auth, workdir)
+        with running_stack(store, policy, workdir, auth) as stack:
+            mode = "" if auth.mode == "passthrough" else f"  auth={auth.mode}"
             print(
-                f"store={store}  policy={policy or 'packaged default'}"
+                f"store={store}  policy={policy or 'packaged default'}{mode}"
                 f"  duration={duration:g}s per cell  warmup={warmup:g}s\n"
             )
             rows = run_matrix(stack, scenarios, LoadGen(wrk, workdir), duration, warmup)

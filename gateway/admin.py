@@ -496,11 +496,26 @@ def guard(handler: Handler, scope: str, *, write: bool = False, any_host: bool =
     return guarded
 
 
+DENIALS_EVERY = 10.0
+"""Seconds between two ``admin_denied`` lines for one peer, actor and reason: a flood of
+refused calls is one line per period (with how many it stands for), not one line each."""
+
+
 def _audit_denied(request: web.Request, scope: str, reason: str, actor: str) -> None:
     """A refused admin call, on the audit trail (never waited for: nothing changed)."""
+    denials = request.config_dict[ADMIN_AUTH].denials
+    key, now = (request.remote, actor, reason), time.monotonic()
+    last, held = denials.get(key, (-DENIALS_EVERY, 0))
+    if now - last < DENIALS_EVERY:
+        denials[key] = (last, held + 1)
+        return
+    if len(denials) > 10_000:  # bounded: many peers, each rare
+        denials.clear()
+    denials[key] = (now, 0)
     request.config_dict[AUDIT].record(
         "admin_denied", actor=actor, scope=scope, reason=reason,
         path=request.path[:200], method=request.method, peer=request.remote,
+        also_denied=held,
     )  # fmt: skip
 
 

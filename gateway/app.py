@@ -49,7 +49,6 @@ from gateway.auth.planes import add_route, undeclared
 from gateway.auth.pools import CredentialPools
 from gateway.compaction import Compactor
 from gateway.compaction.summary import Summarizers
-from gateway.credentials import hash_key
 from gateway.policy import LivePolicy, prices
 from gateway.resilience.breaker import Transition
 from gateway.resilience.degraded import Change, Degradation
@@ -303,8 +302,9 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         directory = state_dir(settings.state_dir, settings.store)
         token = Secret(await asyncio.to_thread(read_or_create, directory, ADMIN_TOKEN_FILE))
     admin_auth.token = token
-    auth.admin_hash = hash_key(token.reveal())
+    auth.admin_token = token.reveal()
     auth.team_pools = dict(settings.auth.team_pools)
+    auth.open_paths = tuple(settings.auth.open_paths)
     metrics = app[METRICS]
 
     def egress() -> aiohttp.ClientSession:

@@ -77,7 +77,7 @@ class AuditError(Exception):
 
 def token_actor(token: str) -> str:
     """The actor for a change made with an admin token: its hash, as the log names it."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def chain_hash(entry: Mapping[str, Any]) -> str:

@@ -81,7 +81,9 @@ def _token(auth: str) -> str:
 
 
 def hash_key(key: str) -> str | None:
-    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
+    # surrogateescape: a header's bytes that are not UTF-8 (aiohttp keeps them as lone
+    # surrogates) hash as what they are, never raise.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:12] if key else None
 
 
 @lru_cache(maxsize=1024)

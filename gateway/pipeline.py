@@ -42,6 +42,7 @@ from gateway.auth.principal import PASSTHROUGH
 from gateway.auth.step import (
     Authenticated,
     authenticate,
+    check_open_path,
     gateway_not,
     key_notices,
     pool_choice,
@@ -134,6 +135,7 @@ async def handle_passthrough(ex: Exchange) -> None:
     ex.upstream_body = ex.raw
     who = await authenticated(ex)  # keys mode: no call goes upstream unauthenticated
     ex.principal, ex.credential = who.principal, who.choice
+    check_open_path(ex.app[AUTH], who.principal, ex.path, ex.raw, ex.upstream.provider)
     if (waiting := admit(ex)) is not None:
         await waiting
     await forward(ex)
@@ -302,7 +304,7 @@ async def forward(ex: Exchange) -> None:
             ex,
             ex.facts is not None and ex.facts.stream,
         )
-        if response.status in (401, 403) and ex.credential is not None:
+        if response.status == 401 and ex.credential is not None:
             response = await _next_credential(ex, response, headers, url)
         await relay(ex, response, gateway_headers(ex))
     if ex.outcome == "upstream_cut":
@@ -312,14 +314,16 @@ async def forward(ex: Exchange) -> None:
 async def _next_credential(
     ex: Exchange, response: aiohttp.ClientResponse, headers: CIMultiDict[str], url: str
 ) -> aiohttp.ClientResponse:
-    """The upstream refused the pool's credential: the pool moves on (counted, logged,
-    audited by ``pools``), and while it has another entry the call goes again with it."""
+    """The upstream refused the pool's credential (401: the key itself; a 403 may be the
+    request's own doing, a model the account lacks, and moves nothing): the pool moves on
+    (counted, logged, audited by ``pools``), and while it has another entry the call goes
+    again with it."""
     app, upstream = ex.app, ex.upstream
     pools = app[AUTH].pools
     assert pools is not None
     tried = 0
     while (
-        response.status in (401, 403)
+        response.status == 401
         and (used := ex.credential) is not None
         and tried < MAX_CREDENTIAL_FAILOVERS
     ):
@@ -327,6 +331,8 @@ async def _next_credential(
         if choice is None:
             return response  # no entry left: the upstream's own answer, as it came
         response.release()
+        for name, _value in used.headers():  # the refused entry's header goes, whatever it is
+            headers.popall(name, None)
         for name, value in choice.headers():
             headers[name] = value
         ex.credential = choice

@@ -63,7 +63,7 @@ class Redactor:
             return
         if _PATTERNS.fullmatch(value):  # its shape is scrubbed already (every gateway key)
             return
-        claim.cache_clear()  # a claim cleaned before this secret was known is looked at again
+        _claim.cache_clear()  # a claim cleaned before this secret was known is looked at again
         with self._lock:
             self._known = tuple(sorted({*self._known, value}, key=len, reverse=True))
             escaped = orjson.dumps(value).decode()[1:-1]  # as a JSON line carries it
@@ -108,8 +108,18 @@ REDACTOR = Redactor()
 files), so every app in the process scrubs every one of them."""
 
 
-@lru_cache(maxsize=8192)
 def claim(value: str) -> str:
     """A client's claim (a session id, an agent, a model name) with any secret in it
-    replaced: claims repeat turn after turn, so each distinct one is looked at once."""
+    replaced: claims repeat turn after turn, so each distinct short one is looked at once
+    (a long one, which no real claim is, is looked at every time and never kept)."""
+    if len(value) > MAX_CACHED_CLAIM:
+        return REDACTOR.redact(value, "claim")
+    return _claim(value)
+
+
+MAX_CACHED_CLAIM = 512
+
+
+@lru_cache(maxsize=8192)
+def _claim(value: str) -> str:
     return REDACTOR.redact(value, "claim")

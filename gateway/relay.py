@@ -30,7 +30,8 @@ log = logging.getLogger("gateway.relay")
 
 
 class UpstreamCut(Exception):
-    """The upstream's stream broke (reset, timeout, bad framing) after it had begun."""
+    """The upstream's stream broke (reset, timeout, bad framing) after it had begun, or was
+    still going at ``timeouts.stream_total``."""
 
 
 class ClientGone(Exception):

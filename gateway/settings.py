@@ -126,7 +126,7 @@ class UpstreamSettings(BaseModel):
     for: without it such a config is refused."""
     credentials: dict[str, list[CredentialEntry]] = {}
     """Named pools of provider credentials the gateway sends (``keys``, ``jwt`` and
-    ``mixed`` modes), each a list tried in order: an entry the upstream answers 401 or 403
+    ``mixed`` modes), each a list tried in order: an entry the upstream answers 401
     is skipped for the next until reloaded. Principals and teams name their pool; an upstream
     with one pool uses it for everyone."""
 
@@ -274,7 +274,9 @@ class Settings(BaseModel):
     Without one, a token is generated on first start into ``state_dir`` (``admin-token``,
     0600), where the CLI reads it."""
     metrics_auth: bool = False
-    """``GET /metrics`` needs the admin token too."""
+    """``GET /metrics`` needs the admin token (or an OIDC token with ``metrics:read``) on a
+    loopback listener too; on any other address it always does. Open on loopback, it still
+    refuses a foreign ``Host`` (a page on a rebound name)."""
     log_level: str = "info"
     """``debug``, ``info``, ``warning`` or ``error``."""
     log_format: Literal["json", "text"] = "json"

@@ -44,25 +44,30 @@ def read_state(directory: Path, name: str) -> str | None:
 
 def read_or_create(directory: Path, name: str, nbytes: int = 32) -> str:
     """The value in ``directory/name``, generated (``nbytes`` random bytes, URL-safe) and
-    written 0600 on first use. Two processes starting at once agree: the file is created
-    exclusively, and the loser reads the winner's value."""
+    written 0600 on first use. Two processes starting at once agree: the value is written
+    whole to a file of this process's own, then linked into place, which only one can do;
+    the loser reads the winner's value (never a half-written file)."""
     existing = read_state(directory, name)
     if existing is not None:
         return existing
     make_private_dirs(directory)
     value = secrets.token_urlsafe(nbytes)
     path = directory / name
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:
-        found = read_state(directory, name)
-        if found is None:
-            raise ValueError(f"{path} exists but is empty") from None
-        return found
+    draft = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
         os.write(fd, (value + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        found = read_state(directory, name)
+        if found is None:
+            raise ValueError(f"{path} exists but is empty") from None
+        return found
+    finally:
+        draft.unlink()
     return value

@@ -340,6 +340,35 @@ async def test_metrics_stay_open_without_metrics_auth(make_gateway: MakeGateway)
         assert resp.status == 200
 
 
+async def test_open_metrics_refuse_a_foreign_host_and_other_addresses_need_the_token(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(None, admin_token=TOKEN)
+    rebound = {"Host": "rebound.example"}  # a page on a name rebound to 127.0.0.1
+    async with aiohttp.ClientSession() as http, http.get(gw.url("/metrics"), headers=rebound) as r:
+        assert r.status == 400
+    # Listening on another address, /metrics needs the token whatever metrics_auth says.
+    wide = await make_gateway(None, admin_token=TOKEN, host="0.0.0.0")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(wide.url("/metrics")) as resp:
+            assert resp.status == 401
+        bearer = {"Authorization": f"Bearer {TOKEN}", "Host": "10.0.0.7:8787"}
+        async with http.get(wide.url("/metrics"), headers=bearer) as resp:
+            assert resp.status == 200  # scraped by the pod's address
+
+
+async def test_a_flood_of_refused_calls_is_one_audit_line_per_period(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(None)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(gw.url("/gateway/sessions")) as resp:
+                assert resp.status == 401
+    denied = await gw.audit_events("admin_denied")
+    assert len(denied) == 1
+
+
 PASSTHROUGH_REFUSED = "refusing to serve passthrough mode"
 WEAK = "refusing to start: the admin token"
 

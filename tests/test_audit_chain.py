@@ -75,7 +75,10 @@ def test_the_chain_continues_across_restarts_and_verifies(tmp_path: Path) -> Non
         assert entry["hash"] == chain_hash(entry)
     code, out = verify(path)
     assert code == 0
-    assert out == f"ok: 6 lines, chain intact, last hash {entries[-1]['hash'][:12]}\n"
+    assert out == f"ok: 6 lines, chain intact, last hash {entries[-1]['hash']}\n"
+    assert verify(path, "--expect-last", entries[-1]["hash"])[0] == 0
+    code, out = verify(path, "--expect-last", entries[-2]["hash"])  # lines cut off the end
+    assert code == 1 and "broken at the end" in out
 
 
 @pytest.mark.parametrize(
@@ -251,7 +254,9 @@ def test_lines_from_before_the_chain_are_kept_and_noted(tmp_path: Path) -> None:
     entries = lines(path)
     assert [e["event"] for e in entries] == ["before", "also before", "grant", "breaker"]
     assert entries[2]["prev"] == GENESIS
-    code, out = verify(path)
+    code, out = verify(path)  # lines above the chain: anyone could have put them there
+    assert code == 1 and "lines 1 to 2 are not chained" in out
+    code, out = verify(path, "--allow-unchained")
     assert code == 0
     assert "note: lines 1 to 2 were written before the chain: not covered by it" in out
     path.write_text('{"event": "before"}\n')
@@ -338,7 +343,7 @@ def test_verify_of_a_missing_file_exits_2(
 def test_an_empty_file_verifies(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"")
-    assert verify(path) == (0, "ok: 0 lines, chain intact, last hash 000000000000\n")
+    assert verify(path) == (0, f"ok: 0 lines, chain intact, last hash {'0' * 64}\n")
 
 
 def test_the_cli_and_the_writer_agree_on_their_limits() -> None:

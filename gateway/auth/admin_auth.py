@@ -8,7 +8,7 @@ the LLM plane; the admin token is refused there. Only ``Authorization: Bearer`` 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.audit import token_actor
@@ -52,6 +52,8 @@ class AdminAuth:
     token: Secret | None = None
     """Set at start-up: the configured token, or the one generated into the state dir."""
     oidc: JwtVerifier | None = None
+    denials: dict[tuple[str | None, str, str], tuple[float, int]] = field(default_factory=dict)
+    """Refused calls by (peer, actor, reason): when each was last audited, how many since."""
 
     async def identify(self, headers: Mapping[str, str]) -> AdminCaller | Refused:
         auth = headers.get("authorization", "")
@@ -66,7 +68,9 @@ class AdminAuth:
         if given.startswith("gw_"):
             return Refused(401, "wrong_plane", _PLANE)
         token = self.token
-        if token is not None and hmac.compare_digest(given.encode(), token.reveal().encode()):
+        if token is not None and hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), token.reveal().encode()
+        ):
             return AdminCaller(token_actor(given), "token", frozenset({"admin"}))
         oidc = self.oidc
         if oidc is not None and oidc.looks_like(given):

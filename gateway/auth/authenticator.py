@@ -3,11 +3,10 @@ the key ring, the JWT verifier, the upstream credential pools, the admin token's
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-from gateway.credentials import hash_key
 
 if TYPE_CHECKING:
     from gateway.auth.jwt import JwtVerifier
@@ -19,12 +18,17 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Authenticator:
     mode: str
-    admin_hash: str | None
-    """The short hash of the admin token: refused on LLM routes (it must never go upstream)."""
+    admin_token: str | None
+    """The admin token: refused on LLM routes in any spelling (it must never go upstream)."""
     keys: KeyRing | None = None
     jwt: JwtVerifier | None = None
     pools: CredentialPools | None = None
     team_pools: Mapping[str, str] = field(default_factory=dict)
+    open_paths: tuple[str, ...] = ("/v1/models", "/v1/models/*")
+
+    def open_path(self, path: str) -> bool:
+        """Whether gateway credentials may call ``path`` (a checked provider path)."""
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self.open_paths)
 
     @classmethod
     def build(
@@ -37,9 +41,10 @@ class Authenticator:
     ) -> Authenticator:
         return cls(
             mode=settings.auth.mode,
-            admin_hash=hash_key(admin_token) if admin_token else None,
+            admin_token=admin_token or None,
             keys=keys,
             jwt=jwt,
             pools=pools,
             team_pools=dict(settings.auth.team_pools),
+            open_paths=tuple(settings.auth.open_paths),
         )

@@ -122,11 +122,11 @@ class VerifiedToken:
         if not roles:
             return None
         teams: frozenset[str] | None = None
-        if issuer.teams_claim is not None:
-            listed = _strings(self.claims.get(issuer.teams_claim))
-            if listed is not None:
-                # Present but with no usable team: bound to none rather than to every team.
-                teams = frozenset(t for t in map(_name, listed) if t is not None)
+        if issuer.teams_claim is not None and issuer.teams_claim in self.claims:
+            # Present: its teams. Present but null, of another type or with no usable team:
+            # bound to none (never to every team). Only an absent claim means every team.
+            listed = _strings(self.claims[issuer.teams_claim]) or []
+            teams = frozenset(t for t in map(_name, listed) if t is not None)
         sub = _identifier(self.claims.get("sub")) or self.subject
         return AdminCaller(actor=f"oidc:{sub}", method="oidc", roles=roles, teams=teams)
 

@@ -4,7 +4,7 @@
 ``upstreams.<name>.credentials`` names pools of entries whose values are references
 (``env:VAR``, ``file:/path``), never literals. ``resolve`` reads one; ``CredentialPools`` holds
 every pool with its entries resolved (``Secret``) and their headers built once, so ``choose``
-on the request path is a few dictionary lookups. An entry the upstream answers 401/403
+on the request path is a few dictionary lookups. An entry the upstream answers 401
 (``failed``) is skipped for the next until it is reloaded or a cool-down passes. ``reload``
 reads every reference again (SIGHUP, a watched file changing, ``POST
 /gateway/credentials/reload``) and swaps the values in at once, after its audit line is

@@ -24,13 +24,15 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import orjson
 from multidict import CIMultiDict
 
 from gateway.appkeys import AUDIT, METRICS
 from gateway.auth.authenticator import Authenticator
-from gateway.auth.principal import Principal, passthrough
-from gateway.credentials import AUTHORIZATION, X_API_KEY, Credential, credential, hash_key
+from gateway.auth.principal import PASSTHROUGH, Principal, passthrough
+from gateway.credentials import AUTHORIZATION, X_API_KEY, Credential, credential
 from gateway.errors import Forbidden, TwoCredentials, Unauthenticated
+from gateway.redact import claim
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -72,10 +74,10 @@ async def authenticate(ex: Exchange, auth: Authenticator) -> Authenticated:
     ``Forbidden``. Passthrough, the default, costs one cached hash and a comparison."""
     headers = ex.request.headers
     provider = ex.upstream.provider
+    if _carries(headers, auth.admin_token):  # in any spelling: it must never go upstream
+        raise _admin_token_refused(provider)
     if auth.mode == "passthrough":
         who = credential(headers, provider)
-        if who.key_hash is not None and who.key_hash == auth.admin_hash:
-            raise _admin_token_refused(provider)
         return Authenticated(passthrough(who.key_hash), who)
     return await _gateway_credential(ex, auth, headers, provider)
 
@@ -86,9 +88,6 @@ async def _gateway_credential(
     presented = _presented(headers)
     ours = [(h, t) for h, t in presented if _ours(t, auth)]
     others = [(h, t) for h, t in presented if not _ours(t, auth)]
-    for _header, token in others:
-        if auth.admin_hash is not None and hash_key(token) == auth.admin_hash:
-            raise _admin_token_refused(provider)
     if not ours:
         if others:
             raise _provider_key_refused(provider, auth.mode)
@@ -137,6 +136,33 @@ async def _gateway_credential(
     return Authenticated(principal, Credential(principal.owner), choice, method, outcome)
 
 
+def check_open_path(
+    auth: Authenticator, principal: Principal, path: str, body: bytes, provider: str
+) -> None:
+    """A gateway key or JWT on a provider path that is no model route: only the paths the
+    operator opened (``auth.open_paths``), and a key's model limits hold there too."""
+    if principal.kind == PASSTHROUGH:
+        return
+    if not auth.open_path(path):
+        raise Forbidden(
+            f"{gateway_not(provider)}: {path[:100]} is not open to gateway credentials: it"
+            " would spend the organization's provider account outside every policy. An"
+            " operator opens it in auth.open_paths.",
+            "path",
+        )
+    if principal.models and body[:1] == b"{":
+        try:
+            model = orjson.loads(body).get("model")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(model, str) and not _models(principal.models).fullmatch(model):
+            raise Forbidden(
+                f"{gateway_not(provider)}: {_named(principal)} may not call model"
+                f" {claim(model[:100])!r}. Use a model it allows.",
+                "model",
+            )
+
+
 def pool_choice(auth: Authenticator, upstream: str, principal: Principal, provider: str) -> Choice:
     """The pool credential for ``principal`` on ``upstream`` (the forward step asks again
     after a fallback changed the upstream); raises ``Forbidden`` when none serves it."""
@@ -154,6 +180,15 @@ def pool_choice(auth: Authenticator, upstream: str, principal: Principal, provid
             "no_pool",
         )
     return choice
+
+
+def _carries(headers: Mapping[str, str], token: str | None) -> bool:
+    """Whether a credential header holds the admin token anywhere in it (``Bearer``, a tab,
+    another scheme, ``x-api-key: Bearer ...``): two substring searches."""
+    if token is None:
+        return False
+    auth, key = headers.get(AUTHORIZATION), headers.get(X_API_KEY)
+    return (auth is not None and token in auth) or (key is not None and token in key)
 
 
 def _presented(headers: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -52,6 +52,20 @@ def add_commands(commands: Any) -> None:
         help="the last hash of the file this one continues (a rotated log); default: the file"
         " starts the chain",
     )
+    verify.add_argument(
+        "--allow-unchained",
+        action="store_true",
+        help="accept lines before the first chained one (a log begun by a gateway without the"
+        " chain): they are not covered by it, and anyone could have written them",
+    )
+    verify.add_argument(
+        "--expect-last",
+        type=_hash_argument,
+        default=None,
+        metavar="HASH",
+        help="the last hash you kept elsewhere: anything else is a broken chain (a file"
+        " rewritten whole, lines cut off the end)",
+    )
     verify.set_defaults(run=_verify)
 
 
@@ -93,7 +107,7 @@ class _Skipped:
     """The hash of the last chained line before it."""
 
 
-def verify(path: Path, after: str = _GENESIS) -> Verdict:
+def verify(path: Path, after: str = _GENESIS, allow_unchained: bool = False) -> Verdict:
     """Check the chain of the audit log at ``path``; raises ``OSError`` if it cannot be read."""
     import orjson
 
@@ -193,6 +207,13 @@ def verify(path: Path, after: str = _GENESIS) -> Verdict:
         verdict.broken = (skipped.number, skipped.why)
     elif verdict.unchained and not chained:
         verdict.broken = (1, "no line is chained: the file was written before the hash chain")
+    elif verdict.unchained and not allow_unchained:
+        # Anyone can put lines above the first chained one: refused unless asked for.
+        verdict.broken = (
+            1,
+            f"lines 1 to {verdict.unchained} are not chained (written before the chain, or"
+            " added above it); --allow-unchained accepts them, uncovered",
+        )
     elif verdict.unchained:
         note(f"lines 1 to {verdict.unchained} were written before the chain: not covered by it")
     return verdict
@@ -260,7 +281,7 @@ def _lines(path: Path) -> Iterator[_Raw]:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        verdict = verify(args.file, args.after)
+        verdict = verify(args.file, args.after, args.allow_unchained)
     except OSError as exc:
         # Exit 2, not 1: nothing was checked, which is not a broken chain.
         print(f"gateway audit verify: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
@@ -271,7 +292,10 @@ def _verify(args: argparse.Namespace) -> int:
         for text in verdict.notes:
             print(f"note: {text}")
         return 1
-    print(f"ok: {verdict.lines} lines, chain intact, last hash {verdict.last_hash[:12]}")
+    if args.expect_last is not None and verdict.last_hash != args.expect_last:
+        print(f"broken at the end: the last hash is {verdict.last_hash}, not {args.expect_last}")
+        return 1
+    print(f"ok: {verdict.lines} lines, chain intact, last hash {verdict.last_hash}")
     for text in verdict.notes:
         print(f"note: {text}")
     return 0

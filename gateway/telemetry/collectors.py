@@ -353,6 +353,8 @@ class KeyStatus(Collector):
         self.within = within
         self.clock = clock
         self.records: Sequence[KeyState] = ()
+        self.read_at = float("-inf")
+        """``time.monotonic()`` when ``records`` were read (the scrape reuses them a while)."""
         self._folded: tuple[object, set[str]] = (None, set())
 
     def _label(self, team: str) -> str:

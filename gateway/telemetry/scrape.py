@@ -8,29 +8,43 @@ families).
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from gateway.admin import guard
-from gateway.appkeys import KEYRING, METRICS, SETTINGS, STORE
+from gateway.admin import _loopback, guard
+from gateway.appkeys import HOSTS, KEYRING, METRICS, SETTINGS, STORE
+from gateway.auth.planes import listener_port
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     """``GET /metrics``: Prometheus text, or OpenMetrics (with exemplars) when asked for.
     With ``metrics_auth``, only for an admin-plane caller with ``metrics:read`` (the admin
     token, or an OIDC token of a role that holds it)."""
-    if request.app[SETTINGS].metrics_auth:
+    app = request.app
+    settings = app[SETTINGS]
+    if settings.admin_host is not None and listener_port(request) != settings.admin_port:
+        return web.Response(status=404, text="not found: /metrics is on the admin listener\n")
+    if settings.metrics_auth or not _loopback(settings.host):
         return await _guarded(request)
+    if not app[HOSTS].allows(request.host):  # open on loopback, but not to a rebound name
+        return web.Response(status=400, text="this Host is not allowed (allowed_hosts)\n")
     return await scrape(request)
+
+
+KEYS_FRESH = 10.0
+"""Seconds the key gauges' records are reused between scrapes: with thousands of keys,
+reading them all is work a scraper should not be able to ask for at will."""
 
 
 async def scrape(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     metrics.budgets.counters = await request.app[STORE].budgets()
-    if KEYRING in request.app:  # keys and mixed modes
+    if KEYRING in request.app and time.monotonic() - metrics.keys.read_at > KEYS_FRESH:
         metrics.keys.records = await request.app[KEYRING].list(None)
+        metrics.keys.read_at = time.monotonic()
     metrics.process.latest = await asyncio.to_thread(metrics.process.sample)
     registry = metrics.registry
     accept = request.headers.get("Accept", "")

@@ -45,6 +45,7 @@ SSRF = [
     ("::ffff:169.254.169.254", "link_local"),
     ("64:ff9b::a9fe:a9fe", "link_local"),
     ("2002:7f00:1::", "loopback"),
+    ("::ffff:0:7f00:1", "reserved"),  # IPv4-translated (SIIT) loopback
     ("224.0.0.1", "reserved"),
     ("198.18.0.1", "reserved"),
     ("fe80::1", "link_local"),

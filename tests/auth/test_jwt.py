@@ -629,7 +629,7 @@ async def test_roles_map_to_an_admin_caller_bound_to_its_teams(
     [
         ({"roles": "gw-admins"}, {"admin"}, None),  # no teams claim: every team
         ({"roles": ["gw-admins"], "teams": "research"}, {"admin"}, {"research"}),
-        ({"roles": ["gw-admins"], "teams": 5}, {"admin"}, None),  # wrong type: as absent
+        ({"roles": ["gw-admins"], "teams": 5}, {"admin"}, set()),  # wrong type: no team
         ({"roles": ["gw-admins"], "teams": []}, {"admin"}, set()),  # listed, none: no team
         ({"roles": ["gw-admins"], "teams": [5, None]}, {"admin"}, set()),
         ({"roles": ["nothing-mapped"]}, None, None),

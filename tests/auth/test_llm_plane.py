@@ -289,3 +289,103 @@ async def test_a_separate_admin_listener_serves_only_the_admin_api(
                     assert r.status == 200
     finally:
         await runner.cleanup()
+
+
+async def test_a_credential_header_that_is_not_utf8_is_a_4xx_not_a_500(
+    make_gateway: MakeGateway, fake_provider: TestServer, tmp_path: Path
+) -> None:
+    import socket
+
+    for gw in (
+        await make_gateway(None),
+        await make_gateway(None, **keys_mode(fake_provider, tmp_path)),
+    ):
+        port = gw.server.port
+        assert port is not None
+        for header in (b"x-api-key: sk-\xff\xfe", b"Authorization: Bearer abc\xff"):
+            for path in (b"/v1/chat/completions", b"/gateway/sessions"):
+                body = b'{"model": "gpt-4o-mini", "messages": []}'
+                request = (
+                    b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header + b"\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+                )  # fmt: skip
+
+                def exchange(data: bytes = request, port: int = port) -> bytes:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                        sock.sendall(data)
+                        chunks = []
+                        while chunk := sock.recv(65536):
+                            chunks.append(chunk)
+                    return b"".join(chunks)
+
+                import asyncio
+
+                answer = await asyncio.to_thread(exchange)
+                status = int(answer.split(b" ", 2)[1])
+                assert 400 <= status < 500, (path, header, answer[:300])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer\t{ADMIN_TOKEN}"},
+        {"Authorization": f"Token {ADMIN_TOKEN}"},
+        {"x-api-key": f"Bearer {ADMIN_TOKEN}"},
+        {"x-api-key": ADMIN_TOKEN},
+    ],
+)
+async def test_the_admin_token_in_any_spelling_never_reaches_the_provider(
+    make_gateway: MakeGateway, headers: dict[str, str]
+) -> None:
+    gw = await make_gateway(None)
+    before = len(gw.fake.app[RECEIVED])
+    status, answer_headers, _ = await gw.post("/v1/chat/completions", CHAT, headers)
+    assert status == 401 and answer_headers["X-Gateway-Error"] == "gateway_auth_wrong_plane"
+    assert len(gw.fake.app[RECEIVED]) == before
+
+
+async def test_gateway_keys_reach_only_the_paths_an_operator_opened(
+    make_gateway: MakeGateway, fake_provider: TestServer, tmp_path: Path
+) -> None:
+    gw = await make_gateway(None, **keys_mode(fake_provider, tmp_path))
+    key = (await create_key(gw, models=["gpt-4o-mini"]))["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    before = len(gw.fake.app[RECEIVED])
+    for path, body in (
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}),
+        ("/v1/completions", {"model": "gpt-4o", "prompt": "x"}),
+        ("/v1/messages/batches", {"requests": []}),
+    ):
+        status, headers, answer = await gw.post(path, body, auth)
+        assert status == 403, (path, answer)
+        assert headers["X-Gateway-Error"] == "gateway_forbidden_path"
+    assert len(gw.fake.app[RECEIVED]) == before
+    async with gw._http.get(gw.url("/v1/models"), headers=auth) as resp:
+        assert resp.status == 200  # open by default
+    opened = await make_gateway(
+        None, **{**keys_mode(fake_provider, tmp_path), "auth": {"mode": "keys",
+                                                              "open_paths": ["/v1/embeddings"]}}
+    )  # fmt: skip
+    key = (await create_key(opened, models=["gpt-4o-mini"]))["key"]
+    status, headers, _ = await opened.post(
+        "/v1/embeddings", {"model": "text-embedding-3-large", "input": "x"},
+        {"Authorization": f"Bearer {key}"},
+    )  # fmt: skip
+    assert status == 403 and headers["X-Gateway-Error"] == "gateway_forbidden_model"
+
+
+async def test_a_403_from_the_upstream_moves_no_credential(keyed: Gateway) -> None:
+    key = (await create_key(keyed))["key"]
+    keyed.fake.app[FAULTS].replace(Fault(kind="status", status=403, count=1))
+    before = len(keyed.fake.app[RECEIVED])
+    status, _headers, _body = await keyed.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"}
+    )
+    assert status == 403  # the upstream's own answer, passed on
+    assert len(keyed.fake.app[RECEIVED]) == before + 1  # not sent again with another entry
+    status, _, _ = await keyed.post(
+        "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"}
+    )
+    assert status == 200
+    assert last_received(keyed)["authorization"] == f"Bearer {POOL_OPENAI}"  # still the first
