@@ -69,6 +69,16 @@ class Redactor:
             escaped = orjson.dumps(value).decode()[1:-1]  # as a JSON line carries it
             self._escaped = tuple({*self._escaped, value, escaped})
 
+    def known(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What it knows now, for ``forget_since`` (a process that builds many apps, the
+        tests, forgets the secrets of the ones it closed)."""
+        return self._known, self._escaped
+
+    def forget_since(self, known: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+        with self._lock:
+            self._known, self._escaped = known
+        _claim.cache_clear()
+
     def dirty(self, text: str) -> bool:
         """Whether ``text`` may hold something to scrub: a known value (as is, or as JSON
         writes it) or a credential shape's marker. False: ``redact`` would change nothing."""

@@ -17,6 +17,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from gateway.app import create_app
 from gateway.fake_provider import RECEIVED, FakeProviderConfig, ReceivedRequest
 from gateway.fake_provider import create_app as create_fake_app
+from gateway.redact import REDACTOR
 from gateway.server import GatewayRunner
 from gateway.settings import Settings
 from tests.harness import ADMIN_TOKEN
@@ -46,6 +47,15 @@ async def fake_provider(aiohttp_server: Any, fake_config: FakeProviderConfig) ->
 
 def received(fake_provider: TestServer) -> list[ReceivedRequest]:
     return list(fake_provider.app[RECEIVED])
+
+
+@pytest.fixture(autouse=True)
+def _secrets_of_this_test_only() -> Iterator[None]:
+    """The redactor is process-wide: a secret one test made (a weak token, a canary) must not
+    blank text in the tests after it."""
+    known = REDACTOR.known()
+    yield
+    REDACTOR.forget_since(known)
 
 
 @pytest.fixture

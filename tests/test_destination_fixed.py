@@ -94,7 +94,7 @@ def keys_mode(fake: TestServer, tmp_path: Path) -> dict[str, Any]:
     (tmp_path / "an").write_text(POOL_ANTHROPIC + "\n")
     pool = "platform"
     return {
-        "auth": {"mode": "keys"},
+        "auth": {"mode": "keys", "open_paths": ["/v1/models", "/v1/models/*", "/v1/embeddings"]},
         "upstreams": {
             "openai": {
                 "url": str(fake.make_url("/v1")),

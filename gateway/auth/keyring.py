@@ -183,6 +183,12 @@ class KeyRing:
         # Compared with when the id is unknown: a digest no secret is known to have.
         self._stand_in = secrets.token_hex(32)
 
+    @property
+    def changes(self) -> int:
+        """How many changes this ring made (create, rotate, revoke): a reader of ``list``
+        may keep its copy while this stays the same."""
+        return self._generation
+
     def __repr__(self) -> str:
         return f"KeyRing({len(self._declared)} declared, {len(self._records)} cached)"
 

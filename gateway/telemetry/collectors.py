@@ -354,6 +354,8 @@ class KeyStatus(Collector):
         self.clock = clock
         self.records: Sequence[KeyState] = ()
         self.read_at = float("-inf")
+        self.changes = -1
+        """The key ring's ``changes`` when ``records`` were read."""
         """``time.monotonic()`` when ``records`` were read (the scrape reuses them a while)."""
         self._folded: tuple[object, set[str]] = (None, set())
 

@@ -42,9 +42,12 @@ reading them all is work a scraper should not be able to ask for at will."""
 async def scrape(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     metrics.budgets.counters = await request.app[STORE].budgets()
-    if KEYRING in request.app and time.monotonic() - metrics.keys.read_at > KEYS_FRESH:
-        metrics.keys.records = await request.app[KEYRING].list(None)
-        metrics.keys.read_at = time.monotonic()
+    ring = request.app.get(KEYRING)
+    if ring is not None and (
+        ring.changes != metrics.keys.changes or time.monotonic() - metrics.keys.read_at > KEYS_FRESH
+    ):  # read again after a change here, else at most every KEYS_FRESH (another replica's)
+        metrics.keys.records = await ring.list(None)
+        metrics.keys.read_at, metrics.keys.changes = time.monotonic(), ring.changes
     metrics.process.latest = await asyncio.to_thread(metrics.process.sample)
     registry = metrics.registry
     accept = request.headers.get("Accept", "")
