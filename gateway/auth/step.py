@@ -305,8 +305,9 @@ def _admin_token_refused(provider: str) -> Unauthenticated:
 def _provider_key_refused(provider: str, mode: str, beside: str | None = None) -> Unauthenticated:
     where = f" beside {beside}" if beside else ""
     name = PROVIDER_NAMES.get(provider, provider)
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     return Unauthenticated(
-        f"{gateway_not(provider)}: the request carries what looks like a {name} key{where};"
+        f"{gateway_not(provider)}: the request carries what looks like {article} {name} key{where};"
         f" this gateway takes {_takes(mode)} and sends its own provider credentials, so that"
         " key was neither used nor stored. Send the gateway credential your platform team gave"
         " you as the API key instead.",
