@@ -115,7 +115,9 @@ class Unauthenticated(GatewayError):
     outcome = "unauthenticated"
 
     def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
+        # x-should-retry: the SDKs obey it, and Claude Code otherwise retries a 401 with
+        # backoff for minutes (seen: six tries in 25 s) before it shows anything.
+        super().__init__(message, headers={"x-should-retry": "false"})
         self.reason = reason
         self.code = f"gateway_auth_{reason}"
 
@@ -128,7 +130,7 @@ class Forbidden(GatewayError):
     outcome = "forbidden"
 
     def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
+        super().__init__(message, headers={"x-should-retry": "false"})
         self.reason = reason
         self.code = f"gateway_forbidden_{reason}"
 

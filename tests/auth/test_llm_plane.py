@@ -17,48 +17,21 @@ from gateway.auth.planes import ROUTE_AUTH, undeclared
 from gateway.fake_provider import FAULTS, RECEIVED, Fault
 from gateway.settings import Settings
 from tests.conftest import ANTHROPIC_MODEL
-from tests.harness import ADMIN, ADMIN_TOKEN, Gateway, MakeGateway
+from tests.harness import (
+    ADMIN,
+    ADMIN_TOKEN,
+    POOL_ANTHROPIC,
+    POOL_OPENAI,
+    POOL_OPENAI_2,
+    Gateway,
+    MakeGateway,
+    create_key,
+    keys_mode,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": ANTHROPIC_MODEL, "max_tokens": 32,
             "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
-POOL_OPENAI = "sk-pool-openai-primary-0001"
-POOL_OPENAI_2 = "sk-pool-openai-secondary-0002"
-POOL_ANTHROPIC = "sk-ant-pool-primary-0001"
-
-
-def keys_mode(fake: TestServer, tmp_path: Path, mode: str = "keys", **auth: Any) -> dict[str, Any]:
-    """Settings for a gateway in ``mode`` whose pools hold file references in ``tmp_path``."""
-    for name, value in (("oa1", POOL_OPENAI), ("oa2", POOL_OPENAI_2), ("an1", POOL_ANTHROPIC)):
-        (tmp_path / name).write_text(value + "\n")
-    return {
-        "auth": {"mode": mode, **auth},
-        "upstreams": {
-            "openai": {
-                "url": str(fake.make_url("/v1")),
-                "credentials": {
-                    "platform": [
-                        {"name": "primary", "value": f"file:{tmp_path / 'oa1'}"},
-                        {"name": "secondary", "value": f"file:{tmp_path / 'oa2'}"},
-                    ]
-                },
-            },
-            "anthropic": {
-                "url": str(fake.make_url("")).rstrip("/"),
-                "credentials": {
-                    "platform": [{"name": "primary", "value": f"file:{tmp_path / 'an1'}"}]
-                },
-            },
-        },
-    }
-
-
-async def create_key(gw: Gateway, **spec: Any) -> dict[str, Any]:
-    body = {"team": "platform", "name": "ci-bot", **spec}
-    status, _headers, answer = await gw.post("/gateway/keys", body, ADMIN)
-    assert status == 201, answer
-    assert isinstance(answer, dict)
-    return answer
 
 
 def lowered(headers: dict[str, str]) -> dict[str, str]:
