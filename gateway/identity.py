@@ -189,7 +189,14 @@ def _clean(value: str, limit: int) -> str:
     admin API and answer headers. Control and format characters (NUL, ESC, zero-width spaces)
     and any space but ' ' (tab, NBSP) are not printable, so they go; a secret a client put in
     its claim (``redact.claim``) is replaced."""
-    value = claim(value[:limit])
+    # Printable first (a zero-width space inside a secret must not hide it), redacted with
+    # room to spare (a secret cut at the limit would leave most of itself), then cut.
+    value = value[: limit + _SPARE]
     if not value.isprintable():
         value = "".join(ch for ch in value if ch.isprintable())
-    return value.strip()
+    return claim(value)[:limit].strip()
+
+
+_SPARE = 512
+"""Characters past a claim's limit looked at by the redactor, so a secret the limit cuts
+through is still recognised whole."""

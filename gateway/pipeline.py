@@ -135,7 +135,9 @@ async def handle_passthrough(ex: Exchange) -> None:
     ex.upstream_body = ex.raw
     who = await authenticated(ex)  # keys mode: no call goes upstream unauthenticated
     ex.principal, ex.credential = who.principal, who.choice
-    check_open_path(ex.app[AUTH], who.principal, ex.path, ex.raw, ex.upstream.provider)
+    check_open_path(
+        ex.app[AUTH], who.principal, ex.request.method, ex.path, ex.raw, ex.upstream.provider
+    )
     if (waiting := admit(ex)) is not None:
         await waiting
     await forward(ex)

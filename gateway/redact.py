@@ -29,7 +29,7 @@ _PATTERNS = re.compile(
         (
             r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?"
             r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
-            r"\bgw_[A-Za-z0-9]{6,32}_[A-Za-z0-9]{40,}",  # gateway keys
+            r"(?<![A-Za-z0-9])gw_[A-Za-z0-9]{6,32}_[A-Za-z0-9]{40,}",  # gateway keys
             r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic keys
             r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",  # JWTs
             r"\b[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+[A-Za-z0-9._~+/\-]{12,}=*",
@@ -61,13 +61,15 @@ class Redactor:
         value = value.strip()
         if len(value) < MIN_KNOWN or value in self._known:
             return
-        if _PATTERNS.fullmatch(value):  # its shape is scrubbed already (every gateway key)
+        if value.startswith("gw_") and _PATTERNS.fullmatch(value):
+            # Gateway keys, thousands of them: their shape is scrubbed wherever it stands
+            # (no letter or digit before it), so the list every redaction walks stays short.
             return
-        _claim.cache_clear()  # a claim cleaned before this secret was known is looked at again
         with self._lock:
             self._known = tuple(sorted({*self._known, value}, key=len, reverse=True))
             escaped = orjson.dumps(value).decode()[1:-1]  # as a JSON line carries it
             self._escaped = tuple({*self._escaped, value, escaped})
+            _claim.cache_clear()  # a claim cleaned before this secret was known: again
 
     def known(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """What it knows now, for ``forget_since`` (a process that builds many apps, the

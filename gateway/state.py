@@ -54,20 +54,31 @@ def read_or_create(directory: Path, name: str, nbytes: int = 32) -> str:
     value = secrets.token_urlsafe(nbytes)
     path = directory / name
     draft = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        _write(draft, value)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            found = read_state(directory, name)
+            if found is None:
+                raise ValueError(f"{path} exists but is empty") from None
+            return found
+        except OSError:  # a volume without hard links: an exclusive create instead
+            try:
+                _write(path, value)
+            except FileExistsError:
+                return read_state(directory, name) or value
+    finally:
+        draft.unlink(missing_ok=True)
+    return value
+
+
+def _write(path: Path, value: str) -> None:
+    """``value`` into a new file at ``path`` (0600), on disk before it returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
         os.write(fd, (value + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    try:
-        os.link(draft, path)
-    except FileExistsError:
-        found = read_state(directory, name)
-        if found is None:
-            raise ValueError(f"{path} exists but is empty") from None
-        return found
-    finally:
-        draft.unlink()
-    return value

@@ -431,3 +431,16 @@ def test_serve_refuses_a_weak_admin_token(
     err = capsys.readouterr().err
     assert "refusing to start: the admin token is 10 characters" in err
     assert "GATEWAY_ADMIN_TOKEN" in err and weak not in err
+
+
+async def test_metrics_on_a_public_admin_listener_need_the_token(
+    make_gateway: MakeGateway, unused_tcp_port_factory: Any
+) -> None:
+    from gateway.telemetry.scrape import metrics_endpoint  # noqa: F401 (the route under test)
+
+    gw = await make_gateway(
+        None, admin_token=TOKEN, admin_host="0.0.0.0", admin_port=unused_tcp_port_factory()
+    )
+    # The test server is the main listener: /metrics lives on the admin one, public here.
+    async with aiohttp.ClientSession() as http, http.get(gw.url("/metrics")) as resp:
+        assert resp.status == 404

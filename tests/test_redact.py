@@ -56,3 +56,23 @@ def test_clean_text_passes_unchanged(text: str) -> None:
         marker in text for marker in ("gw_", "sk-", "eyJ", "earer", "EARER", "AKIA", "-----BEGIN")
     ):
         assert out == text
+
+
+def test_a_secret_glued_to_a_claim_or_split_by_an_invisible_character_is_found() -> None:
+    from gateway.identity import _clean
+    from gateway.redact import REDACTOR
+    from gateway.secret import Secret
+
+    pool = "sk-proj-poolcredential0123456789abcd"
+    Secret(pool)
+    assert pool not in _clean(f"run_{pool}", 200)
+    assert pool not in _clean(f"run{pool}", 200)
+    gateway_key = "gw_abcdef123456_" + "k" * 43 + "abcdef"
+    assert gateway_key[:30] not in _clean(f"agent_{gateway_key}", 200)
+    admin = "adm-canary-token-q8w7e6r5t4y3u2i1o0p9"
+    Secret(admin)
+    hidden = admin[:10] + "\u200b" + admin[10:]
+    assert admin not in _clean(hidden, 200)
+    long_cut = "x" * 180 + gateway_key  # the limit cuts through the key
+    assert "k" * 20 not in _clean(long_cut, 200)
+    assert REDACTOR.counts["claim"] > 0

@@ -24,11 +24,16 @@ class Authenticator:
     jwt: JwtVerifier | None = None
     pools: CredentialPools | None = None
     team_pools: Mapping[str, str] = field(default_factory=dict)
-    open_paths: tuple[str, ...] = ("/v1/models", "/v1/models/*")
+    open_paths: tuple[str, ...] = ("GET /v1/models", "GET /v1/models/*")
 
-    def open_path(self, path: str) -> bool:
-        """Whether gateway credentials may call ``path`` (a checked provider path)."""
-        return any(fnmatch.fnmatchcase(path, glob) for glob in self.open_paths)
+    def open_path(self, method: str, path: str) -> bool:
+        """Whether gateway credentials may call ``method path`` (a checked provider path).
+        An entry is ``METHOD /path-glob`` or a bare glob, for every method."""
+        for entry in self.open_paths:
+            wanted, _, glob = entry.rpartition(" ")
+            if (not wanted or wanted.upper() == method) and fnmatch.fnmatchcase(path, glob):
+                return True
+        return False
 
     @classmethod
     def build(

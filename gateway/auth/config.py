@@ -148,11 +148,12 @@ class AuthSettings(_Strict):
     refused unless listed here."""
     keys: list[DeclaredKey] = []
     """Gateway keys declared by hash (for config kept in git)."""
-    open_paths: list[str] = ["/v1/models", "/v1/models/*"]
-    """Provider paths besides the model routes that gateway keys and JWTs may call, globs
-    (``/v1/embeddings``, ``/v1/files*``): they go upstream with the pool credential but no
-    policy, session or budget applies, so each one opened is a decision. A key limited to
-    models is still held to them when the body names one."""
+    open_paths: list[str] = ["GET /v1/models", "GET /v1/models/*"]
+    """Provider paths besides the model routes that gateway keys and JWTs may call:
+    ``METHOD /glob`` (``POST /v1/embeddings``) or a bare glob for every method. They go
+    upstream with the pool credential but no policy, session or budget applies, so each one
+    opened is a decision (``DELETE /v1/models/*`` deletes the organization's fine-tunes). A
+    key limited to models is held to them when the body names one."""
     team_pools: dict[str, str] = {}
     """A team's upstream credential pool, for principals that name none (JWT subjects)."""
 

@@ -297,14 +297,13 @@ class KeyRing:
                 shown = ", ".join(sorted(pools)) or "none are configured"
                 raise KeyRefused(f"no upstream has a credential pool {spec.pool} ({shown})")
         if spec.pool is not None and creator.teams is not None:
-            # A team-bound creator names only its teams' pools: a pool another team is given
-            # (auth.team_pools) spends that team's provider account.
-            others = {p for t, p in self._auth.team_pools.items() if t not in creator.teams}
+            # A team-bound creator names only its teams' pools (auth.team_pools): any other
+            # pool spends a provider account that is not its teams' to give.
             own = {p for t, p in self._auth.team_pools.items() if t in creator.teams}
-            if spec.pool in others and spec.pool not in own:
+            if spec.pool not in own:
                 raise KeyRefused(
-                    f"the credential pool {spec.pool} belongs to another team (auth.team_pools);"
-                    " a key of yours may use your teams' pools",
+                    f"the credential pool {spec.pool} is not one of your teams' (auth.team_pools);"
+                    " a key of yours may use your teams' pools, or name none",
                     403,
                 )
         now = self._clock()

@@ -74,6 +74,8 @@ async def authenticate(ex: Exchange, auth: Authenticator) -> Authenticated:
     ``Forbidden``. Passthrough, the default, costs one cached hash and a comparison."""
     headers = ex.request.headers
     provider = ex.upstream.provider
+    if _repeated(headers):  # every copy would go upstream; the principal is one of them
+        raise TwoCredentials()
     if _carries(headers, auth.admin_token):  # in any spelling: it must never go upstream
         raise _admin_token_refused(provider)
     if auth.mode == "passthrough":
@@ -137,24 +139,37 @@ async def _gateway_credential(
 
 
 def check_open_path(
-    auth: Authenticator, principal: Principal, path: str, body: bytes, provider: str
+    auth: Authenticator,
+    principal: Principal,
+    method: str,
+    path: str,
+    body: bytes,
+    provider: str,
 ) -> None:
-    """A gateway key or JWT on a provider path that is no model route: only the paths the
-    operator opened (``auth.open_paths``), and a key's model limits hold there too."""
+    """A gateway key or JWT on a provider path that is no model route: only the methods and
+    paths the operator opened (``auth.open_paths``), and a key's model limits hold there
+    too (a body it cannot read is refused to such a key)."""
     if principal.kind == PASSTHROUGH:
         return
-    if not auth.open_path(path):
+    if not auth.open_path(method, path):
         raise Forbidden(
-            f"{gateway_not(provider)}: {path[:100]} is not open to gateway credentials: it"
-            " would spend the organization's provider account outside every policy. An"
-            " operator opens it in auth.open_paths.",
+            f"{gateway_not(provider)}: {method} {path[:100]} is not open to gateway"
+            " credentials: it would use the organization's provider account outside every"
+            " policy. An operator opens it in auth.open_paths.",
             "path",
         )
-    if principal.models and body[:1] == b"{":
+    if principal.models and body.strip():
         try:
-            model = orjson.loads(body).get("model")
-        except (orjson.JSONDecodeError, AttributeError):
-            return
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        model = parsed.get("model") if isinstance(parsed, dict) else None
+        if parsed is None or (model is not None and not isinstance(model, str)):
+            raise Forbidden(
+                f"{gateway_not(provider)}: {_named(principal)} may call only some models, and"
+                " this body does not say which in a way the gateway can read.",
+                "model",
+            )
         if isinstance(model, str) and not _models(principal.models).fullmatch(model):
             raise Forbidden(
                 f"{gateway_not(provider)}: {_named(principal)} may not call model"
@@ -180,6 +195,15 @@ def pool_choice(auth: Authenticator, upstream: str, principal: Principal, provid
             "no_pool",
         )
     return choice
+
+
+def _repeated(headers: Mapping[str, str]) -> bool:
+    """A credential header sent more than once (a second ``Authorization`` would go upstream
+    beside the one the principal was read from)."""
+    getall = getattr(headers, "getall", None)
+    if getall is None:
+        return False
+    return any(len(getall(name, ())) > 1 for name in (AUTHORIZATION, X_API_KEY, X_GATEWAY_KEY))
 
 
 def _carries(headers: Mapping[str, str], token: str | None) -> bool:

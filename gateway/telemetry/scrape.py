@@ -27,7 +27,8 @@ async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     if settings.admin_host is not None and listener_port(request) != settings.admin_port:
         return web.Response(status=404, text="not found: /metrics is on the admin listener\n")
-    if settings.metrics_auth or not _loopback(settings.host):
+    listener = settings.admin_host if settings.admin_host is not None else settings.host
+    if settings.metrics_auth or not _loopback(listener):
         return await _guarded(request)
     if not app[HOSTS].allows(request.host):  # open on loopback, but not to a rebound name
         return web.Response(status=400, text="this Host is not allowed (allowed_hosts)\n")

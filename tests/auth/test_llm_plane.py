@@ -362,3 +362,39 @@ async def test_a_403_from_the_upstream_moves_no_credential(keyed: Gateway) -> No
     )
     assert status == 200
     assert last_received(keyed)["authorization"] == f"Bearer {POOL_OPENAI}"  # still the first
+
+
+async def test_a_credential_header_sent_twice_is_refused(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(None)
+    before = len(gw.fake.app[RECEIVED])
+    async with gw._http.post(
+        gw.url("/v1/chat/completions"),
+        json=CHAT,
+        headers=[
+            ("Authorization", "Bearer sk-one-key-1234"),
+            ("Authorization", f"Bearer {ADMIN_TOKEN}"),
+        ],
+    ) as resp:
+        assert resp.status == 400
+    assert len(gw.fake.app[RECEIVED]) == before
+
+
+async def test_open_paths_name_their_methods_and_model_limits_read_any_body(
+    make_gateway: MakeGateway, fake_provider: TestServer, tmp_path: Path
+) -> None:
+    gw = await make_gateway(
+        None,
+        **{
+            **keys_mode(fake_provider, tmp_path),
+            "auth": {"mode": "keys", "open_paths": ["GET /v1/models/*", "POST /v1/embeddings"]},
+        },
+    )
+    key = (await create_key(gw, models=["gpt-4o-mini"]))["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    async with gw._http.delete(gw.url("/v1/models/ft:gpt-4o:org:prod:abc"), headers=auth) as r:
+        assert r.status == 403  # the organization's fine-tunes are not a key's to delete
+    spaced = b' {"model": "text-embedding-3-large", "input": "x"}'
+    status, headers, _ = await gw.post("/v1/embeddings", spaced, auth)
+    assert status == 403 and headers["X-Gateway-Error"] == "gateway_forbidden_model"
+    status, headers, _ = await gw.post("/v1/embeddings", b"not json", auth)
+    assert status == 403 and headers["X-Gateway-Error"] == "gateway_forbidden_model"
