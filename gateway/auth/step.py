@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import orjson
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.appkeys import AUDIT, METRICS
 from gateway.auth.authenticator import Authenticator
@@ -199,11 +199,24 @@ def pool_choice(auth: Authenticator, upstream: str, principal: Principal, provid
 
 def _repeated(headers: Mapping[str, str]) -> bool:
     """A credential header sent more than once (a second ``Authorization`` would go upstream
-    beside the one the principal was read from)."""
+    beside the one the principal was read from). Looked up by ``istr`` names: no case folding
+    per call."""
     getall = getattr(headers, "getall", None)
     if getall is None:
         return False
-    return any(len(getall(name, ())) > 1 for name in (AUTHORIZATION, X_API_KEY, X_GATEWAY_KEY))
+    return (
+        len(getall(_AUTHORIZATION, _NONE)) > 1
+        or len(getall(_X_API_KEY, _NONE)) > 1
+        or len(getall(_X_GATEWAY_KEY, _NONE)) > 1
+    )
+
+
+_AUTHORIZATION, _X_API_KEY, _X_GATEWAY_KEY = (
+    istr("Authorization"),
+    istr("x-api-key"),
+    istr("x-gateway-key"),
+)
+_NONE: tuple[str, ...] = ()
 
 
 def _carries(headers: Mapping[str, str], token: str | None) -> bool:
