@@ -497,14 +497,25 @@ def guard(handler: Handler, scope: str, *, write: bool = False, any_host: bool =
 
 
 DENIALS_EVERY = 10.0
-"""Seconds between two ``admin_denied`` lines for one peer, actor and reason: a flood of
-refused calls is one line per period (with how many it stands for), not one line each."""
+"""Seconds between two ``admin_denied`` lines for one peer (an IPv6 one by its /64), actor
+and reason: a flood of refused calls is one line per period (with how many it stands for,
+``also_denied``), not one line each; ``gateway_admin_requests_total`` counts every one."""
+
+
+def _peer_group(peer: str | None) -> str | None:
+    """An IPv6 peer by its /64 (one host holds a whole /64: a flood from it is one peer)."""
+    if peer is None or ":" not in peer:
+        return peer
+    try:
+        return str(ipaddress.ip_network(f"{peer.split('%')[0]}/64", strict=False))
+    except ValueError:
+        return peer
 
 
 def _audit_denied(request: web.Request, scope: str, reason: str, actor: str) -> None:
     """A refused admin call, on the audit trail (never waited for: nothing changed)."""
     denials = request.config_dict[ADMIN_AUTH].denials
-    key, now = (request.remote, actor, reason), time.monotonic()
+    key, now = (_peer_group(request.remote), actor, reason), time.monotonic()
     last, held = denials.get(key, (-DENIALS_EVERY, 0))
     if now - last < DENIALS_EVERY:
         denials[key] = (last, held + 1)

@@ -444,3 +444,12 @@ async def test_metrics_on_a_public_admin_listener_need_the_token(
     # The test server is the main listener: /metrics lives on the admin one, public here.
     async with aiohttp.ClientSession() as http, http.get(gw.url("/metrics")) as resp:
         assert resp.status == 404
+
+
+def test_ipv6_peers_of_one_64_are_one_peer_for_the_denial_lines() -> None:
+    from gateway.admin import _peer_group
+
+    assert _peer_group("2001:db8::1") == _peer_group("2001:db8::ffff:abcd") == "2001:db8::/64"
+    assert _peer_group("2001:db8:0:1::1") != _peer_group("2001:db8::1")
+    assert _peer_group("192.0.2.7") == "192.0.2.7"
+    assert _peer_group(None) is None
