@@ -55,7 +55,7 @@ from gateway.resilience.degraded import Change, Degradation
 from gateway.secret import Secret
 from gateway.settings import Settings
 from gateway.state import ADMIN_TOKEN_FILE, read_or_create, state_dir
-from gateway.store import Store, open_store
+from gateway.store import Retention, Store, open_store
 from gateway.telemetry.logs import RequestLog
 from gateway.telemetry.loop_lag import LagWatch, watch_loop_lag
 from gateway.telemetry.metrics import Metrics
@@ -98,6 +98,7 @@ def create_app(
     app[TOKENS] = TokenCounter()
     app[COMPACTOR] = Compactor(app[TOKENS].count_item, app[TOKENS].count_items)
     app[STORE] = store if store is not None else open_store(settings.store)
+    app[STORE].retention = Retention(settings.retention.ended, settings.retention.idle)
     app[METRICS] = Metrics()
     app[AUDIT] = AuditLog(
         settings.audit_log, on_failure=lambda: app[METRICS].audit_write_failures.inc(())

@@ -191,6 +191,26 @@ class DegradedSettings(BaseModel):
     mode (``store``): accounting is kept in memory and written when the store is back."""
 
 
+class RetentionSettings(BaseModel):
+    """How long sessions are kept, in seconds or ``30d``; ``null`` keeps them for ever."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+
+    ended: float | None = Field(30 * 86400.0, gt=0)
+    """A session ended (by an operator, or idle past its policy's ``idle_timeout``) is deleted
+    this long after its last call, with everything it holds (saved summaries included)."""
+    idle: float | None = Field(90 * 86400.0, gt=0)
+    """Any session with no call for this long is deleted; a later call with its id starts
+    afresh."""
+
+    @field_validator("ended", "idle", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        from gateway.auth.config import duration
+
+        return None if value is None else duration(value)
+
+
 class Settings(BaseModel):
     # hide_input_in_errors: a value refused where a reference belongs (an inline key) must
     # not be echoed back in the error.
@@ -246,6 +266,8 @@ class Settings(BaseModel):
     """Outbound calls honour ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (egress through a
     proxy)."""
     timeouts: Timeouts = Timeouts()
+    retention: RetentionSettings = RetentionSettings()
+    """How long ended and idle sessions are kept, by every store."""
     degraded: DegradedSettings = DegradedSettings()
     """When the gateway enters degraded mode by itself (it also can by hand:
     ``gateway degrade on``)."""

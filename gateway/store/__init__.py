@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from gateway.store.base import LimitExceeded, LoadFailed, SessionEnded, Store
+from gateway.store.base import LimitExceeded, LoadFailed, Retention, SessionEnded, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
     INTERNAL_FIELDS,
@@ -53,6 +53,7 @@ __all__ = [
     "LoadFailed",
     "MemoryStore",
     "ModelTotals",
+    "Retention",
     "SessionEnded",
     "SessionQuery",
     "SessionRecord",

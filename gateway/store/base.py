@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from gateway.errors import SessionTaken
@@ -46,6 +46,29 @@ log = logging.getLogger("gateway.store")
 
 _FAST, _SLOW = 0.3, 0.02
 """Smoothing of the turn rate: over about three turns, and over about fifty."""
+RETENTION_SWEEP_EVERY = 60.0
+"""Seconds between two looks for sessions past their retention."""
+
+
+@dataclass(slots=True, frozen=True)
+class Retention:
+    """How long a session is kept (seconds; None: for ever): once ``ended`` (by an operator,
+    or idle past its policy's ``idle_timeout``), and with no call at all (``idle``). A
+    session past it is deleted with everything it holds (the saved summaries included); a
+    later call with its id starts afresh."""
+
+    ended: float | None = None
+    idle: float | None = None
+
+    def expired(self, record: SessionRecord, now: float) -> bool:
+        if record.in_flight:
+            return False
+        quiet = now - record.last_seen
+        if self.idle is not None and quiet > self.idle:
+            return True
+        return self.ended is not None and record.status == "ended" and quiet > self.ended
+
+
 BUDGET_GRACE = 300.0
 """Seconds a budget counter is kept after its window ends: a call checked just before the
 end (then held up by compaction, say) still begins on the counter its limit names, not on a
@@ -93,6 +116,9 @@ class Store(Protocol):
 
     errors: dict[str, int]
     """Backend failures by operation (``load``, ``write``): ``gateway_store_errors_total``."""
+
+    retention: Retention
+    """How long ended and idle sessions are kept (the app sets it from ``retention``)."""
 
     trouble: str | None
     """Why the backend is behind or failing now (writes failing, changes waiting past the
@@ -180,6 +206,11 @@ class SessionTable:
         self.sessions: dict[str, SessionRecord] = {}
         self.budget_counters: dict[str, BudgetCounter] = {}
         self._budgets_swept_at = 0.0
+        self.retention = Retention()
+        """Set by the app from its config (``retention``): sessions past it are deleted."""
+        self._retention_swept_at = 0.0
+        self.expired = 0
+        """Sessions deleted past their retention, since start."""
         self.errors = {"load": 0, "write": 0}
         """Failures of the backend behind the table, by operation (metrics read them)."""
         self.unloaded: set[str] = set()
@@ -318,6 +349,7 @@ class SessionTable:
         if ident is not start.identity:
             start = replace(start, identity=ident)
         self._sweep_budgets(start.at)
+        self._sweep_sessions(start.at)
         counters = self._budgets_for(limits.budgets)
         ticket = check_and_reserve(record, start, limits, counters)
         self._changed(record)
@@ -453,6 +485,36 @@ class SessionTable:
                 counter.max_requests = _tightest(counter.max_requests, limit.max_requests)
             counters.append(counter)
         return counters
+
+    def _sweep_sessions(self, now: float) -> None:
+        """Delete, from this table, the sessions past their retention (at most once every
+        ``RETENTION_SWEEP_EVERY``; a backend deletes its stored ones itself). One pass over
+        the table: bounded by its cap, once a minute."""
+        retention = self.retention
+        if retention.ended is None and retention.idle is None:
+            return
+        if self._retention_swept_at <= now < self._retention_swept_at + RETENTION_SWEEP_EVERY:
+            return
+        self._retention_swept_at = now
+        gone = [
+            session_id
+            for session_id, record in self.sessions.items()
+            if retention.expired(record, now) and self._may_forget(session_id)
+        ]
+        for session_id in gone:
+            del self.sessions[session_id]
+            self._forget(session_id)
+        self.expired += len(gone)
+        if gone:
+            self._expired(gone)
+
+    def _expired(self, session_ids: list[str]) -> None:
+        """Sessions deleted past their retention (a backend deletes its stored copies)."""
+        return None
+
+    def _may_forget(self, session_id: str) -> bool:
+        """Whether the table may drop the session (a backend keeps what it has not written)."""
+        return session_id not in self.unloaded
 
     def _sweep_budgets(self, now: float) -> None:
         """Drop the counters whose window ended over ``BUDGET_GRACE`` ago: a minute window

@@ -30,7 +30,13 @@ from typing import Any
 import orjson
 
 from gateway.private import FILE_MODE, create_private_file
-from gateway.store.base import BUDGET_GRACE, BUDGET_SWEEP_EVERY, LoadFailed, SessionTable
+from gateway.store.base import (
+    BUDGET_GRACE,
+    BUDGET_SWEEP_EVERY,
+    RETENTION_SWEEP_EVERY,
+    LoadFailed,
+    SessionTable,
+)
 from gateway.store.keys import KeyTable
 from gateway.store.records import Backlog, BudgetCounter, SessionQuery, SessionRecord
 
@@ -102,6 +108,9 @@ class SqliteStore(KeyTable, SessionTable):
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._budgets_deleted_at = float("-inf")
+        self._sessions_deleted_at = float("-inf")
+        self._expiring: set[str] = set()
+        """Sessions the table expired, not yet deleted from disk."""
         """When (time.monotonic) ended budget rows were last deleted."""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -179,6 +188,8 @@ class SqliteStore(KeyTable, SessionTable):
 
     # -- what the session table asks of a backend ------------------------------------------------
     async def _fetch(self, session_id: str) -> SessionRecord | None:
+        if session_id in self._expiring:  # expired here, its row not deleted yet
+            return None
         pending = self._loading.get(session_id)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -206,6 +217,7 @@ class SqliteStore(KeyTable, SessionTable):
         self._set_trouble("load", f"session reads failing ({_describe(exc)})")
 
     def _changed(self, record: SessionRecord) -> None:
+        self._expiring.discard(record.id)  # begun again: the new record is the one to keep
         if record.id not in self._dirty:
             self._dirty[record.id] = self._noted()
 
@@ -277,6 +289,52 @@ class SqliteStore(KeyTable, SessionTable):
         assert self._db is not None
         sql = "SELECT key, window_end, tokens, cost, requests FROM budgets WHERE window_end > ?"
         return list(self._db.execute(sql, (now,)))
+
+    def _may_forget(self, session_id: str) -> bool:
+        return (
+            session_id not in self._dirty
+            and session_id not in self._writing
+            and session_id not in self.unloaded
+        )
+
+    def _expired(self, session_ids: list[str]) -> None:
+        # Deleted from disk by the next flush; until then a read does not bring them back.
+        self._expiring.update(session_ids)
+
+    async def _delete_expired_sessions(self) -> None:
+        """Delete the stored sessions past their retention, at most once every
+        ``RETENTION_SWEEP_EVERY`` (one indexed statement on the writer thread). A session
+        still changing in memory is written back by the next flush."""
+        if self._expiring:
+            gone, self._expiring = list(self._expiring), set()
+            await self._run(self._delete_each, gone)
+        retention = self.retention
+        if retention.ended is None and retention.idle is None:
+            return
+        now = time.monotonic()
+        if now < self._sessions_deleted_at + RETENTION_SWEEP_EVERY:
+            return
+        self._sessions_deleted_at = now
+        wall = time.time()
+        idle_before = wall - retention.idle if retention.idle is not None else None
+        ended_before = wall - retention.ended if retention.ended is not None else None
+        await self._run(self._delete_sessions, idle_before, ended_before)
+
+    def _delete_each(self, session_ids: list[str]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in session_ids])
+
+    def _delete_sessions(self, idle_before: float | None, ended_before: float | None) -> None:
+        assert self._db is not None
+        with self._db:
+            if idle_before is not None:
+                self._db.execute("DELETE FROM sessions WHERE last_seen < ?", (idle_before,))
+            if ended_before is not None:
+                self._db.execute(
+                    "DELETE FROM sessions WHERE status = 'ended' AND last_seen < ?",
+                    (ended_before,),
+                )
 
     def _delete_budgets(self, ended_before: float) -> None:
         assert self._db is not None
@@ -363,6 +421,8 @@ class SqliteStore(KeyTable, SessionTable):
         while True:
             await asyncio.sleep(self.flush_interval)
             try:
+                # Expired rows first: a session begun again since is written after them.
+                await self._delete_expired_sessions()
                 await self.flush()
                 await self._delete_ended_budgets()
                 if "load" in self._troubles and not self.unloaded:

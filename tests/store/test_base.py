@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.store import (
     Limits,
     LoadFailed,
     MemoryStore,
+    Retention,
     SessionEnded,
     SessionQuery,
     SessionRecord,
@@ -363,3 +365,58 @@ async def test_the_memory_store_is_never_behind() -> None:
     await asyncio.sleep(0.02)
     assert (store.trouble, heard, store.unloaded) == (None, [], set())
     assert store.backlog() == Backlog()
+
+
+# -- retention ------------------------------------------------------------------------------------
+DAY = 86400.0
+
+
+async def test_sessions_past_their_retention_are_deleted(store: Store, tmp_path: Path) -> None:
+    store.retention = Retention(ended=1 * DAY, idle=3 * DAY)
+    t0 = time.time() - 3.1 * DAY  # the trigger call is now (the disk's sweep reads the clock)
+    for session, at in (("ended-old", t0), ("idle-old", t0), ("recent", t0 + 2.5 * DAY),
+                        ("ended-recent", t0 + 2.5 * DAY)):  # fmt: skip
+        ticket = await store.begin_turn(start(session, at=at), Limits())
+        await store.end_turn(ticket, end(None, at=at))
+    await store.set_status("ended-old", "ended", "ended by bob")
+    await store.set_status("ended-recent", "ended", "ended by bob")
+    if isinstance(store, SqliteStore):
+        await store.flush()
+
+    # A call past a day and a half: "ended-old" is past its day; nothing idles for 3 yet.
+    ticket = await store.begin_turn(start("trigger", at=t0 + 3.1 * DAY), Limits())
+    await store.end_turn(ticket, end(None, at=t0 + 3.1 * DAY))
+    assert await store.get("ended-old") is None
+    assert await store.get("idle-old") is None  # idle 3.1 days > 3
+    assert await store.get("recent") is not None  # seen 0.6 days ago
+    assert await store.get("ended-recent") is not None  # ended, but its last call is recent
+    assert store.expired >= 1
+
+    if isinstance(store, SqliteStore):  # the stored rows too, and for good: a reopen has none
+        store._sessions_deleted_at = float("-inf")
+        await store._delete_expired_sessions()
+        await store.flush()
+        other = SqliteStore(tmp_path / "gateway.db")  # another process on the same file
+        await other.open()
+        try:
+            assert await other.get("ended-old") is None
+            assert await other.get("idle-old") is None
+            assert await other.get("recent") is not None
+        finally:
+            await other.close()
+
+
+async def test_no_retention_keeps_every_session(store: Store) -> None:
+    store.retention = Retention()
+    ticket = await store.begin_turn(start("old", at=1.0), Limits())
+    await store.end_turn(ticket, end(None, at=1.0))
+    ticket = await store.begin_turn(start("new", at=1000 * DAY), Limits())
+    await store.end_turn(ticket, end(None, at=1000 * DAY))
+    assert await store.get("old") is not None
+
+
+def test_a_session_with_a_call_in_flight_is_never_expired() -> None:
+    record = SessionRecord("s", "x", "a", first_seen=0.0, last_seen=0.0, in_flight=1)
+    assert not Retention(ended=1.0, idle=1.0).expired(record, 10 * DAY)
+    record.in_flight = 0
+    assert Retention(ended=None, idle=1.0).expired(record, 10.0)
