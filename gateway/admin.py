@@ -53,6 +53,7 @@ from gateway.appkeys import (
 )
 from gateway.audit import AuditError
 from gateway.auth.admin_auth import Refused, weak_token
+from gateway.auth.hosts import is_loopback
 from gateway.auth.planes import ADMIN_CALLER, add_route, listener_port
 from gateway.auth.principal import AdminCaller
 from gateway.errors import HostRefused
@@ -72,7 +73,6 @@ from gateway.store.records import SESSION_STATUSES, budget_key_parts
 
 MAX_PAGE = 500
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -530,13 +530,6 @@ def _audit_denied(request: web.Request, scope: str, reason: str, actor: str) -> 
     )  # fmt: skip
 
 
-def _loopback(address: str | None) -> bool:
-    try:
-        return address is not None and ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _same_origin(request: web.Request) -> bool:
     """No ``Origin`` (a CLI, curl) or our own ``scheme://host``; anything else is a page."""
     origin = request.headers.get("Origin")
@@ -545,7 +538,7 @@ def _same_origin(request: web.Request) -> bool:
 
 def serving_problem(settings: Settings) -> str | None:
     """Why ``gateway serve`` must not start with these settings (it exits 2), or None."""
-    loopback = _loopback(settings.host) or settings.host.lower() in LOOPBACK_NAMES
+    loopback = is_loopback(settings.host)
     open_network = not loopback and not settings.allow_network_passthrough
     if settings.auth.mode == "passthrough" and open_network:
         return (

@@ -118,7 +118,12 @@ def create_app(
     app[SUMMARIZERS] = Summarizers(app[UPSTREAMS], app[DEGRADED])
     # Who may call: filled in at start-up (``_auth``), once the admin token, the key pepper
     # and the credential references are read.
-    app[AUTH] = Authenticator(settings.auth.mode, None)
+    app[AUTH] = Authenticator(
+        settings.auth.mode,
+        None,
+        team_pools=dict(settings.auth.team_pools),
+        open_paths=tuple(settings.auth.open_paths),
+    )
     app[ADMIN_AUTH] = AdminAuth()
     app[HOSTS] = HostCheck(settings.allowed_hosts, settings.host)
     app[METRICS].watch_upstreams(app[UPSTREAMS], app[DEGRADED], app[DRAINING])
@@ -304,8 +309,6 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         token = Secret(await asyncio.to_thread(read_or_create, directory, ADMIN_TOKEN_FILE))
     admin_auth.token = token
     auth.admin_token = token.reveal()
-    auth.team_pools = dict(settings.auth.team_pools)
-    auth.open_paths = tuple(settings.auth.open_paths)
     metrics = app[METRICS]
 
     def egress() -> aiohttp.ClientSession:

@@ -113,6 +113,9 @@ class Unauthenticated(GatewayError):
     kind = ErrorKind.AUTHENTICATION
     status = 401
     outcome = "unauthenticated"
+    method = "none"
+    """How the credential was checked (``key``, ``jwt``, ``passthrough``), or ``none`` when
+    the call carried no gateway credential: the auth metric's label."""
 
     def __init__(self, message: str, reason: str) -> None:
         # x-should-retry: the SDKs obey it, and Claude Code otherwise retries a 401 with
@@ -128,6 +131,8 @@ class Forbidden(GatewayError):
     kind = ErrorKind.PERMISSION
     status = 403
     outcome = "forbidden"
+    method = "none"
+    """As ``Unauthenticated.method``."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message, headers={"x-should-retry": "false"})

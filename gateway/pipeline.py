@@ -255,20 +255,15 @@ async def authenticated(ex: Exchange) -> Authenticated:
     try:
         who = await authenticate(ex, ex.app[AUTH])
     except (Unauthenticated, Forbidden) as refused:
-        method = "key" if "gw_" in refused.message else ex.app[AUTH].mode
-        method = _METHOD.get(method, method)
-        attempts.inc(("llm", method, refused.reason))
+        attempts.inc(("llm", refused.method, refused.reason))
         if started:
-            tracing.auth_span(ex, started, method, refused.reason)
+            tracing.auth_span(ex, started, refused.method, refused.reason)
         raise
     attempts.inc(("llm", who.method, who.outcome))
     if started:
         ex.principal = who.principal
         tracing.auth_span(ex, started, who.method, who.outcome)
     return who
-
-
-_METHOD = {"keys": "key", "mixed": "key", "jwt": "jwt"}
 
 
 async def forward(ex: Exchange) -> None:

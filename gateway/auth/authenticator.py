@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from gateway.auth.jwt import JwtVerifier
     from gateway.auth.keyring import KeyRing
     from gateway.auth.pools import CredentialPools
-    from gateway.settings import Settings
 
 
 @dataclass(slots=True)
@@ -24,7 +23,8 @@ class Authenticator:
     jwt: JwtVerifier | None = None
     pools: CredentialPools | None = None
     team_pools: Mapping[str, str] = field(default_factory=dict)
-    open_paths: tuple[str, ...] = ("GET /v1/models", "GET /v1/models/*")
+    open_paths: tuple[str, ...] = ()
+    """``auth.open_paths`` (``create_app`` passes the config's)."""
 
     def open_path(self, method: str, path: str) -> bool:
         """Whether gateway credentials may call ``method path`` (a checked provider path).
@@ -34,22 +34,3 @@ class Authenticator:
             if (not wanted or wanted.upper() == method) and fnmatch.fnmatchcase(path, glob):
                 return True
         return False
-
-    @classmethod
-    def build(
-        cls,
-        settings: Settings,
-        admin_token: str | None,
-        keys: KeyRing | None,
-        jwt: JwtVerifier | None,
-        pools: CredentialPools | None,
-    ) -> Authenticator:
-        return cls(
-            mode=settings.auth.mode,
-            admin_token=admin_token or None,
-            keys=keys,
-            jwt=jwt,
-            pools=pools,
-            team_pools=dict(settings.auth.team_pools),
-            open_paths=tuple(settings.auth.open_paths),
-        )

@@ -15,7 +15,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 class HostCheck:
     def __init__(self, allowed: list[str], listen_host: str) -> None:
-        self.loopback_only = not allowed and _is_loopback(listen_host)
+        self.loopback_only = not allowed and is_loopback(listen_host)
         self.any = not allowed and not self.loopback_only
         self._pattern = (
             re.compile("|".join(re.escape(p.lower()).replace(r"\*", "[^.]*") for p in allowed))
@@ -34,7 +34,7 @@ class HostCheck:
         if name is None:
             return False
         if self.loopback_only:
-            return _is_loopback(name)
+            return is_loopback(name)
         assert self._pattern is not None
         return self._pattern.fullmatch(name) is not None
 
@@ -52,10 +52,16 @@ def _name(host: str) -> str | None:
     return name
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
+def is_loopback(host: str) -> bool:
+    """A loopback name (``localhost``) or address."""
+    return host.lower() in LOOPBACK_NAMES or loopback_address(host)
+
+
+def loopback_address(address: str | None) -> bool:
+    """A loopback address (``127.0.0.1``, ``[::1]``, ``::1%lo``); a name is not one."""
+    if address is None:
+        return False
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(address.strip("[]").split("%")[0]).is_loopback
     except ValueError:
         return False

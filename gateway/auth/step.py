@@ -77,7 +77,9 @@ async def authenticate(ex: Exchange, auth: Authenticator) -> Authenticated:
     if _repeated(headers):  # every copy would go upstream; the principal is one of them
         raise TwoCredentials()
     if _carries(headers, auth.admin_token):  # in any spelling: it must never go upstream
-        raise _admin_token_refused(provider)
+        refused = _admin_token_refused(provider)
+        refused.method = "passthrough" if auth.mode == "passthrough" else "none"
+        raise refused
     if auth.mode == "passthrough":
         who = credential(headers, provider)
         return Authenticated(passthrough(who.key_hash), who)
@@ -102,14 +104,31 @@ async def _gateway_credential(
     if len({t for _h, t in ours}) > 1:
         raise TwoCredentials()
     token = ours[0][1]
-    if token.startswith(KEY_PREFIX):
+    method = "key" if token.startswith(KEY_PREFIX) else "jwt"
+    try:
+        return await _checked(ex, auth, token, method, ours[0][0], others, provider)
+    except (Unauthenticated, Forbidden) as refused:
+        refused.method = method  # counted by how the credential was checked
+        raise
+
+
+async def _checked(
+    ex: Exchange,
+    auth: Authenticator,
+    token: str,
+    method: str,
+    carried_in: str,
+    others: list[tuple[str, str]],
+    provider: str,
+) -> Authenticated:
+    """The gateway credential ``token`` (a key or a JWT, as ``method`` says) checked, and what
+    its principal may do with this call."""
+    if method == "key":
         principal = await _verify_key(auth, token, provider)
-        method = "key"
         if principal.deprecated_until is not None:
             deprecated_use(ex, principal)
     else:
         principal = await _verify_jwt(auth, token, provider)
-        method = "jwt"
     if "llm" not in principal.scopes:
         raise Forbidden(
             f"{gateway_not(provider)}: {_named(principal)} has no scope llm, so it may not call"
@@ -130,7 +149,7 @@ async def _gateway_credential(
             )
         # Their key goes upstream in its header; the header that carried the gateway
         # credential does not (X-Gateway-Key never does: no x-gateway-* header goes upstream).
-        drop = ours[0][0] if ours[0][0] != X_GATEWAY_KEY else None
+        drop = carried_in if carried_in != X_GATEWAY_KEY else None
         byok = replace(principal, byok=True)
         return Authenticated(byok, Credential(principal.owner, drop), None, method)
     choice = pool_choice(auth, ex.upstream.name, principal, provider)

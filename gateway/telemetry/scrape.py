@@ -14,8 +14,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from gateway.admin import _loopback, guard
+from gateway.admin import guard
 from gateway.appkeys import HOSTS, KEYRING, METRICS, SETTINGS, STORE
+from gateway.auth.hosts import loopback_address
 from gateway.auth.planes import listener_port
 
 
@@ -28,7 +29,7 @@ async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     if settings.admin_host is not None and listener_port(request) != settings.admin_port:
         return web.Response(status=404, text="not found: /metrics is on the admin listener\n")
     listener = settings.admin_host if settings.admin_host is not None else settings.host
-    if settings.metrics_auth or not _loopback(listener):
+    if settings.metrics_auth or not loopback_address(listener):
         return await _guarded(request)
     if not app[HOSTS].allows(request.host):  # open on loopback, but not to a rebound name
         return web.Response(status=400, text="this Host is not allowed (allowed_hosts)\n")

@@ -398,3 +398,22 @@ async def test_open_paths_name_their_methods_and_model_limits_read_any_body(
     assert status == 403 and headers["X-Gateway-Error"] == "gateway_forbidden_model"
     status, headers, _ = await gw.post("/v1/embeddings", b"not json", auth)
     assert status == 403 and headers["X-Gateway-Error"] == "gateway_forbidden_model"
+
+
+async def test_refusals_are_counted_by_how_the_credential_was_checked(keyed: Gateway) -> None:
+    from gateway.appkeys import METRICS
+
+    key = (await create_key(keyed))["key"]
+    wrong = key[:-8] + ("A" * 8 if not key.endswith("A" * 8) else "B" * 8)
+    await keyed.post("/v1/chat/completions", CHAT, {"Authorization": f"Bearer {wrong}"})
+    await keyed.post("/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-proj-x1234567"})
+    await keyed.post("/v1/chat/completions", CHAT, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    registry = keyed.server.app[METRICS].registry
+
+    def attempts(method: str, outcome: str) -> float:
+        labels = {"plane": "llm", "method": method, "outcome": outcome}
+        return registry.get_sample_value("gateway_auth_attempts_total", labels) or 0.0
+
+    assert attempts("key", "invalid") == 1
+    assert attempts("none", "provider_key") == 1  # no gateway credential was there to check
+    assert attempts("none", "wrong_plane") == 1
