@@ -455,7 +455,7 @@ def guard(handler: Handler, scope: str, *, write: bool = False, any_host: bool =
         app = request.config_dict
         metrics = app[METRICS]
         settings = app[SETTINGS]
-        if settings.admin_host is not None and listener_port(request) != settings.admin_port:
+        if settings.admin_host is not None and listener_port(request) not in settings.admin_ports:
             # A separate admin listener: the main one serves no admin route at all.
             return _json({"error": "not found"}, 404)
         if not any_host and not app[HOSTS].allows(request.host):

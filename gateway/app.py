@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from functools import partial
+from urllib.parse import urlparse
 
 import aiohttp
 from aiohttp import web
@@ -55,7 +56,7 @@ from gateway.resilience.degraded import Change, Degradation
 from gateway.secret import Secret
 from gateway.settings import Settings
 from gateway.state import ADMIN_TOKEN_FILE, read_or_create, state_dir
-from gateway.store import Retention, Store, open_store
+from gateway.store import SHARED_SCHEMES, Retention, Store, open_store
 from gateway.telemetry.logs import RequestLog
 from gateway.telemetry.loop_lag import LagWatch, watch_loop_lag
 from gateway.telemetry.metrics import Metrics
@@ -97,7 +98,11 @@ def create_app(
     app[STARTED_AT] = time.time()
     app[TOKENS] = TokenCounter()
     app[COMPACTOR] = Compactor(app[TOKENS].count_item, app[TOKENS].count_items)
-    app[STORE] = store if store is not None else open_store(settings.store)
+    app[STORE] = (
+        store
+        if store is not None
+        else open_store(settings.store, store_summaries=settings.store_summaries)
+    )
     app[STORE].retention = Retention(settings.retention.ended, settings.retention.idle)
     app[METRICS] = Metrics()
     app[AUDIT] = AuditLog(
@@ -325,7 +330,10 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
     auth.pools = pools
     metrics.watch_pools(pools)
     if settings.auth.mode in ("keys", "mixed"):
-        pepper = await asyncio.to_thread(load_pepper, settings)
+        shared = urlparse(settings.store).scheme in SHARED_SCHEMES
+        pepper = await asyncio.to_thread(
+            load_pepper, settings, workers=settings.workers, shared_store=shared
+        )
         names = lambda: {pool for _upstream, pool, _entry in pools.entry_names()}  # noqa: E731
         app[KEYRING] = auth.keys = KeyRing(app[STORE], pepper, settings.auth, pools=names)
         await auth.keys.load_declared()

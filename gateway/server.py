@@ -20,6 +20,12 @@ its handler task is cancelled, so the pipeline's ``finally`` accounts the turn a
 sees its connection close (never an answer that looks whole). Only then does the app close:
 the store's last writes, the spans and the audit log are flushed by its cleanup contexts.
 A second signal ends the wait at once.
+
+``serve`` binds its host and port itself, or serves ``Listeners`` bound already (``gateway
+serve`` binds first, so a port in use is said before anything starts; with ``--workers`` the
+parent binds and each worker serves its own, ``gateway.workers``). A worker's own metrics
+listener is a second ``GatewayServer`` over the same app that passes on only ``GET /metrics``
+and the probes: a filter there, not on the main listener, costs the LLM path nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +134,25 @@ class GatewayProtocol(RequestHandler):
         )
         response.force_close()
         return response
+
+
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    """Listening sockets bound before the app starts, served as they are."""
+
+    main: tuple[socket.socket, ...]
+    """The gateway's own (``host``, ``port``): one per address the host resolves to."""
+    admin: tuple[socket.socket, ...] = ()
+    """The admin listener's (``admin_host``, ``admin_port``), when there is one."""
+    metrics: tuple[socket.socket, ...] = ()
+    """A worker's own metrics listener (``--workers``: ``worker_metrics_port`` + its index),
+    which answers only ``GET /metrics`` and the probes."""
+
+
+METRICS_PATHS = frozenset({"/metrics", "/gateway/health", "/gateway/ready"})
+"""What a worker's metrics listener passes on to the app."""
+METRICS_CONNECTIONS = 64
+"""Open connections a worker's metrics listener holds at most (a scraper needs one or two)."""
 
 
 @dataclass(slots=True)
@@ -258,8 +284,46 @@ class GatewayRunner(web.AppRunner):
         )
 
 
-async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then drain and close it (``gateway serve``)."""
+async def metrics_listener(
+    runner: GatewayRunner, sockets: tuple[socket.socket, ...]
+) -> web.BaseRunner:
+    """A listener on ``sockets`` for ``GET /metrics`` and the probes of ``runner``'s app (the
+    same app, its own counters, its own auth rules), refusing every other path: Prometheus
+    scrapes each worker there. Started; the caller cleans it up."""
+    main = runner.server
+    assert main is not None, "the app's runner is set up first"
+    app_handler = main.request_handler
+
+    async def only_metrics(request: web.BaseRequest) -> web.StreamResponse:
+        if request.rel_url.raw_path not in METRICS_PATHS:
+            message = (
+                "not found: this listener serves GET /metrics, /gateway/health, /gateway/ready"
+            )
+            return web.json_response({"error": message}, status=404)
+        if request.method != "GET":
+            return web.json_response({"error": "method not allowed: GET only"}, status=405)
+        return await app_handler(request)
+
+    server = GatewayServer(
+        only_metrics,
+        request_factory=main.request_factory,
+        loop=main._loop,
+        max_connections=METRICS_CONNECTIONS,
+        headers_timeout=runner.app[SETTINGS].timeouts.client_body,
+        **main._kwargs,
+    )
+    metrics = web.ServerRunner(server, shutdown_timeout=CUT_GRACE)
+    await metrics.setup()
+    for sock in sockets:
+        await web.SockSite(metrics, sock).start()
+    return metrics
+
+
+async def serve(
+    app: web.Application, host: str, port: int, listeners: Listeners | None = None
+) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then drain and close it (``gateway serve``): on
+    ``host`` and ``port`` (and the admin listener), or on ``listeners`` bound already."""
     drain_timeout = app[SETTINGS].drain_timeout
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=drain_timeout)
     await runner.setup()
@@ -282,11 +346,18 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     server = runner.server
+    metrics: web.BaseRunner | None = None
     try:
-        await web.TCPSite(runner, host, port).start()
         settings = app[SETTINGS]
-        if settings.admin_host is not None:  # the admin API on a listener of its own
-            await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+        if listeners is None:
+            await web.TCPSite(runner, host, port).start()
+            if settings.admin_host is not None:  # the admin API on a listener of its own
+                await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+        else:
+            for sock in (*listeners.main, *listeners.admin):
+                await web.SockSite(runner, sock).start()
+            if listeners.metrics:
+                metrics = await metrics_listener(runner, listeners.metrics)
         await stop.wait()
         in_flight = len(server.in_flight()) if isinstance(server, GatewayServer) else 0
         log.info(
@@ -306,6 +377,8 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     finally:
         started = loop.time()
         try:
+            if metrics is not None:  # closed as the main listener is: the app closes next
+                await metrics.cleanup()
             await runner.cleanup()  # the drain: the handlers stay, for a second signal
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -231,6 +231,17 @@ class Settings(BaseModel):
     listener then serves only the LLM routes and the probes."""
     admin_port: int | None = Field(None, ge=0, le=65535)
     """The admin listener's port (with ``admin_host``, default 8788)."""
+    workers: int = Field(1, ge=1, le=256)
+    """Gateway processes serving ``port`` together (``gateway serve --workers``), each a whole
+    gateway, so one host's every core serves: more than 1 needs a store they share (Redis).
+    Each process counts its own metrics: worker i also serves ``GET /metrics`` and the probes
+    on ``worker_metrics_port`` + i, one Prometheus target each (``/metrics`` on ``port``
+    answers for whichever worker took the connection). With ``audit_log``, worker i writes
+    its own chain beside it (``audit.jsonl``: ``audit.worker0.jsonl``, ...)."""
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """With ``workers`` above 1, the first worker's own metrics port (worker i's: this + i), on
+    ``admin_host`` if set, else ``host``. Default ``port`` + 100 (any free port if ``port``
+    is 0)."""
     auth: AuthSettings = AuthSettings()
     """Who may call the LLM routes and how they prove it (``auth.mode``)."""
     state_dir: Path | None = None
@@ -245,8 +256,15 @@ class Settings(BaseModel):
     gateway with whatever provider key they hold, unauthenticated by the gateway."""
     store: str = "sqlite:///gateway.db"
     """Session state: ``sqlite:///relative.db``, ``sqlite:////absolute.db`` (kept across
-    restarts, created 0600) or ``memory://`` (one process, the least recently used sessions
-    forgotten past 100,000)."""
+    restarts, created 0600), ``memory://`` (one process, the least recently used sessions
+    forgotten past 100,000), or Redis shared by replicas and workers:
+    ``redis://[:password@]host:6379/0``, ``rediss://`` (TLS), ``unix:///path.sock``, each with
+    an optional ``?prefix=name`` (keys ``gw:{name}:...``); the password from the URL or
+    ``GATEWAY_REDIS_PASSWORD``."""
+    store_summaries: bool = False
+    """Write compaction's saved rewrites (the summaries: prompt content) to the store, so that
+    a summary made once is reused after a restart and, with Redis, by every replica. Off,
+    each process keeps them in memory while it serves the session."""
     policy: Path | None = None
     """The policy file (YAML); without one, the packaged default policy."""
     policy_poll_interval: float = Field(1.0, gt=0)
@@ -401,6 +419,48 @@ class Settings(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _worker_metrics_ports(self) -> Settings:
+        ports = self.worker_metrics_ports
+        if ports and ports[-1] > 65535:
+            raise ValueError(
+                f"the workers' metrics ports ({ports[0]}-{ports[-1]}) go past 65535: set"
+                " worker_metrics_port lower"
+            )
+        if self.workers > 1 and self.admin_host is not None and not ports:
+            raise ValueError(
+                "with admin_host and port 0, set worker_metrics_port: the admin plane must know"
+                " the workers' metrics ports"
+            )
+        taken = {"port": self.port, "admin_port": self.admin_port if self.admin_host else None}
+        for name, port in taken.items():
+            if port is not None and port in ports:
+                raise ValueError(
+                    f"the workers' metrics ports ({ports[0]}-{ports[-1]}) include {name}"
+                    f" ({port}): set worker_metrics_port elsewhere"
+                )
+        return self
+
+    @property
+    def worker_metrics_ports(self) -> range:
+        """The ports of the workers' own metrics listeners: none with one worker, or when they
+        are left to the system (``port`` 0 and no ``worker_metrics_port``)."""
+        if self.workers == 1:
+            return range(0)
+        first = self.worker_metrics_port
+        if first is None:
+            first = self.port + 100 if self.port else 0
+        return range(first, first + self.workers) if first else range(0)
+
+    @property
+    def admin_ports(self) -> frozenset[int]:
+        """With ``admin_host``: the ports ``/metrics`` is served on, the admin listener's and
+        each worker's metrics listener's."""
+        ports = {*self.worker_metrics_ports}
+        if self.admin_port is not None:
+            ports.add(self.admin_port)
+        return frozenset(ports)
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
@@ -431,6 +491,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_OPENAI_UPSTREAM": ("upstreams", "openai", "url"),
     "GATEWAY_ANTHROPIC_UPSTREAM": ("upstreams", "anthropic", "url"),
     "GATEWAY_STORE": ("store",),
+    "GATEWAY_STORE_SUMMARIES": ("store_summaries",),
     "GATEWAY_ADMIN_TOKEN": ("admin_token",),
     "GATEWAY_LOG_LEVEL": ("log_level",),
     "GATEWAY_LOG_FORMAT": ("log_format",),
@@ -450,6 +511,8 @@ _ENV: dict[str, tuple[str, ...]] = {
     "GATEWAY_ALLOW_NETWORK_PASSTHROUGH": ("allow_network_passthrough",),
     "GATEWAY_ADMIN_HOST": ("admin_host",),
     "GATEWAY_ADMIN_PORT": ("admin_port",),
+    "GATEWAY_WORKERS": ("workers",),
+    "GATEWAY_WORKER_METRICS_PORT": ("worker_metrics_port",),
 }
 
 

@@ -111,3 +111,4 @@ def load_fixture(name: str) -> dict[str, Any]:
 
 # The make_gateway fixture (a gateway on a policy file of the test's own), for every test module.
 from tests.harness import make_gateway  # noqa: E402, F401
+from tests.redis_server import shared_redis  # noqa: E402, F401

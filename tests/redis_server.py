@@ -12,9 +12,13 @@ import asyncio
 import contextlib
 import secrets
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from tests.harness import installed
 
@@ -143,10 +147,70 @@ async def _read_reply(reader: asyncio.StreamReader) -> bytes:
 @contextlib.asynccontextmanager
 async def redis_server(directory: Path) -> AsyncIterator[RedisServer]:
     binary = redis_binary()
-    directory.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     server = RedisServer(binary, directory, await asyncio.to_thread(_free_port))
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@dataclass
+class SharedRedis:
+    """One ``redis-server`` for a whole test run: each test takes a prefix of its own."""
+
+    port: int
+    password: str
+    process: subprocess.Popen[bytes]
+
+    def url(self) -> str:
+        """A fresh prefix: the test sees an empty store."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0?prefix=t{secrets.token_hex(6)}"
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRedis]:
+    binary = redis_binary()
+    directory = tmp_path_factory.mktemp("redis")
+    port = _free_port()
+    password = "redis-" + secrets.token_hex(16)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+                if b"PONG" in conn.recv(64):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("redis-server did not start")
+        time.sleep(0.02)
+    try:
+        yield SharedRedis(port, password, process)
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import os
+import re
+from urllib.parse import parse_qsl, urlencode, urlparse
 
+from gateway.secret import Secret
 from gateway.store.base import LimitExceeded, LoadFailed, Retention, SessionEnded, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
@@ -24,11 +27,20 @@ from gateway.store.records import (
     TurnTicket,
     budget_key_parts,
 )
+from gateway.store.redis import RedisStore, display_url
 from gateway.store.sqlite import SqliteStore
 
+SHARED_SCHEMES = frozenset({"redis", "rediss", "unix"})
+"""Stores several processes share (``gateway serve --workers``, replicas)."""
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
-def open_store(url: str) -> Store:
-    """``memory://``, or ``sqlite:///relative.db`` / ``sqlite:////absolute/path.db``."""
+
+def open_store(url: str, *, store_summaries: bool = False) -> Store:
+    """``memory://``; ``sqlite:///relative.db`` / ``sqlite:////absolute/path.db``; or Redis:
+    ``redis://[:password@]host:6379/0``, ``rediss://`` (TLS), ``unix:///path.sock?db=0``, each
+    with an optional ``?prefix=name`` (default ``gateway``; keys are ``gw:{name}:...``). The
+    password comes from the URL or ``GATEWAY_REDIS_PASSWORD``. ``store_summaries``: whether
+    compaction's saved rewrites (summaries) are written to the store's disk or server."""
     parsed = urlparse(url)
     if parsed.scheme == "memory":
         return MemoryStore()
@@ -36,12 +48,35 @@ def open_store(url: str) -> Store:
         path = url.removeprefix("sqlite:///")
         if not path or path == url:
             raise ValueError(f"sqlite store needs a file: sqlite:///path.db, got {url!r}")
-        return SqliteStore(path)
-    raise ValueError(f"unknown store {url!r}: use memory:// or sqlite:///path.db")
+        return SqliteStore(path, store_summaries=store_summaries)
+    if parsed.scheme in SHARED_SCHEMES:
+        return _redis(url, store_summaries)
+    raise ValueError(
+        f"unknown store {display_url(url)!r}: use memory://, sqlite:///path.db or"
+        " redis://host:6379/0"
+    )
+
+
+def _redis(url: str, store_summaries: bool) -> RedisStore:
+    parsed = urlparse(url)
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    prefixes = [value for name, value in query if name == "prefix"]
+    prefix = prefixes[-1] if prefixes else "gateway"
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError("the Redis store's prefix is 1-64 letters, digits, '_', '.' or '-'")
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    bare = url.split("?", 1)[0] + (f"?{rest}" if rest else "")
+    password = None
+    if parsed.password is None and os.environ.get("GATEWAY_REDIS_PASSWORD"):
+        password = Secret(os.environ["GATEWAY_REDIS_PASSWORD"])
+    elif parsed.password:
+        Secret(parsed.password)  # known to the redactor: never in a log line or a span
+    return RedisStore(bare, prefix=prefix, password=password, store_summaries=store_summaries)
 
 
 __all__ = [
     "INTERNAL_FIELDS",
+    "SHARED_SCHEMES",
     "Backlog",
     "BudgetCounter",
     "BudgetLimit",
@@ -53,6 +88,7 @@ __all__ = [
     "LoadFailed",
     "MemoryStore",
     "ModelTotals",
+    "RedisStore",
     "Retention",
     "SessionEnded",
     "SessionQuery",
@@ -64,5 +100,6 @@ __all__ = [
     "TurnStart",
     "TurnTicket",
     "budget_key_parts",
+    "display_url",
     "open_store",
 ]

@@ -271,6 +271,8 @@ class TurnTicket:
     """max_session_tokens plus grants."""
     budgets: tuple[str, ...] = ()
     reserved_cost: float = 0.0
+    lease: str | None = None
+    """The Redis store's lease on this call's reservations (None: held in this process)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -83,9 +83,13 @@ class SqliteStore(KeyTable, SessionTable):
         max_cached: int = 50_000,
         close_timeout: float = 5.0,
         load_timeout: float = 1.0,
+        store_summaries: bool = False,
     ) -> None:
         super().__init__()
         self.path = Path(path)
+        self.store_summaries = store_summaries
+        """Whether compaction's saved rewrites (summaries: prompt content) are written to the
+        file; off, they live in memory while the session does."""
         self.flush_interval = flush_interval
         self.max_cached = max_cached
         self.close_timeout = close_timeout
@@ -391,7 +395,7 @@ class SqliteStore(KeyTable, SessionTable):
         dirty_budgets, self._dirty_budgets = self._dirty_budgets, {}
         self._writing, self._writing_budgets = dirty, dirty_budgets
         sessions: list[SessionRow] = [
-            (r.id, r.agent, r.status, r.first_seen, r.last_seen, orjson.dumps(r.to_json()))
+            (r.id, r.agent, r.status, r.first_seen, r.last_seen, self._row_data(r))
             for session_id in dirty
             if (r := self.sessions.get(session_id)) is not None
         ]
@@ -416,6 +420,12 @@ class SqliteStore(KeyTable, SessionTable):
         self._set_trouble("write", None)
         self._oldest = min(chain(self._dirty.values(), self._dirty_budgets.values()), default=None)
         self._check_lag(time.monotonic())
+
+    def _row_data(self, record: SessionRecord) -> bytes:
+        data = record.to_json()
+        if not self.store_summaries:
+            data["context_rewrites"] = []
+        return orjson.dumps(data)
 
     async def _flush_forever(self) -> None:
         while True:

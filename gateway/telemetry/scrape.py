@@ -26,7 +26,7 @@ async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     token, or an OIDC token of a role that holds it)."""
     app = request.app
     settings = app[SETTINGS]
-    if settings.admin_host is not None and listener_port(request) != settings.admin_port:
+    if settings.admin_host is not None and listener_port(request) not in settings.admin_ports:
         return web.Response(status=404, text="not found: /metrics is on the admin listener\n")
     listener = settings.admin_host if settings.admin_host is not None else settings.host
     if settings.metrics_auth or not loopback_address(listener):

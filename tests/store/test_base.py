@@ -19,6 +19,7 @@ from gateway.store import (
     Limits,
     LoadFailed,
     MemoryStore,
+    RedisStore,
     Retention,
     SessionEnded,
     SessionQuery,
@@ -27,6 +28,7 @@ from gateway.store import (
     Store,
     TurnEnd,
     TurnStart,
+    open_store,
 )
 from gateway.store.base import absorb, check_and_reserve, settle
 
@@ -154,11 +156,15 @@ def test_settle_never_goes_negative() -> None:
 # -- every backend -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend: Store = (
-        MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "gateway.db")
-    )
+    backend: Store
+    if request.param == "memory":
+        backend = MemoryStore()
+    elif request.param == "sqlite":
+        backend = SqliteStore(tmp_path / "gateway.db")
+    else:
+        backend = open_store(request.getfixturevalue("shared_redis").url())
     await backend.open()
     yield backend
     await backend.close()
@@ -390,7 +396,14 @@ async def test_sessions_past_their_retention_are_deleted(store: Store, tmp_path:
     assert await store.get("idle-old") is None  # idle 3.1 days > 3
     assert await store.get("recent") is not None  # seen 0.6 days ago
     assert await store.get("ended-recent") is not None  # ended, but its last call is recent
-    assert store.expired >= 1
+    if isinstance(store, RedisStore):
+        # Redis deletes them itself: each session's TTL is its retention from its last call.
+        recent = await store.client.ttl(store.keys.session("recent"))
+        ended = await store.client.ttl(store.keys.session("ended-recent"))
+        assert 2.3 * DAY < recent <= 2.4 * DAY + 1  # idle retention: 3 days after t0 + 2.5
+        assert 0.3 * DAY < ended <= 0.4 * DAY + 1  # ended: 1 day after its last call
+    else:
+        assert store.expired >= 1
 
     if isinstance(store, SqliteStore):  # the stored rows too, and for good: a reopen has none
         store._sessions_deleted_at = float("-inf")

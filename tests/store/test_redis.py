@@ -1,0 +1,285 @@
+"""What only the Redis store does (the contract it shares is ``test_base.py``): replicas on one
+Redis, leases, the layout version, summaries kept off the server, Redis away and back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.dialects import Usage
+from gateway.identity import Identity
+from gateway.store import (
+    CompactionNote,
+    Grant,
+    LimitExceeded,
+    Limits,
+    LoadFailed,
+    RedisStore,
+    Retention,
+    TurnEnd,
+    TurnStart,
+    open_store,
+)
+from gateway.store.records import BudgetLimit
+from gateway.store.redis import LayoutMismatch
+from tests.redis_server import SharedRedis, redis_server
+
+KEY = "abcdef012345"
+
+
+def start(session: str = "s1", *, reserve: int = 0, at: float | None = None) -> TurnStart:
+    identity = Identity(session, "codex", "codex", None, KEY, team="platform")
+    return TurnStart(identity, "gpt-5", True, time.time() if at is None else at, reserve)
+
+
+def end(tokens: int = 0) -> TurnEnd:
+    usage = Usage(input_tokens=tokens, output_tokens=0) if tokens else None
+    return TurnEnd("gpt-5", usage, 200, time.time())
+
+
+Opener = Callable[..., RedisStore]
+
+
+@pytest.fixture
+async def replicas(shared_redis: SharedRedis) -> AsyncIterator[Opener]:
+    """``replicas()`` opens another replica on the same Redis and prefix."""
+    url = shared_redis.url()
+    opened: list[RedisStore] = []
+
+    def open_one(**options: object) -> RedisStore:
+        store = open_store(url)
+        assert isinstance(store, RedisStore)
+        for name, value in options.items():
+            setattr(store, name, value)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+async def test_two_replicas_share_one_session(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    for store in (a, b, a, b):
+        ticket = await store.begin_turn(start(), Limits())
+        await store.end_turn(ticket, end(10))
+    for store in (a, b):
+        record = await store.get("s1")
+        assert record is not None
+        assert (record.turns, record.tokens.input_tokens, record.in_flight) == (4, 40, 0)
+        assert record.models["gpt-5"].turns == 4
+
+
+async def test_max_turns_is_exact_across_replicas_under_concurrency(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    limits = Limits(max_turns=25)
+
+    async def one(store: RedisStore) -> bool:
+        try:
+            ticket = await store.begin_turn(start(reserve=5), limits)
+        except LimitExceeded:
+            return False
+        await asyncio.sleep(0.01)
+        await store.end_turn(ticket, end(5))
+        return True
+
+    results = await asyncio.gather(*(one(s) for _ in range(40) for s in (a, b)))
+    assert sum(results) == 25
+    record = await a.get("s1")
+    assert record is not None
+    assert (record.turns, record.in_flight, record.reserved_tokens) == (25, 0, 0)
+
+
+async def test_a_team_budget_is_not_overshot(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    budget = BudgetLimit("team:platform:day:2026-12-02", time.time() + 3600, max_tokens=1000)
+    limits = Limits(budgets=(budget,))
+
+    async def one(store: RedisStore, n: int) -> bool:
+        try:
+            ticket = await store.begin_turn(start(f"s{n}", reserve=100), limits)
+        except LimitExceeded as exc:
+            assert exc.hit.limit == "budget_tokens"
+            assert exc.hit.retry_after is not None and exc.hit.retry_after > 3000
+            return False
+        await asyncio.sleep(0.01)
+        await store.end_turn(ticket, end(100))
+        return True
+
+    results = await asyncio.gather(*(one(s, n) for n in range(20) for s in (a, b)))
+    assert sum(results) == 10  # 10 x 100 reserved, then spent: never more than the 1,000
+    [counter] = await b.budgets()
+    assert (counter.tokens, counter.requests, counter.reserved_tokens) == (1000, 10, 0)
+    assert counter.max_tokens == 1000
+
+
+async def test_a_dead_replicas_reservation_is_freed_by_its_lease(replicas: Opener) -> None:
+    dead, alive = replicas(lease=0.3), replicas()
+    await dead.open()
+    await alive.open()
+    await dead.begin_turn(start(reserve=500), Limits(max_session_tokens=1000))
+    for task in dead._tasks:  # it stops renewing, as a killed process does
+        task.cancel()
+    with pytest.raises(LimitExceeded):
+        await alive.begin_turn(start(reserve=600), Limits(max_session_tokens=1000))
+    await asyncio.sleep(0.5)
+    ticket = await alive.begin_turn(start(reserve=600), Limits(max_session_tokens=1000))
+    record = await alive.get("s1")
+    assert record is not None
+    assert (record.in_flight, record.reserved_tokens) == (1, 600)
+    await alive.end_turn(ticket, end(600))
+
+
+async def test_a_live_lease_is_renewed(replicas: Opener) -> None:
+    a = replicas(lease=0.4)
+    await a.open()
+    ticket = await a.begin_turn(start(reserve=500), Limits())
+    await asyncio.sleep(1.0)  # longer than the lease: renewed meanwhile
+    await a._script(a._keys_for("", "", []), ["reclaim", *a._common()])
+    record = await a.get("s1")
+    assert record is not None and record.reserved_tokens == 500
+    await a.end_turn(ticket, end(1))
+
+
+async def test_a_settle_sent_twice_counts_once(replicas: Opener) -> None:
+    a = replicas()
+    await a.open()
+    ticket = await a.begin_turn(start(reserve=10), Limits())
+    await a.end_turn(ticket, end(10))
+    op = a._queue[-1]
+    await a._write_queue()
+    a._queue.append(op)  # the same batch again, as after a connection lost mid-reply
+    await a._write_queue()
+    record = await a.get("s1")
+    assert record is not None and record.tokens.input_tokens == 10
+
+
+async def test_another_layout_is_refused(replicas: Opener, shared_redis: SharedRedis) -> None:
+    a = replicas()
+    await a.open()
+    await a.client.set(a.keys.layout, "2")
+    b = replicas()
+    with pytest.raises(LayoutMismatch, match="layout 2, this gateway writes layout 1"):
+        await b.open()
+    # A replica already running stops writing there: it goes on from its own view.
+    ticket = await a.begin_turn(start(), Limits())
+    assert ticket.lease is None
+    assert a.trouble is not None and "layout 2" in a.trouble
+
+
+async def test_summaries_stay_off_the_server_unless_opted_in(replicas: Opener) -> None:
+    private, shared = replicas(), replicas(store_summaries=True)
+    await private.open()
+    await shared.open()
+    rewrite = {"summary": "the user asked about the secret plan", "covers": 12}
+    identity = start("kept-here").identity
+    await private.record_compaction(identity, time.time(), CompactionNote(100, rewrite=rewrite))
+    record = await private.get("kept-here")
+    assert record is not None and record.context_rewrites == [rewrite]  # its own replica
+    raw = await private.client.hget(private.keys.session("kept-here"), "context_rewrites")
+    assert raw is None
+    other = await shared.get("kept-here")
+    assert other is not None and other.context_rewrites == []
+
+    identity = start("shared").identity
+    await shared.record_compaction(identity, time.time(), CompactionNote(100, rewrite=rewrite))
+    await shared._write_queue()
+    reader = replicas(store_summaries=True)
+    await reader.open()
+    record = await reader.get("shared")
+    assert record is not None and record.context_rewrites == [rewrite]
+
+
+async def test_grants_and_status_across_replicas(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    ticket = await a.begin_turn(start(), Limits(max_turns=1))
+    await a.end_turn(ticket, end(1))
+    await a.set_status("s1", "paused", "paused by the loop rule")
+    with pytest.raises(LimitExceeded, match="session_paused"):
+        await b.begin_turn(start(), Limits(max_turns=1))
+    granted = await b.grant("s1", Grant(turns=2, by="alice", at=time.time()))
+    assert granted is not None and granted.status == "active"
+    for _ in range(2):
+        ticket = await a.begin_turn(start(), Limits(max_turns=1))
+        await a.end_turn(ticket, end(1))
+    with pytest.raises(LimitExceeded, match="max_turns"):
+        await b.begin_turn(start(), Limits(max_turns=1))
+
+
+async def test_keys_are_shared(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    await a.put_key({"id": "k1", "digest": "d", "revoked_at": None})
+    assert await b.get_key("k1") == {"id": "k1", "digest": "d", "revoked_at": None}
+    await b.put_key({"id": "k1", "digest": "d", "revoked_at": 5.0})
+    assert (await a.get_key("k1") or {})["revoked_at"] == 5.0
+    assert [k["id"] for k in await a.list_keys()] == ["k1"]
+
+
+async def test_find_pages_across_replicas_and_drops_expired(replicas: Opener) -> None:
+    a, b = replicas(), replicas()
+    await a.open()
+    await b.open()
+    now = time.time()
+    for n in range(30):
+        store = a if n % 2 else b
+        ticket = await store.begin_turn(start(f"s{n:02}", at=now - 100 + n), Limits())
+        await store.end_turn(ticket, end(1))
+    from gateway.store import SessionQuery
+
+    first = await a.find(SessionQuery(limit=10))
+    assert [r.id for r in first] == [f"s{n:02}" for n in range(29, 19, -1)]
+    rest = await b.find(SessionQuery(limit=50, before=first[-1].last_seen))
+    assert len(rest) == 20
+    await a.client.delete(a.keys.session("s05"))  # expired by its retention
+    assert "s05" not in [r.id for r in await b.find(SessionQuery(limit=50))]
+    assert await a.client.zscore(a.keys.session_index, "s05") is None
+
+
+async def test_redis_away_and_back_loses_nothing(tmp_path: Path) -> None:
+    async with redis_server(tmp_path / "redis") as server:
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        store.retention = Retention(ended=86400.0, idle=86400.0)
+        store.timeout = 0.5
+        await store.open()
+        try:
+            for _ in range(3):
+                ticket = await store.begin_turn(start(), Limits())
+                await store.end_turn(ticket, end(10))
+            await store.get("s1")  # written (a read waits for this replica's own writes)
+            await server.stop()
+            for _ in range(4):  # Redis away: this replica counts on alone
+                ticket = await store.begin_turn(start(), Limits())
+                await store.end_turn(ticket, end(10))
+            assert store.trouble is not None and "Redis unreachable" in store.trouble
+            with pytest.raises(LoadFailed):  # store_outage: closed
+                await store.begin_turn(
+                    TurnStart(start("s2").identity, "gpt-5", True, time.time(), fail_open=False),
+                    Limits(),
+                )
+            back = asyncio.Event()
+            store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
+            await server.start()
+            await asyncio.wait_for(back.wait(), 15)
+            assert store.trouble is None
+            record = await store.get("s1")
+            assert record is not None
+            assert (record.turns, record.tokens.input_tokens) == (7, 70)
+            assert store.merged == 1
+        finally:
+            await store.close()
