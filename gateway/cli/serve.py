@@ -163,6 +163,7 @@ def _run_gateway(
     from gateway.auth.pools import CredentialReferenceError
     from gateway.policy import PolicyError
     from gateway.server import serve
+    from gateway.store import StoreRefused
     from gateway.telemetry import logs
     from gateway.workers import WorkerTag
 
@@ -184,7 +185,7 @@ def _run_gateway(
     except PolicyError as exc:  # the policy file at start: its problems, not a traceback
         print(f"gateway: policy refused, not starting:\n{exc}", file=sys.stderr)
         return 1
-    except (PepperMissing, CredentialReferenceError) as exc:  # secrets it cannot read
+    except (PepperMissing, CredentialReferenceError, StoreRefused) as exc:  # said, not raised
         print(f"gateway: not starting: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -7,7 +7,14 @@ import re
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from gateway.secret import Secret
-from gateway.store.base import LimitExceeded, LoadFailed, Retention, SessionEnded, Store
+from gateway.store.base import (
+    LimitExceeded,
+    LoadFailed,
+    Retention,
+    SessionEnded,
+    Store,
+    StoreRefused,
+)
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
     INTERNAL_FIELDS,
@@ -95,6 +102,7 @@ __all__ = [
     "SessionRecord",
     "SqliteStore",
     "Store",
+    "StoreRefused",
     "TokenTotals",
     "TurnEnd",
     "TurnStart",

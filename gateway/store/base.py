@@ -6,6 +6,7 @@ Exceptions::
     SessionEnded      a grant for a session that has ended; nothing was granted
     SessionTaken      (``gateway.errors``) a session id another key owns, qualified too
     LoadFailed        the backend could not read a session (the store is degraded)
+    StoreRefused      the backend holds another version's layout: not started on it
 
 While the backend fails, the table goes on from memory: a session it could not read is begun
 afresh in memory (``unloaded``) and folded into its stored record once the backend reads
@@ -75,6 +76,11 @@ end (then held up by compaction, say) still begins on the counter its limit name
 fresh one. Older counters are dropped, so minute windows do not pile up."""
 BUDGET_SWEEP_EVERY = 60.0
 """How often, at most, the ended budget counters are looked for (a pass over all of them)."""
+
+
+class StoreRefused(Exception):
+    """The store cannot be used as it is (a layout another version of the gateway wrote):
+    the gateway does not start on it, and says why."""
 
 
 class LimitExceeded(Exception):

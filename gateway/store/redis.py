@@ -52,6 +52,7 @@ from gateway.store.base import (
     LoadFailed,
     SessionEnded,
     SessionTable,
+    StoreRefused,
     matches,
 )
 from gateway.store.keys import KeyTable
@@ -96,7 +97,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 """Seconds between reconnect attempts: doubling from the first to the most, with jitter."""
 
 
-class LayoutMismatch(Exception):
+class LayoutMismatch(StoreRefused):
     """The Redis holds another layout version than this gateway's: it must not write there."""
 
     def __init__(self, found: str, url: str) -> None:

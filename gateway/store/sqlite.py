@@ -36,6 +36,7 @@ from gateway.store.base import (
     RETENTION_SWEEP_EVERY,
     LoadFailed,
     SessionTable,
+    StoreRefused,
 )
 from gateway.store.keys import KeyTable
 from gateway.store.records import Backlog, BudgetCounter, SessionQuery, SessionRecord
@@ -177,8 +178,7 @@ class SqliteStore(KeyTable, SessionTable):
         db = sqlite3.connect(self.path, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        _add_budget_requests(db)
+        _migrate(db, self.path)
         if created:
             for suffix in ("-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -495,6 +495,30 @@ class SqliteStore(KeyTable, SessionTable):
                 " ON CONFLICT(id) DO UPDATE SET data=excluded.data",
                 (key_id, data),
             )
+
+
+LAYOUT = 1
+"""The file's layout version (``PRAGMA user_version``). Files of an older layout are migrated
+when opened; a file of a newer one (a gateway rolled back) is refused, not misread."""
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to ``LAYOUT``, in one transaction: version 0 is every file from before
+    the layout was numbered (its ``budgets`` may lack ``requests``)."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > LAYOUT:
+        raise StoreRefused(
+            f"{path} was written by a newer gateway (layout {found}); this one reads layout"
+            f" {LAYOUT}: run the newer version, or start this one on another file"
+        )
+    with db:
+        db.executescript(_SCHEMA)
+        if found < 1:
+            _add_budget_requests(db)
+        if found != LAYOUT:
+            db.execute(f"PRAGMA user_version = {LAYOUT}")
+            if found:
+                log.warning("store: %s migrated from layout %d to %d", path, found, LAYOUT)
 
 
 def _add_budget_requests(db: sqlite3.Connection) -> None:

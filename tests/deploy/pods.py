@@ -23,12 +23,16 @@ import yaml
 
 from gateway.auth.pepper import PEPPER_VARIABLE
 from gateway.settings import Settings, load_settings
-from tests.deploy.kustomize import DEPLOY, KUBERNETES, load
+from tests.deploy.kustomize import DEPLOY, KUBERNETES, build, load
 
 REPO = DEPLOY.parent
-DEPLOYMENT = KUBERNETES / "base" / "deployment.yaml"
-CONFIGMAP = KUBERNETES / "base" / "configmap.yaml"
+BASE = KUBERNETES / "base"
+REPLICAS = KUBERNETES / "replicas"
+DEPLOYMENT = BASE / "deployment.yaml"
+CONFIGMAP = BASE / "configmap.yaml"
 COMPOSE = DEPLOY / "compose.yaml"
+REDIS_PASSWORD_VARIABLE = "GATEWAY_REDIS_PASSWORD"
+"""The Redis store's password, read from the environment (``gateway.store.open_store``)."""
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|CREDENTIAL|PEPPER", re.IGNORECASE)
 """Variable names that hold a secret: set from a Secret or the shell, never written down."""
 
@@ -61,7 +65,7 @@ def image_env() -> dict[str, str]:
 _CONTINUATION = re.compile(r"\\[ \t]*\n[ \t]*#?[ \t]*")
 _CREATE = re.compile(r"kubectl -n ([\w.-]+) create secret generic ([\w.-]+)([^\n]*)")
 _LITERAL = re.compile(r"--from-literal=([\w.-]+)=")
-NAMESPACE = load(KUBERNETES / "base" / "kustomization.yaml")["namespace"]
+NAMESPACE = load(BASE / "kustomization.yaml")["namespace"]
 
 
 def documented_secrets(text: str, namespace: str = NAMESPACE) -> dict[str, set[str]]:
@@ -77,6 +81,13 @@ def documented_secrets(text: str, namespace: str = NAMESPACE) -> dict[str, set[s
 def secret_value() -> str:
     """A value as an operator generates it (``openssl rand -hex 32``)."""
     return secrets.token_hex(32)
+
+
+def redis_store_url(port: int) -> str:
+    """A test's Redis (on loopback, at ``port``) in place of a deployment's: its password
+    left to ``GATEWAY_REDIS_PASSWORD``, as the deployments give it; a fresh key prefix, so
+    the store starts empty."""
+    return f"redis://127.0.0.1:{port}/0?prefix=t{secrets.token_hex(6)}"
 
 
 # -- a container's filesystem under a directory -------------------------------------------------
@@ -97,7 +108,7 @@ class Pod:
         """The container's variables the gateway reads itself, beside its settings: the
         pepper and each ``env:`` credential reference (for a test to set, and nothing else:
         the rest, such as an OTLP endpoint, would send traffic off this machine)."""
-        names = {PEPPER_VARIABLE} | {
+        names = {PEPPER_VARIABLE, REDIS_PASSWORD_VARIABLE} | {
             entry.value.removeprefix("env:")
             for upstream in self.settings.upstreams.values()
             for pool in upstream.credentials.values()
@@ -165,30 +176,43 @@ def _settings(
 
 
 # -- Kubernetes --------------------------------------------------------------------------------
-def gateway_container() -> dict[str, Any]:
-    [container] = load(DEPLOYMENT)["spec"]["template"]["spec"]["containers"]
+def gateway_deployment(overlay: Path = BASE) -> dict[str, Any]:
+    """The Deployment a kustomization (the base, or an overlay) applies."""
+    return build(overlay).named("Deployment", "agent-gateway")
+
+
+def gateway_container(overlay: Path = BASE) -> dict[str, Any]:
+    [container] = gateway_deployment(overlay)["spec"]["template"]["spec"]["containers"]
     assert isinstance(container, dict)
     return container
 
 
-def kubernetes_secrets() -> dict[str, set[str]]:
-    """The Secrets the base's kustomization tells an operator to create."""
-    return documented_secrets((KUBERNETES / "base" / "kustomization.yaml").read_text())
+def kubernetes_secrets(overlay: Path = BASE) -> dict[str, set[str]]:
+    """The Secrets a kustomization tells an operator to create."""
+    return documented_secrets((overlay / "kustomization.yaml").read_text())
 
 
 def kubernetes_pod(
-    root: Path, env: Mapping[str, str] | None = None, *, container_view: bool = False
+    root: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    container_view: bool = False,
+    overlay: Path = BASE,
+    made: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Pod:
-    """The Deployment's pod under ``root``: its ConfigMap written out, each Secret it mounts
-    or reads made as documented (fresh values), its volumes as directories; ``env`` is set
-    over the container's own environment (upstream URLs to a fake provider)."""
-    pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
-    container = gateway_container()
+    """The Deployment's pod under ``root``, as ``overlay`` applies it: its ConfigMaps written
+    out or read, each Secret it mounts or reads made as documented (fresh values, or those
+    of ``made``: another replica's), its volumes as directories; ``env`` is set over the
+    container's own environment (upstream URLs to a fake provider, a test's Redis)."""
+    applied = build(overlay)
+    pod = applied.named("Deployment", "agent-gateway")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    configmap = load(CONFIGMAP)
-    made = {
-        name: {key: secret_value() for key in keys} for name, keys in kubernetes_secrets().items()
-    }
+    if made is None:
+        made = {
+            name: {key: secret_value() for key in keys}
+            for name, keys in kubernetes_secrets(overlay).items()
+        }
     mounts: dict[PurePosixPath, Path] = {}
     for mount in container["volumeMounts"]:
         target = PurePosixPath(mount["mountPath"])
@@ -197,7 +221,7 @@ def kubernetes_pod(
         mounts[target] = place
         volume = volumes[mount["name"]]
         if "configMap" in volume:
-            assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+            configmap = applied.named("ConfigMap", volume["configMap"]["name"])
             for key, text in configmap["data"].items():
                 (place / key).write_text(text)
         elif "secret" in volume:
@@ -209,23 +233,28 @@ def kubernetes_pod(
     for item in container["env"]:
         if "value" in item:
             values[item["name"]] = item["value"]
-        else:
+        elif "secretKeyRef" in item["valueFrom"]:
             ref = item["valueFrom"]["secretKeyRef"]
             assert ref["key"] in made.get(ref["name"], {}), f"{ref} is nowhere documented"
             values[item["name"]] = made[ref["name"]][ref["key"]]
+        else:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            values[item["name"]] = applied.named("ConfigMap", ref["name"])["data"][ref["key"]]
     settings = _settings(
         config_argument(container["command"]),
         {**image_env(), **values, **(env or {})},
         mounts,
         container_view=container_view,
     )
-    return Pod(root, settings, mounts, secrets=made)
+    copied = {name: dict(keys) for name, keys in made.items()}
+    return Pod(root, settings, mounts, secrets=copied, environment=values)
 
 
-def kubernetes_settings(env: Mapping[str, str] | None = None) -> Settings:
+def kubernetes_settings(env: Mapping[str, str] | None = None, overlay: Path = BASE) -> Settings:
     """The settings the pod runs with, its paths as the container sees them."""
     with tempfile.TemporaryDirectory() as directory:
-        return kubernetes_pod(Path(directory), env, container_view=True).settings
+        pod = kubernetes_pod(Path(directory), env, container_view=True, overlay=overlay)
+        return pod.settings
 
 
 # -- compose -----------------------------------------------------------------------------------
@@ -263,30 +292,39 @@ def compose_mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath, bo
     return mounts
 
 
+def gateway_services() -> list[str]:
+    """The compose services that run the gateway (``gateway serve``): its replicas."""
+    services = load(COMPOSE)["services"]
+    return [
+        name for name, s in services.items() if s.get("command", [])[:2] == ["gateway", "serve"]
+    ]
+
+
 def compose_pod(
     root: Path,
     shell: Mapping[str, str],
     env: Mapping[str, str] | None = None,
     *,
     container_view: bool = False,
+    service: str = "gateway-1",
 ) -> Pod:
-    """The compose stack's gateway under ``root``: bind mounts are the repository's own
-    folders, named volumes and tmpfs directories under ``root``."""
+    """A gateway replica of the compose stack under ``root``: bind mounts are the
+    repository's own folders, named volumes and tmpfs directories under ``root``."""
     compose = load(COMPOSE)
-    service = compose["services"]["gateway"]
+    spec = compose["services"][service]
     mounts: dict[PurePosixPath, Path] = {}
-    for source, target, _ in compose_mounts(service):
-        if source in compose["volumes"]:
+    for source, target, _ in compose_mounts(spec):
+        if source in compose.get("volumes", {}):
             mounts[target] = root / target.relative_to("/")
             mounts[target].mkdir(parents=True)
         else:
             mounts[target] = (DEPLOY / source).resolve()
-    for path in service.get("tmpfs", []):
+    for path in spec.get("tmpfs", []):
         mounts[PurePosixPath(path)] = root / PurePosixPath(path).relative_to("/")
         mounts[PurePosixPath(path)].mkdir(parents=True)
-    environment = compose_environment(service, shell)
+    environment = compose_environment(spec, shell)
     settings = _settings(
-        config_argument(service["command"]),
+        config_argument(spec["command"]),
         {**image_env(), **environment, **(env or {})},
         mounts,
         container_view=container_view,
@@ -294,9 +332,11 @@ def compose_pod(
     return Pod(root, settings, mounts, environment=environment)
 
 
-def compose_settings(shell: Mapping[str, str] | None = None) -> Settings:
-    """The settings the compose stack's gateway runs with (the shell exporting what the
+def compose_settings(
+    shell: Mapping[str, str] | None = None, service: str = "gateway-1"
+) -> Settings:
+    """The settings a replica of the compose stack runs with (the shell exporting what the
     compose file requires), its paths as the container sees them."""
     shell = compose_shell() if shell is None else shell
     with tempfile.TemporaryDirectory() as directory:
-        return compose_pod(Path(directory), shell, container_view=True).settings
+        return compose_pod(Path(directory), shell, container_view=True, service=service).settings

@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.policy.loader import parse_policy, read_policy
 from gateway.settings import Settings, load_settings
 from gateway.state import state_dir
-from gateway.store import SqliteStore, open_store
+from gateway.store import SHARED_SCHEMES, SqliteStore, open_store
 from tests.deploy.kustomize import DEPLOY, KUBERNETES, load
 from tests.deploy.pods import (
     COMPOSE,
@@ -35,11 +35,14 @@ from tests.deploy.pods import (
     dockerfile,
     documented_secrets,
     gateway_container,
+    gateway_services,
     image_env,
     kubernetes_pod,
     kubernetes_settings,
+    redis_store_url,
     secret_value,
 )
+from tests.redis_server import SharedRedis
 
 SERVICE_MONITOR = KUBERNETES / "monitoring" / "servicemonitor.yaml"
 STRONG_TOKEN = secret_value()
@@ -60,19 +63,21 @@ def test_compose_mounts_files_that_exist() -> None:
             source = volume.split(":", 1)[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source}"
-    gateway = compose["services"]["gateway"]["environment"]
-    assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
+    for name in gateway_services():
+        environment = compose["services"][name]["environment"]
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
 
 
 def test_the_gateways_config_files_are_the_mounted_ones_and_load(tmp_path: Path) -> None:
     """``gateway serve --config FILE``: the file is on a read-only mount of the config (the
     compose folder, the ConfigMap) and loads as the gateway reads it."""
-    compose = compose_pod(tmp_path / "compose", compose_shell())
-    service = load(COMPOSE)["services"]["gateway"]
-    config = config_argument(service["command"])
-    [(source, target)] = [(s, t) for s, t, ro in compose_mounts(service) if config.parent == t]
-    assert ro_mount(service, target) and (DEPLOY / source / config.name).is_file()
-    assert compose.settings.auth.mode == "keys"
+    for name in gateway_services():
+        compose = compose_pod(tmp_path / "compose" / name, compose_shell(), service=name)
+        service = load(COMPOSE)["services"][name]
+        config = config_argument(service["command"])
+        [(source, target)] = [(s, t) for s, t, ro in compose_mounts(service) if config.parent == t]
+        assert ro_mount(service, target) and (DEPLOY / source / config.name).is_file()
+        assert compose.settings.auth.mode == "keys"
     pod = kubernetes_pod(tmp_path / "kubernetes")
     container = gateway_container()
     config = config_argument(container["command"])
@@ -177,11 +182,18 @@ def seconds(duration: str) -> float:
     return int(minutes or 0) * 60 + int(secs or 0)
 
 
+@pytest.mark.parametrize("service", gateway_services())
 async def test_compose_waits_out_the_drain_and_checks_readiness(
-    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shared_redis: SharedRedis,
+    service: str,
 ) -> None:
-    gateway = load(COMPOSE)["services"]["gateway"]
-    pod = await asyncio.to_thread(compose_pod, tmp_path, compose_shell())
+    gateway = load(COMPOSE)["services"][service]
+    shell = {**compose_shell(), "GATEWAY_REDIS_PASSWORD": shared_redis.password}
+    store = {"GATEWAY_STORE": redis_store_url(shared_redis.port)}
+    pod = await asyncio.to_thread(compose_pod, tmp_path, shell, store, service=service)
     settings = pod.settings
     # `docker compose stop` sends SIGKILL after stop_grace_period (10 s unless set).
     assert seconds(gateway["stop_grace_period"]) >= settings.drain_timeout + STOP_MARGIN
@@ -196,10 +208,11 @@ async def test_compose_waits_out_the_drain_and_checks_readiness(
 
 def test_compose_sets_the_admin_token_from_the_environment_and_prometheus_scrapes_with_it() -> None:
     compose = load(COMPOSE)
-    env = compose["services"]["gateway"]["environment"]
-    # Required: compose refuses to start without it rather than serving an open admin API.
-    assert env["GATEWAY_ADMIN_TOKEN"].startswith("${GATEWAY_ADMIN_TOKEN:?")
-    assert env["GATEWAY_METRICS_AUTH"] == "true"
+    for name in gateway_services():
+        env = compose["services"][name]["environment"]
+        # Required: compose refuses to start without it rather than serving an open admin API.
+        assert env["GATEWAY_ADMIN_TOKEN"].startswith("${GATEWAY_ADMIN_TOKEN:?")
+        assert env["GATEWAY_METRICS_AUTH"] == "true"
     assert compose["secrets"]["gateway_admin_token"] == {"environment": "GATEWAY_ADMIN_TOKEN"}
     assert "gateway_admin_token" in compose["services"]["prometheus"]["secrets"]
     [job] = load(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
@@ -244,12 +257,14 @@ def image_user() -> tuple[int, int]:
 
 def writes(settings: Settings) -> set[PurePosixPath]:
     """The directories the gateway writes with these settings: the SQLite store's (with its
-    -wal and -shm files), the audit log's, and /tmp for SQLite's temporary files. (The state
-    directory, where a pepper or admin token is generated, is inside the store's: see
-    ``test_the_state_directory_is_on_the_volume``.)"""
-    store = open_store(settings.store)
-    assert isinstance(store, SqliteStore), "a container's sessions belong on a volume"
-    places = {PurePosixPath(store.path).parent, PurePosixPath("/tmp")}
+    -wal and -shm files; none with Redis, a server), the audit log's, and /tmp (SQLite's
+    temporary files, any library's). (The state directory, where a pepper or admin token is
+    generated, is inside the store's: see ``test_the_state_directory_is_on_the_volume``.)"""
+    places = {PurePosixPath("/tmp")}
+    if settings.store.partition(":")[0] not in SHARED_SCHEMES:
+        store = open_store(settings.store)
+        assert isinstance(store, SqliteStore), "a container's sessions belong on a volume"
+        places.add(PurePosixPath(store.path).parent)
     if settings.audit_log is not None:
         places.add(PurePosixPath(settings.audit_log).parent)
     assert all(place.is_absolute() for place in places), places
@@ -353,26 +368,32 @@ def test_kubernetes_runs_one_replica_on_a_persistent_volume_from_a_local_image()
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
-def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesystem() -> None:
+@pytest.mark.parametrize("service", gateway_services())
+def test_compose_runs_the_gateway_as_the_images_user_on_a_read_only_root_filesystem(
+    service: str,
+) -> None:
     uid, gid = image_user()
     compose = load(COMPOSE)
-    gateway = compose["services"]["gateway"]
+    gateway = compose["services"][service]
     assert gateway["user"] == f"{uid}:{gid}"
     assert gateway["read_only"] is True
     assert gateway["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in gateway["security_opt"]
-    settings = compose_settings()
+    settings = compose_settings(service=service)
     mounts = compose_mounts(gateway)
     named = {target for source, target, _ in mounts if source in compose["volumes"]}
+    # No volume: what a replica keeps is in Redis; /tmp is memory.
+    assert not named and settings.store.startswith("redis://")
     tmpfs = {PurePosixPath(path) for path in gateway["tmpfs"]}
-    assert named | tmpfs == writes(settings)
+    assert tmpfs == writes(settings)
     binds = [(source, ro) for source, _, ro in mounts if source not in compose["volumes"]]
     assert binds and all(ro for _, ro in binds), "bind mounts are read-only"
 
 
-def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
-    gateway = load(COMPOSE)["services"]["gateway"]
-    settings = compose_settings()
+@pytest.mark.parametrize("service", gateway_services())
+def test_compose_mounts_the_policies_folder_so_an_edit_reloads(service: str) -> None:
+    gateway = load(COMPOSE)["services"][service]
+    settings = compose_settings(service=service)
     assert settings.policy is not None
     policy = PurePosixPath(settings.policy)
     [(source, target)] = [
@@ -390,18 +411,16 @@ def test_compose_mounts_the_policies_folder_so_an_edit_reloads() -> None:
 def test_the_state_directory_is_on_the_volume() -> None:
     """What the gateway generates on first start (a pepper, an admin token: created 0700,
     files 0600) lands on the volume that keeps the store, never on the read-only root
-    filesystem, in the image, the compose stack and the pod."""
+    filesystem, in the image and the pod. The compose replicas have no volume: they generate
+    nothing, both coming from the shell (``test_secure_deployments.py`` starts them)."""
     image = load_settings(env=image_env())
     [volume] = [PurePosixPath(args) for name, args in dockerfile() if name == "VOLUME"]
     assert PurePosixPath(state_dir(image.state_dir, image.store)).is_relative_to(volume)
     compose = load(COMPOSE)
-    service = compose["services"]["gateway"]
-    named = [
-        target for source, target, _ in compose_mounts(service) if source in compose["volumes"]
-    ]
-    settings = compose_settings()
-    place = PurePosixPath(state_dir(settings.state_dir, settings.store))
-    assert any(place.is_relative_to(target) for target in named), place
+    for name in gateway_services():
+        env = compose["services"][name]["environment"]
+        for variable in ("GATEWAY_ADMIN_TOKEN", "GATEWAY_KEY_PEPPER"):
+            assert env[variable].startswith(f"${{{variable}:?"), (name, variable)
     pod = load(DEPLOYMENT)["spec"]["template"]["spec"]
     claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     settings = deployment_settings()

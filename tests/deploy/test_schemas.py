@@ -24,7 +24,15 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate import utils as k8s_schemas
 
-from tests.deploy.kustomize import DEPLOY, KUBERNETES, documents, load, resource_files
+from tests.deploy.kustomize import (
+    DEPLOY,
+    KUBERNETES,
+    build,
+    documents,
+    kustomization_files,
+    load,
+    resource_files,
+)
 
 OPERATOR_GROUP = "monitoring.coreos.com/v1"
 KUBERNETES_VERSIONS = sorted({k8s_schemas.all_versions()[0], kubernetes_validate.latest_version()})
@@ -193,6 +201,14 @@ def test_every_manifest_matches_its_schema(path: Path) -> None:
         assert manifest_errors(doc) == [], path
 
 
+@pytest.mark.parametrize("path", kustomization_files(), ids=lambda p: p.parent.name)
+def test_every_object_a_kustomization_applies_matches_its_schema(path: Path) -> None:
+    """As patched: a patch is no manifest of its own, the object it makes must be valid."""
+    for obj in build(path.parent).objects:
+        assert obj["kind"] != "Secret", f"{path}: Secrets are made by hand, never committed"
+        assert manifest_errors(obj) == [], (obj["kind"], obj["metadata"]["name"])
+
+
 def test_compose_file_matches_the_compose_specification() -> None:
     assert compose_errors(load(DEPLOY / "compose.yaml")) == []
 
@@ -223,6 +239,8 @@ def _misspell(doc: dict[str, Any], path: tuple[str | int, ...], wrong: str) -> d
             "readOnlyRootFileSystem",
         ),
         ("base/persistentvolumeclaim.yaml", ("spec", "accessModes"), "accessMode"),
+        ("replicas/poddisruptionbudget.yaml", ("spec", "maxUnavailable"), "maxUnavailble"),
+        ("replicas/horizontalpodautoscaler.yaml", ("spec", "minReplicas"), "minReplica"),
         ("monitoring/servicemonitor.yaml", ("spec", "endpoints", 0, "authorization"), "auth"),
         ("monitoring/prometheusrule.yaml", ("spec", "groups", 0, "rules", 0, "for"), "for_"),
     ],
@@ -237,4 +255,5 @@ def test_the_schema_checks_catch_a_misspelled_field(
 
 def test_the_compose_check_catches_a_misspelled_field() -> None:
     compose = load(DEPLOY / "compose.yaml")
-    assert compose_errors(_misspell(compose, ("services", "gateway", "read_only"), "readonly"))
+    assert compose_errors(_misspell(compose, ("services", "gateway-1", "read_only"), "readonly"))
+    assert compose_errors(_misspell(compose, ("services", "lb", "ports"), "port"))

@@ -13,9 +13,9 @@ import asyncio
 import os
 import re
 import shlex
-import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -23,12 +23,12 @@ from aiohttp.test_utils import TestServer
 from gateway.admin import serving_problem
 from gateway.app import create_app
 from gateway.auth.hosts import HostCheck
-from gateway.auth.pepper import PEPPER_VARIABLE, load_pepper
+from gateway.auth.pepper import PEPPER_VARIABLE, PepperMissing, load_pepper
 from gateway.cli import _parser, main
 from gateway.fake_provider import RECEIVED
 from gateway.redact import Redactor
 from gateway.settings import Settings, load_settings
-from gateway.state import PEPPER_FILE, state_dir
+from gateway.state import state_dir
 from tests.conftest import ANTHROPIC_MODEL
 from tests.deploy.kustomize import DEPLOY, KUBERNETES, load
 from tests.deploy.pods import (
@@ -36,21 +36,25 @@ from tests.deploy.pods import (
     CONFIGMAP,
     DEPLOYMENT,
     NAMESPACE,
+    REDIS_PASSWORD_VARIABLE,
+    REPLICAS,
     REPO,
     SECRET_NAME,
     Pod,
-    compose_mounts,
     compose_pod,
     compose_settings,
     compose_shell,
     documented_secrets,
     gateway_container,
+    gateway_services,
     image_env,
     kubernetes_pod,
     kubernetes_secrets,
     kubernetes_settings,
+    redis_store_url,
     secret_value,
 )
+from tests.redis_server import SharedRedis
 
 KUSTOMIZATION = KUBERNETES / "base" / "kustomization.yaml"
 COMPOSE_CONFIG = DEPLOY / "config" / "gateway.yaml"
@@ -91,12 +95,21 @@ def test_kubernetes_takes_every_secret_variable_from_a_secret() -> None:
 
 
 def test_compose_takes_every_secret_variable_from_the_shell_without_a_default() -> None:
-    """``${NAME:?message}`` (required) or ``${NAME:-}`` (optional, empty): never a value."""
+    """``${NAME:?message}`` (required) or ``${NAME:-}`` (optional, empty): never a value. The
+    shell's variable is a secret's name too (Redis takes the gateway's Redis password under
+    a name of its own), and a secret from the shell is never part of a longer value."""
+    whole = re.compile(r"\$\{(\w+)(:\?[^}]*|:-)\}")
     for name, service in load(COMPOSE)["services"].items():
         for variable, value in service.get("environment", {}).items():
+            found = whole.fullmatch(str(value))
             if SECRET_NAME.search(variable):
-                pattern = rf"\$\{{{variable}(:\?[^}}]*|:-)\}}"
-                assert re.fullmatch(pattern, str(value)), f"{name}: {variable}: {value}"
+                assert found and SECRET_NAME.search(found.group(1)), f"{name}: {variable}: {value}"
+            for source in re.findall(r"\$\{(\w+)", str(value)):
+                if SECRET_NAME.search(source):
+                    assert found, f"{name}: {variable}: {value}"
+        # Nor on a command line (`docker inspect` and ps show it): the containers read theirs
+        # from the environment.
+        assert "${" not in str(service.get("command", "")), name
 
 
 def credential_references(settings: Settings) -> list[str]:
@@ -148,33 +161,49 @@ def test_kubernetes_reads_the_provider_keys_and_the_pepper_from_mounted_secrets(
     assert PEPPER_VARIABLE not in image_env()
 
 
-def test_compose_reads_the_provider_keys_from_variables_the_shell_must_set() -> None:
-    settings = compose_settings()
-    environment = load(COMPOSE)["services"]["gateway"]["environment"]
+@pytest.mark.parametrize("service", gateway_services())
+def test_compose_reads_the_provider_keys_from_variables_the_shell_must_set(service: str) -> None:
+    settings = compose_settings(service=service)
+    environment = load(COMPOSE)["services"][service]["environment"]
     for reference in credential_references(settings):
         assert reference.startswith("env:"), reference
         variable = reference.removeprefix("env:")
         assert str(environment[variable]).startswith(f"${{{variable}:?"), variable
+    # The pepper and the Redis password too, required: replicas on one store must hash keys
+    # with one pepper (a generated one is refused with a shared store).
     assert settings.auth.pepper_file is None
-    assert str(environment[PEPPER_VARIABLE]) == f"${{{PEPPER_VARIABLE}:-}}"
+    for variable in (PEPPER_VARIABLE, REDIS_PASSWORD_VARIABLE):
+        assert str(environment[variable]).startswith(f"${{{variable}:?"), variable
+    assert "@" not in settings.store, "the Redis password is not in the store's URL"
 
 
-def test_every_secret_the_pod_uses_is_documented_where_an_operator_reads() -> None:
-    """The Secrets are made by hand (never committed: ``test_schemas`` refuses a Secret
-    manifest): the kustomization, the Deployment and the README say how, with the same keys."""
+def secrets_used(overlay: Path) -> dict[str, set[str]]:
+    """The Secrets (and their keys) the pod of a kustomization reads: its environment's, its
+    mounted files' (the pepper, the provider keys)."""
     used: dict[str, set[str]] = {}
-    for item in gateway_container()["env"]:
-        if "valueFrom" in item:
-            ref = item["valueFrom"]["secretKeyRef"]
+    for item in gateway_container(overlay)["env"]:
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
             used.setdefault(ref["name"], set()).add(ref["key"])
-    settings = kubernetes_settings()
+    settings = kubernetes_settings(overlay=overlay)
     files = [ref.removeprefix("file:") for ref in credential_references(settings)]
     for file in [*files, str(settings.auth.pepper_file)]:
         name, key = in_a_secret(file)
         used.setdefault(name, set()).add(key)
     assert set(secret_mounts().values()) <= set(used)
-    for path in (KUSTOMIZATION, DEPLOYMENT, REPO / "README.md"):
-        assert documented_secrets(path.read_text()) == used, path
+    return used
+
+
+def test_every_secret_the_pod_uses_is_documented_where_an_operator_reads() -> None:
+    """The Secrets are made by hand (never committed: ``test_schemas`` refuses a Secret
+    manifest): each kustomization, the Deployment and the README say how, with the same
+    keys."""
+    base, replicas = secrets_used(KUBERNETES / "base"), secrets_used(REPLICAS)
+    for path in (KUSTOMIZATION, DEPLOYMENT):
+        assert documented_secrets(path.read_text()) == base, path
+    assert documented_secrets((REPLICAS / "kustomization.yaml").read_text()) == replicas
+    assert replicas.items() >= base.items()  # the base's, and the Redis password
+    assert documented_secrets((REPO / "README.md").read_text()) == {**base, **replicas}
 
 
 # -- who may call ------------------------------------------------------------------------------
@@ -240,13 +269,23 @@ def test_allowed_hosts_name_the_service_and_localhost_and_nothing_else() -> None
     for foreign in ("evil.example", f"{name}.evil.example", POD_ADDRESS, "1"):
         assert not check.allows(foreign), foreign
 
-    settings = compose_settings()
-    check = HostCheck(settings.allowed_hosts, settings.host)
-    [job] = load(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
-    [target] = job["static_configs"][0]["targets"]
-    for host in (target, "localhost:8787", "127.0.0.1:8787"):
-        assert check.allows(host), host
-    assert not check.allows("evil.example") and not check.allows("evil.example:8787")
+    # Compose: callers reach the replicas through the load balancer, by the published port on
+    # this machine or (the traffic generator) by the balancer's service name. Prometheus
+    # scrapes each replica by its own name: /metrics answers any Host.
+    compose = load(COMPOSE)
+    [balancer] = [
+        name
+        for name, service in compose["services"].items()
+        if str(service.get("image", "")).startswith("haproxy:")
+    ]
+    traffic = urlsplit(compose["services"]["traffic"]["environment"]["GATEWAY_URL"]).netloc
+    assert traffic == f"{balancer}:8787"
+    for service in gateway_services():
+        settings = compose_settings(service=service)
+        check = HostCheck(settings.allowed_hosts, settings.host)
+        for host in (traffic, "localhost:8787", "127.0.0.1:8787"):
+            assert check.allows(host), host
+        assert not check.allows("evil.example") and not check.allows("evil.example:8787")
 
 
 # -- the bootstrap key -------------------------------------------------------------------------
@@ -271,8 +310,8 @@ def test_the_bootstrap_key_step_is_documented_and_is_a_real_command() -> None:
     text = " ".join(_JOINED.sub(" ", KUSTOMIZATION.read_text()).split())
     assert f"kubectl -n {NAMESPACE} exec deploy/{deployment} -- gateway keys create" in text
     text = " ".join(_JOINED.sub(" ", COMPOSE.read_text()).split())
-    assert "docker compose -f deploy/compose.yaml exec gateway gateway keys create" in text
-    assert "gateway" in load(COMPOSE)["services"]
+    assert "docker compose -f deploy/compose.yaml exec gateway-1 gateway keys create" in text
+    assert "gateway-1" in gateway_services()
 
 
 # -- started as they run -----------------------------------------------------------------------
@@ -373,49 +412,70 @@ async def test_the_kubernetes_pod_starts_in_keys_mode_from_its_secrets_alone(
         assert key.encode() not in await asyncio.to_thread(file.read_bytes), file
 
 
-async def test_the_compose_gateway_starts_in_keys_mode_its_pepper_kept_on_its_volume(
+async def test_the_compose_replicas_share_one_redis_a_key_made_on_one_works_on_both(
     aiohttp_client: Any,
     fake_provider: TestServer,
+    shared_redis: SharedRedis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    shell = compose_shell()
-    pod: Pod = await asyncio.to_thread(compose_pod, tmp_path, shell, fake_upstreams(fake_provider))
-    for name, value in pod.read_from_environment().items():
+    """Both replicas as compose starts them (one shell, one Redis: the test's in place of the
+    stack's `redis`, its password from GATEWAY_REDIS_PASSWORD as there)."""
+    shell = {**compose_shell(), REDIS_PASSWORD_VARIABLE: shared_redis.password}
+    env = {**fake_upstreams(fake_provider), "GATEWAY_STORE": redis_store_url(shared_redis.port)}
+    pods: list[Pod] = [
+        await asyncio.to_thread(compose_pod, tmp_path / name, shell, env, service=name)
+        for name in gateway_services()
+    ]
+    assert len(pods) == 2
+    for name, value in pods[0].read_from_environment().items():
+        assert all(pod.read_from_environment()[name] == value for pod in pods), name
         monkeypatch.setenv(name, value)
-    assert os.environ[PEPPER_VARIABLE] == ""  # not exported: generated on first start
-    client = await aiohttp_client(create_app(pod.settings))
+    assert os.environ[PEPPER_VARIABLE] == shell[PEPPER_VARIABLE]
+    clients = [await aiohttp_client(create_app(pod.settings)) for pod in pods]
 
-    # Prometheus scrapes by the service's name, with the token compose hands it.
+    # Prometheus scrapes each replica by its service name, with the token compose hands it.
     [job] = load(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
-    [target] = job["static_configs"][0]["targets"]
-    metrics = {"Host": target, "Authorization": f"Bearer {shell['GATEWAY_ADMIN_TOKEN']}"}
-    async with client.get("/metrics", headers=metrics) as answer:
-        assert answer.status == 200
-    async with client.post(
-        "/v1/chat/completions", json=CHAT, headers={"Host": "evil.example:8787"}
-    ) as answer:
-        assert answer.status == 400
+    targets = job["static_configs"][0]["targets"]
+    assert targets == [f"{name}:8787" for name in gateway_services()]
+    for client, target in zip(clients, targets, strict=True):
+        metrics = {"Host": target, "Authorization": f"Bearer {shell['GATEWAY_ADMIN_TOKEN']}"}
+        async with client.get("/metrics", headers=metrics) as answer:
+            assert answer.status == 200
+        async with client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Host": "evil.example:8787"}
+        ) as answer:
+            assert answer.status == 400
 
-    argv = documented_argv(COMPOSE, "exec gateway")
-    url = str(client.make_url(""))
+    # The key, made on gateway-1 as compose.yaml says; then one session's calls through the
+    # load balancer (its name as Host), one on each replica.
+    argv = documented_argv(COMPOSE, "exec gateway-1")
+    url = str(clients[0].make_url(""))
     key = await bootstrap_key(argv, url, shell["GATEWAY_ADMIN_TOKEN"], monkeypatch, capsys)
-    headers = {"Authorization": f"Bearer {key}", "Host": "localhost:8787"}
-    async with client.post("/v1/chat/completions", json=CHAT, headers=headers) as answer:
-        assert answer.status == 200, await answer.text()
-    upstream = {k.lower(): v for k, v in fake_provider.app[RECEIVED][-1].headers.items()}
-    assert upstream["authorization"] == f"Bearer {shell['OPENAI_API_KEY']}"
+    headers = {"Authorization": f"Bearer {key}", "Host": "lb:8787", "X-Gateway-Session": "s1"}
+    for client in clients:
+        async with client.post("/v1/chat/completions", json=CHAT, headers=headers) as answer:
+            assert answer.status == 200, await answer.text()
+        upstream = {k.lower(): v for k, v in fake_provider.app[RECEIVED][-1].headers.items()}
+        assert upstream["authorization"] == f"Bearer {shell['OPENAI_API_KEY']}"
+    admin = {"Authorization": f"Bearer {shell['GATEWAY_ADMIN_TOKEN']}", "Host": "localhost"}
+    for client in clients:
+        async with client.get("/gateway/sessions", headers=admin) as answer:
+            listed = await answer.json()
+        [session] = [s for s in listed["sessions"] if s["id"].startswith("s1")]
+        assert session["turns"] == 2, session  # counted in Redis, whichever replica answered
 
-    # The generated pepper: in the state directory on the gateway-data volume, private.
-    settings = await asyncio.to_thread(compose_settings, shell)
-    place = pod.here(state_dir(settings.state_dir, settings.store))
-    service = load(COMPOSE)["services"]["gateway"]
-    [volume] = [t for s, t, _ in compose_mounts(service) if s in load(COMPOSE)["volumes"]]
-    assert place.is_relative_to(pod.here(volume))
-    modes = await asyncio.to_thread(lambda: (place.stat().st_mode, (place / PEPPER_FILE).stat()))
-    assert stat.S_IMODE(modes[0]) == 0o700
-    assert stat.S_IMODE(modes[1].st_mode) == 0o600
+    # Nothing written on the replicas (no volume: /tmp only), no pepper generated.
+    assert await asyncio.to_thread(files_under, tmp_path) == []
+
+
+def test_a_compose_replica_without_the_shells_pepper_refuses_to_make_its_own() -> None:
+    """Why compose requires GATEWAY_KEY_PEPPER: a pepper generated by one replica would make
+    its keys unknown to the other, so with a shared store none is generated."""
+    settings = compose_settings()
+    with pytest.raises(PepperMissing, match="shared by replicas"):
+        load_pepper(settings, env={})
 
 
 async def test_the_service_monitor_scrapes_the_pod_by_its_address(

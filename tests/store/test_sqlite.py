@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -16,6 +17,8 @@ import pytest
 
 from gateway.dialects import Usage
 from gateway.store import INTERNAL_FIELDS, Grant, LimitExceeded, Limits, SessionQuery, SqliteStore
+from gateway.store.base import StoreRefused
+from gateway.store.sqlite import LAYOUT
 from tests.harness import disk_error, wait_until
 
 from .test_base import end, start
@@ -393,3 +396,81 @@ async def test_close_writes_once_the_disk_is_back(
         assert rec is not None and rec.turns == 1
     finally:
         await reader.close()
+
+
+# -- the file's layout version -----------------------------------------------------------------
+_LAYOUT_0 = """
+CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL, status TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE budgets (key TEXT PRIMARY KEY, window_end REAL NOT NULL, tokens INTEGER NOT NULL,
+    cost REAL NOT NULL);
+"""
+
+
+def _old_file(path: Path, window_end: float) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(_LAYOUT_0)
+    db.execute("INSERT INTO budgets VALUES ('team:a:day:2026-12-02', ?, 120, 0.5)", (window_end,))
+    db.commit()
+    db.close()
+
+
+def _user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def test_a_file_of_the_previous_layout_is_migrated_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    await asyncio.to_thread(_old_file, path, time.time() + 3600)
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        [counter] = await store.budgets()
+        assert (counter.tokens, counter.cost, counter.requests) == (120, 0.5, 0)
+    finally:
+        await store.close()
+    assert await asyncio.to_thread(_user_version, path) == LAYOUT
+
+
+async def test_a_file_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+
+    def bump() -> None:
+        db = sqlite3.connect(path)
+        db.execute(f"PRAGMA user_version = {LAYOUT + 1}")
+        db.commit()
+        db.close()
+
+    await asyncio.to_thread(bump)
+    newer = SqliteStore(path)
+    with pytest.raises(StoreRefused, match=f"newer gateway \\(layout {LAYOUT + 1}\\)"):
+        await newer.open()
+    await newer.close()
+
+
+@pytest.mark.parametrize("stored", [False, True])
+async def test_summaries_reach_the_file_only_when_opted_in(tmp_path: Path, stored: bool) -> None:
+    from gateway.store import CompactionNote
+
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path, store_summaries=stored)
+    await store.open()
+    rewrite = {"summary": "the plan, in the user's words"}
+    await store.record_compaction(start().identity, 1000.0, CompactionNote(10, rewrite=rewrite))
+    held = await store.get("s1")
+    assert held is not None and held.context_rewrites == [rewrite]  # served from memory
+    await store.close()
+    data = await asyncio.to_thread(path.read_bytes)
+    assert (b"the plan" in data) is stored
+    reopened = SqliteStore(path, store_summaries=stored)
+    await reopened.open()
+    record = await reopened.get("s1")
+    await reopened.close()
+    assert record is not None and record.context_rewrites == ([rewrite] if stored else [])
