@@ -30,7 +30,7 @@ import math
 import random
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any
@@ -178,6 +178,8 @@ class RedisStore(KeyTable, SessionTable):
         """Leases of this replica's calls in flight, renewed while they run."""
         self._lease_numbers = itertools.count(1)
         self._queue: deque[_Op] = deque()
+        self._pending: Counter[str] = Counter()
+        """Queued writes by the session key they change (a read waits for its own)."""
         self._write_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._down = False
@@ -427,6 +429,7 @@ class RedisStore(KeyTable, SessionTable):
     # -- queued writes ---------------------------------------------------------------------------
     def _enqueue(self, keys: list[str], args: list[str]) -> None:
         self._queue.append(_Op(keys, args, time.monotonic()))
+        self._pending[keys[0]] += 1
         self._wake.set()
 
     async def _write_forever(self) -> None:
@@ -448,9 +451,21 @@ class RedisStore(KeyTable, SessionTable):
             while self._queue and not self._down:
                 batch = list(itertools.islice(self._queue, BATCH))
                 replies = await self._pipeline(batch)
+                kept = []
                 for op, reply in zip(batch, replies, strict=True):
                     self._queue.popleft()
-                    self._landed(op, reply)
+                    if self._landed(op, reply):
+                        self._written(op)
+                    else:
+                        kept.append(op)
+                self._queue.extendleft(reversed(kept))
+
+    def _written(self, op: _Op) -> None:
+        left = self._pending[op.keys[0]] - 1
+        if left:
+            self._pending[op.keys[0]] = left
+        else:
+            del self._pending[op.keys[0]]
 
     async def _pipeline(self, batch: list[_Op]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -468,17 +483,22 @@ class RedisStore(KeyTable, SessionTable):
                 raise reply
         return replies
 
-    def _landed(self, op: _Op, reply: Any) -> None:
+    def _landed(self, op: _Op, reply: Any) -> bool:
+        """Whether the write is done with (landed, or refused for good); False: kept."""
         if isinstance(reply, Exception):
             # Refused by Redis itself (out of memory, a script error): kept would loop for ever.
             self.errors["write"] += 1
             log.error("store: a %s write was refused by Redis: %s", op.args[0], _describe(reply))
-            return
+            return True
         if isinstance(reply, list) and reply and reply[0] == b"layout":
             self._failed(LayoutMismatch(reply[1].decode(), self.shown_url))
-            self._queue.appendleft(op)
+            return False
+        return True
 
-    async def _read_own_writes(self) -> None:
+    async def _read_own_writes(self, session_id: str | None = None) -> None:
+        """Before a read: this replica's queued writes (of that session, or all) sent."""
+        if session_id is not None and self.keys.session(session_id) not in self._pending:
+            return
         if self._queue and not self._down:
             try:
                 await self._write_queue()
@@ -487,7 +507,7 @@ class RedisStore(KeyTable, SessionTable):
 
     # -- the store interface ---------------------------------------------------------------------
     async def get(self, session_id: str) -> SessionRecord | None:
-        await self._read_own_writes()
+        await self._read_own_writes(session_id)
         if self._down:
             return await super().get(session_id)
         try:
@@ -740,6 +760,7 @@ class RedisStore(KeyTable, SessionTable):
         return found[: query.limit]
 
     async def budgets(self) -> list[BudgetCounter]:
+        await self._read_own_writes()
         if self._down:
             return await super().budgets()
         now = time.time()

@@ -119,6 +119,7 @@ async def test_a_team_budget_is_not_overshot(replicas: Opener) -> None:
 
     results = await asyncio.gather(*(one(s, n) for n in range(20) for s in (a, b)))
     assert sum(results) == 10  # 10 x 100 reserved, then spent: never more than the 1,000
+    await a.budgets()  # each replica's own settles written (a read waits for them)
     [counter] = await b.budgets()
     assert (counter.tokens, counter.requests, counter.reserved_tokens) == (1000, 10, 0)
     assert counter.max_tokens == 1000
