@@ -80,10 +80,10 @@ async def end_turn(
         ex.response_facts.usage = usage
     answered = ex.response_facts
     if answered is not None and answered.model:  # the upstream's words: stored and a label
-        answered.model = claim(answered.model)
+        answered.model = claim(cap(answered.model))
     model = answered.model if answered is not None and answered.model else None
-    if model is None and ex.facts is not None:
-        model = ex.facts.model
+    if model is None and ex.facts is not None and ex.facts.model:
+        model = claim(cap(ex.facts.model))  # the client's words, kept with its session
     status = ex.final_status
     price = ex.decision.price if ex.decision is not None else None
     if usage is not None and price is not None:

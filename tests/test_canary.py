@@ -18,6 +18,12 @@ in the exporter's headers; the CLI is run against it.
 A second run writes secrets into what a client claims (session id and name, agent, User-Agent,
 the body's session hints, the model): the gateway keeps and shows those, and must not keep or
 show a secret in them either. Each run prints its table: canaries by sinks, hits in each cell.
+
+A third run keeps its state in Redis (issue 16, §4): the Redis passwords (one in the store URL,
+one from ``GATEWAY_REDIS_PASSWORD``, a wrong one) are canaries too, one Redis is stopped and
+started again mid-run (its outage logged, audited and shown), ``gateway serve`` runs on Redis,
+and everything Redis holds (every key read back by type, and its append-only file) is one more
+sink: ``redis``.
 """
 
 from __future__ import annotations
@@ -53,18 +59,22 @@ from multidict import CIMultiDictProxy
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.asyncio import Redis
 from yarl import URL
 
+from gateway import appkeys
 from gateway.auth.admin_auth import weak_token
 from gateway.auth.keys import checksum
 from gateway.auth.planes import ROUTE_AUTH
 from gateway.fake_provider import FAULTS, RECEIVED, FakeProviderConfig, Fault
+from gateway.store import RedisStore, display_url
 from gateway.telemetry import logs
 from gateway.telemetry.otel_env import CAPTURE_ENV
 from gateway.telemetry.redacting import RedactingExporter
 from tests.canaries import Canary, Hit, Sinks
 from tests.conftest import ANTHROPIC_MODEL
 from tests.harness import Gateway, MakeGateway
+from tests.redis_server import RedisServer, redis_server
 
 STDIO, LOG, AUDIT, STORE, SPANS, METRICS, ADMIN, CLIENT = SINKS = (
     "stdout/stderr",
@@ -79,6 +89,10 @@ STDIO, LOG, AUDIT, STORE, SPANS, METRICS, ADMIN, CLIENT = SINKS = (
 """The sinks scanned. ``client errors``: every answer of the LLM plane with a status of 400 or
 more (status, headers, body), and the gateway's own headers (``X-Gateway-*``) of the others;
 ``admin answers``: every answer under ``/gateway/`` (``/metrics`` apart)."""
+REDIS = "redis"
+REDIS_SINKS = (*SINKS, REDIS)
+"""The Redis run's sinks: ``redis`` is every key of its Redis servers read back (by type, and
+``DUMP``) and every file of their directories (the append-only file)."""
 
 POLICY = """
 version: 1
@@ -486,7 +500,8 @@ class Run:
     fake: TestServer
     """The upstream of every gateway of the run."""
     keys: list[Canary] = field(default_factory=list)
-    """Credentials made during the run (gateway keys, JWTs): canaries too."""
+    """Credentials made during the run (gateway keys, JWTs, the Redis servers' passwords):
+    canaries too."""
 
     @property
     def pool(self) -> Path:
@@ -577,11 +592,18 @@ def prompts(fake_config: FakeProviderConfig) -> Prompts:
 
 
 @pytest.fixture
+def sink_names() -> tuple[str, ...]:
+    """The sinks of a run (the Redis run parametrizes ``REDIS_SINKS``)."""
+    return SINKS
+
+
+@pytest.fixture
 async def run(
     fake_provider: TestServer,
     prompts: Prompts,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    sink_names: tuple[str, ...],
 ) -> AsyncIterator[Run]:
     """A run's secrets in the environment and the pool files, tracing to memory (through the
     redacting exporter, as every exporter the gateway builds), content capture off."""
@@ -595,7 +617,7 @@ async def run(
     spans = InMemorySpanExporter()
     tracer = TracerProvider()
     tracer.add_span_processor(SimpleSpanProcessor(RedactingExporter(spans)))
-    sinks = Sinks(SINKS)
+    sinks = Sinks(sink_names)
     async with aiohttp.ClientSession() as http:
         made = Run(s, prompts, sinks, Driver(http, sinks), tmp_path, spans, tracer, fake_provider)
         yield made
@@ -1050,6 +1072,253 @@ async def cli(run: Run, args: list[str], env: dict[str, str], expect: int) -> No
     assert process.returncode == expect, f"gateway {shown}: {stderr.decode()[-2000:]}"
     run.sinks.add(STDIO, f"gateway {shown} stdout", stdout)
     run.sinks.add(STDIO, f"gateway {shown} stderr", stderr)
+
+
+# -- the Redis run -------------------------------------------------------------------------------
+def redis_password(name: str, password: str) -> Canary:
+    """A Redis server's password (``redis_server`` draws ``redis-`` and 32 hex digits)."""
+    return Canary(name, password, "redis-")
+
+
+async def with_url_characters(server: RedisServer) -> str:
+    """Gives ``server`` a password of characters a URL must percent-encode (``@ : / % + ? #
+    & =``), as an operator's generated one may hold; the store URL with it, encoded."""
+    password = "redis-" + "".join(
+        secrets.choice(string.ascii_letters + "@:/%+?#&=") for _ in range(32)
+    )
+    await server.command("CONFIG", "SET", "requirepass", password)
+    server.password = password  # what a restart and the test's own connections use
+    return f"redis://:{quote(password, safe='')}@127.0.0.1:{server.port}/0"
+
+
+async def redis_away_and_back(run: Run, gw: Gateway, server: RedisServer) -> None:
+    """The replica's Redis stopped mid-run: calls served from memory (fail open), the outage
+    in its health, log and audit; started again, the replica catches up and serves on."""
+    call, base, s, p = run.driver.call, gw.url(""), run.secrets, run.prompts
+    admin = admin_headers(s.admin_token)
+    chat = {**llm_auth("chat", s.client_openai), "X-Gateway-Session": "pass-chat"}
+    messages = {**llm_auth("messages", s.client_anthropic), "X-Gateway-Session": "pass-away"}
+    await server.stop()
+    await call(base, "POST", "/v1/chat/completions", 200, p.chat(), chat)
+    await call(base, "POST", "/v1/messages", 200, p.messages(stream=True), messages)
+    health = await call(base, "GET", "/gateway/health", 200)
+    assert health.json()["status"] == "degraded", health.body
+    await call(base, "GET", "/gateway/sessions", 200, None, admin)
+    await call(base, "GET", "/gateway/sessions/pass-away", 200, None, admin)
+    await call(base, "GET", "/metrics", 200)
+    await server.start()
+    deadline = time.monotonic() + 10
+    while gw.server.app[appkeys.DEGRADED].holds("store"):  # reconnected, counts merged
+        assert time.monotonic() < deadline, "the replica did not catch up with Redis"
+        await asyncio.sleep(0.02)
+    await call(base, "POST", "/v1/chat/completions", 200, p.chat(), chat)
+    await call(base, "GET", "/gateway/sessions/pass-chat", 200, None, admin)
+
+
+async def drive_wrong_password(run: Run, gw: Gateway) -> None:
+    """A replica given a wrong Redis password: Redis refuses it, so it is degraded from the
+    start and serves from its own view."""
+    call, base, s, p = run.driver.call, gw.url(""), run.secrets, run.prompts
+    auth = {**llm_auth("chat", s.client_openai), "X-Gateway-Session": "wrong-chat"}
+    await call(base, "POST", "/v1/chat/completions", 200, p.chat(), auth)
+    health = await call(base, "GET", "/gateway/health", 200)
+    assert "Redis unreachable" in health.body.decode(), health.body
+    await call(base, "GET", "/gateway/sessions/wrong-chat", 200, None, admin_headers(s.admin_token))
+
+
+async def serve_on_redis(run: Run, port: int, server: RedisServer, url: str) -> None:
+    """``gateway serve`` in keys mode on Redis, the password in the store URL of its config
+    file, its log at debug on stderr: a key made and used in every dialect, a refusal, admin
+    calls; SIGTERM. Its stdout (the start-up line names the store) and stderr scanned."""
+    s, tmp, call, p = run.secrets, run.tmp_path, run.driver.call, run.prompts
+    config, policy = tmp / "serve-redis.yaml", tmp / "serve-redis-policy.yaml"
+    settings = {
+        "port": port,
+        "store": f"{url}?prefix=served",
+        "audit_log": str(tmp / "audit-serve-redis.jsonl"),
+        "state_dir": str(tmp / "serve-redis-state"),
+        "policy": str(policy),
+        "auth": {"mode": "keys"},
+        "upstreams": upstreams(run.fake, run.pool),
+    }
+    await asyncio.to_thread(config.write_text, json.dumps(settings))
+    await asyncio.to_thread(policy.write_text, textwrap.dedent(POLICY))
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **clean_environment(),
+        "GATEWAY_ADMIN_TOKEN": s.admin_token,
+        "GATEWAY_KEY_PEPPER": s.pepper,
+        "GATEWAY_LOG_LEVEL": "debug",
+        POOL_ENV: s.pool_openai,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        await healthy(run.driver.http, base, process)
+        key = await run.create_key(base, "redis serve-bot")
+        for dialect, path in DIALECTS:
+            auth = {**llm_auth(dialect, key), "X-Gateway-Session": f"served-{dialect}"}
+            await call(base, "POST", path, 200, body_of(p, dialect, stream=True), auth)
+        await call(base, "POST", "/v1/chat/completions", 401, p.chat(), llm_auth("chat", s.pepper))
+        admin = admin_headers(s.admin_token)
+        await call(base, "GET", "/gateway/sessions/served-chat", 200, None, admin)
+        await call(base, "GET", "/gateway/keys", 200, None, admin)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode(errors="replace")[-3000:]
+    assert f"store redis://:***@127.0.0.1:{server.port}/0".encode() in stdout  # named, masked
+    run.sinks.add(STDIO, "gateway serve (redis) stdout", stdout)
+    run.sinks.add(STDIO, "gateway serve (redis) stderr", stderr)
+
+
+async def dump_redis(sinks: Sinks, server: RedisServer, url: str) -> None:
+    """Everything ``server`` holds: every key read back by its type and as ``DUMP`` gives it
+    (its RDB serialization), then every file of its directory (the append-only file)."""
+    client: Any = Redis.from_url(url)  # redis-py's replies are typed loosely
+    try:
+        async for key in client.scan_iter(count=1000):
+            kind = (await client.type(key)).decode()
+            value = await read_key(client, key, kind)
+            dumped = await client.dump(key) or b""
+            origin = f"{kind} {key.decode(errors='replace')[:40]}"
+            sinks.add(REDIS, origin, key + b"\n" + value + b"\n" + dumped)
+    finally:
+        await client.aclose()
+    files = await asyncio.to_thread(lambda: sorted(server.directory.rglob("*.aof")))
+    assert files, f"no append-only file in {server.directory}"
+    for path in files:
+        await read_into(sinks, REDIS, path)
+
+
+async def read_key(client: Any, key: bytes, kind: str) -> bytes:
+    if kind == "string":
+        return bytes(await client.get(key) or b"")
+    if kind == "hash":
+        return b"\n".join(k + b"=" + v for k, v in (await client.hgetall(key)).items())
+    if kind == "zset":
+        scored = await client.zrange(key, 0, -1, withscores=True)
+        return b"\n".join(member + b" " + repr(score).encode() for member, score in scored)
+    if kind == "list":
+        return b"\n".join(await client.lrange(key, 0, -1))
+    if kind == "set":
+        return b"\n".join(sorted(await client.smembers(key)))
+    raise AssertionError(f"{key!r}: a {kind} the dump does not read")
+
+
+@pytest.mark.parametrize("sink_names", [REDIS_SINKS], ids=["redis"])
+async def test_no_secret_and_no_prompt_reaches_redis_or_any_sink(
+    run: Run,
+    make_gateway: MakeGateway,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    unused_tcp_port_factory: Callable[[], int],
+) -> None:
+    """Keys mode on a Redis whose password is in the store URL (percent-encoded); passthrough
+    on another whose password comes from ``GATEWAY_REDIS_PASSWORD`` (stopped and started again
+    mid-run); a replica given a wrong password; ``gateway serve`` on Redis. Then each Redis
+    read back."""
+    tmp = run.tmp_path
+    async with redis_server(tmp / "redis-url") as by_url, redis_server(tmp / "redis-env") as by_env:
+        wrong = "redis-" + secrets.token_hex(16)
+        url = await with_url_characters(by_url)
+        run.keys += [
+            redis_password("redis password (URL)", by_url.password),
+            redis_password("redis password (env)", by_env.password),
+            redis_password("wrong redis password", wrong),
+        ]
+        monkeypatch.setenv("GATEWAY_REDIS_PASSWORD", by_env.password)
+        in_url = f"{url}?prefix=keyed"
+        from_env = f"{by_env.bare_url}?prefix=passing"
+        refused = f"redis://:{wrong}@127.0.0.1:{by_env.port}/0?prefix=refused"
+        async with serve_logging(run.log_file):
+            keyed = await make_gateway(
+                POLICY, **run.settings("keys", auth={"mode": "keys"}, store=in_url)
+            )
+            await drive_keys_mode(run, keyed)
+            passing = await make_gateway(POLICY, **run.settings("pass", store=from_env))
+            await drive_passthrough(run, passing)
+            await redis_away_and_back(run, passing, by_env)
+            stranger = await make_gateway(POLICY, **run.settings("wrong", store=refused))
+            # It never gets into its Redis: at the stop it would wait all of close_timeout
+            # (5 s) for it before logging what is lost.
+            store = stranger.server.app[appkeys.STORE]
+            assert isinstance(store, RedisStore)
+            store.close_timeout = 0.3
+            await drive_wrong_password(run, stranger)
+            await stop(keyed, passing, stranger)
+        await serve_on_redis(run, unused_tcp_port_factory(), by_url, url)
+        await dump_redis(run.sinks, by_url, url)
+        await dump_redis(run.sinks, by_env, by_env.url)
+    await run.collect(capfd)
+    handed_out = {"keys ci-bot", "keys ci-bot rotated", "redis serve-bot"}
+    run.verify(capfd, handed_out, may_be_empty=(STORE,))  # no SQLite in this run
+
+
+@pytest.mark.parametrize("sink_names", [REDIS_SINKS], ids=["redis"])
+async def test_a_redis_password_in_the_urls_query_reaches_no_sink(
+    run: Run, make_gateway: MakeGateway, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async with redis_server(run.tmp_path / "redis-query") as server:
+        run.keys.append(redis_password("redis password (query)", server.password))
+        store = f"{server.bare_url}?password={server.password}&prefix=query"
+        call, s, p = run.driver.call, run.secrets, run.prompts
+        auth = {**llm_auth("chat", s.client_openai), "X-Gateway-Session": "query-chat"}
+        async with serve_logging(run.log_file):
+            gw = await make_gateway(POLICY, **run.settings("query", store=store))
+            base = gw.url("")
+            await call(base, "POST", "/v1/chat/completions", 200, p.chat(), auth)
+            await server.stop()  # the store logs that its Redis is away, naming it
+            await call(base, "POST", "/v1/chat/completions", 200, p.chat(), auth)
+            await call(base, "GET", "/gateway/health", 200)
+            await call(base, "GET", "/metrics", 200)
+            await server.start()
+            await call(base, "GET", "/gateway/sessions", 200, None, admin_headers(s.admin_token))
+            await stop(gw)
+        await dump_redis(run.sinks, server, server.url)
+    await run.collect(capfd)
+    run.verify(capfd, set(), may_be_empty=(STDIO, STORE))
+    assert server.password not in display_url(store)  # what ``gateway serve`` prints at start
+
+
+MALFORMED = ("redis://:{password}@127.0.0.1:notaport/0", "redis://:{password}@127.0.0.1:1/0?db=x")
+"""Redis URLs redis-py refuses when the store opens: a port that is no number, a bad db."""
+
+
+async def serve_malformed(store: str, cwd: Path) -> tuple[int, bytes, bytes]:
+    """``gateway serve --store STORE``: its exit status, stdout and stderr."""
+    env = {**clean_environment(), "GATEWAY_ADMIN_TOKEN": _admin_token()}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--store", store, "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd,
+    )  # fmt: skip
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None and process.returncode != 0, "it served"
+    return process.returncode, stdout, stderr
+
+
+async def test_a_malformed_redis_url_never_shows_its_password(tmp_path: Path) -> None:
+    password = "redis-" + secrets.token_hex(16)
+    _, stdout, stderr = await serve_malformed(MALFORMED[1].format(password=password), tmp_path)
+    canary = redis_password("redis password (malformed URL)", password)
+    assert canary.find(stdout.decode("latin-1") + stderr.decode("latin-1")) == []
+
+
+async def test_a_malformed_redis_url_is_refused_clearly(tmp_path: Path) -> None:
+    password = "redis-" + secrets.token_hex(16)
+    status, _, stderr = await serve_malformed(MALFORMED[0].format(password=password), tmp_path)
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")[-600:]
+    assert status == 2 and stderr.startswith(b"gateway: "), stderr[-600:]
 
 
 # -- the scan itself -----------------------------------------------------------------------------

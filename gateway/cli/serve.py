@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.admin import serving_problem
     from gateway.auth.pepper import PepperMissing, load_pepper
     from gateway.settings import load_settings
-    from gateway.store import display_url
+    from gateway.store import display_url, store_url_problem
     from gateway.workers import ListenError, Sockets, Supervisor, store_problem
 
     try:
@@ -104,7 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.config is not None:
             print(f"  (gateway config check {args.config} says where)", file=sys.stderr)
         return 2
-    problem = serving_problem(settings) or store_problem(settings)
+    problem = (
+        serving_problem(settings) or store_url_problem(settings.store) or store_problem(settings)
+    )
     if problem is not None:
         print(f"gateway: {problem}", file=sys.stderr)
         return 2

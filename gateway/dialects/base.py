@@ -139,9 +139,17 @@ STATUS_OF: dict[ErrorKind, int] = {
 }
 
 
+MAX_COUNT = 2**40
+"""The most tokens one count may say (a trillion): beyond it a client or an upstream is lying,
+and the figures must stay exact integers everywhere they are added (Redis's included)."""
+
+
 def as_int(value: Any) -> int:
-    """A token count from a provider's JSON: absent, null or junk count as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A token count from a provider's JSON or a request: absent, null, junk or negative count
+    as 0; a count past ``MAX_COUNT`` as ``MAX_COUNT``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return 0
+    return min(value, MAX_COUNT)
 
 
 def load_object(data: bytes) -> JSONObject | None:

@@ -26,6 +26,8 @@ from gateway.errors import SessionTaken
 from gateway.identity import QUALIFIER, Identity, own_session, qualified
 from gateway.store.records import (
     EVENTS_KEPT,
+    MODELS_KEPT,
+    OTHER_MODELS,
     REWRITES_KEPT,
     Backlog,
     BudgetCounter,
@@ -705,10 +707,7 @@ def settle(record: SessionRecord, ticket: TurnTicket, end: TurnEnd) -> None:
         same = end.body_hash == record.last_body_hash
         record.body_repeats = record.body_repeats + 1 if same else 1
         record.last_body_hash = end.body_hash
-    model = end.model or "unknown"
-    per_model = record.models.get(model)
-    if per_model is None:
-        per_model = record.models[model] = ModelTotals()
+    per_model = record.models.setdefault(model_slot(record.models, end.model), ModelTotals())
     per_model.turns += 1
     record.cost += end.cost
     if end.usage is not None:
@@ -738,6 +737,15 @@ _EVENTS = ("grants", "warnings", "detections", "rejections", "compactions")
 _STRICTNESS = {"active": 0, "paused": 1, "ended": 2}
 
 
+def model_slot(models: dict[str, ModelTotals], model: str | None) -> str:
+    """The name a call's figures are kept under: its model's, or past ``MODELS_KEPT`` models,
+    ``OTHER_MODELS``."""
+    name = model or "unknown"
+    if name in models or len(models) < MODELS_KEPT:
+        return name
+    return OTHER_MODELS
+
+
 def absorb(record: SessionRecord, stored: SessionRecord) -> None:
     """Fold ``stored`` (what the backend had) into ``record`` (what this process counted
     without it): counts, tokens and cost added, so neither side's are lost; events of both
@@ -746,8 +754,10 @@ def absorb(record: SessionRecord, stored: SessionRecord) -> None:
     for name in _SUMMED:
         setattr(record, name, getattr(stored, name) + getattr(record, name))
     _add_totals(record.tokens, stored.tokens)
-    for model, totals in stored.models.items():
-        _add_totals(record.models.setdefault(model, ModelTotals()), totals)
+    models, record.models = record.models, dict(stored.models)
+    for model, totals in models.items():
+        slot = model_slot(record.models, model)
+        _add_totals(record.models.setdefault(slot, ModelTotals()), totals)
     for kind in _EVENTS:
         setattr(record, kind, [*getattr(stored, kind), *getattr(record, kind)][-EVENTS_KEPT:])
     record.context_rewrites = [*stored.context_rewrites, *record.context_rewrites][-REWRITES_KEPT:]

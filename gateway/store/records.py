@@ -10,6 +10,10 @@ from gateway.identity import Identity
 
 EVENTS_KEPT = 20
 """Warnings, detections and grants kept per session (the newest)."""
+MODELS_KEPT = 32
+"""Models a session's figures are kept apart for; the calls of any more are added up under
+``OTHER_MODELS`` (a client naming a new model each call does not grow its session)."""
+OTHER_MODELS = "(other models)"
 SESSION_STATUSES = ("active", "paused", "ended")
 """A session's ``status`` (``SessionRecord.status``)."""
 

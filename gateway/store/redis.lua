@@ -14,6 +14,7 @@
 local op, now = ARGV[1], tonumber(ARGV[2])
 local LAYOUT_KEY = string.gsub(KEYS[3], ':si$', ':layout')
 local EVENTS_KEPT, REWRITES_KEPT, BUDGET_GRACE = 20, 3, 300
+local MODELS_KEPT, OTHER_MODELS = 32, '(other models)'
 
 local layout = redis.call('GET', LAYOUT_KEY)
 if layout ~= ARGV[5] then
@@ -165,8 +166,31 @@ local function release_budget(key, tokens, cost)
 end
 
 -- Leases whose replica stopped renewing them (it died mid-call): their reservations freed.
+-- Lease deadlines are Redis's own clock, not a replica's: a replica whose clock runs ahead
+-- does not free the others' reservations early.
+local function server_time()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+end
+
+-- The name a call's figures go under (records.py's model_slot): past MODELS_KEPT models,
+-- OTHER_MODELS.
+local function model_slot(models, name)
+  if models[name] ~= nil then
+    return name
+  end
+  local count = 0
+  for _ in pairs(models) do
+    count = count + 1
+  end
+  if count < MODELS_KEPT then
+    return name
+  end
+  return OTHER_MODELS
+end
+
 local function reclaim()
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 32)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', server_time(), 'LIMIT', 0, 32)
   for _, lease in ipairs(gone) do
     local entry = redis.call('HGET', KEYS[5], lease)
     if entry then
@@ -198,7 +222,7 @@ end
 
 -- begin: ARGV 6-11 ident, 12 id, 13 qualified id, 14 user turn (0/1), 15 reserve tokens,
 -- 16 reserve cost, 17 max_turns, 18 max_session_tokens, 19 idle_timeout, 20 lease,
--- 21 lease deadline, then per budget (KEYS 7..): window end, max tokens, max cost,
+-- 21 lease length (seconds), then per budget (KEYS 7..): window end, max tokens, max cost,
 -- max requests, its key as the policy names it.
 local function begin()
   reclaim()
@@ -312,7 +336,7 @@ local function begin()
     tightest(budget, 'max_cost', ARGV[base + 3])
     tightest(budget, 'max_requests', ARGV[base + 4])
   end
-  redis.call('ZADD', KEYS[4], ARGV[21], ARGV[20])
+  redis.call('ZADD', KEYS[4], fmt(server_time() + tonumber(ARGV[21])), ARGV[20])
   redis.call('HSET', KEYS[5], ARGV[20], table.concat(lease, '\t'))
   changed(key, id)
   return {'ok', id, fmt(turns + 1), turns_left, tokens_left, tokens_allowed}
@@ -350,11 +374,12 @@ local function settle()
       redis.call('HSET', key, 'last_body_hash', ARGV[10])
     end
     local models = decoded(key, 'models')
-    local model = models[ARGV[11]]
+    local slot = model_slot(models, ARGV[11])
+    local model = models[slot]
     if model == nil then
       model = {input_tokens = 0, output_tokens = 0, cache_read_tokens = 0,
         cache_creation_tokens = 0, reasoning_tokens = 0, turns = 0}
-      models[ARGV[11]] = model
+      models[slot] = model
     end
     model.turns = model.turns + 1
     redis.call('HINCRBYFLOAT', key, 'cost', ARGV[12])
@@ -525,9 +550,10 @@ local function merge()
   redis.call('HINCRBYFLOAT', key, 'cost', mine.cost or '0')
   local models = decoded(key, 'models')
   for model, totals in pairs(cjson.decode(mine.models or '{}')) do
-    local into = models[model]
+    local slot = model_slot(models, model)
+    local into = models[slot]
     if into == nil then
-      models[model] = totals
+      models[slot] = totals
     else
       for name, value in pairs(totals) do
         into[name] = (tonumber(into[name]) or 0) + value
@@ -597,6 +623,13 @@ elseif op == 'merge' then
   return merge()
 elseif op == 'reclaim' then
   reclaim()
+  return {'ok'}
+elseif op == 'renew' then
+  -- ARGV 6 lease length (seconds), 7.. this replica's leases of calls in flight.
+  local deadline = fmt(server_time() + tonumber(ARGV[6]))
+  for i = 7, #ARGV do
+    redis.call('ZADD', KEYS[4], 'XX', deadline, ARGV[i])
+  end
   return {'ok'}
 end
 return redis.error_reply('gateway store: unknown op ' .. tostring(op))

@@ -34,6 +34,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 from redis import exceptions as redis_errors
@@ -83,10 +84,14 @@ FAILURES: tuple[type[BaseException], ...] = (
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,
     OSError,
     TimeoutError,
 )
-"""What says Redis is away (down, restarting, failed over, too slow), not that a call is bad."""
+"""What says Redis is away (down, restarting, failed over, too slow, out of memory), not that
+a call is bad: the replica goes on with its own view, and what it could not write is kept."""
 BATCH = 256
 """Queued writes sent in one pipeline."""
 FIND_SCAN = 5_000
@@ -111,6 +116,8 @@ class LayoutMismatch(StoreRefused):
 
 _AWAY: tuple[type[BaseException], ...] = (*FAILURES, LayoutMismatch)
 """Redis away, or holding another layout: either way this replica goes on without it."""
+_REFUSED: tuple[type[BaseException], ...] = (*_AWAY, redis_errors.RedisError)
+"""Anything Redis answers instead of a reply, on the hot path: the call goes on without it."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -124,13 +131,37 @@ class _Op:
 
 
 def display_url(url: str) -> str:
-    """The store URL without its password (for logs and the startup line)."""
+    """The store URL without its password, in the authority or the query (for logs and the
+    startup line). The query from its first secret on is hidden first (a value holding ``@``
+    or ``&`` included), then all before the last ``@`` left, as with a password holding ``@``,
+    ``/`` or ``?`` unescaped: a misread URL hides more than its password, never less."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
         return url
-    auth, _, host = rest.partition("@")
-    user = auth.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in auth else f"{scheme}://***@{host}"
+    head, mark, query = rest.partition("?")
+    if mark:  # from a secret on, all hidden: its value may hold '&' unescaped
+        parts = query.split("&")
+        for i, part in enumerate(parts):
+            if _secret_param(part):
+                query = "&".join([*parts[:i], f"{part.partition('=')[0]}=***"])
+                break
+    hidden = f"{head}{mark}{query}"
+    if "@" not in rest:
+        return f"{scheme}://{hidden}"
+    auth, at, tail = hidden.rpartition("@")
+    if not at:  # every '@' was in a secret's value
+        return f"{scheme}://***"
+    user, colon, _ = auth.partition(":")
+    shown = f"{user}:***@" if colon and not set("/?#&=") & set(user) else "***@"
+    return f"{scheme}://{shown}{tail}"
+
+
+def _secret_param(part: str) -> bool:
+    return unquote_plus(part.partition("=")[0]).strip().lower() in SECRET_PARAMS
+
+
+SECRET_PARAMS = frozenset({"password", "ssl_password"})
+"""URL query parameters redis-py reads that are credentials (``unix://...?password=``)."""
 
 
 def _opt(value: float | int | None) -> str:
@@ -220,6 +251,7 @@ class RedisStore(KeyTable, SessionTable):
         self._tasks = [
             loop.create_task(self._write_forever()),
             loop.create_task(self._keep_forever()),
+            loop.create_task(self._renew_forever()),
         ]
 
     async def _connect(self) -> None:
@@ -277,47 +309,56 @@ class RedisStore(KeyTable, SessionTable):
         raise LoadFailed(session_id, ConnectionError("Redis is away"))
 
     async def _keep_forever(self) -> None:
-        """Reconnect while Redis is away (backoff with jitter); while it is here, renew the
-        leases, fold in what was counted without it, and sweep the indexes."""
+        """Reconnect while Redis is away (backoff with jitter); while it is here, fold in what
+        was counted without it, and sweep the indexes. Nothing Redis answers ends it."""
         attempt = 0
         swept = time.monotonic()
-        renewed = time.monotonic()
         while not self._closing:
-            if self._down:
-                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                attempt += 1
-                try:
-                    await self._connect()
-                except LayoutMismatch as exc:
-                    self._set_trouble("redis", str(exc))
-                    continue
-                except FAILURES:
-                    continue
-                attempt = 0
-                self._down = False
-                log.warning("store: Redis at %s is back", self.shown_url)
-                try:
-                    await self._catch_up()
-                except FAILURES as exc:
-                    self._failed(exc)
-                    continue
-                self._set_trouble("redis", None)
-                continue
-            await asyncio.sleep(min(1.0, self.lease / 4))
-            now = time.monotonic()
             try:
-                if now - renewed >= self.lease / 4:
-                    renewed = now
-                    await self._renew()
+                if self._down:
+                    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    attempt += 1
+                    await self._reconnect()
+                    attempt = 0
+                    continue
+                await asyncio.sleep(min(1.0, self.lease / 4))
                 if self.sessions or self.budget_counters:
                     await self._catch_up()
-                if now - swept >= RETENTION_SWEEP_EVERY:
-                    swept = now
+                if time.monotonic() - swept >= RETENTION_SWEEP_EVERY:
+                    swept = time.monotonic()
                     await self._sweep_indexes()
+            except LayoutMismatch as exc:  # said in full: the operator has a rollout to finish
+                self._down = True
+                self._set_trouble("redis", str(exc))
             except FAILURES as exc:
                 self._failed(exc)
+            except Exception as exc:  # a reply never seen, or a bug: said, and it goes on
+                self._failed(exc)
+                log.exception("store: keeping up with Redis failed")
             self._check_lag()
+
+    async def _reconnect(self) -> None:
+        await self._connect()
+        self._down = False
+        log.warning("store: Redis at %s is back", self.shown_url)
+        await self._catch_up()
+        self._set_trouble("redis", None)
+
+    async def _renew_forever(self) -> None:
+        """Renew the leases of this replica's calls in flight, on its own: a long catch-up
+        never lets them lapse."""
+        while not self._closing:
+            await asyncio.sleep(self.lease / 4)
+            if self._down or not self._leases:
+                continue
+            try:
+                await self._renew()
+            except _AWAY as exc:
+                self._failed(exc)
+            except Exception as exc:
+                self._failed(exc)
+                log.exception("store: renewing the leases failed")
 
     async def _catch_up(self) -> None:
         """Fold what was counted here into Redis (sessions with no call in flight here), then
@@ -361,10 +402,11 @@ class RedisStore(KeyTable, SessionTable):
             await pipe.execute()
 
     async def _renew(self) -> None:
-        if not self._leases:
-            return
-        until = time.time() + self.lease
-        await self.client.zadd(self.keys.leases, dict.fromkeys(self._leases, until), xx=True)
+        keys = self._keys_for("", "", [])
+        leases = list(self._leases)
+        for at in range(0, len(leases), 1000):  # a script's arguments: a thousand at a time
+            renew = ["renew", *self._common(), repr(self.lease), *leases[at : at + 1000]]
+            await self._script(keys, renew)
 
     async def _sweep_indexes(self) -> None:
         """Sessions expire by themselves (their TTL is the retention); their index entries and
@@ -440,10 +482,11 @@ class RedisStore(KeyTable, SessionTable):
                 continue  # written once Redis is back (the keeper's catch-up)
             try:
                 await self._write_queue()
-            except FAILURES as exc:
+            except _AWAY as exc:
                 self._failed(exc)
-            except LayoutMismatch as exc:
+            except Exception as exc:  # a bug or a reply never seen: said, and the writer lives
                 self._failed(exc)
+                log.exception("store: writing to Redis failed")
 
     async def _write_queue(self) -> None:
         """Send what is queued, in pipelines of ``BATCH``; what fails stays queued."""
@@ -451,14 +494,19 @@ class RedisStore(KeyTable, SessionTable):
             while self._queue and not self._down:
                 batch = list(itertools.islice(self._queue, BATCH))
                 replies = await self._pipeline(batch)
-                kept = []
+                kept, away = [], None
                 for op, reply in zip(batch, replies, strict=True):
                     self._queue.popleft()
-                    if self._landed(op, reply):
+                    if isinstance(reply, FAILURES):  # not written (out of memory): kept
+                        kept.append(op)
+                        away = reply
+                    elif self._landed(op, reply):
                         self._written(op)
                     else:
                         kept.append(op)
                 self._queue.extendleft(reversed(kept))
+                if away is not None:  # what landed is done with; the rest waits for Redis
+                    raise away
 
     def _written(self, op: _Op) -> None:
         left = self._pending[op.keys[0]] - 1
@@ -478,9 +526,6 @@ class RedisStore(KeyTable, SessionTable):
             again = [op for op, r in zip(batch, replies, strict=True) if _no_script(r)]
             retried = iter(await self._pipeline(again))
             replies = [next(retried) if _no_script(r) else r for r in replies]
-        for reply in replies:
-            if isinstance(reply, FAILURES):
-                raise reply
         return replies
 
     def _landed(self, op: _Op, reply: Any) -> bool:
@@ -512,7 +557,7 @@ class RedisStore(KeyTable, SessionTable):
             return await super().get(session_id)
         try:
             raw = await self.client.hgetall(self.keys.session(session_id))
-        except FAILURES as exc:
+        except _REFUSED as exc:
             self._failed(exc, "load")
             return await super().get(session_id)
         return self._with_rewrites(from_hash(raw))
@@ -542,7 +587,7 @@ class RedisStore(KeyTable, SessionTable):
             _opt(limits.max_session_tokens),
             _opt(limits.idle_timeout),
             lease,
-            repr(time.time() + self.lease),
+            repr(self.lease),  # the deadline is Redis's clock plus this
         ]
         for limit in limits.budgets:
             args += [
@@ -555,7 +600,7 @@ class RedisStore(KeyTable, SessionTable):
         args[1] = repr(start.at)
         try:
             reply = await self._script(self._keys_for(ident.session_id, other, budgets), args)
-        except _AWAY as exc:
+        except _REFUSED as exc:  # any refusal: counted here instead
             self._failed(exc)
             return await super().begin_turn(start, limits)
         kind = reply[0]

@@ -25,7 +25,8 @@ def test_usage_total_is_input_plus_output() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [(7, 7), (0, 0), (None, 0), (True, 0), ("12", 0), (1.5, 0)]
+    ("value", "expected"),
+    [(7, 7), (0, 0), (None, 0), (True, 0), ("12", 0), (1.5, 0), (-5, 0), (10**30, 2**40)],
 )
 def test_as_int_counts_only_real_ints(value: Any, expected: int) -> None:
     assert as_int(value) == expected

@@ -31,6 +31,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.store.base import absorb, check_and_reserve, settle
+from gateway.store.records import MODELS_KEPT, OTHER_MODELS, ModelTotals
 
 
 def start(
@@ -185,6 +186,29 @@ async def test_begin_and_end_turn(store: Store) -> None:
     assert rec.tokens.total_tokens == 100
     assert rec.models["gpt-5"].turns == 1
     assert (rec.first_seen, rec.last_seen) == (1000.0, 1001.0)
+
+
+async def test_a_session_keeps_at_most_models_kept_models_apart(store: Store) -> None:
+    """A client naming a new model every call: the first ``MODELS_KEPT`` are kept apart, the
+    rest added up under ``OTHER_MODELS``; nothing is lost."""
+    for n in range(MODELS_KEPT + 8):
+        ticket = await store.begin_turn(start(), Limits())
+        await store.end_turn(ticket, end(Usage(input_tokens=1), model=f"model-{n}"))
+    rec = await store.get("s1")
+    assert rec is not None
+    assert len(rec.models) == MODELS_KEPT + 1
+    assert rec.models[OTHER_MODELS].turns == 8 and rec.models[OTHER_MODELS].input_tokens == 8
+    assert sum(m.turns for m in rec.models.values()) == rec.turns == MODELS_KEPT + 8
+
+
+def test_absorb_keeps_at_most_models_kept_models_apart() -> None:
+    mine, stored = record(), record()
+    for n in range(MODELS_KEPT):
+        stored.models[f"stored-{n}"] = ModelTotals(turns=1)
+        mine.models[f"mine-{n}"] = ModelTotals(turns=2)
+    absorb(mine, stored)
+    assert len(mine.models) == MODELS_KEPT + 1
+    assert mine.models[OTHER_MODELS].turns == 2 * MODELS_KEPT
 
 
 async def test_an_ended_session_takes_no_grant(store: Store) -> None:

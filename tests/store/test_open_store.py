@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.store import MemoryStore, RedisStore, SqliteStore, display_url, open_store
+from gateway.redact import REDACTOR
+from gateway.store import (
+    MemoryStore,
+    RedisStore,
+    SqliteStore,
+    display_url,
+    open_store,
+    store_url_problem,
+)
 
 
 def test_memory_url() -> None:
@@ -85,3 +95,76 @@ def test_the_redis_password_from_the_environment(monkeypatch: pytest.MonkeyPatch
     assert "from-the-env" not in repr(store._password)
     assert display_url("redis://user:secret@h:1/0") == "redis://user:***@h:1/0"
     assert display_url("redis://:secret@h:1/0") == "redis://:***@h:1/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pa/ss@h:1/0", "redis://:***@h:1/0"),  # '/' unescaped in the password
+        ("redis://:pa?ss@h:1/0", "redis://:***@h:1/0"),  # '?' unescaped
+        ("redis://a@b@h/0", "redis://***@h/0"),  # '@' unescaped
+        ("unix:///s.sock?db=1&password=xyz&x=1", "unix:///s.sock?db=1&password=***"),
+        ("rediss://u:p@h/0?ssl_password=q", "rediss://u:***@h/0?ssl_password=***"),
+        ("redis://:p@h/0?password=a@b", "redis://:***@h/0?password=***"),
+        ("redis://:pa?password=x@h/0", "redis://***"),  # nothing of it can be told apart
+        ("redis://h:1/0?db=2", "redis://h:1/0?db=2"),
+    ],
+)
+def test_display_url_hides_every_password(url: str, shown: str) -> None:
+    assert display_url(url) == shown
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    password=st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), min_size=6),
+    where=st.sampled_from(["authority", "query", "both"]),
+)
+def test_no_password_shows_in_display_url(password: str, where: str) -> None:
+    """Whatever a password holds, escaped or not: the shown URL has none of it (a fragment
+    of four characters or more)."""
+    authority = f":{password}@" if where != "query" else ""
+    query = f"?db=0&password={password}" if where != "authority" else ""
+    shown = display_url(f"redis://{authority}cache.internal:6379/0{query}")
+    fragments = {password[i : i + 6] for i in range(len(password) - 5)}
+    frame = "redis://cache.internal:6379/0?db=0&password=***"
+    leaked = [f for f in fragments if f in shown and f not in frame]
+    assert not leaked, shown
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://:s3cret-pw@127.0.0.1:notaport/0", "not redis[s]://"),
+        ("redis://:s3cret-pw@127.0.0.1:1/0?db=x", "Invalid value for 'db'"),
+        ("redis://:s3cret/pw@127.0.0.1:1/0", "database number"),
+        ("redis://127.0.0.1:1/zero", "database number"),
+        ("redis://127.0.0.1:1/0?colour=blue", "not Redis's (colour)"),
+        ("redis://127.0.0.1:1/0?prefix=a:b", "prefix"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_without_its_password(url: str, said: str) -> None:
+    problem = store_url_problem(url)
+    assert problem is not None and said in problem
+    assert "s3cret" not in problem
+    with pytest.raises(ValueError) as refused:
+        open_store(url)
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://h", "redis://h:6379/", "rediss://h/15?ssl_cert_reqs=none", "unix:///r.sock?db=3",
+     "memory://", "sqlite:///x.db"],
+)  # fmt: skip
+def test_a_good_store_url_has_no_problem(url: str) -> None:
+    assert store_url_problem(url) is None
+
+
+def test_a_password_in_the_query_is_known_to_the_redactor() -> None:
+    password = "query-pw-" + "7f3a9c" * 4
+    known = REDACTOR.known()
+    try:
+        open_store(f"unix:///run/redis.sock?db=1&password={password}")
+        assert password not in REDACTOR.redact(f"said: {password}", "log")
+    finally:
+        REDACTOR.forget_since(known)

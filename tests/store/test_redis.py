@@ -153,6 +153,25 @@ async def test_a_live_lease_is_renewed(replicas: Opener) -> None:
     await a.end_turn(ticket, end(1))
 
 
+async def test_a_replica_whose_clock_runs_ahead_frees_no_live_lease(
+    replicas: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lease deadlines are Redis's clock: a replica an hour ahead reclaims nothing live."""
+    holder, ahead = replicas(lease=30.0), replicas()
+    await holder.open()
+    await ahead.open()
+    await holder.begin_turn(start(reserve=500), Limits(max_session_tokens=1000))
+    skewed = time.time() + 3600
+    monkeypatch.setattr("gateway.store.redis.time.time", lambda: skewed)
+    await ahead._script(ahead._keys_for("", "", []), ["reclaim", *ahead._common()])
+    monkeypatch.undo()
+    record = await ahead.get("s1")
+    assert record is not None and (record.in_flight, record.reserved_tokens) == (1, 500)
+    deadline = await ahead.client.zscore(ahead.keys.leases, next(iter(holder._leases)))
+    [seconds, micros] = await ahead.client.time()
+    assert 25 < deadline - (seconds + micros / 1e6) <= 30
+
+
 async def test_a_settle_sent_twice_counts_once(replicas: Opener) -> None:
     a = replicas()
     await a.open()
@@ -282,5 +301,60 @@ async def test_redis_away_and_back_loses_nothing(tmp_path: Path) -> None:
             assert record is not None
             assert (record.turns, record.tokens.input_tokens) == (7, 70)
             assert store.merged == 1
+        finally:
+            await store.close()
+
+
+async def test_redis_out_of_memory_loses_nothing(tmp_path: Path) -> None:
+    """Redis refusing writes (maxmemory, noeviction) is Redis away, not a bad call: the turn
+    is counted here, the writes it refused stay queued, and all of it lands once it has room."""
+    async with redis_server(tmp_path / "redis") as server:
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        await store.open()
+        try:
+            ticket = await store.begin_turn(start(), Limits())
+            await store.end_turn(ticket, end(10))
+            await store.get("s1")
+            await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            await server.command("CONFIG", "SET", "maxmemory", "1")  # below what it uses
+            ticket = await store.begin_turn(start(), Limits())  # refused: counted here
+            assert ticket.lease is None
+            assert store.trouble is not None and "OutOfMemoryError" in store.trouble
+            await store.end_turn(ticket, end(10))
+            back = asyncio.Event()
+            store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
+            await server.command("CONFIG", "SET", "maxmemory", "0")
+            await asyncio.wait_for(back.wait(), 15)
+            record = await store.get("s1")
+            assert record is not None
+            assert (record.turns, record.tokens.input_tokens) == (2, 20)
+            assert all(task.done() is False for task in store._tasks)  # nothing ended them
+        finally:
+            await store.close()
+
+
+async def test_a_write_refused_for_memory_stays_queued(tmp_path: Path) -> None:
+    """In one pipeline, what landed is done with and what Redis refused is kept, in order."""
+    async with redis_server(tmp_path / "redis") as server:
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        await store.open()
+        try:
+            ticket = await store.begin_turn(start(), Limits())
+            await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            await server.command("CONFIG", "SET", "maxmemory", "1")
+            await store.end_turn(ticket, end(10))  # the settle: queued, refused
+            await asyncio.sleep(0.3)
+            assert len(store._queue) == 1 and store.trouble is not None
+            await server.command("CONFIG", "SET", "maxmemory", "0")
+            record = None
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if store.trouble is None and not store._queue:
+                    record = await store.get("s1")
+                    break
+            assert record is not None
+            assert (record.turns, record.in_flight, record.tokens.input_tokens) == (1, 0, 10)
         finally:
             await store.close()
