@@ -11,7 +11,11 @@
 -- Numbers come in as strings; floats go back as strings (a Lua number returned is cut to an
 -- integer).
 
-local op, now = ARGV[1], tonumber(ARGV[2])
+-- ARGV[1] is the op, or for a write queued by a replica 'op:replica:number': its writes are
+-- numbered in the order it sends them, and one sent again after a lost connection (it may
+-- have run) is skipped, so that nothing is counted twice.
+local op, writer, number = string.match(ARGV[1], '^([a-z]+):?([0-9a-f]*):?([0-9]*)$')
+local now = tonumber(ARGV[2])
 local LAYOUT_KEY = string.gsub(KEYS[3], ':si$', ':layout')
 local EVENTS_KEPT, REWRITES_KEPT, BUDGET_GRACE = 20, 3, 300
 local MODELS_KEPT, OTHER_MODELS = 32, '(other models)'
@@ -19,6 +23,14 @@ local MODELS_KEPT, OTHER_MODELS = 32, '(other models)'
 local layout = redis.call('GET', LAYOUT_KEY)
 if layout ~= ARGV[5] then
   return {'layout', layout or ''}
+end
+
+if writer ~= nil and writer ~= '' then
+  local written = string.gsub(KEYS[3], ':si$', ':w:') .. writer
+  if tonumber(number) <= tonumber(redis.call('GET', written) or '0') then
+    return {'again'}
+  end
+  redis.call('SET', written, number, 'EX', 604800)
 end
 
 local function num(key, field)
@@ -345,11 +357,6 @@ end
 -- settle: ARGV 6 lease, 7 reserved tokens, 8 reserved cost, 9 status, 10 body hash,
 -- 11 model, 12 cost, 13 has usage (0/1), 14-18 usage, 19 estimated (0/1), 20 retries, 21 at.
 local function settle()
-  -- Once per lease: a batch sent again after a lost connection does not count it twice.
-  local done = string.gsub(KEYS[3], ':si$', ':settled:') .. ARGV[6]
-  if not redis.call('SET', done, '1', 'NX', 'EX', 600) then
-    return {'again'}
-  end
   local held = redis.call('HDEL', KEYS[5], ARGV[6]) == 1
   redis.call('ZREM', KEYS[4], ARGV[6])
   local key = KEYS[1]

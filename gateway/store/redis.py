@@ -17,7 +17,8 @@ replica's own view, as ``SessionTable`` does for SQLite (``store_outage: open``;
 refuses them): sessions begun in memory, budgets counted here. A background task reconnects
 with backoff and jitter; once Redis answers, what was counted here is folded into what it
 holds (the script's ``merge``: counts added, so no turn or token is lost), and the queue is
-written. Writes that fail stay queued in memory until they land.
+written. Writes that fail stay queued in memory until they land; each carries its number in
+this replica's order, so one sent again after a lost connection is not counted twice.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class _Op:
     args: list[str]
     at: float
     """When it was queued (time.monotonic): the backlog's age."""
+    number: int
+    """Its place in this replica's writes: Redis skips one it has run (``_write_queue``)."""
 
 
 def display_url(url: str) -> str:
@@ -208,6 +211,7 @@ class RedisStore(KeyTable, SessionTable):
         self._leases: dict[str, float] = {}
         """Leases of this replica's calls in flight, renewed while they run."""
         self._lease_numbers = itertools.count(1)
+        self._write_numbers = itertools.count(1)
         self._queue: deque[_Op] = deque()
         self._pending: Counter[str] = Counter()
         """Queued writes by the session key they change (a read waits for its own)."""
@@ -470,7 +474,7 @@ class RedisStore(KeyTable, SessionTable):
 
     # -- queued writes ---------------------------------------------------------------------------
     def _enqueue(self, keys: list[str], args: list[str]) -> None:
-        self._queue.append(_Op(keys, args, time.monotonic()))
+        self._queue.append(_Op(keys, args, time.monotonic(), next(self._write_numbers)))
         self._pending[keys[0]] += 1
         self._wake.set()
 
@@ -489,24 +493,38 @@ class RedisStore(KeyTable, SessionTable):
                 log.exception("store: writing to Redis failed")
 
     async def _write_queue(self) -> None:
-        """Send what is queued, in pipelines of ``BATCH``; what fails stays queued."""
+        """Send what is queued, in order, in pipelines of ``BATCH``; what fails stays queued.
+
+        Each write carries its number, and Redis skips one whose number it has seen from this
+        replica: a batch cut off by a lost connection (some of it may have run) is sent again
+        as it was. A write Redis answered without running it (out of memory, its script
+        gone) is numbered again with what follows it, as never sent."""
         async with self._write_lock:
             while self._queue and not self._down:
                 batch = list(itertools.islice(self._queue, BATCH))
                 replies = await self._pipeline(batch)
-                kept, away = [], None
+                kept: list[_Op] = []
+                away: BaseException | None = None
                 for op, reply in zip(batch, replies, strict=True):
                     self._queue.popleft()
-                    if isinstance(reply, FAILURES):  # not written (out of memory): kept
+                    if isinstance(reply, (*FAILURES, redis_errors.NoScriptError)):
                         kept.append(op)
-                        away = reply
+                        away = away or reply
                     elif self._landed(op, reply):
                         self._written(op)
                     else:
                         kept.append(op)
+                if not kept:
+                    continue
                 self._queue.extendleft(reversed(kept))
-                if away is not None:  # what landed is done with; the rest waits for Redis
+                numbers = self._write_numbers
+                self._queue = deque(replace(op, number=next(numbers)) for op in self._queue)
+                if isinstance(away, redis_errors.NoScriptError):  # Redis lost it: again
+                    self._sha = await self.client.script_load(SCRIPT)
+                elif away is not None:  # what landed is done with; the rest waits for Redis
                     raise away
+                else:
+                    return  # another layout's Redis: kept until the keeper says otherwise
 
     def _written(self, op: _Op) -> None:
         left = self._pending[op.keys[0]] - 1
@@ -516,16 +534,12 @@ class RedisStore(KeyTable, SessionTable):
             del self._pending[op.keys[0]]
 
     async def _pipeline(self, batch: list[_Op]) -> list[Any]:
+        replica = self.replica
         async with self.client.pipeline(transaction=False) as pipe:
             for op in batch:
-                pipe.evalsha(self._sha, len(op.keys), *op.keys, *op.args)
+                numbered = f"{op.args[0]}:{replica}:{op.number}"
+                pipe.evalsha(self._sha, len(op.keys), *op.keys, numbered, *op.args[1:])
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, redis_errors.NoScriptError) for r in replies):
-            # Nothing of a NOSCRIPT reply ran: load it, and send those again.
-            self._sha = await self.client.script_load(SCRIPT)
-            again = [op for op, r in zip(batch, replies, strict=True) if _no_script(r)]
-            retried = iter(await self._pipeline(again))
-            replies = [next(retried) if _no_script(r) else r for r in replies]
         return replies
 
     def _landed(self, op: _Op, reply: Any) -> bool:
@@ -854,10 +868,6 @@ class RedisStore(KeyTable, SessionTable):
             else:
                 self._keys = {k.decode(): v for k, v in stored.items()}
         return await super().list_keys()
-
-
-def _no_script(reply: Any) -> bool:
-    return isinstance(reply, redis_errors.NoScriptError)
 
 
 def _ident_args(ident: Identity) -> list[str]:

@@ -185,6 +185,41 @@ async def test_a_settle_sent_twice_counts_once(replicas: Opener) -> None:
     assert record is not None and record.tokens.input_tokens == 10
 
 
+async def test_every_queued_write_sent_twice_counts_once(replicas: Opener) -> None:
+    """Aux calls, notes, compactions and settles: a batch sent again as it was (a connection
+    lost before its replies) is skipped where it ran, by each write's number."""
+    a = replicas()
+    await a.open()
+    ident = start().identity
+    ticket = await a.begin_turn(start(reserve=10), Limits())
+    await a.record_aux(ident, time.time())
+    await a.note(ident, time.time(), "warnings", {"key": "w:1", "at": time.time()})
+    await a.end_turn(ticket, end(10))
+    sent = list(a._queue)
+    await a._write_queue()
+    a._queue.extend(sent)  # every one of them again
+    await a._write_queue()
+    assert not a._queue and a.errors["write"] == 0
+    record = await a.get("s1")
+    assert record is not None
+    assert (record.turns, record.aux_requests, record.tokens.input_tokens) == (1, 1, 10)
+    assert [w["key"] for w in record.warnings] == ["w:1"]
+
+
+async def test_writes_sent_after_redis_lost_its_script_land_once(replicas: Opener) -> None:
+    a = replicas()
+    await a.open()
+    ticket = await a.begin_turn(start(reserve=10), Limits())
+    await a.client.script_flush()  # as a restarted Redis without persistence of scripts
+    await a.record_aux(start().identity, time.time())
+    await a.end_turn(ticket, end(10))
+    await a._write_queue()
+    assert not a._queue
+    record = await a.get("s1")
+    assert record is not None
+    assert (record.aux_requests, record.in_flight, record.tokens.input_tokens) == (1, 0, 10)
+
+
 async def test_another_layout_is_refused(replicas: Opener, shared_redis: SharedRedis) -> None:
     a = replicas()
     await a.open()
