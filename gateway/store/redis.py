@@ -34,7 +34,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_plus
 
 import orjson
@@ -509,7 +509,7 @@ class RedisStore(KeyTable, SessionTable):
                     self._queue.popleft()
                     if isinstance(reply, (*FAILURES, redis_errors.NoScriptError)):
                         kept.append(op)
-                        away = away or reply
+                        away = away or cast(BaseException, reply)
                     elif self._landed(op, reply):
                         self._written(op)
                     else:
