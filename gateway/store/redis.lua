@@ -133,22 +133,52 @@ local function changed(key, id)
   end
 end
 
+-- Events and rewrites are kept as the JSON texts the gateway sent, in a JSON list of strings:
+-- cjson would write them back changed (an empty list as {}, numbers to 14 digits).
+local function as_table(item)
+  if type(item) == 'string' then
+    return cjson.decode(item)
+  end
+  return item
+end
+
 local function note(key, kind, event_json)
   local events = decoded(key, kind)
   local event = cjson.decode(event_json)
-  local last = events[#events]
+  local last = events[#events] and as_table(events[#events])
   if is_set(event.key) and last ~= nil and last.key == event.key then
     local times = (tonumber(last.times) or 1) + 1
     local first_at = last.first_at
     if not is_set(first_at) then
       first_at = last.at
     end
-    for name, value in pairs(event) do
-      last[name] = value
+    local whole = true  -- the new event names every field of the last: it stands as sent
+    for name, _ in pairs(last) do
+      if event[name] == nil and name ~= 'times' and name ~= 'first_at' then
+        whole = false
+      end
     end
-    last.times, last.first_at = times, first_at
+    if whole and string.sub(event_json, 1, 1) == '{' then
+      local head = '{"times":' .. times
+      if type(first_at) == 'number' then
+        head = head .. ',"first_at":' .. fmt(first_at)
+      elseif is_set(first_at) then
+        head = head .. ',"first_at":' .. cjson.encode(first_at)
+      end
+      local rest = string.sub(event_json, 2)
+      if rest ~= '}' then
+        head = head .. ','
+      end
+      events[#events] = head .. rest
+    else
+      for name, value in pairs(event) do
+        last[name] = value
+      end
+      last.times, last.first_at = times, first_at
+      events[#events] = cjson.encode(last)
+    end
   else
-    table.insert(events, event)
+    table.insert(events, event_json)
     while #events > EVENTS_KEPT do
       table.remove(events, 1)
     end
@@ -449,7 +479,7 @@ local function record()
     end
     if ARGV[16] ~= '' then
       local rewrites = decoded(key, 'context_rewrites')
-      table.insert(rewrites, cjson.decode(ARGV[16]))
+      table.insert(rewrites, ARGV[16])
       while #rewrites > REWRITES_KEPT do
         table.remove(rewrites, 1)
       end

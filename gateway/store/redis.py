@@ -270,6 +270,24 @@ class RedisStore(KeyTable, SessionTable):
         self._sha = await client.script_load(SCRIPT)
         stored = await client.hgetall(self.keys.keys)
         self._loaded_keys([(k.decode(), v) for k, v in stored.items()])
+        await self._check_eviction()
+
+    async def _check_eviction(self) -> None:
+        """Said once per connect: under any policy but ``noeviction`` a full Redis may drop a
+        live session or budget window (they carry expiries), and its counts with it."""
+        try:
+            memory = await self.client.info("memory")
+        except redis_errors.ResponseError:  # INFO renamed or refused by a managed Redis
+            return
+        policy = memory.get("maxmemory_policy", "noeviction")
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy != "noeviction":
+            log.warning(
+                "store: Redis at %s evicts keys when full (maxmemory-policy %s): a session or"
+                " budget it evicts loses its counts; set maxmemory-policy noeviction",
+                self.shown_url,
+                policy[:40],
+            )
 
     async def close(self) -> None:
         # Flagged as well as cancelled: redis-py may turn a cancellation inside a call into a

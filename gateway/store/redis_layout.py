@@ -107,9 +107,13 @@ def from_hash(raw: dict[bytes, bytes]) -> SessionRecord | None:
             values[name] = float(value)
         elif name in _TEXTS:
             values[name] = value.decode()
-        elif name in _LISTS:
+        elif name in _LISTS:  # a list of JSON texts, as sent (the script never re-encodes)
             decoded = orjson.loads(value)
-            values[name] = decoded if isinstance(decoded, list) else []  # Lua's {} is []
+            values[name] = (
+                [orjson.loads(item) if isinstance(item, str) else item for item in decoded]
+                if isinstance(decoded, list)
+                else []  # Lua's {} is []
+            )
         elif name == "models":
             decoded = orjson.loads(value)
             if isinstance(decoded, dict):
@@ -134,7 +138,7 @@ def to_hash(record: SessionRecord) -> list[str]:
         if value is not None:
             out += [name, repr(value) if isinstance(value, float) else str(value)]
     for name in sorted(_LISTS):
-        out += [name, orjson.dumps(data[name]).decode()]
+        out += [name, orjson.dumps([orjson.dumps(item).decode() for item in data[name]]).decode()]
     out += ["models", orjson.dumps(data["models"]).decode()]
     for field in _TOKENS:
         out += [field, str(data["tokens"][field.removeprefix("tokens.")])]

@@ -211,6 +211,28 @@ def test_absorb_keeps_at_most_models_kept_models_apart() -> None:
     assert mine.models[OTHER_MODELS].turns == 2 * MODELS_KEPT
 
 
+async def test_events_come_back_as_they_were_kept(store: Store) -> None:
+    """An event's empty list stays a list and its times keep every digit (Redis's cjson would
+    make ``[]`` an object and cut numbers to 14 digits); the same event again is counted on
+    the last entry, the first time kept."""
+    ticket = await store.begin_turn(start(), Limits())
+    ident = start().identity
+    first = {"key": "loop:read", "at": 1796257679.1022844, "calls": [], "n": 2**40 + 1}
+    again = {"key": "loop:read", "at": 1796257680.2033955, "calls": [], "n": 7}
+    other = {"key": "other", "at": 1796257681.5, "nested": {"empty": [], "also": {}}}
+    await store.note(ident, 1001.0, "detections", first)
+    await store.note(ident, 1002.0, "detections", again)
+    await store.note(ident, 1003.0, "detections", other)
+    await store.end_turn(ticket, end(None))
+    rec = await store.get("s1")
+    assert rec is not None
+    assert rec.detections == [
+        {**again, "times": 2, "first_at": 1796257679.1022844},
+        other,
+    ]
+    assert isinstance(rec.detections[0]["calls"], list)
+
+
 async def test_an_ended_session_takes_no_grant(store: Store) -> None:
     await store.end_turn(await store.begin_turn(start(), Limits()), end(None))
     await store.set_status("s1", "ended", "ended by bob")

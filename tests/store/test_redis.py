@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,36 @@ async def test_summaries_stay_off_the_server_unless_opted_in(replicas: Opener) -
     assert record is not None and record.context_rewrites == [rewrite]
 
 
+async def test_a_shared_rewrite_comes_back_as_it_was_sent(replicas: Opener) -> None:
+    """A rewrite's replaced items go upstream again: an empty list must stay a list (cjson
+    writes ``[]`` back as ``{}``, which a provider refuses) and a number keep its digits."""
+    writer, reader = replicas(store_summaries=True), replicas(store_summaries=True)
+    await writer.open()
+    await reader.open()
+    rewrite = {
+        "digest": "ab" * 16,
+        "count": 4,
+        "ops": [0, {"role": "assistant", "content": [], "tool_calls": []}, 3],
+        "strategies": [],
+        "at": 1796257679.1022844,
+        "summary_model": None,
+    }
+    await writer.record_compaction(
+        start().identity, time.time(), CompactionNote(10, rewrite=rewrite)
+    )
+    await writer._write_queue()
+    record = await reader.get("s1")
+    assert record is not None and record.context_rewrites == [rewrite]
+    # Merged back after an outage: the same, beside what Redis held.
+    away = replicas(store_summaries=True)
+    await away.open()
+    mine = replace(record, context_rewrites=[{**rewrite, "count": 5}], turns=0)
+    await away._merge(mine)
+    merged = await reader.get("s1")
+    assert merged is not None
+    assert merged.context_rewrites == [rewrite, {**rewrite, "count": 5}]
+
+
 async def test_grants_and_status_across_replicas(replicas: Opener) -> None:
     a, b = replicas(), replicas()
     await a.open()
@@ -393,3 +424,24 @@ async def test_a_write_refused_for_memory_stays_queued(tmp_path: Path) -> None:
             assert (record.turns, record.in_flight, record.tokens.input_tokens) == (1, 0, 10)
         finally:
             await store.close()
+
+
+async def test_an_evicting_redis_is_said_at_connect(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with redis_server(tmp_path / "redis") as server:
+        await server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        with caplog.at_level("WARNING", logger="gateway.store"):
+            await store.open()
+        await store.close()
+        assert "maxmemory-policy allkeys-lru" in caplog.text
+        caplog.clear()
+        await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        with caplog.at_level("WARNING", logger="gateway.store"):
+            await store.open()
+        await store.close()
+        assert "maxmemory-policy" not in caplog.text
