@@ -12,6 +12,7 @@ gateway estimates with tiktoken and flags the turn as estimated.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from gateway.appkeys import STORE
 from gateway.caps import cap
@@ -21,10 +22,17 @@ from gateway.errors import StoreUnavailable
 from gateway.exchange import Exchange
 from gateway.identity import qualified
 from gateway.policy.prices import cost as cost_of
-from gateway.policy.step import reject, warn
+from gateway.policy.step import decide_policy, reject, warn
 from gateway.policy.verdicts import limit_verdict, warnings
 from gateway.redact import claim
-from gateway.store import LimitExceeded, LoadFailed, Store, TurnEnd, TurnStart
+from gateway.store import (
+    LimitExceeded,
+    LoadFailed,
+    SessionChanged,
+    Store,
+    TurnEnd,
+    TurnStart,
+)
 from gateway.tokens import TokenCounter
 
 
@@ -41,6 +49,7 @@ def turn_start(ex: Exchange) -> TurnStart:
         reserve_tokens=decision.reserve_tokens if decision else 0,
         reserve_cost=decision.reserve_cost if decision else 0.0,
         fail_open=decision is None or decision.effective.settings.store_outage == "open",
+        seen=ex.record.rev if ex.record is not None else 0,
     )
 
 
@@ -53,7 +62,17 @@ async def begin_turn(ex: Exchange) -> None:
     if not start.fail_open and store.trouble is not None:
         raise StoreUnavailable(decision.effective.source("store_outage"))
     try:
-        ticket = await store.begin_turn(start, decision.limits)
+        try:
+            ticket = await store.begin_turn(start, decision.limits)
+        except SessionChanged as changed:
+            # Decided on this replica's copy, which another replica's turn, a grant or a pause
+            # has overtaken: decided again on the session as it is, and begun without the check.
+            ex.record = changed.record
+            await decide_policy(ex)
+            assert ex.decision is not None
+            decision = ex.decision
+            start = replace(turn_start(ex), seen=None)
+            ticket = await store.begin_turn(start, decision.limits)
     except LimitExceeded as exc:
         await reject(ex, limit_verdict(exc.hit, decision.effective))
     except LoadFailed:  # only when failing closed: the session could not be read

@@ -92,7 +92,7 @@ async def handle(ex: Exchange) -> None:
     1. ``read_request`` (here): the body, bounded and decoded (``body``), and the dialect's
        ``RequestFacts``.
     2. ``identify_session`` (here): the one credential, and the caller's own session
-       (``credentials``, ``identity``).
+       (``credentials``, ``identity``), as the store has it at hand (``Store.current``).
     3. ``decide_policy`` (``policy/step.py``): the decision before anything is counted; loops
        noted, and a session paused if the policy says so.
     4. ``admit`` (``resilience/admission.py``): the upstream's breaker (or its fallback) and a
@@ -241,10 +241,10 @@ async def identify_session(ex: Exchange) -> None:
     else:
         team = principal.team
     identity = identify(headers, ex.facts, ex.path_session, who.credential, team, principal.id)
-    get = app[STORE].get
-    record = await get(identity.session_id)
+    current = app[STORE].current  # Redis: this replica's copy, checked when the turn begins
+    record = await current(identity.session_id)
     if record is not None and record.key_hash != identity.key_hash:
-        identity, record = await own_session(identity, get)
+        identity, record = await own_session(identity, current)
     ex.identity, ex.record = identity, record
 
 

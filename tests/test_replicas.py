@@ -616,3 +616,46 @@ async def test_a_hostile_max_tokens_neither_degrades_the_store_nor_reserves_belo
     assert record.in_flight == 0 and record.reserved_tokens == 0
     outcome = await call(b, "chat", session_headers("hostile"))  # the next call: as ever
     assert outcome.ok, outcome.body
+
+
+# -- 11. one round trip before a call goes upstream ----------------------------------------------
+async def test_a_sessions_next_call_makes_one_round_trip_before_forwarding(
+    make_gateway: MakeGateway, shared_redis: SharedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica decides on the copy its last turn's settle brought back (no read), and the
+    check-and-reserve checks that copy is current: one ``EVALSHA`` before the upstream. When
+    the other replica has changed the session meanwhile, the check says so, with the session
+    as it is, and the call is decided again: still exact."""
+    a, b = await replicas(make_gateway, shared_redis.url(), None)
+    sent: list[str] = []
+    for gw in (a, b):
+        client = redis_store(gw).client
+        for name in ("hgetall", "evalsha"):
+            original = getattr(client, name)
+
+            def spy(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                sent.append(_name)
+                return _original(*args)
+
+            monkeypatch.setattr(client, name, spy)
+    headers = session_headers("one-trip")
+    first = await call(a, "chat", headers)
+    assert first.ok, first.body
+    assert sent == ["hgetall", "evalsha"]  # a session this replica has no copy of: read
+    for turn in range(2, 6):
+        await landed(a)
+        sent.clear()
+        outcome = await call(a, "chat", headers)
+        assert outcome.ok, outcome.body
+        assert outcome.headers["x-gateway-turn"] == str(turn)
+        assert sent == ["evalsha"], sent  # the begin; the settle goes by the writer's pipeline
+    # The other replica's turn overtakes a's copy: a's begin finds it changed, decides again.
+    assert (await call(b, "chat", headers)).ok
+    await landed(a, b)
+    sent.clear()
+    outcome = await call(a, "chat", headers)
+    assert outcome.ok and outcome.headers["x-gateway-turn"] == "7", outcome.body
+    assert sent == ["evalsha", "evalsha"], sent  # changed (with the session), then begun
+    await landed(a, b)
+    shown = await b.session("one-trip")
+    assert shown["turns"] == 7 and shown["in_flight"] == 0

@@ -21,7 +21,33 @@ from gateway.policy.verdicts import Verdict, loop_verdict
 
 
 async def decide_policy(ex: Exchange) -> None:
-    """The policy's verdict before anything is counted: size, model, input size, loops."""
+    """The policy's verdict before anything is counted: size, model, input size, loops.
+
+    A stop decided on a kept copy of the session (``Store.current``: Redis) is checked against
+    the session as it is first: another replica's grant may have lifted it since."""
+    assert ex.identity is not None
+    try:
+        ex.decision = _decide(ex)
+    except PolicyStop as stop:
+        if not await _overtaken(ex):
+            await reject(ex, stop.verdict)
+    else:
+        decision = ex.decision
+        if not decision.detections:
+            return
+        stops = loop_verdict(decision, ex.identity.session_id, ex.record) is not None
+        if not stops or not await _overtaken(ex):
+            await detected(ex, decision)
+            return
+    try:  # once more, on the session as it is now
+        ex.decision = _decide(ex)
+    except PolicyStop as stop:
+        await reject(ex, stop.verdict)
+    if ex.decision.detections:
+        await detected(ex, ex.decision)
+
+
+def _decide(ex: Exchange) -> Decision:
     assert ex.identity is not None and ex.facts is not None and ex.dialect is not None
     app, facts = ex.app, ex.facts
     policy = app[POLICY].policy
@@ -39,12 +65,19 @@ async def decide_policy(ex: Exchange) -> None:
         ex.body_hash,
         ex.helper_call,
     )
-    try:
-        ex.decision = decide.decide(policy, call, app[TOKENS])
-    except PolicyStop as stop:
-        await reject(ex, stop.verdict)
-    if ex.decision.detections:
-        await detected(ex, ex.decision)
+    return decide.decide(policy, call, app[TOKENS])
+
+
+async def _overtaken(ex: Exchange) -> bool:
+    """Whether the session read for the call has changed since (a kept copy another replica
+    overtook); if so ``ex.record`` is now the session as it is. One read, on a stop only."""
+    if ex.record is None or ex.identity is None:
+        return False
+    fresh = await ex.app[STORE].get(ex.identity.session_id)
+    if fresh is None or fresh.rev == ex.record.rev:
+        return False
+    ex.record = fresh
+    return True
 
 
 async def detected(ex: Exchange, decision: Decision) -> None:

@@ -104,6 +104,15 @@ class SessionEnded(Exception):
         self.reason = record.status_reason or ""
 
 
+class SessionChanged(Exception):
+    """The session changed since the copy the call was decided on (``TurnStart.seen``):
+    nothing was counted, and ``record`` is the session as it is now."""
+
+    def __init__(self, record: SessionRecord | None) -> None:
+        super().__init__("the session changed since it was read")
+        self.record = record
+
+
 class LoadFailed(Exception):
     """The backend could not read a session: what it has counted is unknown for now. The
     table answers with a record begun in memory (fail open) unless the turn asked it not to
@@ -186,6 +195,11 @@ class Store(Protocol):
     ) -> SessionRecord | None: ...
 
     async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def current(self, session_id: str) -> SessionRecord | None:
+        """The session for a call's decision: ``get``, or a copy kept by this process that may
+        lag other processes' changes (``begin_turn`` then raises ``SessionChanged``)."""
+        ...
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
         """Newest (last seen) first."""
@@ -464,6 +478,8 @@ class SessionTable:
             return await self._session(session_id)
         except LoadFailed:
             return None
+
+    current = get  # one process holds the table: what it has is current
 
     async def find(self, query: SessionQuery) -> list[SessionRecord]:
         found = [r for r in self.sessions.values() if matches(r, query)]

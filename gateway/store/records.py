@@ -104,6 +104,9 @@ class SessionRecord:
     in_flight: int = 0
     reserved_tokens: int = 0
     """Tokens held by calls in flight, so concurrent calls cannot overshoot a limit."""
+    rev: int = 0
+    """Changes a call's decision reads (Redis: a replica's kept copy is checked against it
+    when the turn begins, ``TurnStart.seen``); 0 in the stores one process holds."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,6 +150,7 @@ INTERNAL_FIELDS = frozenset(
         "rate_slow",
         "loops_allowed_until",
         "context_rewrites",
+        "rev",
     }
 )
 """What the gateway keeps about a session for itself: loop detectors' state, the turn up to
@@ -223,6 +227,10 @@ class TurnStart:
     """The policy's ``store_outage``: while the backend cannot read the session, go on from a
     record begun in memory (``open``, merged into the stored one later) or raise
     ``LoadFailed`` (``closed``: no limit is ever checked against half the figures)."""
+    seen: int | None = None
+    """The session's ``rev`` the call was decided on (0: no session): a store whose copy may
+    lag (Redis) raises ``SessionChanged`` rather than begin a turn decided on an older one.
+    None: not checked."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -113,7 +113,12 @@ local function touch(key, ident, at)
 end
 
 -- After every change: the index's order, and the session's expiry by the retention.
+-- A session's 'rev' counts the changes a call's decision reads (not aux calls and notes): a
+-- replica that decided on a copy it kept is told by 'begin' when the copy is behind.
 local function changed(key, id)
+  if op ~= 'aux' and op ~= 'note' then
+    redis.call('HINCRBY', key, 'rev', 1)
+  end
   local last = num(key, 'last_seen')
   redis.call('ZADD', KEYS[3], last, id)
   local keep = nil
@@ -264,14 +269,20 @@ end
 
 -- begin: ARGV 6-11 ident, 12 id, 13 qualified id, 14 user turn (0/1), 15 reserve tokens,
 -- 16 reserve cost, 17 max_turns, 18 max_session_tokens, 19 idle_timeout, 20 lease,
--- 21 lease length (seconds), then per budget (KEYS 7..): window end, max tokens, max cost,
--- max requests, its key as the policy names it.
+-- 21 lease length (seconds), 22 the session's rev the call was decided on ('' for not
+-- checked), then per budget (KEYS 7..): window end, max tokens, max cost, max requests, its
+-- key as the policy names it.
 local function begin()
   reclaim()
   local ident = ident_at(6)
   local key, id, which = own(ident, ARGV[12], ARGV[13])
   if key == nil then
     return {'taken', ARGV[13]}
+  end
+  if ARGV[22] ~= '' and key == KEYS[1] and num(key, 'rev') ~= tonumber(ARGV[22]) then
+    -- Changed since the replica's copy (another replica's turn, a grant, a pause): nothing
+    -- counted; the session as it is now, for the decision to be made again.
+    return {'changed', unpack(redis.call('HGETALL', key))}
   end
   local at = ARGV[2]
   if redis.call('EXISTS', key) == 0 then
@@ -315,7 +326,7 @@ local function begin()
   end
   local budgets = #KEYS - 6
   for i = 1, budgets do
-    local budget, base = KEYS[6 + i], 21 + 5 * (i - 1)
+    local budget, base = KEYS[6 + i], 22 + 5 * (i - 1)
     local max_tokens, max_cost, max_requests = ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
     local requests = num(budget, 'requests')
     if max_requests ~= '' and requests >= tonumber(max_requests) then
@@ -359,7 +370,7 @@ local function begin()
   local lease = {key, ARGV[15], ARGV[16]}
   local seen = {}
   for i = 1, budgets do
-    local budget, base = KEYS[6 + i], 21 + 5 * (i - 1)
+    local budget, base = KEYS[6 + i], 22 + 5 * (i - 1)
     if seen[budget] == nil then
       seen[budget] = true
       local window_end = tonumber(ARGV[base + 1])
@@ -445,7 +456,8 @@ local function settle()
       redis.call('HINCRBYFLOAT', budget, 'cost', ARGV[12])
     end
   end
-  return {'ok'}
+  -- The session as the turn left it: the replica's copy for its next call's decision.
+  return {'ok', unpack(redis.call('HGETALL', key))}
 end
 
 -- aux, note, compaction: ARGV 6-11 ident, 12 id, 13 qualified id, then their own.

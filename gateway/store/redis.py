@@ -2,11 +2,15 @@
 
 What Redis holds is the truth: each change to a session or a budget is one call of one Lua
 script (``redis.lua``), so a check and its reservation happen together on the server and no
-number of replicas, nor any concurrency, overshoots a limit. The hot path makes two round
-trips before a call goes upstream: the session read the policy decides on (loop detectors
-need the figures as they are), and the check-and-reserve. What comes after the answer (the
-turn's usage, notes, compactions) is queued and written by a background task, pipelined;
-reads of this replica wait for its own queue first, so it always reads its own writes.
+number of replicas, nor any concurrency, overshoots a limit. The hot path makes one round
+trip before a call goes upstream, the check-and-reserve: the policy decides on this replica's
+copy of the session (``current``: what its last turn's settle brought back), and the script
+checks that copy is current (the session's ``rev``); when another replica changed the
+session since, it answers with the session as it is and nothing counted
+(``SessionChanged``), and the call is decided again. A session this replica has no copy of
+is read first. What comes after the answer (the turn's usage, notes, compactions) is queued
+and written by a background task, pipelined; reads of this replica wait for its own queue
+first, so it always reads its own writes.
 
 A reservation is a lease: its replica renews it while the call runs (every ``lease / 4``
 seconds); a replica that dies mid-call stops renewing, and the next check frees what the
@@ -44,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
+from gateway.dialects.base import Usage
 from gateway.errors import SessionTaken
 from gateway.identity import Identity, qualified
 from gateway.secret import Secret
@@ -52,6 +57,7 @@ from gateway.store.base import (
     RETENTION_SWEEP_EVERY,
     LimitExceeded,
     LoadFailed,
+    SessionChanged,
     SessionEnded,
     SessionTable,
     StoreRefused,
@@ -97,6 +103,10 @@ BATCH = 256
 """Queued writes sent in one pipeline."""
 FIND_SCAN = 5_000
 """Index entries one ``find`` looks at, at most (filters that match little stop there)."""
+COPIES_KEPT, COPIES_BYTES = 10_000, 64 * 1024 * 1024
+"""Sessions whose copy a replica keeps for its calls' decisions (``current``), at most, and
+the bytes of their fields (a session holds up to 20 events of each kind, and with
+``store_summaries`` its saved rewrites)."""
 REWRITES_HELD = 10_000
 """Sessions whose saved rewrites a replica holds in memory when summaries are not stored."""
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
@@ -223,6 +233,9 @@ class RedisStore(KeyTable, SessionTable):
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._rewrites: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._copies: OrderedDict[str, dict[bytes, bytes]] = OrderedDict()
+        """Sessions as their last settle or read left them, by key (``current``)."""
+        self._copies_size = 0
         self.merged = 0
         """Sessions counted here while Redis was away and folded into it since."""
 
@@ -321,6 +334,7 @@ class RedisStore(KeyTable, SessionTable):
     # -- Redis away and back ---------------------------------------------------------------------
     def _failed(self, exc: BaseException, operation: str = "write") -> None:
         self.errors[operation] += 1
+        self._drop_copies()  # what changes while Redis is away is merged back: read again
         if not self._down:
             self._down = True
             log.warning("store: Redis at %s away: %s", self.shown_url, _describe(exc))
@@ -362,6 +376,7 @@ class RedisStore(KeyTable, SessionTable):
 
     async def _reconnect(self) -> None:
         await self._connect()
+        self._drop_copies()
         self._down = False
         log.warning("store: Redis at %s is back", self.shown_url)
         await self._catch_up()
@@ -530,6 +545,8 @@ class RedisStore(KeyTable, SessionTable):
                         away = away or cast(BaseException, reply)
                     elif self._landed(op, reply):
                         self._written(op)
+                        if op.args[0] == "settle" and isinstance(reply, list) and len(reply) > 1:
+                            self._keep_copy(op.keys[0], _hash_of(reply))  # the session after it
                     else:
                         kept.append(op)
                 if not kept:
@@ -587,12 +604,47 @@ class RedisStore(KeyTable, SessionTable):
         await self._read_own_writes(session_id)
         if self._down:
             return await super().get(session_id)
+        key = self.keys.session(session_id)
         try:
-            raw = await self.client.hgetall(self.keys.session(session_id))
+            raw = await self.client.hgetall(key)
         except _REFUSED as exc:
             self._failed(exc, "load")
             return await super().get(session_id)
+        self._keep_copy(key, raw)
         return self._with_rewrites(from_hash(raw))
+
+    async def current(self, session_id: str) -> SessionRecord | None:
+        """This replica's copy of the session when it has one (no round trip): the copy its
+        last turn's settle or read brought back. The turn's ``begin`` checks it is current
+        (``TurnStart.seen``); another replica's change since is a ``SessionChanged``."""
+        key = self.keys.session(session_id)
+        if key in self._pending:  # its settle queued: once written, the copy is the reply
+            await self._read_own_writes(session_id)
+        raw = self._copies.get(key)
+        if raw is None or self._down:
+            return await self.get(session_id)
+        self._copies.move_to_end(key)
+        return self._with_rewrites(from_hash(raw))
+
+    def _keep_copy(self, key: str, raw: dict[bytes, bytes]) -> None:
+        copies = self._copies
+        self._drop_copy(key)
+        if not raw:
+            return
+        copies[key] = raw
+        self._copies_size += _size(raw)
+        while len(copies) > COPIES_KEPT or self._copies_size > COPIES_BYTES:
+            _, dropped = copies.popitem(last=False)
+            self._copies_size -= _size(dropped)
+
+    def _drop_copy(self, key: str) -> None:
+        dropped = self._copies.pop(key, None)
+        if dropped is not None:
+            self._copies_size -= _size(dropped)
+
+    def _drop_copies(self) -> None:
+        self._copies.clear()
+        self._copies_size = 0
 
     def _with_rewrites(self, record: SessionRecord | None) -> SessionRecord | None:
         if record is not None and not self.store_summaries:
@@ -620,6 +672,7 @@ class RedisStore(KeyTable, SessionTable):
             _opt(limits.idle_timeout),
             lease,
             repr(self.lease),  # the deadline is Redis's clock plus this
+            "" if start.seen is None else str(start.seen),
         ]
         for limit in limits.budgets:
             args += [
@@ -636,10 +689,16 @@ class RedisStore(KeyTable, SessionTable):
             self._failed(exc)
             return await super().begin_turn(start, limits)
         kind = reply[0]
+        key = self.keys.session(ident.session_id)
+        if kind == b"changed":
+            raw = _hash_of(reply)
+            self._keep_copy(key, raw)
+            raise SessionChanged(self._with_rewrites(from_hash(raw)))
         if kind == b"taken":
             raise SessionTaken(reply[1].decode())
         if kind == b"limit":
             raise LimitExceeded(_limit_hit(reply, start, limits))
+        self._drop_copy(key)  # behind now: the settle brings the next copy
         self._leases[lease] = time.monotonic()
         return TurnTicket(
             reply[1].decode(),
@@ -659,17 +718,7 @@ class RedisStore(KeyTable, SessionTable):
             return
         self._leases.pop(ticket.lease, None)
         usage = end.usage
-        counts = (
-            [
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_read_tokens,
-                usage.cache_creation_tokens,
-                usage.reasoning_tokens,
-            ]
-            if usage is not None
-            else [0, 0, 0, 0, 0]
-        )
+        counts = _usage_counts(usage)
         args = [
             "settle",
             *self._common(),
@@ -725,17 +774,7 @@ class RedisStore(KeyTable, SessionTable):
             await super().record_compaction(identity, at, note)
             return
         usage = note.summary_usage
-        counts = (
-            [
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_read_tokens,
-                usage.cache_creation_tokens,
-                usage.reasoning_tokens,
-            ]
-            if usage is not None
-            else [0, 0, 0, 0, 0]
-        )
+        counts = _usage_counts(usage)
         extra = [
             str(note.saved_tokens),
             orjson.dumps(note.event).decode() if note.event is not None else "",
@@ -886,6 +925,28 @@ class RedisStore(KeyTable, SessionTable):
             else:
                 self._keys = {k.decode(): v for k, v in stored.items()}
         return await super().list_keys()
+
+
+def _usage_counts(usage: Usage | None) -> list[int]:
+    """The five counts the script takes, in its order (zeros for no usage)."""
+    if usage is None:
+        return [0, 0, 0, 0, 0]
+    return [
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_tokens,
+        usage.cache_creation_tokens,
+        usage.reasoning_tokens,
+    ]
+
+
+def _size(raw: dict[bytes, bytes]) -> int:
+    return sum(len(name) + len(value) for name, value in raw.items())
+
+
+def _hash_of(reply: list[Any]) -> dict[bytes, bytes]:
+    """A session's hash from a script's reply: its kind, then field, value, ..."""
+    return dict(zip(reply[1::2], reply[2::2], strict=True))
 
 
 def _ident_args(ident: Identity) -> list[str]:

@@ -49,6 +49,7 @@ _INTS = frozenset(
         "body_repeats",
         "in_flight",
         "reserved_tokens",
+        "rev",
     }
 )
 _FLOATS = frozenset({"first_seen", "last_seen", "cost", "rate_fast", "rate_slow"})

@@ -445,3 +445,29 @@ async def test_an_evicting_redis_is_said_at_connect(
             await store.open()
         await store.close()
         assert "maxmemory-policy" not in caplog.text
+
+
+async def test_the_kept_copies_are_bounded_in_count_and_bytes(
+    replicas: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = replicas()
+    await a.open()
+    for n in range(6):
+        ticket = await a.begin_turn(start(f"s{n}"), Limits())
+        await a.end_turn(ticket, end(1))
+    await a._write_queue()
+    assert len(a._copies) == 6  # each settle brought its session back
+    one = _size_of(a, "s5")
+    monkeypatch.setattr("gateway.store.redis.COPIES_BYTES", one * 3 + 100)  # s0 grows a bit
+    ticket = await a.begin_turn(start("s0"), Limits())
+    await a.end_turn(ticket, end(1))
+    await a._write_queue()
+    assert list(a._copies) == [a.keys.session(f"s{n}") for n in (4, 5, 0)]
+    assert a._copies_size == sum(_size_of(a, f"s{n}") for n in (4, 5, 0))
+    record = await a.current("s0")  # from the copy: the settle's figures
+    assert record is not None and (record.turns, record.in_flight) == (2, 0)
+
+
+def _size_of(store: RedisStore, session: str) -> int:
+    raw = store._copies[store.keys.session(session)]
+    return sum(len(name) + len(value) for name, value in raw.items())
