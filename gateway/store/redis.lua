@@ -113,10 +113,13 @@ local function touch(key, ident, at)
 end
 
 -- After every change: the index's order, and the session's expiry by the retention.
--- A session's 'rev' counts the changes a call's decision reads (not aux calls and notes): a
--- replica that decided on a copy it kept is told by 'begin' when the copy is behind.
+-- A session's 'rev' counts the changes a call's decision reads: a replica that decided on a
+-- copy it kept is told by 'begin' when the copy is behind. Not aux calls and notes (no
+-- decision reads them), nor a turn's beginning: what it changes (turns, reservations) is
+-- checked by 'begin' itself, and a call decided while another is in flight reads what was
+-- settled, as it would have read it a moment earlier.
 local function changed(key, id)
-  if op ~= 'aux' and op ~= 'note' then
+  if op ~= 'aux' and op ~= 'note' and op ~= 'begin' then
     redis.call('HINCRBY', key, 'rev', 1)
   end
   local last = num(key, 'last_seen')
@@ -296,9 +299,10 @@ local function begin()
     if not (status == 'ended' and reason ~= 'idle') then
       local first_seen = redis.call('HGET', key, 'first_seen')
       local restarts = num(key, 'restarts') + 1
+      local rev = num(key, 'rev') + 1  -- a fresh count is a change: no copy of before matches
       redis.call('DEL', key)
       create(key, id, ident, at)
-      redis.call('HSET', key, 'first_seen', first_seen, 'restarts', restarts)
+      redis.call('HSET', key, 'first_seen', first_seen, 'restarts', restarts, 'rev', rev)
     end
   end
   local status = redis.call('HGET', key, 'status')

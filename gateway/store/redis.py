@@ -689,16 +689,14 @@ class RedisStore(KeyTable, SessionTable):
             self._failed(exc)
             return await super().begin_turn(start, limits)
         kind = reply[0]
-        key = self.keys.session(ident.session_id)
         if kind == b"changed":
             raw = _hash_of(reply)
-            self._keep_copy(key, raw)
+            self._keep_copy(self.keys.session(ident.session_id), raw)
             raise SessionChanged(self._with_rewrites(from_hash(raw)))
         if kind == b"taken":
             raise SessionTaken(reply[1].decode())
         if kind == b"limit":
             raise LimitExceeded(_limit_hit(reply, start, limits))
-        self._drop_copy(key)  # behind now: the settle brings the next copy
         self._leases[lease] = time.monotonic()
         return TurnTicket(
             reply[1].decode(),

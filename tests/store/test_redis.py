@@ -21,6 +21,7 @@ from gateway.store import (
     LoadFailed,
     RedisStore,
     Retention,
+    SessionChanged,
     TurnEnd,
     TurnStart,
     open_store,
@@ -471,3 +472,33 @@ async def test_the_kept_copies_are_bounded_in_count_and_bytes(
 def _size_of(store: RedisStore, session: str) -> int:
     raw = store._copies[store.keys.session(session)]
     return sum(len(name) + len(value) for name, value in raw.items())
+
+
+async def test_rev_counts_what_a_decision_reads_and_never_goes_back(replicas: Opener) -> None:
+    """A turn's settle, a grant and a pause change ``rev``; its beginning, aux calls and notes
+    do not; an idle session's fresh count goes on from it (no copy of before matches)."""
+    a = replicas()
+    await a.open()
+    ident = start().identity
+
+    async def rev() -> int:
+        record = await a.get("s1")
+        assert record is not None
+        return record.rev
+
+    ticket = await a.begin_turn(start(), Limits())
+    assert await rev() == 0
+    await a.record_aux(ident, time.time())
+    await a.note(ident, time.time(), "warnings", {"key": "w", "at": time.time()})
+    assert await rev() == 0
+    await a.end_turn(ticket, end(1))
+    assert await rev() == 1
+    await a.grant("s1", Grant(turns=1, by="op", reason="more", at=time.time()))
+    assert await rev() == 2
+    idle = start(at=time.time() + 3600)
+    ticket = await a.begin_turn(idle, Limits(idle_timeout=60))
+    record = await a.get("s1")
+    assert record is not None and record.restarts == 1 and record.rev == 3
+    with pytest.raises(SessionChanged):  # a copy from before the fresh count
+        await a.begin_turn(replace(start(), seen=2), Limits())
+    await a.end_turn(ticket, end(1))
