@@ -85,7 +85,11 @@ def imported_gateway(repo: Path) -> Path:
 
 @contextlib.contextmanager
 def running(
-    repo: Path, workdir: Path, relay: bool, auth: GatewayAuth | None = None
+    repo: Path,
+    workdir: Path,
+    relay: bool,
+    auth: GatewayAuth | None = None,
+    store: str = "memory://",
 ) -> Iterator[Server]:
     """The fake provider, then the target under callgrind; yields the target. Stops both."""
     auth = GatewayAuth() if auth is None else auth
@@ -113,7 +117,7 @@ def running(
             wait_ready(target, tcp_open(port), READY_TIMEOUT)
         else:
             policy = repo / "bench" / "policy.yaml"
-            argv = gateway_argv(python, port, "memory://", policy, auth.config)
+            argv = gateway_argv(python, port, store, policy, auth.config)
             env = gateway_env(fake.url, workdir / "gateway-state", auth)
             target = launch("gateway", [*valgrind, *argv], port, repo, workdir, env)
             servers.append(target)
@@ -281,6 +285,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_REPO,
         help="checkout whose gateway runs (default: the one holding this script)",
     )
+    parser.add_argument(
+        "--store",
+        default="memory://",
+        help="the gateway's store (memory://); a redis:// URL measures the Redis store's client"
+        " side, against a redis-server you run (its CPU is not counted)",
+    )
     parser.add_argument("--calls", type=int, default=CALLS, help=f"measured calls ({CALLS})")
     parser.add_argument("--warmup", type=int, default=WARMUP_CALLS, help=f"({WARMUP_CALLS})")
     parser.add_argument(
@@ -316,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.auth != "passthrough":
         target = f"gateway ({args.auth})"
     print(f"{target}: {describe(repo)}  (gateway package {package.parent})")
+    if not args.relay and args.store != "memory://":
+        print(f"store: {args.store}")
     print(
         f"python {platform.python_version()}  nproc={os.cpu_count()}  warm-up {args.warmup},"
         f" {args.calls} calls at concurrency {CONCURRENCY} per case"
@@ -331,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stale.unlink()
         auth = gateway_auth(args.auth, workdir)
         cases = [auth.scenario(case) for case in cases]
-        server = stack.enter_context(running(repo, workdir, args.relay, auth))
+        server = stack.enter_context(running(repo, workdir, args.relay, auth, args.store))
         print(f"started under callgrind in {time.monotonic() - began:.0f} s", file=sys.stderr)
         results = asyncio.run(measure(server, workdir, cases, args.warmup, args.calls))
     print()
