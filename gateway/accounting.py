@@ -68,7 +68,7 @@ async def begin_turn(ex: Exchange) -> None:
             # Decided on this replica's copy, which another replica's turn, a grant or a pause
             # has overtaken: decided again on the session as it is, and begun without the check.
             ex.record = changed.record
-            await decide_policy(ex)
+            await decide_policy(ex, noted=decision.detections)
             assert ex.decision is not None
             decision = ex.decision
             start = replace(turn_start(ex), seen=None)

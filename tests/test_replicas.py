@@ -300,6 +300,24 @@ async def test_identical_tool_calls_alternating_between_replicas_pause_the_sessi
     assert (await b.session("loop"))["status"] == "paused"
 
 
+@pytest.mark.usefixtures("looping_model")
+async def test_a_flagged_loop_decided_again_is_noted_once_per_call(
+    make_gateway: MakeGateway, shared_redis: SharedRedis
+) -> None:
+    """Flagged (not stopped) detections are kept once per call, even when the call was decided
+    on a copy the other replica had overtaken and decided again."""
+    a, b = await replicas(make_gateway, shared_redis.url(), LOOPS.format(action="flag"))
+    loop = AgentLoop(a, "chat", session_headers("flagged"), "Fix the failing test.")
+    for turn in range(7):
+        loop.gw = (a, b)[turn % 2]  # each replica's copy is behind at every one of its calls
+        assert (await loop.turn()).ok
+        await landed(a, b)
+    shown = await b.session("flagged")
+    [detection] = [d for d in shown["detections"] if d["detector"] == "identical_tool_calls"]
+    flagged_calls = 7 - 4  # calls 5 to 7: their histories hold 4 identical calls or more
+    assert detection.get("times", 1) == flagged_calls, shown["detections"]
+
+
 # -- 5. a grant on one replica, honoured on the other ---------------------------------------------
 async def test_a_grant_made_on_one_replica_is_honoured_by_the_other(
     make_gateway: MakeGateway, shared_redis: SharedRedis

@@ -10,21 +10,25 @@ compaction's overflow, the counted limits of ``accounting.begin_turn``) does it 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import NoReturn
 
 from gateway.appkeys import POLICY, STORE, TOKENS
 from gateway.errors import ContextOverflow, PolicyRejection
 from gateway.exchange import Exchange
+from gateway.loops import Detection
 from gateway.policy import decide
 from gateway.policy.decide import Decision, PolicyStop
 from gateway.policy.verdicts import Verdict, loop_verdict
 
 
-async def decide_policy(ex: Exchange) -> None:
+async def decide_policy(ex: Exchange, *, noted: Sequence[Detection] = ()) -> None:
     """The policy's verdict before anything is counted: size, model, input size, loops.
 
     A stop decided on a kept copy of the session (``Store.current``: Redis) is checked against
-    the session as it is first: another replica's grant may have lifted it since."""
+    the session as it is first: another replica's grant may have lifted it since. ``noted``:
+    detections already kept with the session for this call (decided once on a copy the store
+    found behind, and now again)."""
     assert ex.identity is not None
     try:
         ex.decision = _decide(ex)
@@ -37,14 +41,14 @@ async def decide_policy(ex: Exchange) -> None:
             return
         stops = loop_verdict(decision, ex.identity.session_id, ex.record) is not None
         if not stops or not await _overtaken(ex):
-            await detected(ex, decision)
+            await detected(ex, decision, noted=noted)
             return
     try:  # once more, on the session as it is now
         ex.decision = _decide(ex)
     except PolicyStop as stop:
         await reject(ex, stop.verdict)
     if ex.decision.detections:
-        await detected(ex, ex.decision)
+        await detected(ex, ex.decision, noted=noted)
 
 
 def _decide(ex: Exchange) -> Decision:
@@ -74,18 +78,22 @@ async def _overtaken(ex: Exchange) -> bool:
     if ex.record is None or ex.identity is None:
         return False
     fresh = await ex.app[STORE].get(ex.identity.session_id)
-    if fresh is None or fresh.rev == ex.record.rev:
+    if fresh is not None and fresh.rev == ex.record.rev:
         return False
-    ex.record = fresh
+    ex.record = fresh  # None: the session is gone (expired): decided as a new one
     return True
 
 
-async def detected(ex: Exchange, decision: Decision) -> None:
-    """Loops were found: each is kept with the session, and the stop they call for (pausing the
-    session first, if the policy says so) is made, unless the policy only flags them."""
+async def detected(ex: Exchange, decision: Decision, *, noted: Sequence[Detection] = ()) -> None:
+    """Loops were found: each is kept with the session (but those ``noted`` for this call
+    already), and the stop they call for (pausing the session first, if the policy says so) is
+    made, unless the policy only flags them."""
     assert ex.identity is not None
     store, identity = ex.app[STORE], ex.identity
+    kept = {(d.detector, d.tool) for d in noted}
     for detection in decision.detections:
+        if (detection.detector, detection.tool) in kept:
+            continue
         at = time.time()
         event = {"key": f"{detection.detector}:{detection.tool}", "at": at, **detection.evidence()}
         await store.note(identity, at, "detections", event)

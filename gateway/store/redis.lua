@@ -74,9 +74,15 @@ local function ident_at(first)
   }
 end
 
+-- Revisions come from one counter of the gateway's, never from the session's own: a session
+-- that expired and began again never matches a copy of the one before (no ABA).
+local function next_rev()
+  return redis.call('INCR', (string.gsub(KEYS[3], ':si$', ':rev')))
+end
+
 local function create(key, id, ident, at)
   redis.call('HSET', key, 'id', id, 'source', ident.source, 'agent', ident.agent,
-    'first_seen', at, 'last_seen', at, 'status', 'active')
+    'first_seen', at, 'last_seen', at, 'status', 'active', 'rev', next_rev())
   for _, field in ipairs({'name', 'key_hash', 'team', 'principal'}) do
     if ident[field] ~= '' then
       redis.call('HSET', key, field, ident[field])
@@ -120,7 +126,7 @@ end
 -- settled, as it would have read it a moment earlier.
 local function changed(key, id)
   if op ~= 'aux' and op ~= 'note' and op ~= 'begin' then
-    redis.call('HINCRBY', key, 'rev', 1)
+    redis.call('HSET', key, 'rev', next_rev())
   end
   local last = num(key, 'last_seen')
   redis.call('ZADD', KEYS[3], last, id)
@@ -299,10 +305,9 @@ local function begin()
     if not (status == 'ended' and reason ~= 'idle') then
       local first_seen = redis.call('HGET', key, 'first_seen')
       local restarts = num(key, 'restarts') + 1
-      local rev = num(key, 'rev') + 1  -- a fresh count is a change: no copy of before matches
       redis.call('DEL', key)
-      create(key, id, ident, at)
-      redis.call('HSET', key, 'first_seen', first_seen, 'restarts', restarts, 'rev', rev)
+      create(key, id, ident, at)  -- a new rev: no copy of before matches
+      redis.call('HSET', key, 'first_seen', first_seen, 'restarts', restarts)
     end
   end
   local status = redis.call('HGET', key, 'status')

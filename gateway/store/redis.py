@@ -540,7 +540,7 @@ class RedisStore(KeyTable, SessionTable):
                 away: BaseException | None = None
                 for op, reply in zip(batch, replies, strict=True):
                     self._queue.popleft()
-                    if isinstance(reply, (*FAILURES, redis_errors.NoScriptError)):
+                    if _not_run(reply):
                         kept.append(op)
                         away = away or cast(BaseException, reply)
                     elif self._landed(op, reply):
@@ -923,6 +923,19 @@ class RedisStore(KeyTable, SessionTable):
             else:
                 self._keys = {k.decode(): v for k, v in stored.items()}
         return await super().list_keys()
+
+
+NOT_RUN = ("NOREPLICAS", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+"""Error replies of a Redis that refused a write without running it (no replica to write to,
+a failed snapshot, a script running long, a failover): kept, not dropped."""
+
+
+def _not_run(reply: Any) -> bool:
+    """Whether a pipelined write's reply says Redis did not run it (away, out of memory, its
+    script gone, or one of ``NOT_RUN``): the write is kept for later."""
+    if isinstance(reply, (*FAILURES, redis_errors.NoScriptError)):
+        return True
+    return isinstance(reply, redis_errors.ResponseError) and str(reply).startswith(NOT_RUN)
 
 
 def _usage_counts(usage: Usage | None) -> list[int]:

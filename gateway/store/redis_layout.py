@@ -12,6 +12,7 @@ one shard: run one prefix per tenant group to spread them.
     gw:{p}:bi            the budget index (sorted set: key by window end)
     gw:{p}:lz, gw:{p}:lv the leases of calls in flight: deadline (sorted set), what each holds
     gw:{p}:keys          gateway key records by public id (hash of JSON: hashes, never secrets)
+    gw:{p}:rev           the counter sessions' revisions are drawn from (``SessionRecord.rev``)
     gw:{p}:w:<replica>   the number of the last queued write of a replica Redis ran (a write
                          sent again after a lost connection is skipped), expiring in a week
 """

@@ -4,15 +4,19 @@ Redis, leases, the layout version, summaries kept off the server, Redis away and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from gateway.appkeys import STORE
 from gateway.dialects import Usage
 from gateway.identity import Identity
+from gateway.policy.step import _overtaken
 from gateway.store import (
     CompactionNote,
     Grant,
@@ -476,9 +480,11 @@ def _size_of(store: RedisStore, session: str) -> int:
 
 async def test_rev_counts_what_a_decision_reads_and_never_goes_back(replicas: Opener) -> None:
     """A turn's settle, a grant and a pause change ``rev``; its beginning, aux calls and notes
-    do not; an idle session's fresh count goes on from it (no copy of before matches)."""
-    a = replicas()
+    do not; a session that begins again (idle, or expired and made anew) gets a rev no copy of
+    the one before has (revisions come from one counter: no ABA)."""
+    a, b = replicas(), replicas()
     await a.open()
+    await b.open()
     ident = start().identity
 
     async def rev() -> int:
@@ -487,18 +493,75 @@ async def test_rev_counts_what_a_decision_reads_and_never_goes_back(replicas: Op
         return record.rev
 
     ticket = await a.begin_turn(start(), Limits())
-    assert await rev() == 0
+    born = await rev()
     await a.record_aux(ident, time.time())
     await a.note(ident, time.time(), "warnings", {"key": "w", "at": time.time()})
-    assert await rev() == 0
+    assert await rev() == born
     await a.end_turn(ticket, end(1))
-    assert await rev() == 1
+    settled = await rev()
+    assert settled > born
     await a.grant("s1", Grant(turns=1, by="op", reason="more", at=time.time()))
-    assert await rev() == 2
+    granted = await rev()
+    assert granted > settled
     idle = start(at=time.time() + 3600)
     ticket = await a.begin_turn(idle, Limits(idle_timeout=60))
     record = await a.get("s1")
-    assert record is not None and record.restarts == 1 and record.rev == 3
+    assert record is not None and record.restarts == 1 and record.rev > granted
     with pytest.raises(SessionChanged):  # a copy from before the fresh count
-        await a.begin_turn(replace(start(), seen=2), Limits())
+        await a.begin_turn(replace(start(), seen=granted), Limits())
     await a.end_turn(ticket, end(1))
+    # Expired and made anew by another replica, as many changes on: the old copy still differs.
+    old = await a.get("s1")
+    assert old is not None
+    await a.client.delete(a.keys.session("s1"))
+    for _ in range(3):
+        ticket = await b.begin_turn(start(), Limits())
+        await b.end_turn(ticket, end(1))
+    await b._write_queue()
+    with pytest.raises(SessionChanged) as changed:
+        await a.begin_turn(replace(start(), seen=old.rev), Limits())
+    assert changed.value.record is not None and changed.value.record.turns == 3
+
+
+async def test_a_write_redis_refuses_without_running_is_kept(tmp_path: Path) -> None:
+    """NOREPLICAS (min-replicas-to-write unmet), like MISCONF and BUSY, has no exception class
+    of its own in redis-py: the settle is kept, not dropped, and lands once Redis writes again."""
+    async with redis_server(tmp_path / "redis") as server:
+        store = open_store(server.url)
+        assert isinstance(store, RedisStore)
+        await store.open()
+        try:
+            ticket = await store.begin_turn(start(reserve=10), Limits())
+            await server.command("CONFIG", "SET", "min-replicas-to-write", "1")
+            await store.end_turn(ticket, end(500))
+            with contextlib.suppress(Exception):
+                await store._write_queue()
+            assert len(store._queue) == 1 and store.errors["write"] == 0
+            await server.command("CONFIG", "SET", "min-replicas-to-write", "0")
+            store._down = False  # as the keeper finds it back
+            await store._write_queue()
+            record = await store.get("s1")
+            assert record is not None
+            assert (record.tokens.input_tokens, record.in_flight, record.reserved_tokens) == (
+                500,
+                0,
+                0,
+            )
+        finally:
+            await store.close()
+
+
+async def test_a_stop_decided_on_a_copy_of_a_gone_session_is_decided_again(
+    replicas: Opener,
+) -> None:
+    a = replicas()
+    await a.open()
+    ticket = await a.begin_turn(start(), Limits())
+    await a.end_turn(ticket, end(5))
+    await a._write_queue()
+    copy = await a.current("s1")
+    assert copy is not None
+    await a.client.delete(a.keys.session("s1"))  # its retention ran out
+    ex = SimpleNamespace(app={STORE: a}, record=copy, identity=start().identity)
+    assert await _overtaken(ex)  # type: ignore[arg-type]
+    assert ex.record is None  # decided again as a new session
