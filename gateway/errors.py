@@ -21,6 +21,7 @@ Hierarchy::
     ├── ContextOverflow       over the context window after compaction, or ``prompt`` (400)
     ├── Shed                  the upstream's concurrency limit and queue are full (429)
     ├── StoreUnavailable      the session store is failing and the policy fails closed (503)
+    │   └── KeysUnreadable    a gateway key the store could not read yet (503)
     └── UpstreamUnavailable   upstream unreachable (502)
         ├── UpstreamTimeout   no answer within the first-byte timeout (504)
         └── BreakerOpen       the upstream's circuit breaker is open (Anthropic 529, OpenAI 503)
@@ -272,4 +273,19 @@ class StoreUnavailable(GatewayError):
             " lifts this by fixing the store, or with store_outage: open (limits then checked"
             " against what the gateway holds in memory).",
             headers={"Retry-After": str(wait), "X-Gateway-Policy-Rule": rule},
+        )
+
+
+class KeysUnreadable(StoreUnavailable):
+    """A gateway key this replica cannot check: its store (Redis) has been away since it
+    started, so it has not read the keys. Agents retry a 503 where a 401 would stop them."""
+
+    def __init__(self, prefix: str, shown: str, retry_after: float = 5.0) -> None:
+        wait = max(1, round(retry_after))
+        GatewayError.__init__(
+            self,
+            f"{prefix}: the gateway key {shown} cannot be checked now: the gateway's key store"
+            f" is unreachable and this gateway has not read its keys yet. Try again in {wait}s."
+            " An operator lifts this by bringing the store (Redis) back.",
+            headers={"Retry-After": str(wait)},
         )

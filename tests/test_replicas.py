@@ -409,6 +409,41 @@ async def test_a_key_revoked_on_one_replica_is_refused_on_the_other_within_a_sec
     assert answer.status == 401 and "revoked" in answer.message
 
 
+async def test_a_replica_started_while_redis_is_away_answers_503_for_its_keys(
+    make_gateway: MakeGateway,
+    fake_provider: TestServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica that has not read the keys cannot tell a good key from an unknown one: a 503
+    with ``Retry-After`` (agents retry) rather than a 401 (agents stop), until Redis answers."""
+    monkeypatch.setenv("GATEWAY_KEY_PEPPER", PEPPER)
+    async with redis_server(tmp_path / "redis") as server:
+        settings = keys_mode(fake_provider, tmp_path)
+        a = await make_gateway("version: 1\n", store=server.url, **settings)
+        made = await create_key(a, name="made-before")
+        await server.stop()
+        late = await make_gateway("version: 1\n", store=server.url, **settings)
+        assert not redis_store(late).keys_known
+        client = openai_client(late, made["key"])
+        try:
+            refused = await chat_as(client, "late")
+            assert refused.status == 503, refused.body
+            assert refused.body["error"]["code"] == "gateway_store_unavailable"
+            assert made["id"] in refused.body["error"]["message"]
+            assert refused.headers["retry-after"] == "5"
+            await server.start()
+            await until(lambda: asyncio.sleep(0, redis_store(late).keys_known), 15.0)
+            assert (await chat_as(client, "late")).ok
+            wrong = openai_client(late, made["key"][:-4] + "AAAA")
+            try:  # and a wrong key is a 401 again
+                assert (await chat_as(wrong, "late")).status == 401
+            finally:
+                await wrong.close()
+        finally:
+            await client.close()
+
+
 # -- 7. a session bound to its key on one replica is bound on the other ---------------------------
 async def test_a_session_bound_on_one_replica_is_bound_on_the_other(
     make_gateway: MakeGateway, shared_redis: SharedRedis

@@ -59,7 +59,7 @@ expired is dropped, and if that is not enough, everything (ids sprayed by a call
 grow memory)."""
 GLOB = r"^[A-Za-z0-9._:/@+*?\[\]-]{1,200}$"
 WRITE_SCOPE = "keys:write"
-Reason = Literal["invalid", "revoked", "expired"]
+Reason = Literal["invalid", "revoked", "expired", "unreadable"]
 Audit = Callable[[KeyRecord], Awaitable[None]]
 """Called with the record about to be stored, after every check; raising refuses the change."""
 
@@ -133,7 +133,9 @@ class Refusal:
     principal: ClassVar[None] = None
     reason: Reason
     """``invalid`` (malformed, unknown id or wrong secret: one answer for all three),
-    ``revoked`` or ``expired`` (said only to a caller holding the key's secret)."""
+    ``revoked`` or ``expired`` (said only to a caller holding the key's secret), or
+    ``unreadable``: an id the store does not know while it could not read its keys yet (a
+    replica started while Redis was away), which may be a good key."""
     key_id: str | None
     """The public id the token named (None when it did not parse): safe to show, and the
     same whether such a key exists or not."""
@@ -239,7 +241,7 @@ class KeyRing:
         is_current = hmac.compare_digest(mac, current)
         is_previous = hmac.compare_digest(mac, previous)
         if record is None:
-            return Refusal("invalid", key_id)
+            return Refusal("invalid" if self._store.keys_known else "unreadable", key_id)
         grace = record.previous_until
         in_grace = is_previous and grace is not None and now < grace
         if not (is_current or in_grace):
@@ -269,7 +271,8 @@ class KeyRing:
         record = self._declared.get(key_id)
         if record is None:
             record = _stored(await self._store.get_key(key_id), key_id)
-        if self._auth.key_cache > 0 and generation == self._generation:
+        known = record is not None or self._store.keys_known  # not "no such key" for a second
+        if self._auth.key_cache > 0 and generation == self._generation and known:
             _remember(self._records, key_id, (now + self._auth.key_cache, record), now)
         return record
 

@@ -31,7 +31,7 @@ from gateway.appkeys import AUDIT, METRICS
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.principal import PASSTHROUGH, Principal, passthrough
 from gateway.credentials import AUTHORIZATION, X_API_KEY, Credential, credential
-from gateway.errors import Forbidden, TwoCredentials, Unauthenticated
+from gateway.errors import Forbidden, KeysUnreadable, TwoCredentials, Unauthenticated
 from gateway.redact import claim
 
 if TYPE_CHECKING:
@@ -285,6 +285,8 @@ async def _verify_key(auth: Authenticator, token: str, provider: str) -> Princip
     verified = await auth.keys.verify(token)
     if not verified.ok:
         reason = verified.reason
+        if reason == "unreadable":
+            raise KeysUnreadable(gateway_not(provider), shown)
         why = {
             "expired": "has expired; ask a key admin to create a new one (gateway keys create)",
             "revoked": "has been revoked; ask a key admin for a new one (gateway keys create)",

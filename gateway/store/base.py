@@ -213,6 +213,11 @@ class Store(Protocol):
 
     async def get_key(self, key_id: str) -> dict[str, Any] | None: ...
 
+    @property
+    def keys_known(self) -> bool:
+        """False while a shared store's keys could not be read yet (``KeyStore``)."""
+        ...
+
     async def list_keys(self) -> list[dict[str, Any]]: ...
 
 

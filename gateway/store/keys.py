@@ -28,10 +28,20 @@ class KeyStore(Protocol):
 
     async def list_keys(self) -> list[dict[str, Any]]: ...
 
+    @property
+    def keys_known(self) -> bool:
+        """Whether the store has its keys at hand: False for a shared store it could not read
+        yet (Redis away since start), where an unknown key may be one it holds."""
+        ...
+
 
 class KeyTable:
     """Key records in memory; a backend with a disk overrides ``_persist_key`` and fills the
     table at open (``_loaded_keys``). A mixin placed before ``SessionTable``."""
+
+    keys_known = True
+    """Its table is every key there is (``KeyStore.keys_known``); a Redis store sets it once it
+    has read its keys."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -218,6 +218,8 @@ class RedisStore(KeyTable, SessionTable):
         """Whether compaction's saved rewrites (summaries: prompt content) go to Redis, where
         every replica reuses them; off, each replica keeps its own in memory."""
         self.replica = secrets.token_hex(6)
+        self.keys_known = False
+        """False until Redis was read once: an unknown key may be one it holds (a 503, not 401)."""
         self._leases: dict[str, float] = {}
         """Leases of this replica's calls in flight, renewed while they run."""
         self._lease_numbers = itertools.count(1)
@@ -283,6 +285,7 @@ class RedisStore(KeyTable, SessionTable):
         self._sha = await client.script_load(SCRIPT)
         stored = await client.hgetall(self.keys.keys)
         self._loaded_keys([(k.decode(), v) for k, v in stored.items()])
+        self.keys_known = True
         await self._check_eviction()
 
     async def _check_eviction(self) -> None:
@@ -312,12 +315,12 @@ class RedisStore(KeyTable, SessionTable):
         deadline = time.monotonic() + self.close_timeout
         while self._queue or self.sessions or self.budget_counters:
             if not self._down:
-                with contextlib.suppress(*_AWAY):
+                with contextlib.suppress(*_REFUSED):  # what is left is said below
                     await asyncio.wait_for(self._catch_up(), max(deadline - time.monotonic(), 0))
             if time.monotonic() >= deadline or not (self._queue or self.sessions):
                 break
             await asyncio.sleep(0.1)
-            with contextlib.suppress(*_AWAY):
+            with contextlib.suppress(*_REFUSED):
                 await self._connect()
                 self._down = False
         if self._queue or self.sessions:

@@ -4,7 +4,6 @@ Redis, leases, the layout version, summaries kept off the server, Redis away and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -533,13 +532,18 @@ async def test_a_write_redis_refuses_without_running_is_kept(tmp_path: Path) -> 
         try:
             ticket = await store.begin_turn(start(reserve=10), Limits())
             await server.command("CONFIG", "SET", "min-replicas-to-write", "1")
-            await store.end_turn(ticket, end(500))
-            with contextlib.suppress(Exception):
-                await store._write_queue()
-            assert len(store._queue) == 1 and store.errors["write"] == 0
+            await store.end_turn(ticket, end(500))  # the writer task is woken for it
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if store.trouble is not None:
+                    break
+            assert store.trouble is not None and "NOREPLICAS" in store.trouble
+            assert len(store._queue) == 1  # kept, not dropped as refused for good
             await server.command("CONFIG", "SET", "min-replicas-to-write", "0")
-            store._down = False  # as the keeper finds it back
-            await store._write_queue()
+            for _ in range(150):  # the keeper finds Redis writing again, and the queue lands
+                await asyncio.sleep(0.1)
+                if store.trouble is None and not store._queue:
+                    break
             record = await store.get("s1")
             assert record is not None
             assert (record.tokens.input_tokens, record.in_flight, record.reserved_tokens) == (
