@@ -175,21 +175,32 @@ async def chat_as(client: openai.AsyncOpenAI, session: str, text: str = "hi") ->
     return Outcome(raw.status_code, raw.headers, raw.parse())
 
 
+async def team_race(
+    a: Gateway, b: Gateway, prefix: str, text: str = "hi"
+) -> tuple[list[Outcome], list[Outcome]]:
+    """40 calls at once of one team: two clients on each replica, ten sessions each. Returns
+    the calls served and those refused."""
+    clients = [openai_client(gw, key) for gw in (a, b) for key in (OPENAI_KEY, OTHER_KEY)]
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                chat_as(c, f"{prefix}-{n}-{i}", text)
+                for n in range(10)
+                for i, c in enumerate(clients)
+            )
+        )
+    finally:
+        for client in clients:
+            await client.close()
+    return [o for o in outcomes if o.ok], [o for o in outcomes if not o.ok]
+
+
 async def test_a_team_request_budget_is_not_overshot_across_both(
     make_gateway: MakeGateway, shared_redis: SharedRedis
 ) -> None:
     policy = TEAM_POLICY.replace("{limit}", "max_requests: 12")
     a, b = await replicas(make_gateway, shared_redis.url(), policy)
-    clients = [openai_client(gw, key) for gw in (a, b) for key in (OPENAI_KEY, OTHER_KEY)]
-    try:
-        outcomes = await asyncio.gather(
-            *(chat_as(c, f"team-{n}-{i}") for n in range(10) for i, c in enumerate(clients))
-        )
-    finally:
-        for client in clients:
-            await client.close()
-    passed = [o for o in outcomes if o.ok]
-    refused = [o for o in outcomes if not o.ok]
+    passed, refused = await team_race(a, b, "team")
     assert len(passed) == 12 and len(refused) == 28
     for outcome in refused:
         assert outcome.status == 429, outcome.body
@@ -213,17 +224,8 @@ async def test_a_team_token_budget_is_not_overshot_across_both(
     cap = 600
     policy = TEAM_POLICY.replace("{limit}", f"max_tokens: {cap}")
     a, b = await replicas(make_gateway, shared_redis.url(), policy)
-    clients = [openai_client(gw, key) for gw in (a, b) for key in (OPENAI_KEY, OTHER_KEY)]
     work = "Please summarise the design of this gateway in a few words. " * 4
-    try:
-        outcomes = await asyncio.gather(
-            *(chat_as(c, f"tok-{n}-{i}", work) for n in range(10) for i, c in enumerate(clients))
-        )
-    finally:
-        for client in clients:
-            await client.close()
-    passed = [o for o in outcomes if o.ok]
-    refused = [o for o in outcomes if not o.ok]
+    passed, refused = await team_race(a, b, "tok", work)
     assert passed and refused, "the cap holds a few calls, not 40"
     assert all(o.status == 429 and "retry-after" in o.headers for o in refused)
     await landed(a, b)

@@ -75,7 +75,8 @@ def _decide(ex: Exchange) -> Decision:
 async def _overtaken(ex: Exchange) -> bool:
     """Whether the session read for the call has changed since (a kept copy another replica
     overtook); if so ``ex.record`` is now the session as it is. One read, on a stop only."""
-    if ex.record is None or ex.identity is None:
+    assert ex.identity is not None
+    if ex.record is None:
         return False
     fresh = await ex.app[STORE].get(ex.identity.session_id)
     if fresh is not None and fresh.rev == ex.record.rev:

@@ -73,17 +73,14 @@ def store_url_problem(url: str) -> str | None:
     """What is wrong with a Redis store URL redis-py would refuse only once the store opens
     (a port that is no number, an unknown or bad parameter), or None. Said without the URL:
     it may hold a password."""
-    if urlsplit(url).scheme not in SHARED_SCHEMES:
-        return None
     parsed = urlsplit(url)
+    if parsed.scheme not in SHARED_SCHEMES:
+        return None
     if parsed.scheme != "unix" and not _DB_PATH.fullmatch(parsed.path):
         return "the Redis store URL is refused: its path is a database number (/0)"
     try:
         bare, _, _ = _redis_parts(url)
         pool = ConnectionPool.from_url(bare)
-        unknown = set(pool.connection_kwargs) - _accepted(pool.connection_class)
-        if unknown:
-            raise TypeError(sorted(unknown))
     except ValueError as exc:
         said = str(exc)
         if said.startswith("Invalid value for '"):  # a parameter's name: redis-py's own
@@ -95,8 +92,9 @@ def store_url_problem(url: str) -> str | None:
             "the Redis store URL is refused: not redis[s]://[:password@]host[:port][/db]"
             " (a password with '/', '@', ':' or '?' in it is percent-encoded)"
         )
-    except TypeError:  # a parameter the connection does not take
-        names = ", ".join(sorted({name for name, _ in parse_qsl(parsed.query)}))
+    unknown = set(pool.connection_kwargs) - _accepted(pool.connection_class)
+    if unknown:  # the connection would refuse them when it is made, on the first call
+        names = ", ".join(sorted(unknown))
         return f"the Redis store URL is refused: a parameter is not Redis's ({names[:200]})"
     return None
 

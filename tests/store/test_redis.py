@@ -4,6 +4,7 @@ Redis, leases, the layout version, summaries kept off the server, Redis away and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -31,7 +32,7 @@ from gateway.store import (
 )
 from gateway.store.records import BudgetLimit
 from gateway.store.redis import LayoutMismatch
-from tests.redis_server import SharedRedis, redis_server
+from tests.redis_server import RedisServer, SharedRedis, redis_server
 
 KEY = "abcdef012345"
 
@@ -340,94 +341,98 @@ async def test_find_pages_across_replicas_and_drops_expired(replicas: Opener) ->
     assert await a.client.zscore(a.keys.session_index, "s05") is None
 
 
-async def test_redis_away_and_back_loses_nothing(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def own_redis(
+    tmp_path: Path, **options: object
+) -> AsyncIterator[tuple[RedisServer, RedisStore]]:
+    """A redis-server of the test's own (to stop, fill or reconfigure) and a store open on it,
+    its attributes set from ``options`` first; closed after."""
     async with redis_server(tmp_path / "redis") as server:
         store = open_store(server.url)
         assert isinstance(store, RedisStore)
-        store.retention = Retention(ended=86400.0, idle=86400.0)
-        store.timeout = 0.5
+        for name, value in options.items():
+            setattr(store, name, value)
         await store.open()
         try:
-            for _ in range(3):
-                ticket = await store.begin_turn(start(), Limits())
-                await store.end_turn(ticket, end(10))
-            await store.get("s1")  # written (a read waits for this replica's own writes)
-            await server.stop()
-            for _ in range(4):  # Redis away: this replica counts on alone
-                ticket = await store.begin_turn(start(), Limits())
-                await store.end_turn(ticket, end(10))
-            assert store.trouble is not None and "Redis unreachable" in store.trouble
-            with pytest.raises(LoadFailed):  # store_outage: closed
-                await store.begin_turn(
-                    TurnStart(start("s2").identity, "gpt-5", True, time.time(), fail_open=False),
-                    Limits(),
-                )
-            back = asyncio.Event()
-            store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
-            await server.start()
-            await asyncio.wait_for(back.wait(), 15)
-            assert store.trouble is None
-            record = await store.get("s1")
-            assert record is not None
-            assert (record.turns, record.tokens.input_tokens) == (7, 70)
-            assert store.merged == 1
+            yield server, store
         finally:
             await store.close()
+
+
+async def written(store: RedisStore, seconds: float = 15.0) -> None:
+    """Until the store is out of trouble and its queue written (the keeper's reconnect)."""
+    deadline = time.monotonic() + seconds
+    while store.trouble is not None or store._queue:
+        assert time.monotonic() < deadline, f"still {len(store._queue)} writes queued"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_away_and_back_loses_nothing(tmp_path: Path) -> None:
+    async with own_redis(
+        tmp_path, retention=Retention(ended=86400.0, idle=86400.0), timeout=0.5
+    ) as (server, store):
+        for _ in range(3):
+            ticket = await store.begin_turn(start(), Limits())
+            await store.end_turn(ticket, end(10))
+        await store.get("s1")  # written (a read waits for this replica's own writes)
+        await server.stop()
+        for _ in range(4):  # Redis away: this replica counts on alone
+            ticket = await store.begin_turn(start(), Limits())
+            await store.end_turn(ticket, end(10))
+        assert store.trouble is not None and "Redis unreachable" in store.trouble
+        with pytest.raises(LoadFailed):  # store_outage: closed
+            await store.begin_turn(
+                TurnStart(start("s2").identity, "gpt-5", True, time.time(), fail_open=False),
+                Limits(),
+            )
+        back = asyncio.Event()
+        store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
+        await server.start()
+        await asyncio.wait_for(back.wait(), 15)
+        assert store.trouble is None
+        record = await store.get("s1")
+        assert record is not None
+        assert (record.turns, record.tokens.input_tokens) == (7, 70)
+        assert store.merged == 1
 
 
 async def test_redis_out_of_memory_loses_nothing(tmp_path: Path) -> None:
     """Redis refusing writes (maxmemory, noeviction) is Redis away, not a bad call: the turn
     is counted here, the writes it refused stay queued, and all of it lands once it has room."""
-    async with redis_server(tmp_path / "redis") as server:
-        store = open_store(server.url)
-        assert isinstance(store, RedisStore)
-        await store.open()
-        try:
-            ticket = await store.begin_turn(start(), Limits())
-            await store.end_turn(ticket, end(10))
-            await store.get("s1")
-            await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
-            await server.command("CONFIG", "SET", "maxmemory", "1")  # below what it uses
-            ticket = await store.begin_turn(start(), Limits())  # refused: counted here
-            assert ticket.lease is None
-            assert store.trouble is not None and "OutOfMemoryError" in store.trouble
-            await store.end_turn(ticket, end(10))
-            back = asyncio.Event()
-            store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
-            await server.command("CONFIG", "SET", "maxmemory", "0")
-            await asyncio.wait_for(back.wait(), 15)
-            record = await store.get("s1")
-            assert record is not None
-            assert (record.turns, record.tokens.input_tokens) == (2, 20)
-            assert all(task.done() is False for task in store._tasks)  # nothing ended them
-        finally:
-            await store.close()
+    async with own_redis(tmp_path) as (server, store):
+        ticket = await store.begin_turn(start(), Limits())
+        await store.end_turn(ticket, end(10))
+        await store.get("s1")
+        await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await server.command("CONFIG", "SET", "maxmemory", "1")  # below what it uses
+        ticket = await store.begin_turn(start(), Limits())  # refused: counted here
+        assert ticket.lease is None
+        assert store.trouble is not None and "OutOfMemoryError" in store.trouble
+        await store.end_turn(ticket, end(10))
+        back = asyncio.Event()
+        store.watch(lambda trouble: back.set() if trouble is None else None, 5.0)
+        await server.command("CONFIG", "SET", "maxmemory", "0")
+        await asyncio.wait_for(back.wait(), 15)
+        record = await store.get("s1")
+        assert record is not None
+        assert (record.turns, record.tokens.input_tokens) == (2, 20)
+        assert all(task.done() is False for task in store._tasks)  # nothing ended them
 
 
 async def test_a_write_refused_for_memory_stays_queued(tmp_path: Path) -> None:
     """In one pipeline, what landed is done with and what Redis refused is kept, in order."""
-    async with redis_server(tmp_path / "redis") as server:
-        store = open_store(server.url)
-        assert isinstance(store, RedisStore)
-        await store.open()
-        try:
-            ticket = await store.begin_turn(start(), Limits())
-            await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
-            await server.command("CONFIG", "SET", "maxmemory", "1")
-            await store.end_turn(ticket, end(10))  # the settle: queued, refused
-            await asyncio.sleep(0.3)
-            assert len(store._queue) == 1 and store.trouble is not None
-            await server.command("CONFIG", "SET", "maxmemory", "0")
-            record = None
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if store.trouble is None and not store._queue:
-                    record = await store.get("s1")
-                    break
-            assert record is not None
-            assert (record.turns, record.in_flight, record.tokens.input_tokens) == (1, 0, 10)
-        finally:
-            await store.close()
+    async with own_redis(tmp_path) as (server, store):
+        ticket = await store.begin_turn(start(), Limits())
+        await server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await server.command("CONFIG", "SET", "maxmemory", "1")
+        await store.end_turn(ticket, end(10))  # the settle: queued, refused
+        await asyncio.sleep(0.3)
+        assert len(store._queue) == 1 and store.trouble is not None
+        await server.command("CONFIG", "SET", "maxmemory", "0")
+        await written(store)
+        record = await store.get("s1")
+        assert record is not None
+        assert (record.turns, record.in_flight, record.tokens.input_tokens) == (1, 0, 10)
 
 
 async def test_an_evicting_redis_is_said_at_connect(
@@ -525,34 +530,25 @@ async def test_rev_counts_what_a_decision_reads_and_never_goes_back(replicas: Op
 async def test_a_write_redis_refuses_without_running_is_kept(tmp_path: Path) -> None:
     """NOREPLICAS (min-replicas-to-write unmet), like MISCONF and BUSY, has no exception class
     of its own in redis-py: the settle is kept, not dropped, and lands once Redis writes again."""
-    async with redis_server(tmp_path / "redis") as server:
-        store = open_store(server.url)
-        assert isinstance(store, RedisStore)
-        await store.open()
-        try:
-            ticket = await store.begin_turn(start(reserve=10), Limits())
-            await server.command("CONFIG", "SET", "min-replicas-to-write", "1")
-            await store.end_turn(ticket, end(500))  # the writer task is woken for it
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if store.trouble is not None:
-                    break
-            assert store.trouble is not None and "NOREPLICAS" in store.trouble
-            assert len(store._queue) == 1  # kept, not dropped as refused for good
-            await server.command("CONFIG", "SET", "min-replicas-to-write", "0")
-            for _ in range(150):  # the keeper finds Redis writing again, and the queue lands
-                await asyncio.sleep(0.1)
-                if store.trouble is None and not store._queue:
-                    break
-            record = await store.get("s1")
-            assert record is not None
-            assert (record.tokens.input_tokens, record.in_flight, record.reserved_tokens) == (
-                500,
-                0,
-                0,
-            )
-        finally:
-            await store.close()
+    async with own_redis(tmp_path) as (server, store):
+        ticket = await store.begin_turn(start(reserve=10), Limits())
+        await server.command("CONFIG", "SET", "min-replicas-to-write", "1")
+        await store.end_turn(ticket, end(500))  # the writer task is woken for it
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if store.trouble is not None:
+                break
+        assert store.trouble is not None and "NOREPLICAS" in store.trouble
+        assert len(store._queue) == 1  # kept, not dropped as refused for good
+        await server.command("CONFIG", "SET", "min-replicas-to-write", "0")
+        await written(store)  # the keeper finds Redis writing again, and the queue lands
+        record = await store.get("s1")
+        assert record is not None
+        assert (record.tokens.input_tokens, record.in_flight, record.reserved_tokens) == (
+            500,
+            0,
+            0,
+        )
 
 
 async def test_a_stop_decided_on_a_copy_of_a_gone_session_is_decided_again(
